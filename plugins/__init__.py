@@ -1,0 +1,1 @@
+"""Built-in plugins: every method, retriever and task family raghub ships."""

@@ -1,0 +1,101 @@
+"""The results store (one JSON record per line in `records.jsonl`) and the leaderboard."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+RECORDS_FILE = "records.jsonl"
+ROW_KEY = ("task", "method", "retriever", "model", "n_docs", "settings", "n_examples")
+
+
+def append_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
+    """Append one record as a line of JSON, flushed to disk before returning."""
+    path = Path(results_dir) / RECORDS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path
+
+
+def read_records(results_dir: str | Path) -> list[dict[str, Any]]:
+    """Every stored record, oldest first; an unreadable line is reported with its number."""
+    path = Path(results_dir) / RECORDS_FILE
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not a JSON record ({error.msg})") from error
+    return records
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "–" if value is None or value == "" else str(value)
+
+
+def _latest_per_row(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep the newest record of each (task, method, retriever, model, n_docs, settings, size)."""
+    latest: dict[tuple, dict[str, Any]] = {}
+    for record in records:
+        latest[tuple(str(record.get(key)) for key in ROW_KEY)] = record
+    return sorted(latest.values(), key=lambda r: (r["task"], r["method"], str(r.get("retriever")),
+                                                  r.get("n_docs") or 0, r.get("settings", "")))
+
+
+def _table(rows: list[dict[str, Any]], metrics: list[str], higher: dict[str, bool],
+           lookup) -> list[str]:
+    best = {}
+    for metric in metrics:
+        values = [lookup(row, metric) for row in rows]
+        values = [v for v in values if isinstance(v, (int, float))]
+        if values:
+            best[metric] = max(values) if higher.get(metric, True) else min(values)
+    header = ["method", "settings", "retriever", "n_docs", "model", "n_examples", "datastore", *metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [_format(row.get(k)) for k in ("method", "settings", "retriever", "n_docs",
+                                               "model", "n_examples", "corpus")]
+        for metric in metrics:
+            value = lookup(row, metric)
+            text = _format(value)
+            cells.append(f"**{text}**" if value is not None and value == best.get(metric) else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def leaderboard_markdown(records: list[dict[str, Any]], task: str | None = None,
+                         by_type: bool = False) -> str:
+    """One markdown table per task: a row per configuration (its newest record), a column per
+    headline metric, the best value of each column in bold; `by_type` adds per-type tables."""
+    rows = [r for r in _latest_per_row(records) if task is None or r["task"] == task]
+    out: list[str] = []
+    for task_name in sorted({r["task"] for r in rows}):
+        task_rows = [r for r in rows if r["task"] == task_name]
+        higher: dict[str, bool] = {}
+        for row in task_rows:
+            higher.update(row.get("higher_is_better", {}))
+        metrics = [m for m in higher if any(isinstance(r["metrics"].get(m), (int, float))
+                                            for r in task_rows)]
+        out += [f"## {task_name}", ""]
+        out += _table(task_rows, metrics, higher, lambda row, m: row["metrics"].get(m))
+        out.append("")
+        if by_type:
+            types = sorted({t for r in task_rows for t in r["metrics"].get("by_type", {})})
+            for type_name in types:
+                out += [f"### {task_name} — {type_name}", ""]
+                type_metrics = sorted({m for r in task_rows
+                                       for m in r["metrics"].get("by_type", {}).get(type_name, {})})
+                out += _table(task_rows, type_metrics, higher, lambda row, m, t=type_name:
+                              row["metrics"].get("by_type", {}).get(t, {}).get(m))
+                out.append("")
+    return "\n".join(out).rstrip() + "\n" if out else "No records yet.\n"

@@ -1,0 +1,285 @@
+"""One run, from names to a stored record: resolve plugins, load, retrieve, evaluate, record.
+
+Every input is validated before the model loads, so bad input fails fast and writes nothing.
+Per-example stats are appended to a resume file as batches finish; an interrupted run, started
+again with the same settings, continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+import raghub
+from raghub.cache import Cache, fingerprint
+from raghub.config import read_task_definition
+from raghub.interfaces import Augmenter, Example, Passage, Plugin, Retrieved, Retriever, Task, UsageError, dashed
+from raghub.model import LanguageModel, cache_root
+from raghub.plugin_manager import registry
+from raghub.records import append_record
+
+DEFAULT_RETRIEVER = "bm25"
+DEFAULT_N_DOCS = 4
+stderr = Console(stderr=True)
+
+
+@dataclass
+class RunRequest:
+    """What the user asked for, before anything is resolved."""
+
+    task: str
+    method: str
+    retriever: str | None = None
+    n_docs: int | None = None
+    model: str | None = None
+    limit: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    results_dir: Path = Path("results")
+    data_dir: str | None = None
+    batch_size: int = 8
+    device: str | None = None
+    dtype: str = "float32"
+
+
+@dataclass
+class ResolvedRun:
+    """Plugin classes and validated settings, checked before the model is loaded."""
+
+    request: RunRequest
+    task_definition: dict[str, Any]
+    task_class: type[Task]
+    method_class: type[Augmenter]
+    retriever_class: type[Retriever] | None
+    n_docs: int
+    plugin_options: dict[str, dict[str, Any]]
+
+    def settings_label(self) -> str:
+        """The options given that differ from their defaults, e.g. 'combine=True'."""
+        parts = []
+        for kind, cls in (("task", self.task_class), ("method", self.method_class),
+                          ("retriever", self.retriever_class)):
+            for key, value in self.plugin_options.get(kind, {}).items():
+                if cls is not None and value != cls.options[key].default:
+                    parts.append(f"{key}={value}")
+        return ", ".join(sorted(set(parts)))
+
+
+def _unknown(kind: str, name: str, known: Sequence[str], command: str) -> UsageError:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return UsageError(f"unknown {kind} '{name}'; {hint}see `raghub {command}` "
+                      f"(known: {', '.join(sorted(known))})")
+
+
+def _split_options(given: dict[str, Any], plugins: dict[str, type[Plugin] | None]) -> dict[str, dict[str, Any]]:
+    """Route each given option to every selected plugin that declares it."""
+    routed: dict[str, dict[str, Any]] = {kind: {} for kind in plugins}
+    for name, value in given.items():
+        owners = [kind for kind, cls in plugins.items() if cls is not None and name in cls.options]
+        if not owners:
+            selected = ", ".join(f"{kind} '{cls.name or cls.family}'" for kind, cls in plugins.items()
+                                 if cls is not None)
+            raise UsageError(f"--{dashed(name)} is not an option of the selected {selected}; "
+                             "see `raghub run --help`")
+        for kind in owners:
+            routed[kind][name] = plugins[kind].options[name].convert(name, value)
+    return routed
+
+
+def resolve(request: RunRequest) -> ResolvedRun:
+    """Look up and validate every name and option; raises UsageError on bad input."""
+    found = registry()
+    if request.task.endswith((".yaml", ".yml")) and Path(request.task).is_file():
+        definition = read_task_definition(request.task)
+    elif request.task in found.tasks:
+        definition = found.tasks[request.task]
+    else:
+        raise _unknown("task", request.task, list(found.tasks), "tasks")
+    if definition["family"] not in found.task_families:
+        raise UsageError(f"task '{definition['name']}' needs the task family "
+                         f"'{definition['family']}', which no installed plugin provides")
+    task_class = found.task_families[definition["family"]]
+    if request.method not in found.augmenters:
+        raise _unknown("method", request.method, list(found.augmenters), "methods")
+    method_class = found.augmenters[request.method]
+    retriever_class = None
+    n_docs = 0
+    if method_class.needs_retrieval:
+        retriever_name = request.retriever or definition.get("retriever", DEFAULT_RETRIEVER)
+        if retriever_name not in found.retrievers:
+            raise _unknown("retriever", retriever_name, list(found.retrievers), "plugins")
+        retriever_class = found.retrievers[retriever_name]
+        n_docs = request.n_docs if request.n_docs is not None else definition.get("n_docs", DEFAULT_N_DOCS)
+        if not isinstance(n_docs, int) or isinstance(n_docs, bool) or n_docs < 1:
+            raise UsageError(f"--n-docs must be a positive integer for method '{request.method}', "
+                             f"not {n_docs!r}")
+    if request.limit is not None and request.limit < 1:
+        raise UsageError(f"--limit must be a positive integer, not {request.limit}")
+    options = _split_options(request.options, {"task": task_class, "method": method_class,
+                                               "retriever": retriever_class})
+    return ResolvedRun(request, definition, task_class, method_class, retriever_class, n_docs, options)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=stderr)
+
+
+def retrieve(task: Task, retriever: Retriever, examples: Sequence[Example], k: int,
+             cache: Cache) -> tuple[list[list[Retrieved]], str, str]:
+    """Top-k passages per example (none for an empty query), never from the example's own
+    `exclude_group`; results are cached by corpus, retriever, queries and k.
+    Returns (retrieved, corpus label, corpus fingerprint)."""
+    passages, label = task.corpus()
+    corpus_fp = fingerprint([(p.id, p.title, p.text, p.group) for p in passages])
+    retriever.index(passages, corpus_fp)
+    excluded = {e.exclude_group for e in examples if e.exclude_group}
+    group_sizes: dict[str, int] = {}
+    for passage in passages:
+        if passage.group in excluded:
+            group_sizes[passage.group] = group_sizes.get(passage.group, 0) + 1
+    fetch = min(len(passages), k + max(group_sizes.values(), default=0))
+    positions = [i for i, e in enumerate(examples) if e.query.strip()]
+
+    def search() -> list[list[tuple[int, float]]]:
+        hits = retriever.search([examples[i].query for i in positions], fetch) if positions else []
+        kept = [[(p, s) for p, s in found if passages[p].group != examples[i].exclude_group
+                 or not passages[p].group][:k] for i, found in zip(positions, hits)]
+        return kept
+
+    key = {"corpus": corpus_fp, "retriever": retriever.fingerprint(), "k": k,
+           "queries": fingerprint([(e.query, e.exclude_group) for e in examples])}
+    hits = cache.json("retrievals", key, search)
+    retrieved: list[list[Retrieved]] = [[] for _ in examples]
+    for i, found in zip(positions, hits):
+        retrieved[i] = [Retrieved(passages[p], float(score)) for p, score in found]
+    return retrieved, label, corpus_fp
+
+
+def _read_resume_file(path: Path) -> dict[str, dict[str, Any]]:
+    """Stats of the examples an earlier, interrupted run finished (a torn last line is dropped)."""
+    done: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[entry["id"]] = entry["stats"]
+    return done
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(raghub.__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _hardware(model: LanguageModel) -> dict[str, Any]:
+    device = model.device
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "dtype": model.dtype,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+
+
+def execute(resolved: ResolvedRun) -> dict[str, Any]:
+    """Run a resolved request to completion and append its record to the results store."""
+    request = resolved.request
+    started = datetime.now(timezone.utc)
+    clock = time.perf_counter()
+    cache = Cache(cache_root())
+    model = LanguageModel.load(request.model, device=request.device, dtype=request.dtype,
+                               batch_size=request.batch_size)
+    task = resolved.task_class(resolved.task_definition["name"], resolved.task_definition,
+                               request.data_dir, **resolved.plugin_options["task"])
+    augmenter = resolved.method_class(model, cache, **resolved.plugin_options["method"])
+    try:
+        examples = task.examples(model, request.limit)
+        if not examples:
+            raise UsageError(f"task '{task.name}' produced no examples")
+        retrieved: list[list[Retrieved]] = [[] for _ in examples]
+        corpus_label, corpus_fp, retriever = None, None, None
+        if resolved.retriever_class is not None:
+            retriever = resolved.retriever_class(cache, **resolved.plugin_options["retriever"])
+            with stderr.status(f"retrieving top-{resolved.n_docs} with {retriever.name}"):
+                retrieved, corpus_label, corpus_fp = retrieve(task, retriever, examples,
+                                                              resolved.n_docs, cache)
+        config = {
+            "task": task.fingerprint(),
+            "method": {"name": augmenter.name, **augmenter.settings},
+            "retriever": retriever.fingerprint() if retriever else None,
+            "corpus": {"label": corpus_label, "fingerprint": corpus_fp},
+            "n_docs": resolved.n_docs, "limit": request.limit, "model": model.name,
+            "batch_size": request.batch_size,
+        }
+        resume_path = Path(request.results_dir) / ".partial" / f"{fingerprint(config)}.jsonl"
+        stats = _evaluate_resumably(task, augmenter, examples, retrieved, resume_path,
+                                    request.batch_size)
+        metrics = task.aggregate([stats[e.id] for e in examples])
+        record = {
+            "task": task.name, "family": task.family, "method": augmenter.name,
+            "retriever": retriever.name if retriever else None, "model": model.name,
+            "n_docs": resolved.n_docs, "settings": resolved.settings_label(),
+            "corpus": corpus_label, "n_examples": len(examples), "metrics": metrics,
+            "higher_is_better": {m: task.higher_is_better.get(m.split("@")[0], True)
+                                 for m, v in metrics.items() if isinstance(v, (int, float))},
+            "method_stats": augmenter.run_stats(), "config": config,
+            "raghub_version": raghub.__version__, "git_commit": _git_commit(),
+            "started_at": started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
+            "duration_s": round(time.perf_counter() - clock, 2), "hardware": _hardware(model),
+        }
+    finally:
+        augmenter.close()
+    append_record(request.results_dir, record)
+    resume_path.unlink(missing_ok=True)
+    return record
+
+
+def _evaluate_resumably(task: Task, augmenter: Augmenter, examples: Sequence[Example],
+                        retrieved: Sequence[Sequence[Retrieved]], resume_path: Path,
+                        batch_size: int) -> dict[str, dict[str, Any]]:
+    """Per-example stats, continuing from the resume file and appending to it per batch."""
+    resume_path.parent.mkdir(parents=True, exist_ok=True)
+    stats = _read_resume_file(resume_path)
+    todo = [i for i, e in enumerate(examples) if e.id not in stats]
+    with _progress() as progress, open(resume_path, "a", encoding="utf-8") as resume:
+        bar = progress.add_task(f"{task.name} · {augmenter.name}", total=len(examples),
+                                completed=len(examples) - len(todo))
+        for first in range(0, len(todo), batch_size):
+            batch = todo[first : first + batch_size]
+            try:
+                results = task.evaluate(augmenter, [examples[i] for i in batch],
+                                        [retrieved[i] for i in batch])
+            except NotImplementedError:
+                raise UsageError(f"method '{augmenter.name}' does not support {task.family} "
+                                 f"tasks such as '{task.name}'") from None
+            for i, result in zip(batch, results):
+                stats[examples[i].id] = result
+                resume.write(json.dumps({"id": examples[i].id, "stats": result}) + "\n")
+            resume.flush()
+            progress.advance(bar, len(batch))
+    return stats
+
+
+def run(request: RunRequest) -> dict[str, Any]:
+    """Resolve and execute one request; returns the stored record."""
+    return execute(resolve(request))

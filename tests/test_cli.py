@@ -1,0 +1,219 @@
+"""The CLI end to end: bad input, every hookspec, a third-party plugin, a real run."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from raghub.cli import cli
+from raghub.hookspecs import hookimpl
+from raghub.interfaces import Augmenter, Example, Passage, Retriever, Task
+from raghub.plugin_manager import pm, registry
+
+HERE = Path(__file__).parent
+RAGHUB = Path(sys.executable).with_name("raghub")
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "wikitext3", "--method", "none"], "unknown task 'wikitext3'; did you mean wikitext103, wikitext2"),
+    (["--task", "wikitext2", "--method", "ensembel"], "unknown method 'ensembel'; did you mean ensemble"),
+    (["--task", "wikitext2", "--method", "ensemble", "--retriever", "bm26"], "unknown retriever 'bm26'"),
+    (["--task", "wikitext2", "--method", "ensemble", "--n-docs", "-1"], "Invalid value for '--n-docs'"),
+    (["--task", "wikitext2", "--method", "ensemble", "--n-docs", "two"], "'two' is not a valid integer"),
+    (["--task", "wikitext2", "--method", "ensemble", "--n-docs", "0"], "--n-docs must be a positive integer"),
+    (["--task", "wikitext2", "--method", "none", "--combine"], "--combine is not an option of the selected"),
+    (["--task", "wikitext2", "--method", "none", "--model", "no/such-model-here"], "cannot be loaded"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
+    result = invoke("run", *args, "--results-dir", str(tmp_path / "results"))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "results" / "records.jsonl").exists()
+
+
+def test_malformed_config_names_file_and_line(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("task: wikitext2\nmethod: none\nlimit: [8\n")
+    result = invoke("run", "--config", str(config), "--results-dir", str(tmp_path / "results"))
+    assert result.exit_code == 2
+    assert f"malformed YAML in {config}, line 4" in result.output
+    assert not (tmp_path / "results").exists()
+
+
+# --- every hookspec, through an in-process plugin -------------------------------------------
+
+class EchoTask(Task):
+    """Three one-word examples; an example's score is 1 when the method returns its word."""
+
+    family = "echo"
+    higher_is_better = {"accuracy": True}
+
+    def examples(self, model, limit):
+        words = self.config["words"][:limit]
+        return [Example(id=word, query=word) for word in words]
+
+    def corpus(self):
+        return [Passage(id=w, text=w) for w in self.config["words"]], "the words themselves"
+
+    def evaluate(self, augmenter, examples, retrieved):
+        answers = augmenter.answer(examples, retrieved)
+        return [{"correct": float(a == e.id)} for a, e in zip(answers, examples)]
+
+    def aggregate(self, stats):
+        return {"accuracy": sum(s["correct"] for s in stats) / len(stats)}
+
+
+class Copy(Augmenter):
+    name = "copy"
+
+    def answer(self, questions, retrieved):
+        return [hits[0].passage.text if hits else "" for hits in retrieved]
+
+
+class Exact(Retriever):
+    name = "exact"
+
+    def index(self, passages, corpus_fingerprint):
+        self.texts = [p.text for p in passages]
+
+    def search(self, queries, k):
+        return [[(self.texts.index(q), 1.0)][:k] for q in queries]
+
+
+class EchoPlugin:
+    @hookimpl
+    def register_task_families(self, register):
+        register(EchoTask)
+
+    @hookimpl
+    def register_tasks(self, register):
+        register({"name": "echo3", "family": "echo", "words": ["alpha", "beta", "gamma"]})
+
+    @hookimpl
+    def register_augmenters(self, register):
+        register(Copy)
+
+    @hookimpl
+    def register_retrievers(self, register):
+        register(Exact)
+
+    @hookimpl
+    def register_commands(self, cli):
+        pass  # exercised by the third-party package test below
+
+
+@pytest.fixture
+def echo_plugin():
+    pm.register(EchoPlugin(), "echo-plugin")
+    registry.cache_clear()
+    yield
+    pm.unregister(name="echo-plugin")
+    registry.cache_clear()
+
+
+def test_each_registration_hook_reaches_the_registry(echo_plugin):
+    found = registry()
+    assert found.task_families["echo"] is EchoTask
+    assert found.tasks["echo3"]["words"] == ["alpha", "beta", "gamma"]
+    assert found.augmenters["copy"] is Copy and found.retrievers["exact"] is Exact
+    assert found.origins[("method", "copy")] == "registered at run time"
+
+
+@pytest.mark.real_model
+def test_a_plugin_task_method_and_retriever_run_and_reach_the_leaderboard(echo_plugin, tmp_path):
+    results = str(tmp_path / "results")
+    result = invoke("run", "--task", "echo3", "--method", "copy", "--retriever", "exact",
+                    "--n-docs", "1", "--limit", "2", "--json", "--results-dir", results)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["metrics"] == {"accuracy": 1.0} and record["n_examples"] == 2
+    assert record["corpus"] == "the words themselves"
+    board = invoke("leaderboard", "--results-dir", results)
+    assert "| copy |" in board.output and "**1.0000**" in board.output
+
+
+def test_a_misspelled_hook_implementation_fails_loudly():
+    class Misspelled:
+        @hookimpl
+        def register_augmentors(self, register):
+            pass
+
+    pm.register(Misspelled(), "misspelled")
+    try:
+        with pytest.raises(Exception, match="unknown hook 'register_augmentors'"):
+            pm.check_pending()
+    finally:
+        pm.unregister(name="misspelled")
+
+
+# --- a real third-party package, installed and discovered through its entry point -----------
+
+@pytest.fixture(scope="module")
+def third_party_env(tmp_path_factory):
+    """The environment of a subprocess that sees tests/third_party_plugin installed, and a
+    second broken plugin whose import raises."""
+    target, source = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("src") / "plugin"
+    shutil.copytree(HERE / "third_party_plugin", source)  # the build leaves files beside it
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(source)], check=True)
+    broken = target / "raghub_broken-0.1.dist-info"
+    broken.mkdir()
+    (broken / "METADATA").write_text("Metadata-Version: 2.1\nName: raghub-broken\nVersion: 0.1\n")
+    (broken / "entry_points.txt").write_text("[raghub]\nbroken = raghub_broken_module\n")
+    (target / "raghub_broken_module.py").write_text("raise RuntimeError('this plugin is broken')\n")
+    return {**os.environ, "PYTHONPATH": str(target)}
+
+
+def test_third_party_plugin_is_listed_and_a_broken_one_is_named(third_party_env):
+    out = subprocess.run([str(RAGHUB), "plugins", "--json"], env=third_party_env,
+                         capture_output=True, text=True, check=True)
+    listing = json.loads(out.stdout)
+    uniform = next(p for p in listing["plugins"] if p["name"] == "uniform")
+    assert uniform["origin"] == "raghub-uniform 0.1.0" and uniform["hooks"] == ["register_augmenters"]
+    assert any(p["origin"] == "built-in" for p in listing["plugins"])
+    assert "this plugin is broken" in listing["failed"]["broken"]
+    assert "plugin 'broken' failed to load" in out.stderr
+
+
+def test_raghub_load_plugins_limits_third_party_plugins(third_party_env):
+    env = {**third_party_env, "RAGHUB_LOAD_PLUGINS": "broken"}
+    out = subprocess.run([str(RAGHUB), "plugins", "--json"], env=env, capture_output=True, text=True)
+    assert all(p["name"] != "uniform" for p in json.loads(out.stdout)["plugins"])
+
+
+@pytest.mark.real_model
+def test_third_party_method_runs_on_a_real_task(third_party_env, tmp_path):
+    out = subprocess.run([str(RAGHUB), "run", "--task", "wikitext2", "--method", "uniform",
+                          "--limit", "1", "--json", "--results-dir", str(tmp_path)],
+                         env=third_party_env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    vocabulary = record["metrics"]["ppl"]
+    assert vocabulary == pytest.approx(49152, rel=1e-4)  # SmolLM2's vocabulary size
+
+
+# --- the embedded default model on the real WikiText task -----------------------------------
+
+@pytest.mark.real_model
+def test_none_on_wikitext2_writes_a_record_that_the_leaderboard_shows(tmp_path):
+    results = str(tmp_path / "results")
+    result = invoke("run", "--task", "wikitext2", "--method", "none", "--limit", "2", "--json",
+                    "--results-dir", results)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    for metric in ("nats_per_token", "ppl", "bits_per_byte"):
+        assert record["metrics"][metric] > 0
+    assert record["model"] == "SmolLM2-135M-Instruct-Q4_1" and record["hardware"]["dtype"] == "float32"
+    assert not list((tmp_path / "results" / ".partial").iterdir())  # the resume file is gone
+    board = invoke("leaderboard", "--results-dir", results, "--task", "wikitext2")
+    assert "| none |" in board.output and "bits_per_byte" in board.output

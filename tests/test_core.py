@@ -1,0 +1,78 @@
+"""The core pieces on their own: cache, YAML errors, records and the leaderboard, bits per byte."""
+
+import json
+import math
+
+import pytest
+
+from raghub.cache import Cache, fingerprint
+from raghub.config import read_yaml_mapping
+from raghub.interfaces import Option, UsageError
+from raghub.metrics import bits_per_byte, nats_per_token, perplexity
+from raghub.records import append_record, leaderboard_markdown, read_records
+
+
+def test_fingerprint_ignores_key_order_and_sees_values():
+    assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+def test_cache_builds_once_then_loads_and_rebuilds_a_corrupted_entry(tmp_path):
+    cache, builds = Cache(tmp_path), []
+
+    def build(folder):
+        builds.append(1)
+        (folder / "data.txt").write_text("value")
+
+    load = lambda folder: (folder / "data.txt").read_text()
+    assert cache.get_or_build("things", {"k": 1}, build, load) == "value"
+    assert cache.get_or_build("things", {"k": 1}, build, load) == "value"
+    assert len(builds) == 1
+    (cache.entry_path("things", {"k": 1}) / "data.txt").write_text("corrupt")
+    assert cache.get_or_build("things", {"k": 1}, build, load) == "value"
+    assert len(builds) == 2
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("task: wikitext2\nmethod: [none\n")
+    with pytest.raises(UsageError, match=r"bad.yaml, line 3"):
+        read_yaml_mapping(path)
+
+
+def test_option_conversion_errors_say_what_is_expected():
+    assert Option(int, 1, "").convert("n", "3") == 3
+    assert Option(bool, False, "").convert("flag", "yes") is True
+    with pytest.raises(UsageError, match="--score-norm must be one of none, zscore"):
+        Option(("none", "zscore"), "none", "").convert("score_norm", "minmax")
+
+
+def test_bits_per_byte_nats_and_perplexity_by_hand():
+    # 3 tokens each with p = 1/4 over a 4-byte text: 3·ln 4 nats = 6 bits over 4 bytes
+    total = 3 * math.log(4)
+    assert bits_per_byte(total, 4) == pytest.approx(1.5)
+    assert nats_per_token(total, 3) == pytest.approx(math.log(4))
+    assert perplexity(total, 3) == pytest.approx(4.0)
+
+
+def _record(method, value, n_docs=0, retriever=None):
+    return {"task": "toy", "method": method, "retriever": retriever, "model": "m", "n_docs": n_docs,
+            "settings": "", "corpus": None, "n_examples": 2, "metrics": {"ppl": value},
+            "higher_is_better": {"ppl": False}}
+
+
+def test_records_round_trip_and_leaderboard_bolds_the_best(tmp_path):
+    append_record(tmp_path, _record("none", 20.0))
+    append_record(tmp_path, _record("ensemble", 15.0, 4, "bm25"))
+    append_record(tmp_path, _record("ensemble", 16.0, 4, "bm25"))  # newer run of the same row
+    records = read_records(tmp_path)
+    assert [r["metrics"]["ppl"] for r in records] == [20.0, 15.0, 16.0]
+    table = leaderboard_markdown(records)
+    assert "| ensemble |" in table and "15.0000" not in table  # the newest record replaces it
+    assert "**16.0000**" in table and "| 20.0000 |" in table
+
+
+def test_a_torn_records_file_is_reported_by_line(tmp_path):
+    (tmp_path / "records.jsonl").write_text(json.dumps(_record("none", 1.0)) + "\n{broken\n")
+    with pytest.raises(ValueError, match="line 2"):
+        read_records(tmp_path)
