@@ -1,0 +1,137 @@
+"""`bm25` (bm25s) and `bm25-rank` (rank-bm25's BM25Okapi): one BM25, two backends.
+
+Both score with BM25Okapi's formula,
+    score(q, d) = sum over query tokens t of idf(t) * tf(t, d) * (k1 + 1) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl))
+    idf(t) = max(0, ln((N - df(t) + 0.5) / (df(t) + 0.5)))
+on the same tokens, so they return the same ranking with the same scores. rank-bm25's default
+raises a negative idf to 0.25 x the mean idf (its `epsilon` floor), which bm25s cannot express;
+both floor it at 0 here instead (bm25s' Robertson idf; `BM25Okapi(epsilon=0)`), so a word in
+more than half of the passages adds nothing rather than outweighing rarer words.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any, Sequence
+
+import bm25s
+import numpy as np
+from bm25s.stopwords import STOPWORDS_EN
+from rank_bm25 import BM25Okapi
+
+from raghub.hookspecs import hookimpl
+from raghub.interfaces import Option, Passage, Retriever, UsageError
+
+WORD = re.compile(r"\w+")
+STOPWORDS = frozenset(STOPWORDS_EN)
+#: describes `bm25_tokens` in cache keys: change it whenever the tokenisation changes
+TOKENISER = "lower-case \\w+ words, bm25s STOPWORDS_EN removed, no stemming"
+
+
+def bm25_tokens(text: str) -> list[str]:
+    """Lower-case word tokens without English stop-words (bm25s' list); no stemming."""
+    return [word for word in WORD.findall(text.lower()) if word not in STOPWORDS]
+
+
+def top_k(scores: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k highest (position, score) pairs, best first; equal scores in position order."""
+    k = min(k, len(scores))
+    if k <= 0:
+        return []
+    threshold = np.partition(scores, len(scores) - k)[len(scores) - k]
+    candidates = np.flatnonzero(scores >= threshold)
+    best = candidates[np.lexsort((candidates, -scores[candidates]))][:k]
+    return [(int(position), float(scores[position])) for position in best]
+
+
+class BM25Retriever(Retriever):
+    """What both backends share: tokenisation, k1/b, caching, ranking."""
+
+    options = {
+        "k1": Option(float, 1.5, "BM25 term-frequency saturation (>= 0)"),
+        "b": Option(float, 0.75, "BM25 document-length normalisation (0 to 1)"),
+    }
+
+    def __init__(self, cache, **options: Any) -> None:
+        super().__init__(cache, **options)
+        if self.settings["k1"] < 0 or not 0 <= self.settings["b"] <= 1:
+            raise UsageError(
+                f"{self.name}: need --k1 >= 0 and 0 <= --b <= 1, got k1={self.settings['k1']}, "
+                f"b={self.settings['b']}"
+            )
+        self.bm25_index: Any = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**super().fingerprint(), "tokeniser": TOKENISER}
+
+    def index(self, passages: Sequence[Passage], corpus_fingerprint: str) -> None:
+        def build(folder: Path) -> None:
+            corpus_tokens = [bm25_tokens(passage.as_text()) for passage in passages]
+            if not any(corpus_tokens):
+                raise UsageError(f"{self.name}: the retrieval corpus has no words to index "
+                                 "(no passages, or only stop-words); check the task's corpus")
+            self.build(folder, corpus_tokens)
+
+        key = {"corpus": corpus_fingerprint, **self.fingerprint()}
+        self.bm25_index = self.cache.get_or_build("bm25-index", key, build, self.load)
+
+    def search(self, queries: Sequence[str], k: int) -> list[list[tuple[int, float]]]:
+        if self.bm25_index is None:
+            raise RuntimeError("index() must be called before search()")
+        return [top_k(self.scores(bm25_tokens(query)), k) for query in queries]
+
+    @abstractmethod
+    def build(self, folder: Path, corpus_tokens: list[list[str]]) -> None:
+        """Index the tokenised passages and save the index into `folder`."""
+
+    @abstractmethod
+    def load(self, folder: Path) -> Any:
+        """The backend's index object, read from `folder`."""
+
+    @abstractmethod
+    def scores(self, query_tokens: list[str]) -> np.ndarray:
+        """The BM25 score of every passage for one tokenised query (float64)."""
+
+
+class BM25S(BM25Retriever):
+    name = "bm25"
+    description = "BM25 (Okapi) on the bm25s library: sparse precomputed scores, fast"
+
+    def build(self, folder: Path, corpus_tokens: list[list[str]]) -> None:
+        # "atire" term frequency = BM25Okapi's tf * (k1 + 1) / (...); "robertson" idf floors at 0
+        index = bm25s.BM25(
+            k1=self.settings["k1"], b=self.settings["b"],
+            method="atire", idf_method="robertson", dtype="float64",
+        )
+        index.index(corpus_tokens, show_progress=False)
+        index.save(folder, show_progress=False)
+
+    def load(self, folder: Path) -> bm25s.BM25:
+        return bm25s.BM25.load(folder, show_progress=False)
+
+    def scores(self, query_tokens: list[str]) -> np.ndarray:
+        return self.bm25_index.get_scores_from_ids(self.bm25_index.get_tokens_ids(query_tokens))
+
+
+class RankBM25(BM25Retriever):
+    name = "bm25-rank"
+    description = "BM25 (Okapi) on rank-bm25, the reference implementation (slow, pure Python)"
+
+    def build(self, folder: Path, corpus_tokens: list[list[str]]) -> None:
+        index = BM25Okapi(corpus_tokens, k1=self.settings["k1"], b=self.settings["b"], epsilon=0.0)
+        (folder / "bm25okapi.pkl").write_bytes(pickle.dumps(index))
+
+    def load(self, folder: Path) -> BM25Okapi:
+        return pickle.loads((folder / "bm25okapi.pkl").read_bytes())
+
+    def scores(self, query_tokens: list[str]) -> np.ndarray:
+        return self.bm25_index.get_scores(query_tokens)
+
+
+@hookimpl
+def register_retrievers(register):
+    register(BM25S)
+    register(RankBM25)

@@ -1,0 +1,156 @@
+"""`dense`: a sentence-transformers encoder and a FAISS index (flat inner product by default).
+
+Passage embeddings and the FAISS index are two cache entries: changing the index type reuses
+the embeddings; a new encoder or similarity re-embeds.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+import torch
+
+from raghub.hookspecs import hookimpl
+from raghub.interfaces import Option, Passage, Retriever, UsageError
+from raghub.model import DEFAULT_ENCODER_NAME, default_encoder_path
+
+INDEX_TYPES = ("flat", "ivf", "hnsw")
+SIMILARITIES = ("cosine", "inner-product")
+HNSW_NEIGHBOURS = 32
+#: FAISS wants at least this many training points per IVF cluster
+IVF_POINTS_PER_LIST = 39
+
+
+def ivf_list_count(n_vectors: int) -> int:
+    """IVF clusters for a corpus: FAISS's 4·sqrt(n) rule, capped so each has enough points."""
+    return max(1, min(round(4 * math.sqrt(n_vectors)), n_vectors // IVF_POINTS_PER_LIST))
+
+
+class DenseRetriever(Retriever):
+    name = "dense"
+    description = "sentence-transformers encoder + FAISS (flat inner product, IVF or HNSW)"
+    options = {
+        "encoder": Option(
+            str, DEFAULT_ENCODER_NAME,
+            "sentence-transformers model: hub id (e.g. facebook/contriever) or folder; the default "
+            "is the embedded all-MiniLM-L6-v2",
+        ),
+        "similarity": Option(
+            SIMILARITIES, "cosine",
+            "cosine (unit-normalised embeddings, MiniLM's objective) or raw inner-product "
+            "(Contriever, DRAGON)",
+        ),
+        "index_type": Option(INDEX_TYPES, "flat", "FAISS index: exact flat, ivf clusters or hnsw graph"),
+        "nprobe": Option(int, 16, "ivf: clusters searched per query"),
+        "ef_search": Option(int, 128, "hnsw: candidates kept while searching"),
+        "encode_batch_size": Option(int, 64, "texts embedded per encoder call"),
+    }
+
+    def __init__(self, cache, **options: Any) -> None:
+        super().__init__(cache, **options)
+        for name, allowed in (("index_type", INDEX_TYPES), ("similarity", SIMILARITIES)):
+            if self.settings[name] not in allowed:
+                raise UsageError(
+                    f"dense: --{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                    f"not {self.settings[name]!r}"
+                )
+        for name in ("nprobe", "ef_search", "encode_batch_size"):
+            if self.settings[name] < 1:
+                raise UsageError(f"dense: --{name.replace('_', '-')} must be at least 1")
+        self.faiss_index: faiss.Index | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings without `encode_batch_size`, which does not change results."""
+        return {key: value for key, value in super().fingerprint().items() if key != "encode_batch_size"}
+
+    @cached_property
+    def encoder(self):
+        """The sentence-transformers model, loaded on first use (on CUDA when available)."""
+        from sentence_transformers import SentenceTransformer
+
+        spec = self.settings["encoder"]
+        location = default_encoder_path() if spec == DEFAULT_ENCODER_NAME else spec
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            return SentenceTransformer(location, device=device)
+        except (OSError, ValueError) as error:
+            raise UsageError(
+                f"dense: encoder {spec!r} cannot be loaded: not a local sentence-transformers "
+                f"folder, and the hub could not provide it ({str(error).strip().splitlines()[0]})"
+            ) from error
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """float32 embeddings [len(texts), dim], unit-normalised for cosine similarity."""
+        return self.encoder.encode(
+            list(texts), batch_size=self.settings["encode_batch_size"], convert_to_numpy=True,
+            normalize_embeddings=self.settings["similarity"] == "cosine", show_progress_bar=False,
+        ).astype(np.float32)
+
+    def passage_embeddings(self, passages: Sequence[Passage], corpus_fingerprint: str) -> np.ndarray:
+        def build(folder: Path) -> None:
+            np.save(folder / "embeddings.npy", self.embed([p.as_text() for p in passages]))
+
+        key = {"corpus": corpus_fingerprint, "encoder": self.settings["encoder"],
+               "similarity": self.settings["similarity"]}
+        return self.cache.get_or_build(
+            "dense-embeddings", key, build, lambda folder: np.load(folder / "embeddings.npy")
+        )
+
+    def build_index(self, embeddings: np.ndarray) -> faiss.Index:
+        dim = embeddings.shape[1]
+        if self.settings["index_type"] == "flat":
+            index = faiss.IndexFlatIP(dim)
+        elif self.settings["index_type"] == "ivf":
+            index = faiss.IndexIVFFlat(
+                faiss.IndexFlatIP(dim), dim, ivf_list_count(len(embeddings)), faiss.METRIC_INNER_PRODUCT
+            )
+            index.train(embeddings)
+        else:
+            index = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+        index.add(embeddings)
+        return index
+
+    def load_index(self, folder: Path) -> faiss.Index:
+        index = faiss.read_index(str(folder / "index.faiss"))
+        if self.settings["index_type"] == "ivf":
+            index.nprobe = self.settings["nprobe"]
+        elif self.settings["index_type"] == "hnsw":
+            index.hnsw.efSearch = self.settings["ef_search"]
+        return index
+
+    def index(self, passages: Sequence[Passage], corpus_fingerprint: str) -> None:
+        if not passages:
+            raise UsageError("dense: the retrieval corpus has no passages; check the task's corpus")
+
+        def build(folder: Path) -> None:
+            index = self.build_index(self.passage_embeddings(passages, corpus_fingerprint))
+            faiss.write_index(index, str(folder / "index.faiss"))
+
+        key = {"corpus": corpus_fingerprint, **self.fingerprint()}
+        self.faiss_index = self.cache.get_or_build("dense-index", key, build, self.load_index)
+
+    def search(self, queries: Sequence[str], k: int) -> list[list[tuple[int, float]]]:
+        if self.faiss_index is None:
+            raise RuntimeError("index() must be called before search()")
+        k = min(k, self.faiss_index.ntotal)
+        if not queries or k <= 0:
+            return [[] for _ in queries]
+        scores, positions = self.faiss_index.search(self.embed(queries), k)
+        return [
+            sorted(
+                ((int(position), float(score)) for position, score in zip(row_positions, row_scores)
+                 if position >= 0),  # IVF / HNSW return -1 when they find fewer than k
+                key=lambda pair: (-pair[1], pair[0]),
+            )
+            for row_positions, row_scores in zip(positions, scores)
+        ]
+
+
+@hookimpl
+def register_retrievers(register):
+    register(DenseRetriever)
