@@ -1,0 +1,31 @@
+"""`incontext`: In-Context RALM / standard RAG: retrieved passages prepended to the prompt."""
+
+from __future__ import annotations
+
+from raghub.hookspecs import hookimpl
+from raghub.interfaces import Augmenter
+
+from .language_modelling import passage_ids, score_after_prefixes
+from .question_answering import answer_questions
+
+
+class InContext(Augmenter):
+    name = "incontext"
+    description = "In-Context RALM / standard RAG: retrieved passages prepended to the prompt"
+    needs_retrieval = True
+
+    def score_windows(self, windows, retrieved):
+        """The top-k passages, best first, each cut to the window's `retrieved_max_length`,
+        joined before the context (DRAGON's "k_concat"; In-Context RALM with k = 1)."""
+        prefixes = [[token for r in docs for token in passage_ids(self.model, r.passage, w.retrieved_max_length)]
+                    for w, docs in zip(windows, retrieved)]
+        return score_after_prefixes(self.model, windows, prefixes)
+
+    def answer(self, questions, retrieved):
+        """Standard RAG: the top-k passages, best first, in each question's prompt."""
+        return answer_questions(self.model, questions, [[r.passage for r in docs] for docs in retrieved])
+
+
+@hookimpl
+def register_augmenters(register):
+    register(InContext)

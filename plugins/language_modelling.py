@@ -1,0 +1,297 @@
+"""The `language-modelling` task family: WikiText-style loss with DRAGON / REPLUG windows.
+
+The evaluated text is the split's non-empty lines, each ending in "\\n" (what the official
+`wiki.test.raw` holds once its blank lines are dropped). Every format gives exactly this text:
+the hub's rows (JSONL / parquet / arrow, `{"text": ...}`), the raw file, and the rows joined with
+"\\n\\n" (DRAGON's and HF's convention, whose runs of blank lines a raw file cannot restore, which
+is why blank lines are not part of the text).
+
+Windows (REPLUG / DRAGON): the tokens after the first are cut into consecutive target spans of
+`pred_len + 1` tokens; each window conditions on the `context_len` tokens before its span,
+retrieves with those tokens decoded as its query, and the first window retrieves nothing. With
+`--stride N` the In-Context RALM protocol is used instead: spans of N tokens, the last
+`ralm.query_len` tokens as the query, and the context shortened so that a retrieved document
+plus the context plus the span fit in `ralm.max_length` tokens.
+
+Articles (` = Title = ` lines) are the passages' and windows' `group`: with
+`--datastore heldout-articles` the passages are the evaluated split's own lines, no target span
+crosses an article boundary, and each window excludes its article's passages.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from itertools import accumulate
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from raghub.hookspecs import hookimpl
+from raghub.interfaces import Example, Option, Passage, Retrieved, Task, UsageError
+from raghub.metrics import bits_per_byte, nats_per_token, perplexity
+
+from .question_answering import read_passages_file
+
+ARTICLE_TITLE = re.compile(r" = [^=].* = ")
+
+
+@dataclass(kw_only=True)
+class Window(Example):
+    """One scored span of the text. The augmenter returns ln p(target_i | [retrieved passage
+    tokens] + context_ids + target_ids[:i]), each passage cut to `retrieved_max_length` tokens."""
+
+    context_ids: list[int]
+    target_ids: list[int]
+    retrieved_max_length: int
+    n_bytes: int = 0  #: UTF-8 bytes of the scored span
+
+
+# --------------------------------------------------------------------------- reading the text
+
+
+def read_rows(path: Path) -> list[str]:
+    """The text rows of a WikiText file: hub rows (.jsonl / .parquet / .arrow) or raw text."""
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as handle:
+            return [json.loads(line)["text"] for line in handle if line.strip()]
+    if path.suffix in (".parquet", ".arrow"):
+        import datasets
+
+        table = (datasets.Dataset.from_parquet(str(path)) if path.suffix == ".parquet"
+                 else datasets.Dataset.from_file(str(path)))
+        return table["text"]
+    return [path.read_text(encoding="utf-8")]
+
+
+def text_lines(rows: Sequence[str]) -> list[str]:
+    """The non-empty lines of the rows (CRLF normalised), without their line ends."""
+    return [line for row in rows for line in row.replace("\r\n", "\n").split("\n") if line.strip()]
+
+
+def article_of_lines(lines: Sequence[str]) -> list[str]:
+    """Each line's article: the title of the last ` = Title = ` line at or before it."""
+    titles, current = [], ""
+    for line in lines:
+        if ARTICLE_TITLE.fullmatch(line):
+            current = line.strip(" =")
+        titles.append(current)
+    return titles
+
+
+def chunk_passages(lines: Sequence[str], groups: Sequence[str], label: str,
+                   words_per_passage: int = 64, min_words: int = 10) -> list[Passage]:
+    """DRAGON / REPLUG passages: each line of at least `min_words` words cut into consecutive,
+    non-overlapping chunks of `words_per_passage` words."""
+    passages = []
+    for line, group in zip(lines, groups):
+        words = line.split()
+        if len(words) < min_words:
+            continue
+        for first in range(0, len(words), words_per_passage):
+            text = " ".join(words[first : first + words_per_passage])
+            passages.append(Passage(id=f"{label}-{len(passages)}", text=text, group=group))
+    return passages
+
+
+def token_char_starts(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """Token ids of `text` (no special tokens) and the character offset where each starts."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(encoded["input_ids"]), [start for start, _ in encoded["offset_mapping"]]
+
+
+def byte_offsets(text: str, char_positions: Sequence[int]) -> list[int]:
+    """The UTF-8 byte offset of each character position of `text`."""
+    byte_at_char = [0, *accumulate(len(ch.encode("utf-8")) for ch in text)]
+    return [byte_at_char[position] for position in char_positions]
+
+
+def target_spans(n_tokens: int, span_len: int, boundaries: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """[start, end) spans covering tokens 1 .. n_tokens-1 exactly once, `span_len` long, cut
+    at each token position in `boundaries`."""
+    cuts = sorted({1, n_tokens, *(b for b in boundaries if 1 < b < n_tokens)})
+    return [(start, min(start + span_len, end))
+            for begin, end in zip(cuts, cuts[1:]) for start in range(begin, end, span_len)]
+
+
+# --------------------------------------------------------------------------- augmenter helpers
+
+
+def passage_ids(model, passage: Passage, max_length: int) -> list[int]:
+    """A retrieved passage as tokens: its text cut to `max_length - 1` tokens, then a newline."""
+    return model.encode(passage.as_text())[: max_length - 1] + model.encode("\n")
+
+
+def score_after_prefixes(model, windows: Sequence[Window], prefixes: Sequence[list[int]]) -> list[torch.Tensor]:
+    """ln p of each window's targets given its prefix tokens and context, in one batched call."""
+    sequences = [prefix + w.context_ids + w.target_ids for w, prefix in zip(windows, prefixes)]
+    starts = [len(prefix) + len(w.context_ids) for w, prefix in zip(windows, prefixes)]
+    return model.sequence_logprobs(sequences, starts)
+
+
+# --------------------------------------------------------------------------- the task family
+
+
+class LanguageModelling(Task):
+    """Perplexity and bits per byte of a text, with or without retrieved passages."""
+
+    family = "language-modelling"
+    augmenter_method = "score_windows"
+    description = "language modelling: nats per token, perplexity and bits per byte"
+    higher_is_better = {"nats_per_token": False, "ppl": False, "bits_per_byte": False}
+    options = {
+        "split": Option(("test", "validation"), "test", "the split to evaluate"),
+        "datastore": Option(("train", "heldout-articles"), "train",
+                            "passages to retrieve from: the train split of the same data, or the "
+                            "evaluated split's other articles (leave-one-article-out)"),
+        "corpus": Option(str, "", "a .jsonl/.tsv of id, title, text passages, or a text file "
+                                  "cut into 64-word passages, used as the datastore instead"),
+        "context_len": Option(int, None, "tokens of preceding text each window conditions on "
+                                         "(task default: 128)"),
+        "pred_len": Option(int, None, "each window scores pred_len + 1 new tokens (task default: 768)"),
+        "retrieved_max_length": Option(int, None, "tokens kept of each retrieved passage "
+                                                  "(task default: 128)"),
+        "stride": Option(int, 0, "In-Context RALM protocol: score N tokens per window, retrieving "
+                                 "with the last 32 tokens (the paper uses 4); 0 = DRAGON/REPLUG windows"),
+    }
+
+    # ---- protocol
+
+    def _protocol_value(self, key: str, section: dict[str, Any]) -> int:
+        value = self.settings.get(key)
+        value = section[key] if value is None else value
+        if not isinstance(value, int) or value < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be a positive integer, not {value!r}")
+        return value
+
+    @cached_property
+    def protocol(self) -> dict[str, int]:
+        """span_len, context_len, query_len and retrieved_max_length of this run's windows."""
+        stride = self.settings["stride"]
+        if stride < 0:
+            raise UsageError(f"--stride must be 0 (DRAGON/REPLUG windows) or positive, not {stride}")
+        if stride == 0:
+            windows = self.config["windows"]
+            context_len = self._protocol_value("context_len", windows)
+            return {"span_len": self._protocol_value("pred_len", windows) + 1,
+                    "context_len": context_len, "query_len": context_len,
+                    "retrieved_max_length": self._protocol_value("retrieved_max_length", windows)}
+        ralm = self.config["ralm"]
+        retrieved_max_length = self._protocol_value("retrieved_max_length", ralm)
+        room = ralm["max_length"] - retrieved_max_length - stride
+        if self.settings["context_len"] is None and room < 1:
+            raise UsageError(f"--stride {stride} with --retrieved-max-length {retrieved_max_length} "
+                             f"leaves no context within max_length {ralm['max_length']}")
+        context_len = self._protocol_value("context_len", {"context_len": room})
+        return {"span_len": stride, "context_len": context_len, "query_len": ralm["query_len"],
+                "retrieved_max_length": retrieved_max_length}
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**super().fingerprint(), "protocol": self.protocol}
+
+    # ---- data
+
+    def _split_rows(self, split: str) -> list[str]:
+        """The rows of a split from the data directory, else from the hub."""
+        source = self.config["data"]
+        if self.data_dir is None:
+            import datasets
+
+            return datasets.load_dataset(source["hub"], source["config"], split=split)["text"]
+        folder = Path(self.data_dir) / source["folder"]
+        names = source["files"].get(split, [])
+        found = next((folder / name for name in names if (folder / name).is_file()), None)
+        if found is None:
+            instead = "; or retrieve from --datastore heldout-articles or --corpus PATH" if split == "train" else ""
+            raise UsageError(
+                f"task {self.name}: the {split} split is missing: expected {' or '.join(names)} in "
+                f"{folder} (save datasets.load_dataset('{source['hub']}', '{source['config']}', "
+                f"split='{split}') rows as JSONL there, or unset RAGHUB_DATA_DIR to read the hub){instead}"
+            )
+        return read_rows(found)
+
+    @cached_property
+    def lines(self) -> list[str]:
+        """The evaluated split's non-empty lines."""
+        return text_lines(self._split_rows(self.settings["split"]))
+
+    @property
+    def heldout_articles(self) -> bool:
+        return self.settings["datastore"] == "heldout-articles" and not self.settings["corpus"]
+
+    def examples(self, model, limit: int | None) -> list[Window]:
+        lines = self.lines
+        text = "".join(line + "\n" for line in lines)
+        ids, char_starts = token_char_starts(model.tokenizer, text)
+        # the text's end closes the last span, so span bytes add up to the whole text's
+        byte_starts = byte_offsets(text, [*char_starts, len(text)])
+        line_starts = list(accumulate((len(line) + 1 for line in lines), initial=0))
+        articles = article_of_lines(lines)
+        article_of_token = [articles[bisect.bisect_right(line_starts, c) - 1] for c in char_starts]
+        boundaries = ([i for i in range(1, len(ids)) if article_of_token[i] != article_of_token[i - 1]]
+                      if self.heldout_articles else [])
+        spans = target_spans(len(ids), self.protocol["span_len"], boundaries)[:limit]
+        context_len, query_len = self.protocol["context_len"], self.protocol["query_len"]
+        return [
+            Window(
+                id=f"{self.settings['split']}-{start}",
+                query=model.decode(ids[max(0, start - query_len) : start]) if start > 1 else "",
+                exclude_group=article_of_token[start] if self.heldout_articles else "",
+                context_ids=ids[max(0, start - context_len) : start],
+                target_ids=ids[start:end],
+                retrieved_max_length=self.protocol["retrieved_max_length"],
+                n_bytes=byte_starts[end] - byte_starts[start],
+            )
+            for start, end in spans
+        ]
+
+    def corpus(self) -> tuple[list[Passage], str]:
+        source = self.config["data"]
+        if self.settings["corpus"]:
+            path = Path(self.settings["corpus"]).expanduser()
+            if path.suffix in (".jsonl", ".tsv"):
+                return read_passages_file(str(path)), f"corpus file {path.name}"
+            if not path.is_file():
+                raise UsageError(f"corpus file not found: {path} (give a .jsonl/.tsv of id, title, "
+                                 "text passages or a text file)")
+            lines = text_lines(read_rows(path))
+            return chunk_passages(lines, article_of_lines(lines), path.stem), f"corpus file {path.name}"
+        if self.heldout_articles:
+            label = f"{source['config']} {self.settings['split']}, other articles (heldout-articles)"
+            lines = self.lines
+        else:
+            label = f"{source['config']} train"
+            lines = text_lines(self._split_rows("train"))
+        passages = chunk_passages(lines, article_of_lines(lines), self.name,
+                                  self.config["passages"]["words"], self.config["passages"]["min_words"])
+        return passages, f"{label}, {self.config['passages']['words']}-word passages"
+
+    # ---- scoring
+
+    def evaluate(self, augmenter, examples: Sequence[Window],
+                 retrieved: Sequence[Sequence[Retrieved]]) -> list[dict[str, Any]]:
+        retrieved = [docs if window.query else [] for window, docs in zip(examples, retrieved)]
+        logprobs = augmenter.score_windows(examples, retrieved)
+        stats = []
+        for window, scores in zip(examples, logprobs):
+            if len(scores) != len(window.target_ids):
+                raise RuntimeError(f"{augmenter.name} scored {len(scores)} tokens of window "
+                                   f"{window.id}, which has {len(window.target_ids)}")
+            stats.append({"nll": -float(scores.double().sum()), "tokens": len(window.target_ids),
+                          "bytes": window.n_bytes})
+        return stats
+
+    def aggregate(self, stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        nll = sum(s["nll"] for s in stats)
+        tokens = sum(s["tokens"] for s in stats)
+        return {"nats_per_token": nats_per_token(nll, tokens), "ppl": perplexity(nll, tokens),
+                "bits_per_byte": bits_per_byte(nll, sum(s["bytes"] for s in stats))}
+
+
+@hookimpl
+def register_task_families(register):
+    register(LanguageModelling)

@@ -1,0 +1,28 @@
+"""`none`: closed book: the model alone, no retrieval."""
+
+from __future__ import annotations
+
+from raghub.hookspecs import hookimpl
+from raghub.interfaces import Augmenter
+
+from .language_modelling import score_after_prefixes
+from .question_answering import answer_questions
+
+
+class ClosedBook(Augmenter):
+    name = "none"
+    description = "closed book: the model alone, no retrieval"
+    needs_retrieval = False
+
+    def score_windows(self, windows, retrieved):
+        """Each window's targets given its own preceding context only."""
+        return score_after_prefixes(self.model, windows, [[] for _ in windows])
+
+    def answer(self, questions, retrieved):
+        """Closed book: the question's prompt without passages."""
+        return answer_questions(self.model, questions, [[] for _ in questions])
+
+
+@hookimpl
+def register_augmenters(register):
+    register(ClosedBook)

@@ -1,0 +1,200 @@
+"""The language-modelling family: text loading, windows, passages, metrics, augmenter scoring."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from raghub.interfaces import Augmenter, Passage, Retrieved, UsageError
+from raghub.plugins.ensemble import Ensemble, mixture_logprobs
+from raghub.plugins.incontext import InContext
+from raghub.plugins.language_modelling import LanguageModelling, Window, chunk_passages, text_lines
+from raghub.plugins.none import ClosedBook
+
+TASKS = Path(__file__).resolve().parents[1] / "tasks"
+TOY_ROWS = ["", " = First = \n", "", " Ab cd é.\n", " Ef gh.\n", "", " = Second = \n", "", " Ij kl.\n"]
+TOY_TEXT = " = First = \n Ab cd é.\n Ef gh.\n = Second = \n Ij kl.\n"
+
+
+class CharTokenizer:
+    """One token per character, with the offsets a fast tokenizer reports."""
+
+    def __call__(self, text, add_special_tokens=False, return_offsets_mapping=False):
+        return {"input_ids": [ord(ch) for ch in text],
+                "offset_mapping": [(i, i + 1) for i in range(len(text))]}
+
+
+class CharModel:
+    tokenizer = CharTokenizer()
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+class HalfEachToken(Augmenter):
+    """A model that gives every target token probability 1/2."""
+
+    name = "half"
+
+    def score_windows(self, windows, retrieved):
+        return [torch.full((len(w.target_ids),), math.log(0.5)) for w in windows]
+
+
+def toy_task(tmp_path, rows=TOY_ROWS, **options):
+    folder = tmp_path / "wikitext"
+    folder.mkdir(exist_ok=True)
+    (folder / "toy.test.rows.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    config = {
+        "name": "toy", "family": "language-modelling",
+        "data": {"hub": "none", "config": "toy", "folder": "wikitext",
+                 "files": {"test": ["toy.test.rows.jsonl"], "train": ["toy.train.rows.jsonl"]}},
+        "passages": {"words": 64, "min_words": 10},
+        "windows": {"context_len": 3, "pred_len": 4, "retrieved_max_length": 8},
+        "ralm": {"query_len": 2, "max_length": 12, "retrieved_max_length": 4},
+    }
+    return LanguageModelling("toy", config, str(tmp_path), **options)
+
+
+def test_raw_joined_and_row_formats_give_the_same_text(tmp_path):
+    raw = tmp_path / "wiki.test.raw"
+    raw.write_bytes(TOY_TEXT.replace("\n", "\r\n").encode())
+    joined = "\n\n".join(TOY_ROWS)
+    assert text_lines([raw.read_text(encoding="utf-8")]) == text_lines(TOY_ROWS) == text_lines([joined])
+    assert "".join(line + "\n" for line in text_lines(TOY_ROWS)) == TOY_TEXT
+
+
+@pytest.mark.parametrize("datastore", ["train", "heldout-articles"])
+def test_windows_score_every_token_after_the_first_exactly_once(tmp_path, datastore):
+    task = toy_task(tmp_path, datastore=datastore)
+    windows = task.examples(CharModel(), None)
+    ids = [ord(ch) for ch in TOY_TEXT]
+    assert [t for w in windows for t in w.target_ids] == ids[1:]
+    position = 1
+    for window in windows:
+        assert window.context_ids == ids[max(0, position - 3) : position]
+        assert len(window.target_ids) <= 5  # pred_len + 1
+        position += len(window.target_ids)
+    # 'é' is two bytes: the spans' bytes add up to the text's bytes after its first token
+    assert sum(w.n_bytes for w in windows) == len(TOY_TEXT.encode()) - 1
+    assert windows[0].query == "" and windows[1].query == TOY_TEXT[3:6]
+
+
+def test_heldout_windows_stay_inside_one_article_and_exclude_it(tmp_path):
+    windows = toy_task(tmp_path, datastore="heldout-articles").examples(CharModel(), None)
+    second_article_starts = TOY_TEXT.index(" = Second")
+    position = 1
+    for window in windows:
+        end = position + len(window.target_ids)
+        assert not position < second_article_starts < end
+        assert window.exclude_group == ("First" if position < second_article_starts else "Second")
+        position = end
+    assert all(w.exclude_group == "" for w in toy_task(tmp_path).examples(CharModel(), None))
+
+
+def test_ralm_stride_windows(tmp_path):
+    windows = toy_task(tmp_path, stride=2).examples(CharModel(), 4)
+    ids = [ord(ch) for ch in TOY_TEXT]
+    assert [w.target_ids for w in windows] == [ids[1:3], ids[3:5], ids[5:7], ids[7:9]]
+    # the context leaves room for a 4-token document and the span within max_length 12
+    assert windows[3].context_ids == ids[1:7] and windows[3].query == TOY_TEXT[5:7]
+    assert windows[3].retrieved_max_length == 4
+
+
+def test_bits_per_byte_of_a_known_model_output(tmp_path):
+    task = toy_task(tmp_path)
+    windows = task.examples(CharModel(), None)
+    metrics = task.aggregate(task.evaluate(HalfEachToken(None, None), windows, [[] for _ in windows]))
+    # 51 characters, 52 bytes ('é'); 50 scored tokens of 51 bytes, each costing ln 2
+    assert metrics["nats_per_token"] == pytest.approx(math.log(2))
+    assert metrics["ppl"] == pytest.approx(2.0)
+    assert metrics["bits_per_byte"] == pytest.approx(50 / 51)
+
+
+def test_passages_are_64_word_chunks_of_rows_with_10_words_or_more():
+    lines = [" ".join(f"w{i}" for i in range(130)), "too short to keep", " ".join(["x"] * 10)]
+    passages = chunk_passages(lines, ["A", "B", "C"], "toy")
+    assert [len(p.text.split()) for p in passages] == [64, 64, 2, 10]
+    assert [p.group for p in passages] == ["A", "A", "A", "C"]
+
+
+def test_heldout_corpus_comes_from_the_evaluated_split_by_article(tmp_path):
+    long_rows = [" = Alpha = \n", " ".join(["a"] * 12) + "\n", " = Beta = \n", " ".join(["b"] * 12) + "\n"]
+    passages, label = toy_task(tmp_path, long_rows, datastore="heldout-articles").corpus()
+    assert [p.group for p in passages] == ["Alpha", "Beta"] and "heldout-articles" in label
+
+
+def test_corpus_option_replaces_the_datastore(tmp_path):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text(" = Gamma = \n" + " ".join(["g"] * 70) + "\n")
+    passages, label = toy_task(tmp_path, corpus=str(text_file), datastore="heldout-articles").corpus()
+    assert [len(p.text.split()) for p in passages] == [64, 6] and label == "corpus file notes.txt"
+    assert toy_task(tmp_path, corpus=str(text_file), datastore="heldout-articles").heldout_articles is False
+
+
+def test_missing_train_split_names_the_file_and_where_to_get_it(tmp_path):
+    with pytest.raises(UsageError, match=r"toy.train.rows.jsonl .*load_dataset"):
+        toy_task(tmp_path).corpus()
+
+
+@pytest.mark.real_model
+def test_real_test_split_reads_the_same_from_every_file():
+    folder = Path(os.environ.get("RAGHUB_DATA_DIR", "../shared/data")) / "wikitext"
+    if not folder.is_dir():
+        pytest.skip("needs RAGHUB_DATA_DIR with wikitext/")
+    definition = yaml.safe_load((TASKS / "wikitext2.yaml").read_text())
+    texts = []
+    for name in definition["data"]["files"]["test"]:
+        if (folder / name).is_file():
+            definition["data"]["files"]["test"] = [name]
+            texts.append(LanguageModelling("wikitext2", definition, str(folder.parent)).lines)
+    assert len(texts) == 3 and texts[0] == texts[1] == texts[2]
+
+
+@pytest.fixture(scope="module")
+def model():
+    from raghub.model import LanguageModel
+
+    return LanguageModel.load(None)
+
+
+@pytest.fixture(scope="module")
+def real_windows(model):
+    data_dir = os.environ.get("RAGHUB_DATA_DIR", "../shared/data")
+    if not (Path(data_dir) / "wikitext").is_dir():
+        pytest.skip("needs RAGHUB_DATA_DIR with wikitext/")
+    definition = yaml.safe_load((TASKS / "wikitext2.yaml").read_text())
+    task = LanguageModelling("wikitext2", definition, data_dir, context_len=32, pred_len=47)
+    return task.examples(model, 4)
+
+
+@pytest.mark.real_model
+def test_none_matches_a_plain_transformers_forward_pass(model, real_windows):
+    from transformers import AutoModelForCausalLM
+
+    from raghub.model import resolve_model_path
+
+    plain = AutoModelForCausalLM.from_pretrained(resolve_model_path(None)[1], dtype=torch.float32).eval()
+    ours = ClosedBook(model, None).score_windows(real_windows, [[] for _ in real_windows])
+    for window, scored in zip(real_windows, ours):
+        ids = torch.tensor([window.context_ids + window.target_ids])
+        with torch.no_grad():
+            logits = plain(ids).logits[0, len(window.context_ids) - 1 : -1]
+        expected = logits.log_softmax(-1).gather(-1, ids[0, len(window.context_ids):, None])[:, 0]
+        assert torch.allclose(scored, expected, atol=1e-4)
+
+
+@pytest.mark.real_model
+def test_batched_ensemble_equals_mixing_single_passage_scores(model, real_windows):
+    short = Passage("p1", "The Bill is a British police drama .", group="g")
+    long = Passage("p2", "Robert Boulter is an English film , television and theatre actor . " * 3)
+    docs = [Retrieved(short, 2.0), Retrieved(long, 1.0)]
+    windows = real_windows[1:3]
+    mixed = Ensemble(model, None).score_windows(windows, [docs, docs[:1]])
+    single = [InContext(model, None).score_windows(windows, [[d]] * 2) for d in docs]
+    expected = mixture_logprobs(torch.stack([single[0][0], single[1][0]]), torch.tensor([2.0, 1.0]))
+    assert torch.allclose(mixed[0], expected, atol=1e-4)
+    assert torch.allclose(mixed[1], single[0][1], atol=1e-4)

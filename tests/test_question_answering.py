@@ -1,0 +1,303 @@
+"""The `qa` task family: format readers, corpus, sampling, prompts, REPLUG voting, scoring."""
+
+import json
+import math
+
+import pandas
+import pytest
+
+from raghub import plugin_manager
+from raghub.cache import Cache
+from raghub.interfaces import Passage, Registry, Retrieved, UsageError
+from raghub.plugins.question_answering import (
+    PromptTemplate,
+    QATask,
+    Question,
+    aggregate_stats,
+    deduplicate,
+    extract_answer,
+    interleave_by_type,
+    make_passage,
+    question_stats,
+    replug_answer_scores,
+    replug_vote,
+)
+
+
+class ChatStub:
+    """Stands in for the model where only `chat_prompt` is used."""
+
+    @staticmethod
+    def chat_prompt(message):
+        return f"<user>{message}</user><assistant>"
+
+
+def make_task(tmp_path, fmt, filename, content, **config):
+    folder = tmp_path / "data" / "toy"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / filename).write_text(content, encoding="utf-8")
+    definition = {"name": "toy", "family": "qa", "prompt": "completion",
+                  "data": {"folder": "toy", "file": filename, "format": fmt,
+                           "get": "toy file from the test"}, **config}
+    return QATask("toy", definition, str(tmp_path / "data"))
+
+
+# ------------------------------------------------------------------ extraction and prompts
+
+@pytest.mark.parametrize("generated, answer", [
+    (" George Orwell\n\nQuestion: next one", "George Orwell"),
+    ("\n\nThe answer is: Ulm.\nMore text", "Ulm."),
+    ("the answer is yes", "yes"),
+    ("Answer: Paris", "Paris"),
+    ("", ""),
+])
+def test_extract_answer_takes_first_line_without_lead_in(generated, answer):
+    assert extract_answer(generated) == answer
+
+
+def test_completion_template_puts_shots_then_passages_then_question():
+    template = PromptTemplate(style="completion", few_shot=(("Q1?", "A1"),))
+    passage = Passage(id="p", title="Ulm", text="Einstein was born in Ulm.")
+    assert Question(id="1", query="q", question="Where?", template=template).prompt([passage]) == (
+        "Question: Q1?\nAnswer: A1\n\nPassage 1: Ulm\nEinstein was born in Ulm.\n\n"
+        "Question: Where?\nAnswer:")
+
+
+def test_chat_template_wraps_instruction_and_question():
+    template = PromptTemplate(style="chat", chat=ChatStub.chat_prompt)
+    prompt = Question(id="1", query="q", question="Where?", template=template).prompt([])
+    assert prompt == f"<user>{PromptTemplate.INSTRUCTION}\n\nQuestion: Where?</user><assistant>"
+
+
+# ------------------------------------------------------------------ REPLUG answer vote
+
+def test_replug_scores_sum_normalised_duplicates_by_hand():
+    # weights = softmax([2, 1, 0]) = [e², e, 1] / (e² + e + 1)
+    z = math.e ** 2 + math.e + 1
+    totals = replug_answer_scores(["Paris", "London", "paris."],
+                                  [[-1.0, -1.4], [-0.01], [-0.2]], [2.0, 1.0, 0.0])
+    paris = math.e ** 2 / z * math.exp(-1.2) + 1 / z * math.exp(-0.2)   # 0.2003 + 0.0737
+    london = math.e / z * math.exp(-0.01)                               # 0.2423
+    assert totals == pytest.approx({"paris": paris, "london": london})
+    # alone, "Paris" (0.2003) loses to "London"; with its duplicate it wins
+    assert replug_vote(["Paris", "London", "paris."],
+                       [[-1.0, -1.4], [-0.01], [-0.2]], [2.0, 1.0, 0.0]) == "Paris"
+    assert replug_vote(["Paris", "London"], [[-1.0, -1.4], [-0.01]], [2.0, 1.0]) == "London"
+
+
+def test_replug_temperature_flattens_or_sharpens_the_weights():
+    # T=1: X = e/(e+1)·e⁻¹ = 1/(e+1) = Y
+    # T=2: X ∝ e^0.5·e⁻¹ = 0.61 < Y ∝ 1;  T=0.5: X ∝ e²·e⁻¹ = e > Y ∝ 1
+    args = (["X", "Y"], [[-1.0], [0.0]], [1.0, 0.0])
+    totals = replug_answer_scores(*args)
+    assert totals["x"] == pytest.approx(1 / (math.e + 1)) and totals["y"] == pytest.approx(1 / (math.e + 1))
+    assert replug_vote(*args, temperature=2.0) == "Y"
+    assert replug_vote(*args, temperature=0.5) == "X"
+
+
+def test_replug_empty_generation_scores_zero():
+    assert replug_answer_scores(["", "x"], [[], [-50.0]], [5.0, 0.0])[""] == 0.0
+    assert replug_vote([], [], []) == ""
+
+
+# ------------------------------------------------------------------ corpus and sampling
+
+def test_deduplicate_merges_same_title_and_text_only():
+    first, again = make_passage("Ulm", "A city."), make_passage("Ulm", "A city.")
+    other_title = make_passage("Neu-Ulm", "A city.")
+    assert first.id == again.id != other_title.id
+    assert deduplicate([first, other_title, again]) == [first, other_title]
+
+
+def test_interleave_by_type_caps_each_type_and_alternates():
+    questions = [Question(id=str(i), query="", type=t) for i, t in enumerate("aaabbc")]
+    assert [q.id for q in interleave_by_type(questions, 2)] == ["0", "3", "5", "1", "4"]
+    assert [q.id for q in interleave_by_type(questions, None)] == ["0", "3", "5", "1", "4", "2"]
+
+
+def test_sample_first_or_per_type_and_limit(tmp_path):
+    rows = [{"test_id": i, "question": f"q{i}", "answer": "x"} for i in range(5)]
+    task = make_task(tmp_path, "aliases", "q.json", json.dumps(rows), sample={"first": 3})
+    assert [q.id for q in task.examples(ChatStub(), None)] == ["0", "1", "2"]
+    assert [q.id for q in task.examples(ChatStub(), 4)] == ["0", "1", "2", "3"]
+    typed = "\n".join(json.dumps({"id": i, "question": "q", "golden_answers": ["x"],
+                                   "metadata": {"prop": kind}}) for i, kind in enumerate("aab"))
+    task = make_task(tmp_path, "flashrag", "p.jsonl", typed, sample={"per_type": 1})
+    assert [q.id for q in task.examples(ChatStub(), None)] == ["0", "2"]
+    assert [q.id for q in task.examples(ChatStub(), 3)] == ["0", "2", "1"]   # limit overrides
+
+
+# ------------------------------------------------------------------ format readers
+
+SQUAD = {"version": "1.1", "data": [{"title": "Super_Bowl_50", "paragraphs": [
+    {"context": "Denver beat Carolina.", "qas": [
+        {"id": "q1", "question": "Who won?", "answers": [
+            {"text": "Denver", "answer_start": 0}, {"text": "Denver", "answer_start": 0},
+            {"text": "Denver Broncos", "answer_start": 0}]},
+        {"id": "q2", "question": "Who lost?", "answers": [{"text": "Carolina", "answer_start": 12}]}]}]}]}
+
+
+def test_squad_reader_keeps_all_answers_and_gold_paragraph(tmp_path):
+    task = make_task(tmp_path, "squad", "dev.json", json.dumps(SQUAD))
+    first, second = task.examples(ChatStub(), None)
+    passages, label = task.corpus()
+    assert first.answers == ["Denver", "Denver Broncos"]
+    assert [(p.title, p.text) for p in passages] == [("Super Bowl 50", "Denver beat Carolina.")]
+    assert first.gold_passage_ids == second.gold_passage_ids == [passages[0].id]
+    assert "1 passages" in label
+
+
+def hotpot_row(qid, question, answer, kind, titles, supporting):
+    return {"_id": qid, "question": question, "answer": answer, "type": kind,
+            "context": [[t, [f"{t} is a thing.", f" It is in {t}ville."]] for t in titles],
+            "supporting_facts": [[t, 0] for t in supporting]}
+
+
+def test_hotpotqa_official_reader_pools_contexts_and_keeps_types(tmp_path):
+    rows = [hotpot_row("a", "Q a?", "yes", "comparison", ["X", "Y"], ["X", "Y"]),
+            hotpot_row("b", "Q b?", "Xville", "bridge", ["X", "Z"], ["X"])]
+    task = make_task(tmp_path, "hotpotqa", "dev.json", json.dumps(rows))
+    questions = task.examples(ChatStub(), None)
+    passages, _ = task.corpus()
+    assert [(q.id, q.type, q.gold_titles) for q in questions] == [
+        ("a", "comparison", ["X", "Y"]), ("b", "bridge", ["X"])]
+    assert [p.title for p in passages] == ["X", "Y", "Z"]           # X appears twice, kept once
+    assert passages[0].text == "X is a thing. It is in Xville."
+
+
+def test_hotpotqa_reader_reads_the_hub_layout(tmp_path):
+    row = {"id": "h", "question": "Q?", "answer": "A", "type": "bridge",
+           "context": {"title": ["T"], "sentences": [["One.", " Two."]]},
+           "supporting_facts": {"title": ["T"], "sent_id": [1]}}
+    (question,) = make_task(tmp_path, "hotpotqa", "rows.jsonl", json.dumps(row)).examples(ChatStub(), None)
+    assert (question.id, question.gold_titles) == ("h", ["T"])
+
+
+def test_2wiki_column_json_reader_adds_aliases_from_side_file(tmp_path):
+    rows = [hotpot_row("w1", "Who directed Film?", "Ann Lee", "compositional", ["Film", "Ann Lee"], ["Film"])]
+    frame = pandas.DataFrame(rows).rename(columns={"_id": "_1"})
+    aliases = [{"test_id": 0, "question": "Who directed Film?", "answer": ["Ann Lee", "Anne Lee"]}]
+    task = make_task(tmp_path, "hotpotqa", "dev.tts.json", frame.to_json(),
+                     data={"folder": "toy", "file": "dev.tts.json", "format": "hotpotqa",
+                           "aliases_file": "aliases.json"})
+    (tmp_path / "data" / "toy" / "aliases.json").write_text(json.dumps(aliases))
+    (question,) = task.examples(ChatStub(), None)
+    assert (question.id, question.answers, question.type) == ("w1", ["Ann Lee", "Anne Lee"], "compositional")
+
+
+def test_ircot_reader_takes_types_from_side_file(tmp_path):
+    row = {"question_id": "i1", "question_text": "Same nationality?",
+           "answers_objects": [{"spans": ["yes"]}],
+           "contexts": [{"title": "A", "paragraph_text": "a", "is_supporting": True},
+                        {"title": "B", "paragraph_text": "b", "is_supporting": False}]}
+    task = make_task(tmp_path, "ircot", "dev.jsonl", json.dumps(row) + "\r\n",
+                     data={"folder": "toy", "file": "dev.jsonl", "format": "ircot",
+                           "types_file": "types.json"})
+    (tmp_path / "data" / "toy" / "types.json").write_text(
+        json.dumps([{"question": "Same nationality?", "answer": "yes", "type": "comparison"}]))
+    (question,) = task.examples(ChatStub(), None)
+    assert (question.answers, question.gold_titles, question.type) == (["yes"], ["A"], "comparison")
+    assert len(task.corpus()[0]) == 2
+
+
+def test_popqa_tsv_and_flashrag_readers(tmp_path):
+    tsv = "id\tquestion\tprop\tpossible_answers\n7\tWho composed X?\tcomposer\t[\"Ann\", \"A. Lee\"]\n"
+    (question,) = make_task(tmp_path, "popqa", "popQA.tsv", tsv).examples(ChatStub(), None)
+    assert (question.id, question.answers, question.type) == ("7", ["Ann", "A. Lee"], "composer")
+    row = {"id": "t1", "question": "Q?", "golden_answers": ["B"], "metadata": {"prop": "genre"}}
+    (question,) = make_task(tmp_path, "flashrag", "p.jsonl", json.dumps(row)).examples(ChatStub(), None)
+    assert (question.answers, question.type) == (["B"], "genre")
+
+
+def test_cwq_official_reader_collects_aliases_and_type(tmp_path):
+    rows = [{"ID": "c1", "question": "Q?", "compositionality_type": "conjunction",
+             "answers": [{"answer": "Brazil", "aliases": ["Brasil"]}]}]
+    (question,) = make_task(tmp_path, "cwq", "dev.json", json.dumps(rows)).examples(ChatStub(), None)
+    assert (question.answers, question.type) == (["Brazil", "Brasil"], "conjunction")
+
+
+def test_missing_data_file_names_it_and_where_to_get_it(tmp_path):
+    task = make_task(tmp_path, "squad", "present.json", "{}")
+    task.config["data"]["file"] = "dev-v1.1.json"
+    with pytest.raises(UsageError, match=r"toy/dev-v1\.1\.json \(toy file from the test\)"):
+        task.examples(ChatStub(), None)
+
+
+def test_user_corpus_replaces_the_task_corpus(tmp_path):
+    tsv = tmp_path / "psgs.tsv"
+    tsv.write_text("id\ttext\ttitle\n1\tDenver won.\tSuper Bowl\n")
+    task = make_task(tmp_path, "squad", "dev.json", json.dumps(SQUAD))
+    task.settings["corpus"] = str(tsv)
+    passages, label = task.corpus()
+    assert passages == [Passage(id="1", title="Super Bowl", text="Denver won.")]
+    assert str(tsv) in label
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": 1, "text": "x"}) + "\n")
+    task.settings["corpus"] = str(bad)
+    with pytest.raises(UsageError, match="lacks the column"):
+        task.corpus()
+
+
+def test_stand_in_corpus_pools_the_named_tasks(tmp_path, monkeypatch):
+    source = make_task(tmp_path, "squad", "dev.json", json.dumps(SQUAD))
+    monkeypatch.setattr(plugin_manager, "registry", lambda: Registry(tasks={"toysquad": source.config}))
+    rows = [{"test_id": 0, "question": "Q?", "answer": ["A"]}]
+    stand_in = make_task(tmp_path, "aliases", "q.json", json.dumps(rows), corpus_from=["toysquad"])
+    passages, label = stand_in.corpus()
+    assert passages == source.corpus()[0] and label.startswith("stand-in corpus")
+    stand_in.config["corpus_from"] = ["nosuchtask"]
+    with pytest.raises(UsageError, match="nosuchtask"):
+        stand_in.corpus()
+
+
+# ------------------------------------------------------------------ scoring
+
+def retrieved(*titles):
+    return [Retrieved(Passage(id=t.lower(), title=t, text=""), score=1.0) for t in titles]
+
+
+def test_question_stats_recall_over_gold_titles_and_ids():
+    question = Question(id="1", query="", answers=["Ann Lee", "A. Lee"], type="bridge",
+                        gold_titles=["X", "Y"])
+    stats = question_stats(question, "ann lee", retrieved("X", "Z", "W"))
+    assert (stats["em"], stats["f1"], stats["recall@3"]) == (1.0, 1.0, 0.5)
+    by_id = Question(id="2", query="", answers=["a"], gold_passage_ids=["z"])
+    assert question_stats(by_id, "b", retrieved("X", "Z"))["recall@2"] == 1.0
+    assert "recall@0" not in question_stats(by_id, "b", [])        # closed book: no recall
+
+
+def test_aggregate_means_and_by_type():
+    stats = [{"type": "bridge", "em": 1.0, "f1": 1.0, "recall@2": 0.5},
+             {"type": "bridge", "em": 0.0, "f1": 0.5, "recall@2": 1.0},
+             {"type": "comparison", "em": 0.0, "f1": 0.0, "recall@2": 0.0}]
+    metrics = aggregate_stats(stats)
+    assert metrics["em"] == pytest.approx(1 / 3) and metrics["f1"] == pytest.approx(0.5)
+    assert metrics["recall@2"] == pytest.approx(0.5) and metrics["n_questions"] == 3
+    assert metrics["by_type"] == {"bridge": {"em": 0.5, "f1": 0.75, "count": 2},
+                                  "comparison": {"em": 0.0, "f1": 0.0, "count": 1}}
+    assert "by_type" not in aggregate_stats([{"type": "", "em": 1.0, "f1": 1.0}])
+
+
+# ------------------------------------------------------------------ the real model
+
+@pytest.mark.real_model
+def test_methods_answer_with_the_embedded_model(tmp_path):
+    """Closed book and in-context answer every question; a one-passage ensemble asks the
+    model exactly what in-context does, so both give the same answer."""
+    from raghub.model import LanguageModel
+    from raghub.plugins.ensemble import Ensemble
+    from raghub.plugins.incontext import InContext
+    from raghub.plugins.none import ClosedBook
+
+    model = LanguageModel.load(None)
+    cache = Cache(tmp_path)
+    template = PromptTemplate(style="completion", few_shot=(("Who wrote Hamlet?", "Shakespeare"),))
+    questions = [Question(id=str(i), query=q, question=q, template=template, max_new_tokens=8)
+                 for i, q in enumerate(["What colour is the sky of Zorbland?", "Who founded Qux?"])]
+    docs = [[Retrieved(Passage(id="z", title="Zorbland", text="The sky of Zorbland is green."), 3.0)],
+            [Retrieved(Passage(id="q", title="Qux", text="Qux was founded by Mara Vell."), 2.0)]]
+    closed = ClosedBook(model, cache).answer(questions, [[], []])
+    in_context = InContext(model, cache).answer(questions, docs)
+    ensemble = Ensemble(model, cache).answer(questions, docs)
+    assert len(closed) == len(in_context) == 2 and all(isinstance(a, str) for a in closed)
+    assert ensemble == in_context
