@@ -1,0 +1,333 @@
+"""`parametric`: Parametric RAG (Su et al., 2025): retrieved passages become LoRA adapters.
+
+As the reference code (oneal2000/PRAG) does it:
+
+1. Self-augmentation: the model rewrites each passage (keeping its entities) and writes three
+   question / answer / full-answer triples as JSON, sampled (temperature 0.7, top-k 50) and
+   retried until they parse; passages that never parse are skipped (and counted).
+2. Five training examples per passage, in the task's prompt format with the target
+   "The answer is <answer>.": QA pairs 1-2 with the passage, the same with the rewrite, and QA
+   pair 3 with no passage. The loss covers the whole sequence, as in PRAG.
+3. One LoRA per passage (feed-forward projections, rank 2, alpha 32, AdamW, lr 3e-4, one epoch,
+   batch 1), every passage starting from the same seeded initial adapter.
+4. At inference the top-k passages' adapters are summed and the model answers greedily, with no
+   passage in the prompt, or (`--combine`) with the same passages in the prompt too.
+
+Augmentations and adapters are cached per passage, so a passage is trained once across
+questions and runs, and an interrupted run resumes with the passages already trained.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Sequence
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from raghub.hookspecs import hookimpl
+from raghub.interfaces import Augmenter, Option, Passage, Retrieved, UsageError
+
+from .parametric_training import AdapterBank, AdapterState, LoraSettings, load_adapter, save_adapter
+
+REWRITE_PROMPT = (
+    "Rewrite the following passage. While keeping the entities, proper nouns, and key details such "
+    "as names, locations, and terminology intact, create a new version of the text that expresses "
+    "the same ideas in a different way. Make sure the revised passage is distinct from the "
+    "original one, but preserves the core meaning and relevant information.\n{passage}"
+)
+QA_PROMPT = (
+    "I will provide a passage of text, and you need to generate three different questions based "
+    "on the content of this passage. Each question should be answerable using the information "
+    "provided in the passage. Additionally, please provide an appropriate answer for each question "
+    "derived from the passage.\n"
+    "You need to generate the question and answer in the following format:\n"
+    "[\n"
+    "    {{\n"
+    '        "question": "What is the capital of France?",\n'
+    '        "answer": "Paris"\n'
+    '        "full_answer": "The capital of France is Paris."\n'
+    "    }}, \n"
+    "]\n\n"
+    "This list should have at least three elements. You only need to output this list in the "
+    "above format.\n"
+    "Passage:\n"
+    "{passage}"
+)
+QA_PAIRS_PER_PASSAGE = 3
+EXAMPLE_QUESTION = "What is the capital of France?"
+_MISSING_COMMA = re.compile(r'"[ \t]*\n(\s*")')
+TARGET = "The answer is {answer}"
+
+
+@dataclass(frozen=True)
+class QAPair:
+    question: str
+    answer: str
+    full_answer: str
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """A passage's self-augmentation; no `qa_pairs` means the QA output never parsed."""
+
+    rewrite: str
+    qa_pairs: tuple[QAPair, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Augmentation":
+        return cls(data["rewrite"], tuple(QAPair(**pair) for pair in data["qa_pairs"]))
+
+
+def _short_answer(value: Any) -> str:
+    """PRAG's repairs: a list of answers joined by commas, a number as text, null as Unknown."""
+    if value is None:
+        return "Unknown"
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value)
+    return str(value)
+
+
+def parse_qa_pairs(generated: str) -> tuple[QAPair, ...]:
+    """The first three QA pairs found in a generation, () when there are fewer.
+
+    Lenient, in the spirit of PRAG's per-model JSON fixes: every JSON object in the text with a
+    "question" and an "answer" counts, wherever the list brackets are; a missing comma between
+    two lines (the prompt's own example lacks one) is repaired; `full_answer` defaults to the
+    answer (only chain-of-thought training uses it); the prompt's example pair is ignored."""
+    text = _MISSING_COMMA.sub(r'",\n\1', generated)
+    decoder = json.JSONDecoder()
+    pairs: list[QAPair] = []
+    position = text.find("{")
+    while position >= 0 and len(pairs) < QA_PAIRS_PER_PASSAGE:
+        try:
+            item, end = decoder.raw_decode(text, position)
+        except json.JSONDecodeError:
+            position = text.find("{", position + 1)
+            continue
+        if isinstance(item, dict) and {"question", "answer"} <= item.keys() and item["question"] != EXAMPLE_QUESTION:
+            answer = _short_answer(item["answer"])
+            pairs.append(QAPair(str(item["question"]), answer, str(item.get("full_answer") or answer)))
+        position = text.find("{", end)
+    return tuple(pairs) if len(pairs) == QA_PAIRS_PER_PASSAGE else ()
+
+
+def augment_passages(texts: Sequence[str], generate: Callable[[list[str], int], list[str]],
+                     retries: int) -> list[Augmentation]:
+    """One rewrite and three QA pairs per passage. `generate(user_messages, attempt)` returns
+    one generation per message; the QA request of a passage whose output does not parse is
+    repeated up to `retries` more times (with a new sampling seed per attempt)."""
+    rewrites = generate([REWRITE_PROMPT.format(passage=text) for text in texts], 0)
+    qa_pairs: list[tuple[QAPair, ...]] = [()] * len(texts)
+    pending = list(range(len(texts)))
+    for attempt in range(retries + 1):
+        outputs = generate([QA_PROMPT.format(passage=texts[i]) for i in pending], attempt)
+        for index, output in zip(pending, outputs):
+            qa_pairs[index] = parse_qa_pairs(output)
+        pending = [i for i in pending if not qa_pairs[i]]
+        if not pending:
+            break
+    return [Augmentation(rewrite.strip(), pairs) for rewrite, pairs in zip(rewrites, qa_pairs)]
+
+
+def _as_question(text: str) -> str:
+    """PRAG's question clean-up: stripped, ending in "?" with no space before it."""
+    text = text.strip().removesuffix("?").strip()
+    return text + "?"
+
+
+def training_texts(question: Any, passage: Passage, augmentation: Augmentation) -> list[tuple[str, str]]:
+    """The five (prompt, target) pairs of a passage, in `question`'s prompt format: QA pairs
+    1-2 each with the passage and with the rewrite, then QA pair 3 with no passage."""
+    rewrite = Passage(id=f"{passage.id}-rewrite", text=augmentation.rewrite)
+    first, second, third = augmentation.qa_pairs
+    contexts = [(first, [passage]), (first, [rewrite]), (second, [passage]), (second, [rewrite]), (third, [])]
+    return [(replace(question, question=_as_question(pair.question)).prompt(passages),
+             TARGET.format(answer=pair.answer.strip().removesuffix(".") + "."))
+            for pair, passages in contexts]
+
+
+def template_probe(question: Any) -> str:
+    """The question's prompt template, rendered with placeholders (part of adapter cache keys)."""
+    return replace(question, question="{question}").prompt([Passage(id="", text="{passage}")])
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True)
+
+
+class Parametric(Augmenter):
+    name = "parametric"
+    description = "Parametric RAG: each passage becomes a LoRA adapter; the top-k adapters are summed"
+    needs_retrieval = True
+    options = {
+        "combine": Option(bool, False, "also put the passages in the prompt (PRAG's 'combine')"),
+        "lora_rank": Option(int, 2, "LoRA rank r of each passage's adapter"),
+        "lora_alpha": Option(float, 32.0, "LoRA alpha (the update is scaled by alpha / r)"),
+        "lora_targets": Option(str, "gate_proj,up_proj,down_proj", "comma-separated layer names the adapters modify"),
+        "learning_rate": Option(float, 3e-4, "AdamW learning rate of adapter training"),
+        "epochs": Option(int, 1, "passes over each passage's five training examples (batch 1)"),
+        "seed": Option(int, 42, "seed of the initial adapter and of augmentation sampling"),
+        "augment_retries": Option(int, 3, "extra attempts when the generated QA pairs do not parse"),
+        "augment_max_new_tokens": Option(int, 512, "token limit of each rewrite and QA generation"),
+        "augment_temperature": Option(float, 0.7, "sampling temperature of the augmentation"),
+        "augment_top_k": Option(int, 50, "top-k sampling cut-off of the augmentation"),
+        "parallel_adapters": Option(int, 8, "adapters trained together in one batched forward "
+                                            "(1 = one passage at a time with peft)"),
+    }
+
+    def __init__(self, model, cache, **options: Any) -> None:
+        super().__init__(model, cache, **options)
+        for key in ("lora_rank", "epochs", "parallel_adapters", "augment_max_new_tokens", "augment_top_k"):
+            if self.settings[key] < 1:
+                raise UsageError(f"--{key.replace('_', '-')} must be at least 1, not {self.settings[key]}")
+        if self.settings["augment_retries"] < 0:
+            raise UsageError(f"--augment-retries must be 0 or more, not {self.settings['augment_retries']}")
+        self.lora = LoraSettings(
+            rank=self.settings["lora_rank"], alpha=self.settings["lora_alpha"],
+            targets=tuple(name.strip() for name in self.settings["lora_targets"].split(",") if name.strip()),
+            learning_rate=self.settings["learning_rate"], epochs=self.settings["epochs"],
+            seed=self.settings["seed"])
+        self.console = Console(stderr=True)
+        self._bank: AdapterBank | None = None
+        self.counts = {"passages_augmented": 0, "adapters_trained": 0, "adapters_from_cache": 0}
+        self.unparseable: set[str] = set()
+
+    @property
+    def bank(self) -> AdapterBank:
+        """The model wrapped with peft, made on first use."""
+        if self._bank is None:
+            try:
+                self._bank = AdapterBank(self.model.hf_model, self.lora, self.model.tokenizer.pad_token_id)
+            except ValueError as error:  # peft: a target layer name the model does not have
+                raise UsageError(f"--lora-targets {self.settings['lora_targets']!r} do not fit "
+                                 f"model {self.model.name}: {error}") from None
+        return self._bank
+
+    # ------------------------------------------------------------------ augmentation
+
+    def _augmentation_key(self, passage: Passage) -> dict[str, Any]:
+        settings = {key: self.settings[key] for key in
+                    ("seed", "augment_retries", "augment_max_new_tokens", "augment_temperature", "augment_top_k")}
+        return {"passage": passage.as_text(), "model": self.model.name, "augmentation": settings}
+
+    def sample(self, user_messages: list[str], attempt: int) -> list[str]:
+        """Sampled chat replies (PRAG augments with sampling), seeded by `seed` and `attempt`."""
+        tokenizer = self.model.tokenizer
+        tokenizer.padding_side = "left"
+        replies = []
+        with torch.random.fork_rng(devices=[]), self.bank.merged([]), torch.inference_mode():
+            torch.manual_seed(self.settings["seed"] + attempt)
+            for first in range(0, len(user_messages), self.model.batch_size):
+                prompts = [self.model.chat_prompt(m) for m in user_messages[first : first + self.model.batch_size]]
+                inputs = tokenizer(prompts, return_tensors="pt", padding=True,
+                                   add_special_tokens=False).to(self.model.device)
+                output = self.model.hf_model.generate(
+                    **inputs, do_sample=True, temperature=self.settings["augment_temperature"],
+                    top_k=self.settings["augment_top_k"], top_p=1.0,
+                    max_new_tokens=self.settings["augment_max_new_tokens"],
+                    pad_token_id=tokenizer.pad_token_id)
+                replies += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return replies
+
+    def augmentations(self, passages: Sequence[Passage]) -> list[Augmentation]:
+        """Each passage's augmentation, from the cache or generated (missing ones in batches)."""
+        kind = "parametric-augmentation"
+        missing = [p for p in passages
+                   if not self.cache.is_valid(self.cache.entry_path(kind, self._augmentation_key(p)))]
+        fresh: dict[str, Augmentation] = {}
+        if missing:
+            with _progress(self.console) as progress:
+                bar = progress.add_task("parametric: self-augmenting passages", total=len(missing))
+                for first in range(0, len(missing), self.model.batch_size):
+                    chunk = missing[first : first + self.model.batch_size]
+                    made = augment_passages([p.as_text() for p in chunk], self.sample,
+                                            self.settings["augment_retries"])
+                    fresh.update({p.id: a for p, a in zip(chunk, made)})
+                    progress.advance(bar, len(chunk))
+            self.counts["passages_augmented"] += len(missing)
+        return [Augmentation.from_json(self.cache.json(kind, self._augmentation_key(p),
+                                                       lambda p=p: fresh[p.id].to_json()))
+                for p in passages]
+
+    # ------------------------------------------------------------------ adapters
+
+    def _adapter_key(self, passage: Passage, augmentation: Augmentation, question: Any) -> dict[str, Any]:
+        return {"passage": passage.as_text(), "model": self.model.name, "template": template_probe(question),
+                "augmentation": augmentation.to_json(), "lora": asdict(self.lora)}
+
+    def _token_ids(self, prompt: str, target: str) -> list[int]:
+        separator = "" if prompt[-1:].isspace() else " "
+        return self.model.encode(prompt) + self.model.encode(separator + target)
+
+    def _train(self, examples_per_passage: list[list[list[int]]]) -> list[AdapterState]:
+        if self.settings["parallel_adapters"] == 1:
+            return self.bank.train_sequential(examples_per_passage)
+        return self.bank.train_batched(examples_per_passage)
+
+    def adapters(self, passages: Sequence[Passage], question: Any) -> dict[str, AdapterState]:
+        """Adapters of the passages whose augmentation parsed, by passage id: from the cache, or
+        trained `parallel_adapters` at a time (similar lengths together) and cached one by one."""
+        augmented = list(zip(passages, self.augmentations(passages)))
+        usable = [(p, a) for p, a in augmented if a.qa_pairs]
+        self.unparseable.update(p.id for p, a in augmented if not a.qa_pairs)
+        kind = "parametric-adapter"
+        keys = {p.id: self._adapter_key(p, a, question) for p, a in usable}
+        examples = {p.id: [self._token_ids(*text) for text in training_texts(question, p, a)]
+                    for p, a in usable if not self.cache.is_valid(self.cache.entry_path(kind, keys[p.id]))}
+        adapters: dict[str, AdapterState] = {}
+        if examples:
+            order = sorted(examples, key=lambda pid: sum(map(len, examples[pid])))
+            size = self.settings["parallel_adapters"]
+            with _progress(self.console) as progress:
+                bar = progress.add_task("parametric: training passage adapters", total=len(order))
+                for first in range(0, len(order), size):
+                    chunk = order[first : first + size]
+                    for pid, state in zip(chunk, self._train([examples[pid] for pid in chunk])):
+                        adapters[pid] = self.cache.get_or_build(
+                            kind, keys[pid], lambda folder, state=state: save_adapter(state, folder), load_adapter)
+                    progress.advance(bar, len(chunk))
+            self.counts["adapters_trained"] += len(examples)
+        for pid in keys.keys() - adapters.keys():  # found valid in the cache above
+            adapters[pid] = load_adapter(self.cache.entry_path(kind, keys[pid]))
+            self.counts["adapters_from_cache"] += 1
+        return adapters
+
+    # ------------------------------------------------------------------ answering
+
+    def answer(self, questions: Sequence[Any], retrieved: Sequence[Sequence[Retrieved]]) -> list[str]:
+        """Greedy answers with the retrieved passages' adapters summed; passages whose
+        augmentation never parsed are left out (of the prompt too, with --combine)."""
+        if not questions:
+            return []
+        passages = list({r.passage.id: r.passage for docs in retrieved for r in docs}.values())
+        adapters = self.adapters(passages, questions[0])
+        answers = []
+        for question, docs in zip(questions, retrieved):
+            kept = [r.passage for r in docs if r.passage.id in adapters]
+            prompt = question.prompt(kept if self.settings["combine"] else [])
+            with self.bank.merged([adapters[p.id] for p in kept]):
+                generation = self.model.generate([prompt], question.max_new_tokens)[0]
+            answers.append(question.extract(generation.text))
+        return answers
+
+    def run_stats(self) -> dict[str, Any]:
+        return {**self.counts, "passages_unparseable": len(self.unparseable)}
+
+    def close(self) -> None:
+        """Take the LoRA layers out of the shared model again."""
+        if self._bank is not None:
+            self._bank.unload()
+            self._bank = None
+
+
+@hookimpl
+def register_augmenters(register):
+    register(Parametric)
