@@ -11,6 +11,7 @@ import difflib
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -181,6 +182,17 @@ def _read_resume_file(path: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
+def ranked_metrics(task: Task, metrics: dict[str, Any]) -> dict[str, bool]:
+    """Whether higher is better, for each metric the task ranks by (its `recall@k` covers every
+    recall@N); counts such as `n_questions` are reported but not ranked."""
+    directions = {}
+    for name, value in metrics.items():
+        key = re.sub(r"@\d+$", "@k", name)
+        if key in task.higher_is_better and isinstance(value, (int, float)):
+            directions[name] = task.higher_is_better[key]
+    return directions
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(raghub.__file__).parent,
@@ -240,8 +252,7 @@ def execute(resolved: ResolvedRun) -> dict[str, Any]:
             "retriever": retriever.name if retriever else None, "model": model.name,
             "n_docs": resolved.n_docs, "settings": resolved.settings_label(),
             "corpus": corpus_label, "n_examples": len(examples), "metrics": metrics,
-            "higher_is_better": {m: task.higher_is_better.get(m.split("@")[0], True)
-                                 for m, v in metrics.items() if isinstance(v, (int, float))},
+            "higher_is_better": ranked_metrics(task, metrics),
             "method_stats": augmenter.run_stats(), "config": config,
             "raghub_version": raghub.__version__, "git_commit": _git_commit(),
             "started_at": started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),

@@ -76,3 +76,13 @@ def test_a_torn_records_file_is_reported_by_line(tmp_path):
     (tmp_path / "records.jsonl").write_text(json.dumps(_record("none", 1.0)) + "\n{broken\n")
     with pytest.raises(ValueError, match="line 2"):
         read_records(tmp_path)
+
+
+def test_only_the_tasks_own_metrics_are_ranked():
+    from raghub.runner import ranked_metrics
+
+    class QA:
+        higher_is_better = {"em": True, "f1": True, "recall@k": True}
+
+    metrics = {"em": 0.2, "f1": 0.3, "recall@3": 0.7, "n_questions": 100, "by_type": {}}
+    assert ranked_metrics(QA, metrics) == {"em": True, "f1": True, "recall@3": True}
