@@ -62,6 +62,30 @@ EXAMPLE_QUESTION = "What is the capital of France?"
 _MISSING_COMMA = re.compile(r'"[ \t]*\n(\s*")')
 TARGET = "The answer is {answer}"
 
+# The "fewshot" style: plain completions after one worked example, which models too small to
+# follow PRAG's JSON instructions (SmolLM2-135M parses on almost no passage) still continue.
+FEWSHOT_PASSAGE = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is "
+    "named after the engineer Gustave Eiffel, whose company designed and built it for the 1889 "
+    "World's Fair."
+)
+FEWSHOT_REWRITE_PROMPT = (
+    f"Passage: {FEWSHOT_PASSAGE}\n"
+    "Paraphrase: Built for the 1889 World's Fair by the company of the engineer Gustave Eiffel, "
+    "after whom it is named, the Eiffel Tower is a lattice tower of wrought iron that stands on "
+    "the Champ de Mars in Paris, France.\n\n"
+    "Passage: {passage}\nParaphrase:"
+)
+FEWSHOT_PAIRS = (("In which city is the Eiffel Tower?", "Paris"),
+                 ("Who is the Eiffel Tower named after?", "Gustave Eiffel"),
+                 ("For which event was the Eiffel Tower built?", "the 1889 World's Fair"))
+FEWSHOT_QA_PROMPT = (
+    f"Passage: {FEWSHOT_PASSAGE}\n"
+    + "".join(f"Question: {question}\nAnswer: {answer}\n" for question, answer in FEWSHOT_PAIRS)
+    + "\nPassage: {passage}\nQuestion:"
+)
+_FEWSHOT_PAIR = re.compile(r"Question:[ \t]*(?P<question>[^\n]*?\S)[ \t]*\nAnswer:[ \t]*(?P<answer>[^\n]*\S)")
+
 
 @dataclass(frozen=True)
 class QAPair:
@@ -118,22 +142,56 @@ def parse_qa_pairs(generated: str) -> tuple[QAPair, ...]:
     return tuple(pairs) if len(pairs) == QA_PAIRS_PER_PASSAGE else ()
 
 
+def parse_fewshot_qa_pairs(generated: str) -> tuple[QAPair, ...]:
+    """The first three `Question: ... / Answer: ...` pairs of a few-shot completion (which
+    continues the prompt's last "Question:"), () when there are fewer; copies of the worked
+    example's questions do not count."""
+    example_questions = {question for question, _ in FEWSHOT_PAIRS}
+    pairs = [QAPair(match["question"], match["answer"], match["answer"])
+             for match in _FEWSHOT_PAIR.finditer("Question:" + generated)
+             if match["question"] not in example_questions][:QA_PAIRS_PER_PASSAGE]
+    return tuple(pairs) if len(pairs) == QA_PAIRS_PER_PASSAGE else ()
+
+
+@dataclass(frozen=True)
+class AugmentationStyle:
+    """How the model is asked for a passage's rewrite and QA pairs, and how its replies are read."""
+
+    rewrite_prompt: str
+    qa_prompt: str
+    parse_qa: Callable[[str], tuple[QAPair, ...]]
+    chat: bool  #: wrap the prompts in the model's chat template (else plain completions)
+    stop: tuple[str, ...] = ()  #: generation ends at any of these; the rewrite is cut there
+
+    def read_rewrite(self, generated: str) -> str:
+        for stop in self.stop:
+            generated = generated.split(stop)[0]
+        return generated.strip()
+
+
+AUGMENTATION_STYLES = {
+    "prag": AugmentationStyle(REWRITE_PROMPT, QA_PROMPT, parse_qa_pairs, chat=True),
+    "fewshot": AugmentationStyle(FEWSHOT_REWRITE_PROMPT, FEWSHOT_QA_PROMPT, parse_fewshot_qa_pairs,
+                                 chat=False, stop=("\n\n",)),
+}
+
+
 def augment_passages(texts: Sequence[str], generate: Callable[[list[str], int], list[str]],
-                     retries: int) -> list[Augmentation]:
-    """One rewrite and three QA pairs per passage. `generate(user_messages, attempt)` returns
-    one generation per message; the QA request of a passage whose output does not parse is
+                     retries: int, style: AugmentationStyle = AUGMENTATION_STYLES["prag"]) -> list[Augmentation]:
+    """One rewrite and three QA pairs per passage. `generate(prompts, attempt)` returns one
+    generation per prompt; the QA request of a passage whose output does not parse is
     repeated up to `retries` more times (with a new sampling seed per attempt)."""
-    rewrites = generate([REWRITE_PROMPT.format(passage=text) for text in texts], 0)
+    rewrites = generate([style.rewrite_prompt.format(passage=text) for text in texts], 0)
     qa_pairs: list[tuple[QAPair, ...]] = [()] * len(texts)
     pending = list(range(len(texts)))
     for attempt in range(retries + 1):
-        outputs = generate([QA_PROMPT.format(passage=texts[i]) for i in pending], attempt)
+        outputs = generate([style.qa_prompt.format(passage=texts[i]) for i in pending], attempt)
         for index, output in zip(pending, outputs):
-            qa_pairs[index] = parse_qa_pairs(output)
+            qa_pairs[index] = style.parse_qa(output)
         pending = [i for i in pending if not qa_pairs[i]]
         if not pending:
             break
-    return [Augmentation(rewrite.strip(), pairs) for rewrite, pairs in zip(rewrites, qa_pairs)]
+    return [Augmentation(style.read_rewrite(rewrite), pairs) for rewrite, pairs in zip(rewrites, qa_pairs)]
 
 
 def _as_question(text: str) -> str:
@@ -169,6 +227,9 @@ class Parametric(Augmenter):
     needs_retrieval = True
     options = {
         "combine": Option(bool, False, "also put the passages in the prompt (PRAG's 'combine')"),
+        "augmentation": Option(tuple(AUGMENTATION_STYLES), "prag",
+                               "prag: PRAG's chat prompts asking for JSON; fewshot: plain completions "
+                               "after a worked example, for models too small to write the JSON"),
         "lora_rank": Option(int, 2, "LoRA rank r of each passage's adapter"),
         "lora_alpha": Option(float, 32.0, "LoRA alpha (the update is scaled by alpha / r)"),
         "lora_targets": Option(str, "gate_proj,up_proj,down_proj", "comma-separated layer names the adapters modify"),
@@ -215,25 +276,33 @@ class Parametric(Augmenter):
 
     def _augmentation_key(self, passage: Passage) -> dict[str, Any]:
         settings = {key: self.settings[key] for key in
-                    ("seed", "augment_retries", "augment_max_new_tokens", "augment_temperature", "augment_top_k")}
+                    ("augmentation", "seed", "augment_retries", "augment_max_new_tokens", "augment_temperature", "augment_top_k")}
         return {"passage": passage.as_text(), "model": self.model.name, "augmentation": settings}
 
-    def sample(self, user_messages: list[str], attempt: int) -> list[str]:
-        """Sampled chat replies (PRAG augments with sampling), seeded by `seed` and `attempt`."""
-        tokenizer = self.model.tokenizer
+    @property
+    def style(self) -> AugmentationStyle:
+        return AUGMENTATION_STYLES[self.settings["augmentation"]]
+
+    def sample(self, prompts: list[str], attempt: int) -> list[str]:
+        """Sampled continuations (PRAG augments with sampling), seeded by `seed` and `attempt`;
+        chat replies when the augmentation style asks for them."""
+        style, tokenizer = self.style, self.model.tokenizer
+        stopping = {"stop_strings": list(style.stop), "tokenizer": tokenizer} if style.stop else {}
         tokenizer.padding_side = "left"
         replies = []
         with torch.random.fork_rng(devices=[]), self.bank.merged([]), torch.inference_mode():
             torch.manual_seed(self.settings["seed"] + attempt)
-            for first in range(0, len(user_messages), self.model.batch_size):
-                prompts = [self.model.chat_prompt(m) for m in user_messages[first : first + self.model.batch_size]]
-                inputs = tokenizer(prompts, return_tensors="pt", padding=True,
+            for first in range(0, len(prompts), self.model.batch_size):
+                batch = prompts[first : first + self.model.batch_size]
+                if style.chat:
+                    batch = [self.model.chat_prompt(prompt) for prompt in batch]
+                inputs = tokenizer(batch, return_tensors="pt", padding=True,
                                    add_special_tokens=False).to(self.model.device)
                 output = self.model.hf_model.generate(
                     **inputs, do_sample=True, temperature=self.settings["augment_temperature"],
                     top_k=self.settings["augment_top_k"], top_p=1.0,
                     max_new_tokens=self.settings["augment_max_new_tokens"],
-                    pad_token_id=tokenizer.pad_token_id)
+                    pad_token_id=tokenizer.pad_token_id, **stopping)
                 replies += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         return replies
 
@@ -249,7 +318,7 @@ class Parametric(Augmenter):
                 for first in range(0, len(missing), self.model.batch_size):
                     chunk = missing[first : first + self.model.batch_size]
                     made = augment_passages([p.as_text() for p in chunk], self.sample,
-                                            self.settings["augment_retries"])
+                                            self.settings["augment_retries"], self.style)
                     fresh.update({p.id: a for p, a in zip(chunk, made)})
                     progress.advance(bar, len(chunk))
             self.counts["passages_augmented"] += len(missing)

@@ -13,7 +13,8 @@ from raghub.cache import Cache
 from raghub.interfaces import Passage, Retrieved, UsageError
 from raghub.model import LanguageModel
 from raghub.plugins.parametric import (
-    Augmentation, Parametric, QAPair, augment_passages, parse_qa_pairs, training_texts)
+    AUGMENTATION_STYLES, Augmentation, Parametric, QAPair, augment_passages, parse_fewshot_qa_pairs,
+    parse_qa_pairs, training_texts)
 from raghub.plugins.parametric_training import AdapterBank, LoraSettings, token_losses
 from raghub.plugins.question_answering import PromptTemplate, Question
 
@@ -90,6 +91,28 @@ def test_five_training_examples_per_passage_in_the_task_prompt_format():
 def test_parse_qa_pairs(generated, expected_answers):
     pairs = parse_qa_pairs(generated)
     assert ([pair.answer for pair in pairs] if pairs else None) == expected_answers
+
+
+@pytest.mark.parametrize("generated, expected", [
+    (" Where is Ulm?\nAnswer: Germany\nQuestion: What river?\nAnswer:  the Danube \n"
+     "Question: What is Ulm?\nAnswer: a city\n\n", [("Where is Ulm?", "Germany"),
+                                                     ("What river?", "the Danube"), ("What is Ulm?", "a city")]),
+    (" In which city is the Eiffel Tower?\nAnswer: Paris\nQuestion: Where is Ulm?\nAnswer: Germany\n"
+     "Question: What river?\nAnswer: Danube\nQuestion: What is Ulm?\nAnswer: a city\nQuestion: Extra?\nAnswer: x",
+     [("Where is Ulm?", "Germany"), ("What river?", "Danube"), ("What is Ulm?", "a city")]),  # copy skipped
+    (" Where is Ulm?\nAnswer: Germany\nQuestion: What river?\nAnswer:\nQuestion: What is Ulm?\nAnswer: a city",
+     None),  # an empty answer leaves two pairs
+])
+def test_parse_fewshot_qa_pairs(generated, expected):
+    pairs = parse_fewshot_qa_pairs(generated)
+    assert ([(pair.question, pair.answer) for pair in pairs] if pairs else None) == expected
+
+
+def test_fewshot_style_asks_for_completions_and_cuts_the_rewrite_at_a_blank_line():
+    style = AUGMENTATION_STYLES["fewshot"]
+    assert not style.chat and style.qa_prompt.format(passage="Ulm is a city.").endswith(
+        "Passage: Ulm is a city.\nQuestion:")
+    assert style.read_rewrite(" Ulm, a city.\n\nPassage: more") == "Ulm, a city."
 
 
 def test_qa_output_that_never_parses_is_retried_then_left_empty():
