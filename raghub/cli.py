@@ -130,16 +130,16 @@ def run(config_file: str | None, as_json: bool, **given: Any) -> None:
 
 @cli.command()
 @click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
-@click.option("--task", help="Only this task.")
+@click.option("--task", "tasks", multiple=True, help="Only this task (repeat for several).")
 @click.option("--by-type", is_flag=True, help="Add per-question-type tables where records have them.")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the markdown to this file.")
-def leaderboard(results_dir: str, task: str | None, by_type: bool, output: str | None) -> None:
+def leaderboard(results_dir: str, tasks: tuple[str, ...], by_type: bool, output: str | None) -> None:
     """A markdown table of every stored result, best value per column in bold."""
     try:
         records = read_records(results_dir)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    markdown = leaderboard_markdown(records, task=task, by_type=by_type)
+    markdown = leaderboard_markdown(records, tasks=tasks, by_type=by_type)
     if output:
         Path(output).write_text(markdown, encoding="utf-8")
         click.echo(f"wrote {output}", err=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 RECORDS_FILE = "records.jsonl"
 ROW_KEY = ("task", "method", "retriever", "model", "n_docs", "settings", "n_examples")
@@ -73,11 +73,11 @@ def _table(rows: list[dict[str, Any]], metrics: list[str], higher: dict[str, boo
     return lines
 
 
-def leaderboard_markdown(records: list[dict[str, Any]], task: str | None = None,
+def leaderboard_markdown(records: list[dict[str, Any]], tasks: Sequence[str] = (),
                          by_type: bool = False) -> str:
     """One markdown table per task: a row per configuration (its newest record), a column per
     headline metric, the best value of each column in bold; `by_type` adds per-type tables."""
-    rows = [r for r in _latest_per_row(records) if task is None or r["task"] == task]
+    rows = [r for r in _latest_per_row(records) if not tasks or r["task"] in tasks]
     out: list[str] = []
     for task_name in sorted({r["task"] for r in rows}):
         task_rows = [r for r in rows if r["task"] == task_name]

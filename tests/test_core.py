@@ -72,6 +72,12 @@ def test_records_round_trip_and_leaderboard_bolds_the_best(tmp_path):
     assert "**16.0000**" in table and "| 20.0000 |" in table
 
 
+def test_leaderboard_keeps_only_the_named_tasks():
+    records = [{**_record("none", 2.0), "task": task} for task in ("toy", "squad", "popqa")]
+    table = leaderboard_markdown(records, tasks=("squad", "popqa"))
+    assert "## squad" in table and "## popqa" in table and "## toy" not in table
+
+
 def test_a_torn_records_file_is_reported_by_line(tmp_path):
     (tmp_path / "records.jsonl").write_text(json.dumps(_record("none", 1.0)) + "\n{broken\n")
     with pytest.raises(ValueError, match="line 2"):
