@@ -238,7 +238,8 @@ class Parametric(Augmenter):
         "seed": Option(int, 42, "seed of the initial adapter and of augmentation sampling"),
         "augment_retries": Option(int, 3, "extra attempts when the generated QA pairs do not parse"),
         "augment_max_new_tokens": Option(int, 512, "token limit of each rewrite and QA generation"),
-        "augment_temperature": Option(float, 0.7, "sampling temperature of the augmentation"),
+        "augment_temperature": Option(float, 0.7, "sampling temperature of the augmentation; 0: greedy "
+                                                  "(without retries, which would repeat the output)"),
         "augment_top_k": Option(int, 50, "top-k sampling cut-off of the augmentation"),
         "parallel_adapters": Option(int, 8, "adapters trained together in one batched forward "
                                             "(1 = one passage at a time with peft)"),
@@ -249,8 +250,9 @@ class Parametric(Augmenter):
         for key in ("lora_rank", "epochs", "parallel_adapters", "augment_max_new_tokens", "augment_top_k"):
             if self.settings[key] < 1:
                 raise UsageError(f"--{key.replace('_', '-')} must be at least 1, not {self.settings[key]}")
-        if self.settings["augment_retries"] < 0:
-            raise UsageError(f"--augment-retries must be 0 or more, not {self.settings['augment_retries']}")
+        if self.settings["augment_retries"] < 0 or self.settings["augment_temperature"] < 0:
+            raise UsageError("--augment-retries and --augment-temperature must be 0 or more, not "
+                             f"{self.settings['augment_retries']} and {self.settings['augment_temperature']}")
         self.lora = LoraSettings(
             rank=self.settings["lora_rank"], alpha=self.settings["lora_alpha"],
             targets=tuple(name.strip() for name in self.settings["lora_targets"].split(",") if name.strip()),
@@ -288,6 +290,9 @@ class Parametric(Augmenter):
         chat replies when the augmentation style asks for them."""
         style, tokenizer = self.style, self.model.tokenizer
         stopping = {"stop_strings": list(style.stop), "tokenizer": tokenizer} if style.stop else {}
+        temperature = self.settings["augment_temperature"]
+        decoding = ({"do_sample": True, "temperature": temperature, "top_k": self.settings["augment_top_k"],
+                     "top_p": 1.0} if temperature > 0 else {"do_sample": False})
         tokenizer.padding_side = "left"
         replies = []
         with torch.random.fork_rng(devices=[]), self.bank.merged([]), torch.inference_mode():
@@ -299,9 +304,7 @@ class Parametric(Augmenter):
                 inputs = tokenizer(batch, return_tensors="pt", padding=True,
                                    add_special_tokens=False).to(self.model.device)
                 output = self.model.hf_model.generate(
-                    **inputs, do_sample=True, temperature=self.settings["augment_temperature"],
-                    top_k=self.settings["augment_top_k"], top_p=1.0,
-                    max_new_tokens=self.settings["augment_max_new_tokens"],
+                    **inputs, **decoding, max_new_tokens=self.settings["augment_max_new_tokens"],
                     pad_token_id=tokenizer.pad_token_id, **stopping)
                 replies += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         return replies
@@ -317,8 +320,8 @@ class Parametric(Augmenter):
                 bar = progress.add_task("parametric: self-augmenting passages", total=len(missing))
                 for first in range(0, len(missing), self.model.batch_size):
                     chunk = missing[first : first + self.model.batch_size]
-                    made = augment_passages([p.as_text() for p in chunk], self.sample,
-                                            self.settings["augment_retries"], self.style)
+                    retries = self.settings["augment_retries"] if self.settings["augment_temperature"] > 0 else 0
+                    made = augment_passages([p.as_text() for p in chunk], self.sample, retries, self.style)
                     fresh.update({p.id: a for p, a in zip(chunk, made)})
                     progress.advance(bar, len(chunk))
             self.counts["passages_augmented"] += len(missing)
