@@ -73,29 +73,37 @@ def _table(rows: list[dict[str, Any]], metrics: list[str], higher: dict[str, boo
     return lines
 
 
+def _task_tables(title: str, task_rows: list[dict[str, Any]], by_type: bool) -> list[str]:
+    """The headline table of one task's rows and, with `by_type`, one table per question type."""
+    higher: dict[str, bool] = {}
+    for row in task_rows:
+        higher.update(row.get("higher_is_better", {}))
+    metrics = [m for m in higher if any(isinstance(r["metrics"].get(m), (int, float)) for r in task_rows)]
+    out = [f"## {title}", ""]
+    out += _table(task_rows, metrics, higher, lambda row, m: row["metrics"].get(m))
+    out.append("")
+    if by_type:
+        types = sorted({t for r in task_rows for t in r["metrics"].get("by_type", {})})
+        for type_name in types:
+            out += [f"### {title} — {type_name}", ""]
+            type_metrics = sorted({m for r in task_rows for m in r["metrics"].get("by_type", {}).get(type_name, {})})
+            out += _table(task_rows, type_metrics, higher, lambda row, m, t=type_name:
+                          row["metrics"].get("by_type", {}).get(t, {}).get(m))
+            out.append("")
+    return out
+
+
 def leaderboard_markdown(records: list[dict[str, Any]], tasks: Sequence[str] = (),
                          by_type: bool = False) -> str:
-    """One markdown table per task: a row per configuration (its newest record), a column per
-    headline metric, the best value of each column in bold; `by_type` adds per-type tables."""
+    """One markdown table per task and number of examples: a row per configuration (its newest
+    record), a column per headline metric, the best value of each column in bold; `by_type`
+    adds per-type tables."""
     rows = [r for r in _latest_per_row(records) if not tasks or r["task"] in tasks]
     out: list[str] = []
     for task_name in sorted({r["task"] for r in rows}):
-        task_rows = [r for r in rows if r["task"] == task_name]
-        higher: dict[str, bool] = {}
-        for row in task_rows:
-            higher.update(row.get("higher_is_better", {}))
-        metrics = [m for m in higher if any(isinstance(r["metrics"].get(m), (int, float))
-                                            for r in task_rows)]
-        out += [f"## {task_name}", ""]
-        out += _table(task_rows, metrics, higher, lambda row, m: row["metrics"].get(m))
-        out.append("")
-        if by_type:
-            types = sorted({t for r in task_rows for t in r["metrics"].get("by_type", {})})
-            for type_name in types:
-                out += [f"### {task_name} — {type_name}", ""]
-                type_metrics = sorted({m for r in task_rows
-                                       for m in r["metrics"].get("by_type", {}).get(type_name, {})})
-                out += _table(task_rows, type_metrics, higher, lambda row, m, t=type_name:
-                              row["metrics"].get("by_type", {}).get(t, {}).get(m))
-                out.append("")
+        sizes = sorted({r["n_examples"] for r in rows if r["task"] == task_name}, reverse=True)
+        for size in sizes:  # runs on the first N examples are ranked only against each other
+            title = task_name if len(sizes) == 1 else f"{task_name}, {size} examples"
+            out += _task_tables(title, [r for r in rows if r["task"] == task_name and r["n_examples"] == size],
+                                by_type)
     return "\n".join(out).rstrip() + "\n" if out else "No records yet.\n"

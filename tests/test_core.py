@@ -78,6 +78,14 @@ def test_leaderboard_keeps_only_the_named_tasks():
     assert "## squad" in table and "## popqa" in table and "## toy" not in table
 
 
+def test_runs_on_different_numbers_of_examples_are_ranked_apart():
+    records = [_record("none", 20.0), _record("ensemble", 15.0, 4, "bm25"),
+               {**_record("incontext", 10.0, 4, "bm25"), "n_examples": 8}]
+    table = leaderboard_markdown(records)
+    assert "## toy, 8 examples" in table and "## toy, 2 examples" in table
+    assert "**10.0000**" in table and "**15.0000**" in table
+
+
 def test_a_torn_records_file_is_reported_by_line(tmp_path):
     (tmp_path / "records.jsonl").write_text(json.dumps(_record("none", 1.0)) + "\n{broken\n")
     with pytest.raises(ValueError, match="line 2"):
