@@ -286,8 +286,8 @@ class Parametric(Augmenter):
         return AUGMENTATION_STYLES[self.settings["augmentation"]]
 
     def sample(self, prompts: list[str], attempt: int) -> list[str]:
-        """Sampled continuations (PRAG augments with sampling), seeded by `seed` and `attempt`;
-        chat replies when the augmentation style asks for them."""
+        """Continuations of `prompts`, sampled as PRAG does (seeded by `seed` and `attempt`) or
+        greedy at temperature 0; chat replies when the augmentation style asks for them."""
         style, tokenizer = self.style, self.model.tokenizer
         stopping = {"stop_strings": list(style.stop), "tokenizer": tokenizer} if style.stop else {}
         temperature = self.settings["augment_temperature"]
@@ -315,12 +315,13 @@ class Parametric(Augmenter):
         missing = [p for p in passages
                    if not self.cache.is_valid(self.cache.entry_path(kind, self._augmentation_key(p)))]
         fresh: dict[str, Augmentation] = {}
+        # greedy decoding would only repeat an output that did not parse
+        retries = self.settings["augment_retries"] if self.settings["augment_temperature"] > 0 else 0
         if missing:
             with _progress(self.console) as progress:
                 bar = progress.add_task("parametric: self-augmenting passages", total=len(missing))
                 for first in range(0, len(missing), self.model.batch_size):
                     chunk = missing[first : first + self.model.batch_size]
-                    retries = self.settings["augment_retries"] if self.settings["augment_temperature"] > 0 else 0
                     made = augment_passages([p.as_text() for p in chunk], self.sample, retries, self.style)
                     fresh.update({p.id: a for p, a in zip(chunk, made)})
                     progress.advance(bar, len(chunk))
