@@ -277,3 +277,44 @@ def test_rolling_back_restores_the_earlier_distribution(model):
     assert torch.equal(side.mixture(), kept)
     side.advance(ids[13])
     assert side.caches[0].get_seq_length() == 12
+
+
+def _greedy_on_mixture(model, prompts, scores, max_new_tokens):
+    """Greedy decoding where each token is the argmax of the REPLUG mixture over `prompts`."""
+    stop_ids = {model.tokenizer.eos_token_id, model.tokenizer.pad_token_id}
+    generated: list[int] = []
+    while len(generated) < max_new_tokens:
+        logits, lengths = model.logits([prompt + generated for prompt in prompts])
+        last = logits[torch.arange(len(prompts)), lengths - 1].float().log_softmax(-1).cpu()
+        token = int(mixture_logprobs(last, torch.tensor(scores)).argmax())
+        if token in stop_ids:
+            break
+        generated.append(token)
+    return generated
+
+
+@pytest.mark.real_model
+def test_qa_answers_are_greedy_on_the_centralised_token_mixture(model, cloud_address, tmp_path):
+    """QA through device-cloud, uncompressed: every generated token is the argmax of the
+    token-level mixture over both sides' passages. The cloud holds the only passage that
+    answers the question, so an answer that ignored the cloud would differ."""
+    from raghub.cache import Cache
+    from raghub.plugins.question_answering import PromptTemplate, Question
+
+    question = Question(id="q", query="spare lamp wick", max_new_tokens=8,
+                        question="Where did the keeper's daughter hide the spare lamp wick?",
+                        template=PromptTemplate(style="completion"))
+    # dealt alternately: PASSAGES[2] and PASSAGES[3] to the device, SECRET to the cloud
+    hits = [Retrieved(Passage("a", PASSAGES[2]), 0.0), Retrieved(Passage("s", SECRET), 4.0),
+            Retrieved(Passage("b", PASSAGES[3]), 0.0)]
+    method = DeviceCloud(model, Cache(tmp_path), compression="none", cloud_address=cloud_address)
+    try:
+        [answer] = method.answer([question], [hits])
+    finally:
+        method.close()
+
+    prompt_ids = [model.encode(question.prompt([hit.passage])) for hit in hits]
+    union = _greedy_on_mixture(model, prompt_ids, [h.score for h in hits], question.max_new_tokens)
+    device_only = _greedy_on_mixture(model, prompt_ids[::2], [0.0, 0.0], question.max_new_tokens)
+    assert union != device_only
+    assert answer == question.extract(model.decode(union))
