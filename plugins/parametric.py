@@ -376,17 +376,17 @@ class Parametric(Augmenter):
     # ------------------------------------------------------------------ answering
 
     def answer(self, questions: Sequence[Any], retrieved: Sequence[Sequence[Retrieved]]) -> list[str]:
-        """Greedy answers with the retrieved passages' adapters summed; passages whose
-        augmentation never parsed are left out (of the prompt too, with --combine)."""
+        """Greedy answers with the retrieved passages' adapters summed (a passage whose
+        augmentation never parsed has no adapter); with --combine every retrieved passage is
+        in the prompt too, as in PRAG's combine."""
         if not questions:
             return []
         passages = list({r.passage.id: r.passage for docs in retrieved for r in docs}.values())
         adapters = self.adapters(passages, questions[0])
         answers = []
         for question, docs in zip(questions, retrieved):
-            kept = [r.passage for r in docs if r.passage.id in adapters]
-            prompt = question.prompt(kept if self.settings["combine"] else [])
-            with self.bank.merged([adapters[p.id] for p in kept]):
+            prompt = question.prompt([r.passage for r in docs] if self.settings["combine"] else [])
+            with self.bank.merged([adapters[r.passage.id] for r in docs if r.passage.id in adapters]):
                 generation = self.model.generate([prompt], question.max_new_tokens)[0]
             answers.append(question.extract(generation.text))
         return answers

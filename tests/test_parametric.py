@@ -211,12 +211,17 @@ def test_cached_adapters_are_not_trained_again(tmp_path, monkeypatch):
 
 def test_unparseable_passage_is_skipped_and_counted(tmp_path, monkeypatch):
     trained = count_trained(monkeypatch)
-    augmenter = parametric(tmp_path, tiny_language_model(), augment_retries=1)
+    model = tiny_language_model()
+    prompts: list[str] = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda batch, n: prompts.extend(batch) or generate(batch, n))
+    augmenter = parametric(tmp_path, model, augment_retries=1, combine=True)
     augmenter.sample = lambda messages, attempt: ["not json"] * len(messages)
     answers = augmenter.answer([completion_question()], [[Retrieved(PASSAGE, 1.0)]])
     augmenter.close()
     assert len(answers) == 1 and trained == []
     assert augmenter.run_stats()["passages_unparseable"] == 1
+    assert PASSAGE.text in prompts[-1]  # --combine still shows the passage, as PRAG does
 
 
 def test_bad_settings_are_usage_errors(tmp_path):
