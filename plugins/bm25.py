@@ -51,17 +51,12 @@ class BM25Retriever(Retriever):
     """What both backends share: tokenisation, k1/b, caching, ranking."""
 
     options = {
-        "k1": Option(float, 1.5, "BM25 term-frequency saturation (>= 0)"),
-        "b": Option(float, 0.75, "BM25 document-length normalisation (0 to 1)"),
+        "k1": Option(float, 1.5, "BM25 term-frequency saturation (>= 0)", at_least=0),
+        "b": Option(float, 0.75, "BM25 document-length normalisation (0 to 1)", at_least=0, at_most=1),
     }
 
     def __init__(self, cache, **options: Any) -> None:
         super().__init__(cache, **options)
-        if self.settings["k1"] < 0 or not 0 <= self.settings["b"] <= 1:
-            raise UsageError(
-                f"{self.name}: need --k1 >= 0 and 0 <= --b <= 1, got k1={self.settings['k1']}, "
-                f"b={self.settings['b']}"
-            )
         self.bm25_index: Any = None
 
     def fingerprint(self) -> dict[str, Any]:

@@ -46,22 +46,13 @@ class DenseRetriever(Retriever):
             "(Contriever, DRAGON)",
         ),
         "index_type": Option(INDEX_TYPES, "flat", "FAISS index: exact flat, ivf clusters or hnsw graph"),
-        "nprobe": Option(int, 16, "ivf: clusters searched per query"),
-        "ef_search": Option(int, 128, "hnsw: candidates kept while searching"),
-        "encode_batch_size": Option(int, 64, "texts embedded per encoder call"),
+        "nprobe": Option(int, 16, "ivf: clusters searched per query", at_least=1),
+        "ef_search": Option(int, 128, "hnsw: candidates kept while searching", at_least=1),
+        "encode_batch_size": Option(int, 64, "texts embedded per encoder call", at_least=1),
     }
 
     def __init__(self, cache, **options: Any) -> None:
         super().__init__(cache, **options)
-        for name, allowed in (("index_type", INDEX_TYPES), ("similarity", SIMILARITIES)):
-            if self.settings[name] not in allowed:
-                raise UsageError(
-                    f"dense: --{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                    f"not {self.settings[name]!r}"
-                )
-        for name in ("nprobe", "ef_search", "encode_batch_size"):
-            if self.settings[name] < 1:
-                raise UsageError(f"dense: --{name.replace('_', '-')} must be at least 1")
         self.faiss_index: faiss.Index | None = None
 
     def fingerprint(self) -> dict[str, Any]:

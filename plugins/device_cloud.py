@@ -361,15 +361,15 @@ class DeviceCloud(Augmenter):
                        "speculative: each side drafts ahead and rolls back on rejection"),
         "compression": Option(COMPRESSIONS, "dragon", "wire format of each distribution: dragon "
                               "(top-p 0.8, int16 ids, fp16 log-probs, lz4) or none (full fp32)"),
-        "temperature": Option(float, 1.0, "retrieval-score temperature T of the mixture weights"),
+        "temperature": Option(float, 1.0, "retrieval-score temperature T of the mixture weights", above=0),
         "cloud_address": Option(str, "", "host:port of a running `raghub cloud serve` "
                                 "(default: start one for this run)"),
         "cloud_corpus": Option(str, "", "passages the spawned cloud retrieves from itself (.jsonl "
                                "or blank-line-separated text); default: split the run's ranked list"),
         "cloud_retriever": Option(str, "bm25", "retriever the spawned cloud uses over --cloud-corpus"),
-        "rtt_ms": Option(float, 0.0, "simulated network round-trip time in milliseconds"),
-        "bandwidth_mbps": Option(float, 0.0, "simulated bandwidth in Mbit/s (0: unlimited)"),
-        "timeout_s": Option(float, 120.0, "seconds to wait for the cloud before giving up"),
+        "rtt_ms": Option(float, 0.0, "simulated network round-trip time in milliseconds", at_least=0),
+        "bandwidth_mbps": Option(float, 0.0, "simulated bandwidth in Mbit/s (0: unlimited)", at_least=0),
+        "timeout_s": Option(float, 120.0, "seconds to wait for the cloud before giving up", above=0),
     }
 
     def __init__(self, model: LanguageModel, cache: Cache, **options: Any):

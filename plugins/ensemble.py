@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from raghub.hookspecs import hookimpl
-from raghub.interfaces import Augmenter, Option, UsageError
+from raghub.interfaces import Augmenter, Option
 
 from .language_modelling import passage_ids, score_after_prefixes
 from .question_answering import generate_for, replug_vote
@@ -36,15 +36,10 @@ class Ensemble(Augmenter):
     description = "REPLUG / DRAGON output ensemble: one pass per passage, outputs mixed by retrieval weight"
     needs_retrieval = True
     options = {
-        "temperature": Option(float, 1.0, "passage weights are softmax(score / temperature)"),
+        "temperature": Option(float, 1.0, "passage weights are softmax(score / temperature)", above=0),
         "score_norm": Option(("none", "zscore"), "none",
                              "retrieval scores as given (DRAGON) or z-scored per query"),
     }
-
-    def __init__(self, model, cache, **options):
-        super().__init__(model, cache, **options)
-        if self.settings["temperature"] <= 0:
-            raise UsageError(f"--temperature must be positive, not {self.settings['temperature']}")
 
     def score_windows(self, windows, retrieved):
         """REPLUG: every (window, passage) pair scored in one batched call, then each window's

@@ -151,12 +151,13 @@ class LanguageModelling(Task):
         "corpus": Option(str, "", "a .jsonl/.tsv of id, title, text passages, or a text file "
                                   "cut into 64-word passages, used as the datastore instead"),
         "context_len": Option(int, None, "tokens of preceding text each window conditions on "
-                                         "(task default: 128)"),
-        "pred_len": Option(int, None, "each window scores pred_len + 1 new tokens (task default: 768)"),
+                                         "(task default: 128)", at_least=1),
+        "pred_len": Option(int, None, "each window scores pred_len + 1 new tokens (task default: 768)", at_least=1),
         "retrieved_max_length": Option(int, None, "tokens kept of each retrieved passage "
-                                                  "(task default: 128)"),
+                                                  "(task default: 128)", at_least=1),
         "stride": Option(int, 0, "In-Context RALM protocol: score N tokens per window, retrieving "
-                                 "with the last 32 tokens (the paper uses 4); 0 = DRAGON/REPLUG windows"),
+                                 "with the last 32 tokens (the paper uses 4); 0 = DRAGON/REPLUG windows",
+                         at_least=0),
     }
 
     # ---- protocol
@@ -172,8 +173,6 @@ class LanguageModelling(Task):
     def protocol(self) -> dict[str, int]:
         """span_len, context_len, query_len and retrieved_max_length of this run's windows."""
         stride = self.settings["stride"]
-        if stride < 0:
-            raise UsageError(f"--stride must be 0 (DRAGON/REPLUG windows) or positive, not {stride}")
         if stride == 0:
             windows = self.config["windows"]
             context_len = self._protocol_value("context_len", windows)

@@ -230,29 +230,27 @@ class Parametric(Augmenter):
         "augmentation": Option(tuple(AUGMENTATION_STYLES), "prag",
                                "prag: PRAG's chat prompts asking for JSON; fewshot: plain completions "
                                "after a worked example, for models too small to write the JSON"),
-        "lora_rank": Option(int, 2, "LoRA rank r of each passage's adapter"),
+        "lora_rank": Option(int, 2, "LoRA rank r of each passage's adapter", at_least=1),
         "lora_alpha": Option(float, 32.0, "LoRA alpha (the update is scaled by alpha / r)"),
         "lora_targets": Option(str, "gate_proj,up_proj,down_proj", "comma-separated layer names the adapters modify"),
-        "learning_rate": Option(float, 3e-4, "AdamW learning rate of adapter training"),
-        "epochs": Option(int, 1, "passes over each passage's five training examples (batch 1)"),
+        "learning_rate": Option(float, 3e-4, "AdamW learning rate of adapter training", above=0),
+        "epochs": Option(int, 1, "passes over each passage's five training examples (batch 1)", at_least=1),
         "seed": Option(int, 42, "seed of the initial adapter and of augmentation sampling"),
-        "augment_retries": Option(int, 3, "extra attempts when the generated QA pairs do not parse"),
-        "augment_max_new_tokens": Option(int, 512, "token limit of each rewrite and QA generation"),
+        "augment_retries": Option(int, 3, "extra attempts when the generated QA pairs do not parse", at_least=0),
+        "augment_max_new_tokens": Option(int, 512, "token limit of each rewrite and QA generation",
+                                         at_least=1),
         "augment_temperature": Option(float, 0.7, "sampling temperature of the augmentation; 0: greedy "
-                                                  "(without retries, which would repeat the output)"),
-        "augment_top_k": Option(int, 50, "top-k sampling cut-off of the augmentation"),
-        "parallel_adapters": Option(int, 8, "adapters trained together in one batched forward "
-                                            "(1 = one passage at a time with peft)"),
+                                                  "(without retries, which would repeat the output)", at_least=0),
+        "augment_top_k": Option(int, 50, "top-k sampling cut-off of the augmentation", at_least=1),
+        "parallel_adapters": Option(int, None, "adapters trained together in one batched forward "
+                                               "(1 = one passage at a time with peft); default 8 on "
+                                               "a GPU, 1 on a CPU, where batching measured slower", at_least=1),
     }
 
     def __init__(self, model, cache, **options: Any) -> None:
         super().__init__(model, cache, **options)
-        for key in ("lora_rank", "epochs", "parallel_adapters", "augment_max_new_tokens", "augment_top_k"):
-            if self.settings[key] < 1:
-                raise UsageError(f"--{key.replace('_', '-')} must be at least 1, not {self.settings[key]}")
-        if self.settings["augment_retries"] < 0 or self.settings["augment_temperature"] < 0:
-            raise UsageError("--augment-retries and --augment-temperature must be 0 or more, not "
-                             f"{self.settings['augment_retries']} and {self.settings['augment_temperature']}")
+        if self.settings["parallel_adapters"] is None:
+            self.settings["parallel_adapters"] = 8 if self.model.device.type == "cuda" else 1
         self.lora = LoraSettings(
             rank=self.settings["lora_rank"], alpha=self.settings["lora_alpha"],
             targets=tuple(name.strip() for name in self.settings["lora_targets"].split(",") if name.strip()),

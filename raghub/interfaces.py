@@ -34,12 +34,17 @@ class UsageError(Exception):
 class Option:
     """A setting a plugin accepts; the CLI exposes it as `--name` (underscores become dashes).
 
-    `type` is a Python type (int, float, str, bool) or a tuple of allowed strings.
+    `type` is a Python type (int, float, str, bool) or a tuple of allowed strings; a number can
+    be bounded by `at_least`, `at_most` (inclusive) and `above` (exclusive). Values are checked
+    when the run is resolved, before any model loads.
     """
 
     type: Any
     default: Any
     help: str
+    at_least: float | None = None
+    at_most: float | None = None
+    above: float | None = None
 
     def convert(self, name: str, value: Any) -> Any:
         """`value` as this option's type (from the CLI or a config file), or a UsageError."""
@@ -56,9 +61,15 @@ class Option:
                 return str(value).lower() in ("true", "yes", "1")
             raise UsageError(f"--{dashed(name)} must be true or false, not {value!r}")
         try:
-            return self.type(value)
+            converted = self.type(value)
         except (TypeError, ValueError):
             raise UsageError(f"--{dashed(name)} must be a {self.type.__name__}, not {value!r}") from None
+        for bound, fails, words in ((self.at_least, lambda b: converted < b, "at least"),
+                                    (self.at_most, lambda b: converted > b, "at most"),
+                                    (self.above, lambda b: converted <= b, "above")):
+            if bound is not None and fails(bound):
+                raise UsageError(f"--{dashed(name)} must be {words} {bound:g}, not {converted}")
+        return converted
 
 
 def dashed(name: str) -> str:

@@ -41,6 +41,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message
     assert not (tmp_path / "results" / "records.jsonl").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--method", "ensemble", "--temperature", "0"], "--temperature must be above 0, not 0.0"),
+    (["--method", "ensemble", "--retriever", "bm25", "--b", "1.5"], "--b must be at most 1, not 1.5"),
+    (["--method", "parametric", "--lora-rank", "0"], "--lora-rank must be at least 1, not 0"),
+    (["--method", "none", "--stride", "-4"], "--stride must be at least 0, not -4"),
+])
+def test_an_option_out_of_range_fails_before_the_model_loads(tmp_path, monkeypatch, args, message):
+    monkeypatch.setattr("raghub.runner.LanguageModel.load", lambda *a, **k: pytest.fail("model loaded"))
+    result = invoke("run", "--task", "wikitext2", *args, "--results-dir", str(tmp_path / "results"))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
 def test_malformed_config_names_file_and_line(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("task: wikitext2\nmethod: none\nlimit: [8\n")

@@ -114,8 +114,8 @@ def test_bm25_index_is_loaded_from_cache_and_rebuilt_when_corrupted(backend, tmp
 @pytest.mark.parametrize(
     ("retriever", "options", "message"),
     [
-        (BM25S, {"b": 1.5}, "0 <= --b <= 1"),
-        (RankBM25, {"k1": -1.0}, "--k1 >= 0"),
+        (BM25S, {"b": 1.5}, "--b must be at most 1, not 1.5"),
+        (RankBM25, {"k1": -1.0}, "--k1 must be at least 0"),
         (DenseRetriever, {"index_type": "annoy"}, "--index-type must be one of flat, ivf, hnsw"),
         (DenseRetriever, {"similarity": "l2"}, "--similarity must be one of"),
         (DenseRetriever, {"encode_batch_size": 0}, "--encode-batch-size must be at least 1"),
