@@ -64,6 +64,8 @@ TARGET = "The answer is {answer}"
 
 # The "fewshot" style: plain completions after one worked example, which models too small to
 # follow PRAG's JSON instructions (SmolLM2-135M parses on almost no passage) still continue.
+# Each of the three questions is asked for separately, started with its own question word: left
+# to write all three at once, SmolLM2-135M stops after one or two, or repeats a question.
 FEWSHOT_PASSAGE = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is "
     "named after the engineer Gustave Eiffel, whose company designed and built it for the 1889 "
@@ -77,7 +79,7 @@ FEWSHOT_REWRITE_PROMPT = (
     "Passage: {passage}\nParaphrase:"
 )
 FEWSHOT_PAIRS = (("In which city is the Eiffel Tower?", "Paris"),
-                 ("Who is the Eiffel Tower named after?", "Gustave Eiffel"),
+                 ("After whom is the Eiffel Tower named?", "Gustave Eiffel"),
                  ("For which event was the Eiffel Tower built?", "the 1889 World's Fair"))
 FEWSHOT_QA_PROMPT = (
     f"Passage: {FEWSHOT_PASSAGE}\n"
@@ -143,13 +145,15 @@ def parse_qa_pairs(generated: str) -> tuple[QAPair, ...]:
 
 
 def parse_fewshot_qa_pairs(generated: str) -> tuple[QAPair, ...]:
-    """The first three `Question: ... / Answer: ...` pairs of a few-shot completion (which
-    continues the prompt's last "Question:"), () when there are fewer; copies of the worked
-    example's questions do not count."""
-    example_questions = {question for question, _ in FEWSHOT_PAIRS}
-    pairs = [QAPair(match["question"], match["answer"], match["answer"])
-             for match in _FEWSHOT_PAIR.finditer("Question:" + generated)
-             if match["question"] not in example_questions][:QA_PAIRS_PER_PASSAGE]
+    """The first three different `Question: ... / Answer: ...` pairs of a few-shot completion
+    (which continues the prompt's last "Question:"), () when there are fewer; copies of the
+    worked example's questions do not count."""
+    seen = {question.lower() for question, _ in FEWSHOT_PAIRS}
+    pairs = []
+    for match in _FEWSHOT_PAIR.finditer("Question:" + generated):
+        if match["question"].lower() not in seen and len(pairs) < QA_PAIRS_PER_PASSAGE:
+            seen.add(match["question"].lower())
+            pairs.append(QAPair(match["question"], match["answer"], match["answer"]))
     return tuple(pairs) if len(pairs) == QA_PAIRS_PER_PASSAGE else ()
 
 
@@ -161,18 +165,35 @@ class AugmentationStyle:
     qa_prompt: str
     parse_qa: Callable[[str], tuple[QAPair, ...]]
     chat: bool  #: wrap the prompts in the model's chat template (else plain completions)
-    stop: tuple[str, ...] = ()  #: generation ends at any of these; the rewrite is cut there
+    stop: tuple[str, ...] = ()  #: generation ends at any of these; every reply is cut there
+    #: one QA request per word, each started with it (else one request for all three pairs)
+    question_words: tuple[str, ...] = ()
 
-    def read_rewrite(self, generated: str) -> str:
+    def _cut(self, generated: str) -> str:
         for stop in self.stop:
             generated = generated.split(stop)[0]
-        return generated.strip()
+        return generated
+
+    def read_rewrite(self, generated: str) -> str:
+        return self._cut(generated).strip()
+
+    def qa_requests(self, passage: str) -> list[str]:
+        """The prompts that ask for a passage's QA pairs."""
+        prompt = self.qa_prompt.format(passage=passage)
+        return [f"{prompt} {word}" for word in self.question_words] or [prompt]
+
+    def read_qa(self, replies: Sequence[str]) -> tuple[QAPair, ...]:
+        """A passage's QA pairs from the replies to its `qa_requests`, () when they do not parse."""
+        if not self.question_words:
+            return self.parse_qa(replies[0])
+        return self.parse_qa("\nQuestion:".join(f" {word}{self._cut(reply)}"
+                                                 for word, reply in zip(self.question_words, replies)))
 
 
 AUGMENTATION_STYLES = {
     "prag": AugmentationStyle(REWRITE_PROMPT, QA_PROMPT, parse_qa_pairs, chat=True),
     "fewshot": AugmentationStyle(FEWSHOT_REWRITE_PROMPT, FEWSHOT_QA_PROMPT, parse_fewshot_qa_pairs,
-                                 chat=False, stop=("\n\n",)),
+                                 chat=False, stop=("\n\n", "\nQuestion:"), question_words=("What", "Who", "When")),
 }
 
 
@@ -185,9 +206,10 @@ def augment_passages(texts: Sequence[str], generate: Callable[[list[str], int], 
     qa_pairs: list[tuple[QAPair, ...]] = [()] * len(texts)
     pending = list(range(len(texts)))
     for attempt in range(retries + 1):
-        outputs = generate([style.qa_prompt.format(passage=texts[i]) for i in pending], attempt)
-        for index, output in zip(pending, outputs):
-            qa_pairs[index] = style.parse_qa(output)
+        requests = [style.qa_requests(texts[i]) for i in pending]
+        replies = iter(generate([prompt for prompts in requests for prompt in prompts], attempt))
+        for index, prompts in zip(pending, requests):
+            qa_pairs[index] = style.read_qa([next(replies) for _ in prompts])
         pending = [i for i in pending if not qa_pairs[i]]
         if not pending:
             break
@@ -277,7 +299,9 @@ class Parametric(Augmenter):
     def _augmentation_key(self, passage: Passage) -> dict[str, Any]:
         settings = {key: self.settings[key] for key in
                     ("augmentation", "seed", "augment_retries", "augment_max_new_tokens", "augment_temperature", "augment_top_k")}
-        return {"passage": passage.as_text(), "model": self.model.name, "augmentation": settings}
+        style = self.style  # its prompts too, so a changed prompt augments afresh
+        return {"passage": passage.as_text(), "model": self.model.name, "augmentation": settings,
+                "prompts": [style.rewrite_prompt, *style.qa_requests("{passage}"), *style.stop]}
 
     @property
     def style(self) -> AugmentationStyle:

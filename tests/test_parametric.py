@@ -102,6 +102,8 @@ def test_parse_qa_pairs(generated, expected_answers):
      [("Where is Ulm?", "Germany"), ("What river?", "Danube"), ("What is Ulm?", "a city")]),  # copy skipped
     (" Where is Ulm?\nAnswer: Germany\nQuestion: What river?\nAnswer:\nQuestion: What is Ulm?\nAnswer: a city",
      None),  # an empty answer leaves two pairs
+    (" Where is Ulm?\nAnswer: Germany\nQuestion: where is ulm?\nAnswer: Europe\nQuestion: What is Ulm?\n"
+     "Answer: a city", None),  # a repeated question leaves two different pairs
 ])
 def test_parse_fewshot_qa_pairs(generated, expected):
     pairs = parse_fewshot_qa_pairs(generated)
@@ -113,6 +115,18 @@ def test_fewshot_style_asks_for_completions_and_cuts_the_rewrite_at_a_blank_line
     assert not style.chat and style.qa_prompt.format(passage="Ulm is a city.").endswith(
         "Passage: Ulm is a city.\nQuestion:")
     assert style.read_rewrite(" Ulm, a city.\n\nPassage: more") == "Ulm, a city."
+
+
+def test_fewshot_style_asks_one_question_per_question_word():
+    style = AUGMENTATION_STYLES["fewshot"]
+    requests = style.qa_requests("Ulm is a city.")
+    assert [r.removeprefix(style.qa_prompt.format(passage="Ulm is a city.")) for r in requests] == [
+        " What", " Who", " When"]
+    replies = [" is Ulm?\nAnswer: a city\nQuestion: Where?", " founded Ulm?\nAnswer: nobody knows\n\nPassage:",
+               " was Ulm founded?\nAnswer: 850"]
+    assert [(p.question, p.answer) for p in style.read_qa(replies)] == [
+        ("What is Ulm?", "a city"), ("Who founded Ulm?", "nobody knows"), ("When was Ulm founded?", "850")]
+    assert style.read_qa([" is Ulm?\nAnswer: a city", " founded Ulm?\nAnswer:\n", " was it?\nAnswer: 850"]) == ()
 
 
 def test_qa_output_that_never_parses_is_retried_then_left_empty():
