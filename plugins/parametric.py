@@ -151,10 +151,13 @@ def parse_fewshot_qa_pairs(generated: str) -> tuple[QAPair, ...]:
     seen = {question.lower() for question, _ in FEWSHOT_PAIRS}
     pairs = []
     for match in _FEWSHOT_PAIR.finditer("Question:" + generated):
-        if match["question"].lower() not in seen and len(pairs) < QA_PAIRS_PER_PASSAGE:
-            seen.add(match["question"].lower())
-            pairs.append(QAPair(match["question"], match["answer"], match["answer"]))
-    return tuple(pairs) if len(pairs) == QA_PAIRS_PER_PASSAGE else ()
+        if match["question"].lower() in seen:
+            continue
+        seen.add(match["question"].lower())
+        pairs.append(QAPair(match["question"], match["answer"], match["answer"]))
+        if len(pairs) == QA_PAIRS_PER_PASSAGE:
+            return tuple(pairs)
+    return ()
 
 
 @dataclass(frozen=True)
@@ -334,8 +337,8 @@ class Parametric(Augmenter):
     def augmentations(self, passages: Sequence[Passage]) -> list[Augmentation]:
         """Each passage's augmentation, from the cache or generated (missing ones in batches)."""
         kind = "parametric-augmentation"
-        missing = [p for p in passages
-                   if not self.cache.is_valid(self.cache.entry_path(kind, self._augmentation_key(p)))]
+        keys = {p.id: self._augmentation_key(p) for p in passages}
+        missing = [p for p in passages if not self.cache.is_valid(self.cache.entry_path(kind, keys[p.id]))]
         fresh: dict[str, Augmentation] = {}
         # greedy decoding would only repeat an output that did not parse
         retries = self.settings["augment_retries"] if self.settings["augment_temperature"] > 0 else 0
@@ -348,8 +351,7 @@ class Parametric(Augmenter):
                     fresh.update({p.id: a for p, a in zip(chunk, made)})
                     progress.advance(bar, len(chunk))
             self.counts["passages_augmented"] += len(missing)
-        return [Augmentation.from_json(self.cache.json(kind, self._augmentation_key(p),
-                                                       lambda p=p: fresh[p.id].to_json()))
+        return [Augmentation.from_json(self.cache.json(kind, keys[p.id], lambda p=p: fresh[p.id].to_json()))
                 for p in passages]
 
     # ------------------------------------------------------------------ adapters

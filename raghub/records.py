@@ -101,9 +101,9 @@ def leaderboard_markdown(records: list[dict[str, Any]], tasks: Sequence[str] = (
     rows = [r for r in _latest_per_row(records) if not tasks or r["task"] in tasks]
     out: list[str] = []
     for task_name in sorted({r["task"] for r in rows}):
-        sizes = sorted({r["n_examples"] for r in rows if r["task"] == task_name}, reverse=True)
+        task_rows = [r for r in rows if r["task"] == task_name]
+        sizes = sorted({r["n_examples"] for r in task_rows}, reverse=True)
         for size in sizes:  # runs on the first N examples are ranked only against each other
             title = task_name if len(sizes) == 1 else f"{task_name}, {size} examples"
-            out += _task_tables(title, [r for r in rows if r["task"] == task_name and r["n_examples"] == size],
-                                by_type)
+            out += _task_tables(title, [r for r in task_rows if r["n_examples"] == size], by_type)
     return "\n".join(out).rstrip() + "\n" if out else "No records yet.\n"
