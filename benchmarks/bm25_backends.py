@@ -26,8 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from raghub.cache import Cache
-from raghub.interfaces import Passage
-from raghub.plugins.bm25 import BM25S, RankBM25
+from raghub import Passage
+from raghub.plugins.retrievers.bm25 import BM25S, RankBM25
 
 PASSAGE_WORDS = 64
 QUERY_WORDS = 96

@@ -19,9 +19,10 @@ import os
 
 import torch
 
-from raghub.cache import Cache
-from raghub.model import LanguageModel, cache_root
-from raghub.plugins.device_cloud import DeviceCloud, start_cloud
+from raghub import load_model
+from raghub.cache import Cache, cache_root
+from raghub.plugins.methods.device_cloud.method import DeviceCloud
+from raghub.plugins.methods.device_cloud.server import start_cloud
 from raghub.runner import RunRequest, resolve, retrieve
 
 COLUMNS = [("mode", "mode"), ("wire", "compression"), ("RTT ms", "rtt_ms"),
@@ -50,9 +51,8 @@ def main() -> None:
                                   n_docs=args.n_docs, options={"datastore": args.datastore},
                                   data_dir=os.environ.get("RAGHUB_DATA_DIR")))
     cache = Cache(cache_root())
-    model = LanguageModel.load(None)
-    task = resolved.task_class(resolved.task_definition["name"], resolved.task_definition,
-                               resolved.request.data_dir, **resolved.plugin_options["task"])
+    model = load_model(None)
+    task = resolved.task
     windows = [dataclasses.replace(w, target_ids=w.target_ids[:args.max_targets])
                for w in task.examples(model, args.windows)]
     retriever = resolved.retriever_class(cache, **resolved.plugin_options["retriever"])

@@ -15,13 +15,12 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from raghub.cache import Cache
-from raghub.interfaces import Retrieved
-from raghub.model import LanguageModel, cache_root
-from raghub.plugins.ensemble import Ensemble, mixture_logprobs
-from raghub.plugins.language_modelling import LanguageModelling, passage_ids, score_after_prefixes
+from raghub import Retrieved, load_model, mixture_logprobs, passage_ids, score_after_prefixes
+from raghub.cache import Cache, cache_root
+from raghub.plugins.methods.ensemble import Ensemble
+from raghub.plugins.tasks.language_modelling import LanguageModelling
+from raghub.settings import read_task_definition
 
 TASK_FILE = Path(__file__).resolve().parents[1] / "tasks" / "wikitext2.yaml"
 
@@ -50,8 +49,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="the model's scoring batch size")
     args = parser.parse_args()
 
-    model = LanguageModel.load(None, batch_size=args.batch_size)
-    task = LanguageModelling("wikitext2", yaml.safe_load(TASK_FILE.read_text()),
+    model = load_model(None, batch_size=args.batch_size)
+    task = LanguageModelling("wikitext2", read_task_definition(TASK_FILE),
                              os.environ.get("RAGHUB_DATA_DIR"), datastore="heldout-articles")
     windows = task.examples(model, args.windows + 1)[1:]  # the first window retrieves nothing
     passages, _ = task.corpus()

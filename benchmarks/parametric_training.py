@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from raghub.cache import Cache
-from raghub.model import LanguageModel
-from raghub.plugins.parametric import Augmentation, Parametric, QAPair, training_texts
-from raghub.plugins.question_answering import PromptTemplate, Question, read_rows, read_squad
+from raghub import PromptTemplate, Question, load_model
+from raghub.plugins.methods.parametric.augmentation import Augmentation, QAPair, training_texts
+from raghub.plugins.methods.parametric.method import Parametric
+from raghub.plugins.tasks.question_answering.formats import read_rows, read_squad
 
 SQUAD_FILE = "squad/dev-v1.1.rebuilt-from-explorer-html.json"
 
@@ -57,7 +58,7 @@ def main() -> None:
     data_dir = Path(os.environ.get("RAGHUB_DATA_DIR", "../shared/data"))
     paragraphs = list({p.id: p for p in read_squad(read_rows(data_dir / SQUAD_FILE)).passages}.values())
     passages = paragraphs[: args.passages]
-    model = LanguageModel.load(None)
+    model = load_model(None)
     question = Question(id="q", query="", question="", template=PromptTemplate(
         style="completion", few_shot=(("Who wrote the novel Nineteen Eighty-Four?", "George Orwell"),)))
     with tempfile.TemporaryDirectory() as folder:

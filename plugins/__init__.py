@@ -1,1 +1,2 @@
-"""Built-in plugins: every method, retriever and task family raghub ships."""
+"""The built-in plugins: methods, retrievers, task families and model backends, each registered
+through the same hooks a third-party package uses."""

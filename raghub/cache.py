@@ -18,6 +18,14 @@ T = TypeVar("T")
 MANIFEST = "manifest.json"
 
 
+def cache_root() -> Path:
+    """`RAGHUB_CACHE`, else `$XDG_CACHE_HOME/raghub`, else `~/.cache/raghub`."""
+    if os.environ.get("RAGHUB_CACHE"):
+        return Path(os.environ["RAGHUB_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "raghub"
+
+
 def fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable parts (dict key order does not matter)."""
     text = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)

@@ -1,7 +1,8 @@
-"""The `raghub` command line: run, leaderboard, plugins, tasks, methods.
+"""The `raghub` command line: run, leaderboard, plugins, tasks, methods, retrievers, models.
 
-Plugin options (a method's `--temperature`, a task's `--split`, ...) are added to `raghub run`
-from what the installed plugins declare; plugins may add whole commands too.
+The core settings (`raghub.settings.CORE_OPTIONS`) and every option the installed plugins
+declare (a method's `--temperature`, a task's `--split`, ...) become `raghub run` flags; flags
+and `--config` keys are converted by the same declarations. Plugins may add whole commands.
 """
 
 from __future__ import annotations
@@ -15,36 +16,41 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from raghub.config import read_yaml_mapping
-from raghub.interfaces import Option, UsageError, dashed
-from raghub.plugin_manager import failed_plugins, plugin_summaries, pm, registry
+from raghub.errors import RaghubError, UsageError
+from raghub.options import Option, dashed
+from raghub.plugin_manager import call_hook, failed_plugins, plugin_summaries, registry
 from raghub.records import leaderboard_markdown, read_records
-from raghub.runner import RunRequest, execute, resolve
-
-CORE_RUN_SETTINGS = ("task", "method", "retriever", "n_docs", "model", "limit", "results_dir",
-                     "data_dir", "batch_size", "device", "dtype")
+from raghub.settings import CORE_OPTIONS, read_yaml_mapping
 
 
 class BadInput(click.ClickException):
-    """A one-line error for bad input; exit code 2, like click's own usage errors."""
+    """A one-line error; exit code 2 for bad input (like click's usage errors), else 1."""
 
-    exit_code = 2
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class RaghubGroup(click.Group):
-    """Turns raghub's UsageError into a one-line message and exit code 2."""
+    """Turns raghub's errors into one line and their exit code, and Ctrl-C into exit 130."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except UsageError as error:
-            raise BadInput(str(error)) from None
+        except RaghubError as error:
+            raise BadInput(str(error), error.exit_code) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished examples are kept; run the same command again to "
+                       "resume", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=RaghubGroup)
 @click.version_option(package_name="raghub")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """raghub: run retrieval-augmented generation methods on comparable tasks."""
+    ctx.obj = registry()
 
 
 def _declared_options() -> dict[str, tuple[Option, list[str]]]:
@@ -52,71 +58,46 @@ def _declared_options() -> dict[str, tuple[Option, list[str]]]:
     found = registry()
     declared: dict[str, tuple[Option, list[str]]] = {}
     plugins = [*(("task family", c.family, c) for c in found.task_families.values()),
-               *(("method", c.name, c) for c in found.augmenters.values()),
+               *(("method", c.name, c) for c in found.methods.values()),
                *(("retriever", c.name, c) for c in found.retrievers.values())]
     for kind, name, cls in plugins:
         for key, option in cls.options.items():
-            first, owners = declared.setdefault(key, (option, []))
-            owners.append(f"{kind} {name}")
+            declared.setdefault(key, (option, []))[1].append(f"{kind} {name}")
     return declared
 
 
-def _click_type(option: Option) -> Any:
-    if isinstance(option.type, tuple):
-        return click.Choice(option.type)
-    return {int: click.INT, float: click.FLOAT, str: click.STRING}.get(option.type, click.STRING)
-
-
-def _with_plugin_options(command):
-    for key, (option, owners) in sorted(_declared_options().items(), reverse=True):
-        help_text = f"{option.help} [{', '.join(owners)}; default: {option.default}]"
+def _with_options(command, options: dict[str, tuple[Option, list[str]]]):
+    """Add a flag per option; values stay as given, for `RunRequest` to convert."""
+    for key, (option, owners) in sorted(options.items(), reverse=True):
+        where = f"{', '.join(owners)}; " if owners else ""
+        default = f"default: {option.default}" if option.default not in (None, "") else ""
+        help_text = f"{option.help} [{where}{default}]" if where or default else option.help
         if option.type is bool:
             decorator = click.option(f"--{dashed(key)}", key, is_flag=True, default=None, help=help_text)
         else:
-            decorator = click.option(f"--{dashed(key)}", key, type=_click_type(option), default=None,
-                                     help=help_text)
+            choices = click.Choice(option.type) if isinstance(option.type, tuple) else None
+            decorator = click.option(f"--{dashed(key)}", key, type=choices, default=None, help=help_text,
+                                     envvar="RAGHUB_DATA_DIR" if key == "data_dir" else None)
         command = decorator(command)
     return command
 
 
-@cli.command()
-@click.option("--task", help="Task name (see `raghub tasks`) or a task YAML file.")
-@click.option("--method", help="Method name (see `raghub methods`).")
-@click.option("--retriever", help="Retriever name (default: the task's, else bm25).")
-@click.option("--n-docs", type=click.IntRange(min=0), help="Passages retrieved per example.")
-@click.option("--model", help="Hub id, model folder or .gguf file (default: embedded SmolLM2-135M-Instruct).")
-@click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N examples.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="YAML file of settings (any option of this command); flags override it.")
-@click.option("--results-dir", type=click.Path(file_okay=False), help="Results store [default: results].")
-@click.option("--data-dir", envvar="RAGHUB_DATA_DIR", help="Local datasets folder [env: RAGHUB_DATA_DIR].")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Examples per batch [default: 8].")
-@click.option("--device", help="torch device [default: cuda if available, else cpu].")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="[default: float32]")
-@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on stdout, nothing else.")
-@_with_plugin_options
-def run(config_file: str | None, as_json: bool, **given: Any) -> None:
-    """Run a method on a task and store one result record."""
+def _with_run_options(command):
+    """The core settings' flags, then every plugin option's."""
+    return _with_options(command, {**{key: (option, []) for key, option in CORE_OPTIONS.items()},
+                                   **_declared_options()})
+
+
+def _run_settings(config_file: str | None, given: dict[str, Any]) -> dict[str, Any]:
+    """The `--config` file's settings overlaid with the flags given."""
     settings: dict[str, Any] = {}
     if config_file:
         settings = {key.replace("-", "_"): value for key, value in read_yaml_mapping(config_file).items()}
     settings.update({key: value for key, value in given.items() if value is not None})
-    for required in ("task", "method"):
-        if not settings.get(required):
-            raise UsageError(f"--{required} is required (on the command line or in --config)")
-    core = {key: settings.pop(key) for key in CORE_RUN_SETTINGS if key in settings}
-    request = RunRequest(**{**core, "results_dir": Path(core.get("results_dir", "results")),
-                            "options": settings})
-    resolved = resolve(request)
-    try:
-        record = execute(resolved)
-    except KeyboardInterrupt:
-        click.echo("interrupted: finished examples are kept; run the same command again to "
-                   "resume", err=True)
-        sys.exit(130)
-    if as_json:
-        click.echo(json.dumps(record, sort_keys=True))
-        return
+    return settings
+
+
+def _print_record(record: dict[str, Any], results_dir: Path) -> None:
     table = Table(title=f"{record['task']} · {record['method']}"
                   + (f" · {record['retriever']} k={record['n_docs']}" if record["retriever"] else ""))
     table.add_column("metric")
@@ -124,8 +105,25 @@ def run(config_file: str | None, as_json: bool, **given: Any) -> None:
     for name, value in record["metrics"].items():
         if isinstance(value, (int, float)):
             table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
-    table.caption = f"{record['n_examples']} examples · {record['model']} · stored in {request.results_dir}"
+    table.caption = f"{record['n_examples']} examples · {record['model']} · stored in {results_dir}"
     Console().print(table)
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML file of settings (any option of this command); flags override it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on stdout, nothing else.")
+@_with_run_options
+def run(config_file: str | None, as_json: bool, **given: Any) -> None:
+    """Run a method on a task and store one result record."""
+    from raghub.runner import RunRequest, execute, resolve
+
+    request = RunRequest.from_settings(_run_settings(config_file, given))
+    record = execute(resolve(request))
+    if as_json:
+        click.echo(json.dumps(record, sort_keys=True))
+    else:
+        _print_record(record, request.results_dir)
 
 
 @cli.command()
@@ -147,27 +145,6 @@ def leaderboard(results_dir: str, tasks: tuple[str, ...], by_type: bool, output:
         click.echo(markdown, nl=False)
 
 
-@cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plugins(as_json: bool) -> None:
-    """Installed plugins, where they came from, and the hooks they implement."""
-    summaries = plugin_summaries()
-    if as_json:
-        click.echo(json.dumps({"plugins": summaries, "failed": failed_plugins}, indent=2))
-        return
-    table = Table(title="raghub plugins")
-    for column in ("plugin", "origin", "hooks"):
-        table.add_column(column)
-    for summary in summaries:
-        table.add_row(summary["name"], summary["origin"], ", ".join(summary["hooks"]))
-    for name, error in failed_plugins.items():
-        table.add_row(name, "[red]failed to load[/red]", error)
-    console = Console()
-    console.print(table)
-    found = registry()
-    console.print(f"retrievers: {', '.join(sorted(found.retrievers))}")
-
-
 def _listing(title: str, rows: list[tuple[str, ...]], columns: tuple[str, ...]) -> None:
     table = Table(title=title)
     for column in columns:
@@ -178,22 +155,58 @@ def _listing(title: str, rows: list[tuple[str, ...]], columns: tuple[str, ...]) 
 
 
 @cli.command()
-def tasks() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json: bool) -> None:
+    """Installed plugins, where they came from, and the hooks they implement."""
+    summaries = plugin_summaries()
+    if as_json:
+        click.echo(json.dumps({"plugins": summaries, "failed": failed_plugins}, indent=2))
+        return
+    _listing("raghub plugins",
+             [*((s["name"], s["origin"], ", ".join(s["hooks"])) for s in summaries),
+              *((name, "[red]skipped[/red]", problem) for name, problem in failed_plugins.items())],
+             ("plugin", "origin", "hooks"))
+
+
+@cli.command()
+@click.pass_obj
+def tasks(found) -> None:
     """Registered tasks."""
-    found = registry()
     _listing("raghub tasks", [(name, d["family"], found.origins[("task", name)], d.get("description", ""))
                               for name, d in sorted(found.tasks.items())],
              ("task", "family", "origin", "description"))
 
 
-@cli.command()
-def methods() -> None:
-    """Registered methods (augmenters) and their options."""
+def _plugin_listing(title: str, kind: str, table: dict[str, type]) -> None:
     found = registry()
-    _listing("raghub methods", [(name, found.origins[("method", name)], cls.description,
-                                 ", ".join(f"--{dashed(k)}" for k in cls.options))
-                                for name, cls in sorted(found.augmenters.items())],
-             ("method", "origin", "description", "options"))
+    _listing(title, [(name, found.origins[(kind, name)], cls.description,
+                      ", ".join(f"--{dashed(k)}" for k in cls.options))
+                     for name, cls in sorted(table.items())],
+             (kind, "origin", "description", "options"))
 
 
-pm.hook.register_commands(cli=cli)
+@cli.command()
+@click.pass_obj
+def methods(found) -> None:
+    """Registered methods and their options."""
+    _plugin_listing("raghub methods", "method", found.methods)
+
+
+@cli.command()
+@click.pass_obj
+def retrievers(found) -> None:
+    """Registered retrievers and their options."""
+    _plugin_listing("raghub retrievers", "retriever", found.retrievers)
+
+
+@cli.command()
+@click.pass_obj
+def models(found) -> None:
+    """Registered model backends, what each loads, and its --model-args keys."""
+    _listing("raghub models", [(name, found.origins[("model backend", name)], cls.handles_description,
+                                ", ".join(cls.options))
+                               for name, cls in sorted(found.models.items())],
+             ("backend", "origin", "loads", "--model-args keys"))
+
+
+call_hook("register_commands", lambda _plugin: {"cli": cli})

@@ -1,7 +1,9 @@
-"""The hooks through which every task, method, retriever and command is registered.
+"""The hooks through which every task, method, retriever, model backend and command is
+registered.
 
-Built-in plugins (`raghub.plugins.*`) and third-party packages (entry-point group `raghub`)
-implement exactly these hooks; each hands the plugin a `register` callback.
+Built-in plugins (`raghub.plugin_manager.DEFAULT_PLUGINS`) and third-party packages
+(entry-point group `raghub`) implement exactly these hooks; each hands the plugin a `register`
+callback.
 """
 
 from pluggy import HookimplMarker, HookspecMarker
@@ -18,12 +20,12 @@ def register_task_families(register):
 @hookspec
 def register_tasks(register):
     """Register task definitions: `register(definition)`, a dict as read from a task YAML
-    (at least `name` and `family`)."""
+    (at least `name` and `family`; `raghub.settings.read_task_definition` reads one)."""
 
 
 @hookspec
-def register_augmenters(register):
-    """Register methods: `register(AugmenterClass)`, keyed by `AugmenterClass.name`."""
+def register_methods(register):
+    """Register methods: `register(MethodClass)`, keyed by `MethodClass.name`."""
 
 
 @hookspec
@@ -32,5 +34,11 @@ def register_retrievers(register):
 
 
 @hookspec
+def register_models(register):
+    """Register model backends: `register(ModelBackendClass)`, keyed by its `name`."""
+
+
+@hookspec
 def register_commands(cli):
-    """Add click commands or groups to the `raghub` CLI group."""
+    """Add click commands or groups to the `raghub` CLI group. A command finds the registry
+    with `click.get_current_context().obj` (a `raghub.interfaces.Registry`)."""

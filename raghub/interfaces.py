@@ -1,16 +1,16 @@
-"""The three interfaces every plugin implements: Task, Augmenter and Retriever.
+"""The interfaces every plugin implements: Task, Method (an augmenter) and Retriever.
 
 A run is data flowing through them (see `raghub.runner`):
 
     task.examples(model) -> examples, each with a retrieval `query`
     retriever.search(queries, k) -> ranked (passage index, score) lists   [cached by the runner]
-    task.evaluate(augmenter, examples, retrieved) -> one JSON-able stats dict per example
+    task.evaluate(method, examples, retrieved) -> one JSON-able stats dict per example
     task.aggregate(stats) -> the record's metrics
 
-The core never looks inside an example: a task family defines its own example type and calls
-the augmenter method that family needs (`score_windows` for language modelling, `answer` for
-QA). An augmenter that does not support a family leaves that method unimplemented, which the
-runner reports as a clear error.
+Each task family calls the method entry point of its contract (`raghub.families`):
+`score_windows` for language modelling (`Window`s), `answer` for QA (`Question`s). A method
+that does not support a family leaves that entry point unimplemented, which the runner reports
+as a clear error.
 """
 
 from __future__ import annotations
@@ -19,62 +19,16 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
+from raghub.options import Option
+from raghub.schema import Field, check_schema
+
 if TYPE_CHECKING:  # pragma: no cover - imported for type names only
     import torch
 
     from raghub.cache import Cache
-    from raghub.model import LanguageModel
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit code 2, nothing written."""
-
-
-@dataclass(frozen=True)
-class Option:
-    """A setting a plugin accepts; the CLI exposes it as `--name` (underscores become dashes).
-
-    `type` is a Python type (int, float, str, bool) or a tuple of allowed strings; a number can
-    be bounded by `at_least`, `at_most` (inclusive) and `above` (exclusive). Values are checked
-    when the run is resolved, before any model loads.
-    """
-
-    type: Any
-    default: Any
-    help: str
-    at_least: float | None = None
-    at_most: float | None = None
-    above: float | None = None
-
-    def convert(self, name: str, value: Any) -> Any:
-        """`value` as this option's type (from the CLI or a config file), or a UsageError."""
-        if value is None:
-            return None
-        if isinstance(self.type, tuple):
-            if value not in self.type:
-                raise UsageError(f"--{dashed(name)} must be one of {', '.join(self.type)}, not {value!r}")
-            return value
-        if self.type is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "yes", "1", "false", "no", "0"):
-                return str(value).lower() in ("true", "yes", "1")
-            raise UsageError(f"--{dashed(name)} must be true or false, not {value!r}")
-        try:
-            converted = self.type(value)
-        except (TypeError, ValueError):
-            raise UsageError(f"--{dashed(name)} must be a {self.type.__name__}, not {value!r}") from None
-        for bound, fails, words in ((self.at_least, lambda b: converted < b, "at least"),
-                                    (self.at_most, lambda b: converted > b, "at most"),
-                                    (self.above, lambda b: converted <= b, "above")):
-            if bound is not None and fails(bound):
-                raise UsageError(f"--{dashed(name)} must be {words} {bound:g}, not {converted}")
-        return converted
-
-
-def dashed(name: str) -> str:
-    """An option name as the CLI spells it."""
-    return name.replace("_", "-")
+    from raghub.families.lm import Window
+    from raghub.families.qa import Question
+    from raghub.models import LanguageModel
 
 
 @dataclass(frozen=True)
@@ -110,7 +64,7 @@ class Example:
 
 
 class Plugin:
-    """Shared by tasks, augmenters and retrievers: a registered name and declared options."""
+    """Shared by tasks, methods, retrievers and model backends: a name and declared options."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -144,11 +98,10 @@ class Retriever(Plugin, ABC):
         """For each query, up to k (passage position, raw score) pairs, best first."""
 
 
-class Augmenter(Plugin):
-    """A RAG method: turns the model and retrieved passages into what a task scores.
-
-    `needs_retrieval` is False for closed-book methods; the runner then retrieves nothing.
-    """
+class Method(Plugin):
+    """A RAG method (the papers' "augmenter"): turns the model and the retrieved passages into
+    what a task scores. `needs_retrieval` is False for closed-book methods; the runner then
+    retrieves nothing."""
 
     needs_retrieval: ClassVar[bool] = True
 
@@ -158,13 +111,13 @@ class Augmenter(Plugin):
         self.settings = self.resolve_options(options)
 
     def score_windows(
-        self, windows: Sequence[Any], retrieved: Sequence[Sequence[Retrieved]]
+        self, windows: Sequence[Window], retrieved: Sequence[Sequence[Retrieved]]
     ) -> list[torch.Tensor]:
-        """Language modelling: natural-log probabilities of each window's scored tokens."""
+        """Language modelling: natural-log probabilities of each window's target tokens."""
         raise NotImplementedError
 
     def answer(
-        self, questions: Sequence[Any], retrieved: Sequence[Sequence[Retrieved]]
+        self, questions: Sequence[Question], retrieved: Sequence[Sequence[Retrieved]]
     ) -> list[str]:
         """Question answering: one answer string per question."""
         raise NotImplementedError
@@ -177,6 +130,10 @@ class Augmenter(Plugin):
         """Release processes or connections the method opened."""
 
 
+#: what RAG papers call a method; the same interface
+Augmenter = Method
+
+
 class Task(Plugin, ABC):
     """A benchmark: data, retrieval queries, scoring. Built from a YAML definition whose
     `family` names the Task subclass; `config` is that YAML, merged with CLI options."""
@@ -184,14 +141,25 @@ class Task(Plugin, ABC):
     family: ClassVar[str] = ""
     #: metric name -> True when higher is better (bold in the leaderboard)
     higher_is_better: ClassVar[dict[str, bool]] = {}
-    #: the augmenter method this family calls, for error messages
-    augmenter_method: ClassVar[str] = ""
+    #: the task YAML's family-specific keys (beyond name, family, description, ...)
+    definition_schema: ClassVar[dict[str, Field]] = {}
 
-    def __init__(self, name: str, config: dict[str, Any], data_dir: str | None, **options: Any):
+    def __init__(self, name: str, config: dict[str, Any], data_dir: str | None,
+                 registry: Registry | None = None, **options: Any):
         self.name = name  # type: ignore[misc]
         self.config = config
         self.data_dir = data_dir
+        self.registry = registry or Registry()
         self.settings = self.resolve_options(options)
+
+    @classmethod
+    def check_definition(cls, definition: dict[str, Any]) -> None:
+        """UsageError naming the file and key when a task YAML does not fit the family's schema."""
+        check_schema(definition, {**COMMON_TASK_KEYS, **cls.definition_schema},
+                     definition.get("source", definition.get("name", "a task definition")))
+
+    def check(self) -> None:
+        """Checks across options and the definition, run before the model loads."""
 
     def fingerprint(self) -> dict[str, Any]:
         """The task's full resolved configuration (part of every cache key and the record)."""
@@ -206,18 +174,21 @@ class Task(Plugin, ABC):
         """The retrieval datastore and a short label of what it is (stored in the record)."""
 
     @abstractmethod
-    def evaluate(
-        self,
-        augmenter: Augmenter,
-        examples: Sequence[Example],
-        retrieved: Sequence[Sequence[Retrieved]],
-    ) -> list[dict[str, Any]]:
-        """Run the augmenter on a batch; one JSON-serialisable stats dict per example."""
+    def evaluate(self, method: Method, examples: Sequence[Example],
+                 retrieved: Sequence[Sequence[Retrieved]]) -> list[dict[str, Any]]:
+        """Run the method on a batch; one JSON-serialisable stats dict per example."""
 
     @abstractmethod
     def aggregate(self, stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Combine per-example stats into the record's metrics (a flat dict of numbers,
         optionally with a nested `by_type` dict)."""
+
+
+#: keys every task YAML may hold, whatever its family
+COMMON_TASK_KEYS = {
+    "name": Field(str, required=True), "family": Field(str, required=True),
+    "description": Field(str), "source": Field(str), "retriever": Field(str), "n_docs": Field(int),
+}
 
 
 @dataclass
@@ -226,6 +197,7 @@ class Registry:
 
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     task_families: dict[str, type[Task]] = field(default_factory=dict)
-    augmenters: dict[str, type[Augmenter]] = field(default_factory=dict)
+    methods: dict[str, type[Method]] = field(default_factory=dict)
     retrievers: dict[str, type[Retriever]] = field(default_factory=dict)
+    models: dict[str, type] = field(default_factory=dict)
     origins: dict[tuple[str, str], str] = field(default_factory=dict)

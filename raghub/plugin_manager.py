@@ -1,8 +1,10 @@
-"""The plugin manager: built-in plugins by module, then the `raghub` entry-point group.
+"""The plugin manager: the built-in plugins of `DEFAULT_PLUGINS`, then the `raghub` entry-point
+group.
 
 `RAGHUB_LOAD_PLUGINS` (comma-separated entry-point names; empty for none) limits which
-third-party plugins load. A third-party plugin that fails to import is reported by name and
-skipped; a hook implementation whose name matches no hookspec fails loudly.
+third-party plugins load. A plugin that fails to import, implements a hook that does not exist
+(a misspelled name), raises inside a hook, or declares an option that shadows a core setting is
+named on stderr and skipped; the other plugins keep working.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
-import pkgutil
 import sys
 from functools import lru_cache
 from typing import Any, Callable
@@ -18,35 +19,65 @@ from typing import Any, Callable
 import pluggy
 
 from raghub import hookspecs
-from raghub.config import check_task_definition
+from raghub.errors import UsageError
 from raghub.interfaces import Registry
+from raghub.settings import RESERVED_NAMES
 
-BUILTIN_PACKAGE = "raghub.plugins"
+#: the built-in plugins, registered through the same hooks as third-party ones
+DEFAULT_PLUGINS = (
+    "raghub.plugins.tasks.definitions",
+    "raghub.plugins.tasks.language_modelling",
+    "raghub.plugins.tasks.question_answering",
+    "raghub.plugins.methods.none",
+    "raghub.plugins.methods.incontext",
+    "raghub.plugins.methods.ensemble",
+    "raghub.plugins.methods.parametric",
+    "raghub.plugins.methods.device_cloud",
+    "raghub.plugins.retrievers.bm25",
+    "raghub.plugins.retrievers.dense",
+    "raghub.plugins.models.huggingface",
+)
 BUILTIN = "built-in"
+HOOK_NAMES = frozenset(name for name in dir(hookspecs) if name.startswith("register_"))
 
 pm = pluggy.PluginManager("raghub")
 pm.add_hookspecs(hookspecs)
 
-#: entry-point name -> error message, for plugins that could not be loaded
+#: plugin name -> why it was skipped (import failure, unknown hook, failing hook, ...)
 failed_plugins: dict[str, str] = {}
 _loaded = False
 
 
-def _has_hookimpls(module: Any) -> bool:
-    return any(hasattr(getattr(module, attr), "raghub_impl") for attr in dir(module))
+def report_failure(plugin_name: str, problem: str) -> None:
+    """Name a plugin that is skipped, once, on stderr."""
+    if plugin_name not in failed_plugins:
+        failed_plugins[plugin_name] = problem
+        print(f"raghub: plugin {plugin_name!r} is skipped: {problem}", file=sys.stderr)
+
+
+def unknown_hooks(module: Any) -> list[str]:
+    """Names of hook implementations in `module` that match no hookspec."""
+    return sorted(attr for attr in dir(module)
+                  if hasattr(getattr(module, attr), "raghub_impl") and attr not in HOOK_NAMES)
+
+
+def _register(module: Any, name: str) -> None:
+    misspelled = unknown_hooks(module)
+    if misspelled:
+        report_failure(name, f"{', '.join(misspelled)} is not a raghub hook "
+                             f"(the hooks: {', '.join(sorted(HOOK_NAMES))})")
+        return
+    pm.register(module, name)
 
 
 def load_plugins() -> None:
-    """Register built-in plugin modules, then third-party entry points (once)."""
+    """Register the built-in plugins, then third-party entry points (once)."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    package = importlib.import_module(BUILTIN_PACKAGE)
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{BUILTIN_PACKAGE}.{info.name}")
-        if _has_hookimpls(module):
-            pm.register(module, f"{BUILTIN_PACKAGE}.{info.name}")
+    for name in DEFAULT_PLUGINS:
+        _register(importlib.import_module(name), name)
     allowed = os.environ.get("RAGHUB_LOAD_PLUGINS")
     allowed_names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
     for entry_point in importlib.metadata.entry_points(group="raghub"):
@@ -54,19 +85,16 @@ def load_plugins() -> None:
             continue
         try:
             module = entry_point.load()
-        except Exception as error:  # a broken third-party plugin must not stop the others
-            failed_plugins[entry_point.name] = f"{type(error).__name__}: {error}"
-            print(f"raghub: plugin {entry_point.name!r} failed to load and is skipped: "
-                  f"{type(error).__name__}: {error}", file=sys.stderr)
+        except (Exception, SystemExit) as error:  # a broken plugin must not stop the others
+            report_failure(entry_point.name, f"failed to load: {type(error).__name__}: {error}")
             continue
         if pm.get_plugin(entry_point.name) is None:
-            pm.register(module, entry_point.name)
-    pm.check_pending()
+            _register(module, entry_point.name)
 
 
 def origin_of(plugin_name: str) -> str:
     """'built-in' or 'distribution version' for a registered plugin name."""
-    if plugin_name.startswith(BUILTIN_PACKAGE + "."):
+    if plugin_name in DEFAULT_PLUGINS:
         return BUILTIN
     for entry_point in importlib.metadata.entry_points(group="raghub", name=plugin_name):
         if entry_point.dist is not None:
@@ -74,34 +102,53 @@ def origin_of(plugin_name: str) -> str:
     return "registered at run time"
 
 
-def _collect(hook_name: str, add: Callable[[Any, str], None]) -> None:
-    """Call one hook on every plugin, telling `add` which plugin each registration came from."""
+def call_hook(hook_name: str, arguments: Callable[[str], dict[str, Any]]) -> None:
+    """Call one hook on every plugin with `arguments(plugin name)`; a plugin whose
+    implementation raises is named and skipped, and the others still run."""
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
-        impl.function(register=lambda item, _origin=origin_of(impl.plugin_name): add(item, _origin))
+        given = arguments(impl.plugin_name)
+        try:
+            impl.function(**{name: given[name] for name in impl.argnames})
+        except (Exception, SystemExit) as error:
+            report_failure(impl.plugin_name, f"its {hook_name} failed: {type(error).__name__}: {error}")
+
+
+def _shadowed_core_options(cls: type) -> list[str]:
+    return sorted(set(getattr(cls, "options", {})) & RESERVED_NAMES)
 
 
 @lru_cache(maxsize=1)
 def registry() -> Registry:
-    """Everything the loaded plugins registered. Later registrations of a name win
-    (third-party plugins can override built-ins); the origin says which did."""
+    """Everything the loaded plugins registered. A later registration of a name wins (a
+    third-party plugin can override a built-in); `origins` says which did."""
     load_plugins()
     found = Registry()
 
-    def keyed(table: dict, kind: str, key_attr: str):
-        def add(cls, origin):
+    def keyed(table: dict, kind: str, key_attr: str) -> Callable[[Any, str], None]:
+        def add(cls: Any, plugin_name: str) -> None:
+            shadowed = _shadowed_core_options(cls)
+            if shadowed:
+                raise UsageError(f"its {kind} '{getattr(cls, key_attr)}' declares option(s) "
+                                 f"{', '.join(shadowed)}, which are raghub's own settings")
             table[getattr(cls, key_attr)] = cls
-            found.origins[(kind, getattr(cls, key_attr))] = origin
+            found.origins[(kind, getattr(cls, key_attr))] = origin_of(plugin_name)
         return add
 
-    def add_task(definition: dict, origin: str) -> None:
-        check_task_definition(definition, origin)
+    def add_task(definition: dict, plugin_name: str) -> None:
+        for key in ("name", "family"):
+            if key not in definition:
+                raise UsageError(f"a task definition lacks '{key}'")
         found.tasks[definition["name"]] = definition
-        found.origins[("task", definition["name"])] = origin
+        found.origins[("task", definition["name"])] = origin_of(plugin_name)
 
-    _collect("register_task_families", keyed(found.task_families, "task family", "family"))
-    _collect("register_tasks", add_task)
-    _collect("register_augmenters", keyed(found.augmenters, "method", "name"))
-    _collect("register_retrievers", keyed(found.retrievers, "retriever", "name"))
+    for hook_name, add in (
+        ("register_task_families", keyed(found.task_families, "task family", "family")),
+        ("register_tasks", add_task),
+        ("register_methods", keyed(found.methods, "method", "name")),
+        ("register_retrievers", keyed(found.retrievers, "retriever", "name")),
+        ("register_models", keyed(found.models, "model backend", "name")),
+    ):
+        call_hook(hook_name, lambda plugin, add=add: {"register": lambda item: add(item, plugin)})
     return found
 
 

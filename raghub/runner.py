@@ -1,35 +1,35 @@
 """One run, from names to a stored record: resolve plugins, load, retrieve, evaluate, record.
 
-Every input is validated before the model loads, so bad input fails fast and writes nothing.
-Per-example stats are appended to a resume file as batches finish; an interrupted run, started
-again with the same settings, continues where it stopped.
+Every input is validated before the model loads (`resolve`), so bad input fails fast and
+writes nothing. Per-example stats are appended to a resume file as batches finish; an
+interrupted run, started again with the same settings, continues where it stopped.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
-import os
-import platform
 import re
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import raghub
-from raghub.cache import Cache, fingerprint
-from raghub.config import read_task_definition
-from raghub.interfaces import Augmenter, Example, Passage, Plugin, Retrieved, Retriever, Task, UsageError, dashed
-from raghub.model import LanguageModel, cache_root
+from raghub.cache import Cache, cache_root, fingerprint
+from raghub.errors import UsageError
+from raghub.interfaces import Example, Method, Plugin, Registry, Retrieved, Retriever, Task
+from raghub.models import ModelBackend, choose_backend
+from raghub.options import dashed
 from raghub.plugin_manager import registry
 from raghub.records import append_record
+from raghub.settings import CORE_OPTIONS, read_task_definition
 
 DEFAULT_RETRIEVER = "bm25"
 DEFAULT_N_DOCS = 4
@@ -38,13 +38,16 @@ stderr = Console(stderr=True)
 
 @dataclass
 class RunRequest:
-    """What the user asked for, before anything is resolved."""
+    """What the user asked for, before anything is resolved: the core settings (converted by
+    their declarations) and every other option, for the plugins."""
 
     task: str
     method: str
     retriever: str | None = None
     n_docs: int | None = None
     model: str | None = None
+    model_backend: str | None = None
+    model_args: str = ""
     limit: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
     results_dir: Path = Path("results")
@@ -53,23 +56,36 @@ class RunRequest:
     device: str | None = None
     dtype: str = "float32"
 
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> "RunRequest":
+        """A request from flat settings (flags and `--config` keys alike): core settings are
+        converted and bounded by `CORE_OPTIONS`, the rest go to the plugins."""
+        settings = dict(settings)
+        core = {key: option.convert(key, settings.pop(key)) for key, option in CORE_OPTIONS.items()
+                if settings.get(key) is not None}
+        for required in ("task", "method"):
+            if not core.get(required):
+                raise UsageError(f"--{required} is required (on the command line or in --config)")
+        return cls(**{**core, "results_dir": Path(core.get("results_dir", "results")),
+                      "options": settings})
+
 
 @dataclass
 class ResolvedRun:
     """Plugin classes and validated settings, checked before the model is loaded."""
 
     request: RunRequest
-    task_definition: dict[str, Any]
-    task_class: type[Task]
-    method_class: type[Augmenter]
+    task: Task
+    method_class: type[Method]
     retriever_class: type[Retriever] | None
+    backend: ModelBackend
     n_docs: int
     plugin_options: dict[str, dict[str, Any]]
 
     def settings_label(self) -> str:
         """The options given that differ from their defaults, e.g. 'combine=True'."""
         parts = []
-        for kind, cls in (("task", self.task_class), ("method", self.method_class),
+        for kind, cls in (("task", type(self.task)), ("method", self.method_class),
                           ("retriever", self.retriever_class)):
             for key, value in self.plugin_options.get(kind, {}).items():
                 if cls is not None and value != cls.options[key].default:
@@ -85,23 +101,27 @@ def _unknown(kind: str, name: str, known: Sequence[str], command: str) -> UsageE
 
 
 def _split_options(given: dict[str, Any], plugins: dict[str, type[Plugin] | None]) -> dict[str, dict[str, Any]]:
-    """Route each given option to every selected plugin that declares it."""
+    """Route each given option to every selected plugin that declares it; an option that two
+    of them declare with different meanings (type or default) is refused."""
     routed: dict[str, dict[str, Any]] = {kind: {} for kind in plugins}
+    label = {kind: f"{kind} '{getattr(cls, 'family', '') or cls.name}'" for kind, cls in plugins.items() if cls}
     for name, value in given.items():
         owners = [kind for kind, cls in plugins.items() if cls is not None and name in cls.options]
         if not owners:
-            selected = ", ".join(f"{kind} '{cls.name or cls.family}'" for kind, cls in plugins.items()
-                                 if cls is not None)
-            raise UsageError(f"--{dashed(name)} is not an option of the selected {selected}; "
-                             "see `raghub run --help`")
+            raise UsageError(f"--{dashed(name)} is not an option of the selected "
+                             f"{', '.join(label.values())}; see `raghub run --help`")
+        first = plugins[owners[0]].options[name]
+        clash = [kind for kind in owners[1:] if not plugins[kind].options[name].same_meaning(first)]
+        if clash:
+            raise UsageError(f"--{dashed(name)} means different things to the {label[owners[0]]} and "
+                             f"the {label[clash[0]]}; one of the two plugins must rename it")
         for kind in owners:
             routed[kind][name] = plugins[kind].options[name].convert(name, value)
     return routed
 
 
-def resolve(request: RunRequest) -> ResolvedRun:
-    """Look up and validate every name and option; raises UsageError on bad input."""
-    found = registry()
+def _task_family(request: RunRequest, found: Registry) -> tuple[dict[str, Any], type[Task]]:
+    """The task's definition, checked against its family's schema, and the family's class."""
     if request.task.endswith((".yaml", ".yml")) and Path(request.task).is_file():
         definition = read_task_definition(request.task)
     elif request.task in found.tasks:
@@ -112,25 +132,45 @@ def resolve(request: RunRequest) -> ResolvedRun:
         raise UsageError(f"task '{definition['name']}' needs the task family "
                          f"'{definition['family']}', which no installed plugin provides")
     task_class = found.task_families[definition["family"]]
-    if request.method not in found.augmenters:
-        raise _unknown("method", request.method, list(found.augmenters), "methods")
-    method_class = found.augmenters[request.method]
+    task_class.check_definition(definition)
+    return definition, task_class
+
+
+def _warn(message: str) -> None:
+    print(f"raghub: {message}", file=sys.stderr)
+
+
+def resolve(request: RunRequest) -> ResolvedRun:
+    """Look up and validate every name and option; raises UsageError on bad input."""
+    found = registry()
+    definition, task_class = _task_family(request, found)
+    if request.method not in found.methods:
+        raise _unknown("method", request.method, list(found.methods), "methods")
+    method_class = found.methods[request.method]
     retriever_class = None
     n_docs = 0
     if method_class.needs_retrieval:
         retriever_name = request.retriever or definition.get("retriever", DEFAULT_RETRIEVER)
         if retriever_name not in found.retrievers:
-            raise _unknown("retriever", retriever_name, list(found.retrievers), "plugins")
+            raise _unknown("retriever", retriever_name, list(found.retrievers), "retrievers")
         retriever_class = found.retrievers[retriever_name]
         n_docs = request.n_docs if request.n_docs is not None else definition.get("n_docs", DEFAULT_N_DOCS)
-        if not isinstance(n_docs, int) or isinstance(n_docs, bool) or n_docs < 1:
+        if n_docs < 1:
             raise UsageError(f"--n-docs must be a positive integer for method '{request.method}', "
                              f"not {n_docs!r}")
-    if request.limit is not None and request.limit < 1:
-        raise UsageError(f"--limit must be a positive integer, not {request.limit}")
+    else:
+        ignored = [f"--{flag}" for flag, value in (("retriever", request.retriever), ("n-docs", request.n_docs))
+                   if value is not None]
+        if ignored:
+            _warn(f"{' and '.join(ignored)} ignored: method '{request.method}' retrieves nothing")
     options = _split_options(request.options, {"task": task_class, "method": method_class,
                                                "retriever": retriever_class})
-    return ResolvedRun(request, definition, task_class, method_class, retriever_class, n_docs, options)
+    task = task_class(definition["name"], definition, request.data_dir, registry=found, **options["task"])
+    task.check()
+    backend = choose_backend(found, request.model, request.model_backend, request.model_args)
+    if Path(request.results_dir).is_file():
+        raise UsageError(f"--results-dir {request.results_dir} is a file, not a folder")
+    return ResolvedRun(request, task, method_class, retriever_class, backend, n_docs, options)
 
 
 def _progress() -> Progress:
@@ -202,28 +242,15 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _hardware(model: LanguageModel) -> dict[str, Any]:
-    device = model.device
-    return {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "dtype": model.dtype,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-    }
-
-
 def execute(resolved: ResolvedRun) -> dict[str, Any]:
     """Run a resolved request to completion and append its record to the results store."""
     request = resolved.request
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
     cache = Cache(cache_root())
-    model = LanguageModel.load(request.model, device=request.device, dtype=request.dtype,
-                               batch_size=request.batch_size)
-    task = resolved.task_class(resolved.task_definition["name"], resolved.task_definition,
-                               request.data_dir, **resolved.plugin_options["task"])
-    augmenter = resolved.method_class(model, cache, **resolved.plugin_options["method"])
+    model = resolved.backend.load(request.model, request.device, request.dtype, request.batch_size)
+    task = resolved.task
+    method = resolved.method_class(model, cache, **resolved.plugin_options["method"])
     try:
         examples = task.examples(model, request.limit)
         if not examples:
@@ -237,35 +264,36 @@ def execute(resolved: ResolvedRun) -> dict[str, Any]:
                                                               resolved.n_docs, cache)
         config = {
             "task": task.fingerprint(),
-            "method": {"name": augmenter.name, **augmenter.settings},
+            "method": {"name": method.name, **method.settings},
             "retriever": retriever.fingerprint() if retriever else None,
             "corpus": {"label": corpus_label, "fingerprint": corpus_fp},
             "n_docs": resolved.n_docs, "limit": request.limit, "model": model.name,
+            "model_backend": {"name": resolved.backend.name, **resolved.backend.settings},
             "batch_size": request.batch_size,
         }
         resume_path = Path(request.results_dir) / ".partial" / f"{fingerprint(config)}.jsonl"
-        stats = _evaluate_resumably(task, augmenter, examples, retrieved, resume_path,
+        stats = _evaluate_resumably(task, method, examples, retrieved, resume_path,
                                     request.batch_size)
         metrics = task.aggregate([stats[e.id] for e in examples])
         record = {
-            "task": task.name, "family": task.family, "method": augmenter.name,
+            "task": task.name, "family": task.family, "method": method.name,
             "retriever": retriever.name if retriever else None, "model": model.name,
             "n_docs": resolved.n_docs, "settings": resolved.settings_label(),
             "corpus": corpus_label, "n_examples": len(examples), "metrics": metrics,
             "higher_is_better": ranked_metrics(task, metrics),
-            "method_stats": augmenter.run_stats(), "config": config,
+            "method_stats": method.run_stats(), "config": config,
             "raghub_version": raghub.__version__, "git_commit": _git_commit(),
             "started_at": started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
-            "duration_s": round(time.perf_counter() - clock, 2), "hardware": _hardware(model),
+            "duration_s": round(time.perf_counter() - clock, 2), "hardware": model.hardware(),
         }
     finally:
-        augmenter.close()
+        method.close()
     append_record(request.results_dir, record)
     resume_path.unlink(missing_ok=True)
     return record
 
 
-def _evaluate_resumably(task: Task, augmenter: Augmenter, examples: Sequence[Example],
+def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
                         retrieved: Sequence[Sequence[Retrieved]], resume_path: Path,
                         batch_size: int) -> dict[str, dict[str, Any]]:
     """Per-example stats, continuing from the resume file and appending to it per batch."""
@@ -273,15 +301,15 @@ def _evaluate_resumably(task: Task, augmenter: Augmenter, examples: Sequence[Exa
     stats = _read_resume_file(resume_path)
     todo = [i for i, e in enumerate(examples) if e.id not in stats]
     with _progress() as progress, open(resume_path, "a", encoding="utf-8") as resume:
-        bar = progress.add_task(f"{task.name} · {augmenter.name}", total=len(examples),
+        bar = progress.add_task(f"{task.name} · {method.name}", total=len(examples),
                                 completed=len(examples) - len(todo))
         for first in range(0, len(todo), batch_size):
             batch = todo[first : first + batch_size]
             try:
-                results = task.evaluate(augmenter, [examples[i] for i in batch],
+                results = task.evaluate(method, [examples[i] for i in batch],
                                         [retrieved[i] for i in batch])
             except NotImplementedError:
-                raise UsageError(f"method '{augmenter.name}' does not support {task.family} "
+                raise UsageError(f"method '{method.name}' does not support {task.family} "
                                  f"tasks such as '{task.name}'") from None
             for i, result in zip(batch, results):
                 stats[examples[i].id] = result
@@ -289,8 +317,3 @@ def _evaluate_resumably(task: Task, augmenter: Augmenter, examples: Sequence[Exa
             resume.flush()
             progress.advance(bar, len(batch))
     return stats
-
-
-def run(request: RunRequest) -> dict[str, Any]:
-    """Resolve and execute one request; returns the stored record."""
-    return execute(resolve(request))

@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from raghub.cli import cli
 from raghub.hookspecs import hookimpl
-from raghub.interfaces import Augmenter, Example, Passage, Retriever, Task
+from raghub import Example, Field, Method, Passage, Retriever, Task
 from raghub.plugin_manager import pm, registry
 
 HERE = Path(__file__).parent
@@ -28,8 +27,8 @@ def invoke(*args):
     (["--task", "wikitext3", "--method", "none"], "unknown task 'wikitext3'; did you mean wikitext103, wikitext2"),
     (["--task", "wikitext2", "--method", "ensembel"], "unknown method 'ensembel'; did you mean ensemble"),
     (["--task", "wikitext2", "--method", "ensemble", "--retriever", "bm26"], "unknown retriever 'bm26'"),
-    (["--task", "wikitext2", "--method", "ensemble", "--n-docs", "-1"], "Invalid value for '--n-docs'"),
-    (["--task", "wikitext2", "--method", "ensemble", "--n-docs", "two"], "'two' is not a valid integer"),
+    (["--task", "wikitext2", "--method", "ensemble", "--n-docs", "-1"], "--n-docs must be at least 0, not -1"),
+    (["--task", "wikitext2", "--method", "ensemble", "--n-docs", "two"], "--n-docs must be an int, not 'two'"),
     (["--task", "wikitext2", "--method", "ensemble", "--n-docs", "0"], "--n-docs must be a positive integer"),
     (["--task", "wikitext2", "--method", "none", "--combine"], "--combine is not an option of the selected"),
     (["--task", "wikitext2", "--method", "none", "--model", "no/such-model-here"], "cannot be loaded"),
@@ -48,7 +47,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message
     (["--method", "none", "--stride", "-4"], "--stride must be at least 0, not -4"),
 ])
 def test_an_option_out_of_range_fails_before_the_model_loads(tmp_path, monkeypatch, args, message):
-    monkeypatch.setattr("raghub.runner.LanguageModel.load", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("raghub.models.ModelBackend.load", lambda *a, **k: pytest.fail("model loaded"))
     result = invoke("run", "--task", "wikitext2", *args, "--results-dir", str(tmp_path / "results"))
     assert result.exit_code == 2, result.output
     assert message in result.output
@@ -70,6 +69,7 @@ class EchoTask(Task):
 
     family = "echo"
     higher_is_better = {"accuracy": True}
+    definition_schema = {"words": Field(list, required=True)}
 
     def examples(self, model, limit):
         words = self.config["words"][:limit]
@@ -78,15 +78,15 @@ class EchoTask(Task):
     def corpus(self):
         return [Passage(id=w, text=w) for w in self.config["words"]], "the words themselves"
 
-    def evaluate(self, augmenter, examples, retrieved):
-        answers = augmenter.answer(examples, retrieved)
+    def evaluate(self, method, examples, retrieved):
+        answers = method.answer(examples, retrieved)
         return [{"correct": float(a == e.id)} for a, e in zip(answers, examples)]
 
     def aggregate(self, stats):
         return {"accuracy": sum(s["correct"] for s in stats) / len(stats)}
 
 
-class Copy(Augmenter):
+class Copy(Method):
     name = "copy"
 
     def answer(self, questions, retrieved):
@@ -113,7 +113,7 @@ class EchoPlugin:
         register({"name": "echo3", "family": "echo", "words": ["alpha", "beta", "gamma"]})
 
     @hookimpl
-    def register_augmenters(self, register):
+    def register_methods(self, register):
         register(Copy)
 
     @hookimpl
@@ -138,7 +138,7 @@ def test_each_registration_hook_reaches_the_registry(echo_plugin):
     found = registry()
     assert found.task_families["echo"] is EchoTask
     assert found.tasks["echo3"]["words"] == ["alpha", "beta", "gamma"]
-    assert found.augmenters["copy"] is Copy and found.retrievers["exact"] is Exact
+    assert found.methods["copy"] is Copy and found.retrievers["exact"] is Exact
     assert found.origins[("method", "copy")] == "registered at run time"
 
 
@@ -192,10 +192,10 @@ def test_third_party_plugin_is_listed_and_a_broken_one_is_named(third_party_env)
                          capture_output=True, text=True, check=True)
     listing = json.loads(out.stdout)
     uniform = next(p for p in listing["plugins"] if p["name"] == "uniform")
-    assert uniform["origin"] == "raghub-uniform 0.1.0" and uniform["hooks"] == ["register_augmenters"]
+    assert uniform["origin"] == "raghub-uniform 0.1.0" and uniform["hooks"] == ["register_methods"]
     assert any(p["origin"] == "built-in" for p in listing["plugins"])
     assert "this plugin is broken" in listing["failed"]["broken"]
-    assert "plugin 'broken' failed to load" in out.stderr
+    assert "plugin 'broken' is skipped: failed to load" in out.stderr
 
 
 def test_raghub_load_plugins_limits_third_party_plugins(third_party_env):

@@ -6,8 +6,8 @@ import math
 import pytest
 
 from raghub.cache import Cache, fingerprint
-from raghub.config import read_yaml_mapping
-from raghub.interfaces import Option, UsageError
+from raghub import Option, UsageError
+from raghub.settings import read_yaml_mapping
 from raghub.metrics import bits_per_byte, nats_per_token, perplexity
 from raghub.records import append_record, leaderboard_markdown, read_records
 

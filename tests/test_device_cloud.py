@@ -11,16 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from raghub.interfaces import Passage, Retrieved
-from raghub.plugins import device_cloud_wire
-from raghub.plugins.device_cloud import (
-    CloudLost, DeviceCloud, DocumentSide, combine_sides, deal_alternately, resolve_draft,
-    side_weight, start_cloud,
-)
-from raghub.plugins.device_cloud_wire import (
+from raghub import Passage, Retrieved, mixture_logprobs
+from raghub.plugins.methods.device_cloud import wire as device_cloud_wire
+from raghub.plugins.methods.device_cloud.method import DeviceCloud
+from raghub.plugins.methods.device_cloud.mixing import combine_sides, deal_alternately, resolve_draft, side_weight
+from raghub.plugins.methods.device_cloud.server import CloudLost, start_cloud
+from raghub.plugins.methods.device_cloud.sides import DocumentSide
+from raghub.plugins.methods.device_cloud.wire import (
     Channel, PeerLost, decode_message, pack_distribution, unpack_distribution,
 )
-from raghub.plugins.ensemble import mixture_logprobs
 
 
 # --- formulas, hand-computed -----------------------------------------------------------------
@@ -149,13 +148,13 @@ SECRET = "My private diary: the keeper's daughter hid the spare lamp wick under 
 
 @pytest.fixture(scope="module")
 def model():
-    from raghub.model import LanguageModel
+    from raghub import load_model
 
-    return LanguageModel.load(None, device="cpu")
+    return load_model(None, device="cpu")
 
 
 def _windows(model, n_targets=12):
-    from raghub.plugins.language_modelling import Window
+    from raghub import Window
 
     ids = model.encode(TEXT)
     return [Window(id=f"w{start}", query=model.decode(ids[:start]), context_ids=ids[:start],
@@ -187,7 +186,7 @@ def _bits_per_byte(logprobs, windows, model):
 @pytest.mark.real_model
 def test_synchronised_uncompressed_equals_the_centralised_ensemble(model, cloud_address, tmp_path):
     from raghub.cache import Cache
-    from raghub.plugins.ensemble import Ensemble
+    from raghub.plugins.methods.ensemble import Ensemble
 
     windows, retrieved = _windows(model), _retrieved(PASSAGES)
     central = Ensemble(model, Cache(tmp_path)).score_windows(windows, retrieved)
@@ -299,7 +298,7 @@ def test_qa_answers_are_greedy_on_the_centralised_token_mixture(model, cloud_add
     token-level mixture over both sides' passages. The cloud holds the only passage that
     answers the question, so an answer that ignored the cloud would differ."""
     from raghub.cache import Cache
-    from raghub.plugins.question_answering import PromptTemplate, Question
+    from raghub import PromptTemplate, Question
 
     question = Question(id="q", query="spare lamp wick", max_new_tokens=8,
                         question="Where did the keeper's daughter hide the spare lamp wick?",

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from raghub.plugins.ensemble import mixture_logprobs
+from raghub import mixture_logprobs
 
 
 def test_single_document_gives_its_own_log_probs():

@@ -1,4 +1,4 @@
-"""The language-modelling family: text loading, windows, passages, metrics, augmenter scoring."""
+"""The language-modelling family: text loading, windows, passages, metrics, method scoring."""
 
 import json
 import math
@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from raghub.interfaces import Augmenter, Passage, Retrieved, UsageError
-from raghub.plugins.ensemble import Ensemble, mixture_logprobs
-from raghub.plugins.incontext import InContext
-from raghub.plugins.language_modelling import LanguageModelling, Window, chunk_passages, text_lines
-from raghub.plugins.none import ClosedBook
+from raghub import Method, Passage, Retrieved, UsageError, mixture_logprobs
+from raghub.plugins.methods.ensemble import Ensemble
+from raghub.plugins.methods.incontext import InContext
+from raghub.plugins.methods.none import ClosedBook
+from raghub.plugins.tasks.language_modelling import LanguageModelling, chunk_passages, text_lines
+from raghub.settings import read_task_definition
 
 TASKS = Path(__file__).resolve().parents[1] / "tasks"
 TOY_ROWS = ["", " = First = \n", "", " Ab cd é.\n", " Ef gh.\n", "", " = Second = \n", "", " Ij kl.\n"]
@@ -35,7 +35,7 @@ class CharModel:
         return "".join(chr(i) for i in ids)
 
 
-class HalfEachToken(Augmenter):
+class HalfEachToken(Method):
     """A model that gives every target token probability 1/2."""
 
     name = "half"
@@ -145,7 +145,7 @@ def test_real_test_split_reads_the_same_from_every_file():
     folder = Path(os.environ.get("RAGHUB_DATA_DIR", "../shared/data")) / "wikitext"
     if not folder.is_dir():
         pytest.skip("needs RAGHUB_DATA_DIR with wikitext/")
-    definition = yaml.safe_load((TASKS / "wikitext2.yaml").read_text())
+    definition = read_task_definition(TASKS / "wikitext2.yaml")
     texts = []
     for name in definition["data"]["files"]["test"]:
         if (folder / name).is_file():
@@ -156,9 +156,9 @@ def test_real_test_split_reads_the_same_from_every_file():
 
 @pytest.fixture(scope="module")
 def model():
-    from raghub.model import LanguageModel
+    from raghub import load_model
 
-    return LanguageModel.load(None)
+    return load_model(None)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def real_windows(model):
     data_dir = os.environ.get("RAGHUB_DATA_DIR", "../shared/data")
     if not (Path(data_dir) / "wikitext").is_dir():
         pytest.skip("needs RAGHUB_DATA_DIR with wikitext/")
-    definition = yaml.safe_load((TASKS / "wikitext2.yaml").read_text())
+    definition = read_task_definition(TASKS / "wikitext2.yaml")
     task = LanguageModelling("wikitext2", definition, data_dir, context_len=32, pred_len=47)
     return task.examples(model, 4)
 
@@ -175,9 +175,9 @@ def real_windows(model):
 def test_none_matches_a_plain_transformers_forward_pass(model, real_windows):
     from transformers import AutoModelForCausalLM
 
-    from raghub.model import resolve_model_path
+    from raghub.plugins.models.huggingface import GGUF
 
-    plain = AutoModelForCausalLM.from_pretrained(resolve_model_path(None)[1], dtype=torch.float32).eval()
+    plain = AutoModelForCausalLM.from_pretrained(GGUF().location(None)[1], dtype=torch.float32).eval()
     ours = ClosedBook(model, None).score_windows(real_windows, [[] for _ in real_windows])
     for window, scored in zip(real_windows, ours):
         ids = torch.tensor([window.context_ids + window.target_ids])

@@ -10,13 +10,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from raghub.cache import Cache
-from raghub.interfaces import Passage, Retrieved, UsageError
-from raghub.model import LanguageModel
-from raghub.plugins.parametric import (
-    AUGMENTATION_STYLES, Augmentation, Parametric, QAPair, augment_passages, parse_fewshot_qa_pairs,
-    parse_qa_pairs, training_texts)
-from raghub.plugins.parametric_training import AdapterBank, LoraSettings, token_losses
-from raghub.plugins.question_answering import PromptTemplate, Question
+from raghub import Passage, PromptTemplate, Question, Retrieved, UsageError, load_model
+from raghub.plugins.methods.parametric.augmentation import (
+    AUGMENTATION_STYLES, Augmentation, QAPair, augment_passages, parse_fewshot_qa_pairs, parse_qa_pairs,
+    training_texts)
+from raghub.plugins.methods.parametric.method import Parametric
+from raghub.plugins.methods.parametric.training import AdapterBank, LoraSettings, token_losses
+from raghub.plugins.models.huggingface import TransformersLM
 
 PASSAGE = Passage(id="p1", title="Ulm", text="Ulm is a city on the Danube in Germany.")
 AUGMENTATION = Augmentation(
@@ -146,7 +146,7 @@ def test_qa_output_that_never_parses_is_retried_then_left_empty():
 # --------------------------------------------------------------------------- training
 
 
-def tiny_language_model() -> LanguageModel:
+def tiny_language_model() -> TransformersLM:
     words = sorted(set((" ".join([PASSAGE.as_text(), AUGMENTATION.rewrite, GOOD_QA, "The answer is"] +
                                   [p.question + " " + p.answer for p in AUGMENTATION.qa_pairs])).split()))
     vocab = {"[PAD]": 0, "[UNK]": 1, **{word: i + 2 for i, word in enumerate(words)}}
@@ -158,7 +158,7 @@ def tiny_language_model() -> LanguageModel:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, eos_token_id=0)
-    return LanguageModel(LlamaForCausalLM(config), tokenizer, "tiny-llama", batch_size=4)
+    return TransformersLM(LlamaForCausalLM(config), tokenizer, "tiny-llama", batch_size=4)
 
 
 def test_batched_training_gives_the_adapters_of_the_sequential_peft_loop():
@@ -248,7 +248,7 @@ def test_bad_settings_are_usage_errors(tmp_path):
 
 @pytest.mark.real_model
 def test_one_adapter_on_the_real_model_lowers_its_training_loss(tmp_path):
-    augmenter = Parametric(LanguageModel.load(None), Cache(tmp_path))
+    augmenter = Parametric(load_model(None), Cache(tmp_path))
     examples = [augmenter._token_ids(*text) for text in training_texts(completion_question(), PASSAGE, AUGMENTATION)]
 
     def loss(adapters):

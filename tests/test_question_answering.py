@@ -6,22 +6,13 @@ import math
 import pandas
 import pytest
 
-from raghub import plugin_manager
+from raghub import Passage, PromptTemplate, Question, Retrieved, UsageError
 from raghub.cache import Cache
-from raghub.interfaces import Passage, Registry, Retrieved, UsageError
-from raghub.plugins.question_answering import (
-    PromptTemplate,
-    QATask,
-    Question,
-    aggregate_stats,
-    deduplicate,
-    extract_answer,
-    interleave_by_type,
-    make_passage,
-    question_stats,
-    replug_answer_scores,
-    replug_vote,
-)
+from raghub.families.qa import extract_answer
+from raghub.interfaces import Registry
+from raghub.plugins.methods.ensemble import replug_answer_scores, replug_vote
+from raghub.plugins.tasks.question_answering.formats import make_passage
+from raghub.plugins.tasks.question_answering.task import QATask, aggregate_stats, deduplicate, interleave_by_type, question_stats
 
 
 class ChatStub:
@@ -32,14 +23,14 @@ class ChatStub:
         return f"<user>{message}</user><assistant>"
 
 
-def make_task(tmp_path, fmt, filename, content, **config):
+def make_task(tmp_path, fmt, filename, content, registry=None, **config):
     folder = tmp_path / "data" / "toy"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / filename).write_text(content, encoding="utf-8")
     definition = {"name": "toy", "family": "qa", "prompt": "completion",
                   "data": {"folder": "toy", "file": filename, "format": fmt,
                            "get": "toy file from the test"}, **config}
-    return QATask("toy", definition, str(tmp_path / "data"))
+    return QATask("toy", definition, str(tmp_path / "data"), registry)
 
 
 # ------------------------------------------------------------------ extraction and prompts
@@ -232,17 +223,17 @@ def test_user_corpus_replaces_the_task_corpus(tmp_path):
     assert passages == [Passage(id="1", title="Super Bowl", text="Denver won.")]
     assert str(tsv) in label
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"id": 1, "text": "x"}) + "\n")
+    bad.write_text(json.dumps({"id": 1, "title": "x"}) + "\n")
     task.settings["corpus"] = str(bad)
-    with pytest.raises(UsageError, match="lacks the column"):
+    with pytest.raises(UsageError, match="passage 1 has no text"):
         task.corpus()
 
 
-def test_stand_in_corpus_pools_the_named_tasks(tmp_path, monkeypatch):
+def test_stand_in_corpus_pools_the_named_tasks(tmp_path):
     source = make_task(tmp_path, "squad", "dev.json", json.dumps(SQUAD))
-    monkeypatch.setattr(plugin_manager, "registry", lambda: Registry(tasks={"toysquad": source.config}))
     rows = [{"test_id": 0, "question": "Q?", "answer": ["A"]}]
-    stand_in = make_task(tmp_path, "aliases", "q.json", json.dumps(rows), corpus_from=["toysquad"])
+    stand_in = make_task(tmp_path, "aliases", "q.json", json.dumps(rows),
+                         Registry(tasks={"toysquad": source.config}), corpus_from=["toysquad"])
     passages, label = stand_in.corpus()
     assert passages == source.corpus()[0] and label.startswith("stand-in corpus")
     stand_in.config["corpus_from"] = ["nosuchtask"]
@@ -284,12 +275,12 @@ def test_aggregate_means_and_by_type():
 def test_methods_answer_with_the_embedded_model(tmp_path):
     """Closed book and in-context answer every question; a one-passage ensemble asks the
     model exactly what in-context does, so both give the same answer."""
-    from raghub.model import LanguageModel
-    from raghub.plugins.ensemble import Ensemble
-    from raghub.plugins.incontext import InContext
-    from raghub.plugins.none import ClosedBook
+    from raghub import load_model
+    from raghub.plugins.methods.ensemble import Ensemble
+    from raghub.plugins.methods.incontext import InContext
+    from raghub.plugins.methods.none import ClosedBook
 
-    model = LanguageModel.load(None)
+    model = load_model(None)
     cache = Cache(tmp_path)
     template = PromptTemplate(style="completion", few_shot=(("Who wrote Hamlet?", "Shakespeare"),))
     questions = [Question(id=str(i), query=q, question=q, template=template, max_new_tokens=8)

@@ -5,11 +5,10 @@ import math
 
 import torch
 
-from raghub.hookspecs import hookimpl
-from raghub.interfaces import Augmenter
+from raghub import Method, hookimpl
 
 
-class Uniform(Augmenter):
+class Uniform(Method):
     name = "uniform"
     description = "every token equally likely: ln p = -ln |vocabulary|"
     needs_retrieval = False
@@ -20,5 +19,5 @@ class Uniform(Augmenter):
 
 
 @hookimpl
-def register_augmenters(register):
+def register_methods(register):
     register(Uniform)

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from raghub.hookspecs import hookimpl
-from raghub.interfaces import Augmenter
-
-from .language_modelling import passage_ids, score_after_prefixes
-from .question_answering import answer_questions
+from raghub import Method, answer_questions, hookimpl, passage_ids, score_after_prefixes
 
 
-class InContext(Augmenter):
+class InContext(Method):
     name = "incontext"
     description = "In-Context RALM / standard RAG: retrieved passages prepended to the prompt"
     needs_retrieval = True
@@ -27,5 +23,5 @@ class InContext(Augmenter):
 
 
 @hookimpl
-def register_augmenters(register):
+def register_methods(register):
     register(InContext)

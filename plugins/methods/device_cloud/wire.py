@@ -25,12 +25,16 @@ import struct
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import lz4.frame
 import numpy as np
-import torch
 
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+MODES = ("synchronised", "speculative")
+SPECULATION_DEPTH = 4
 COMPRESSIONS = ("dragon", "none")
 TOP_P = 0.8
 TOKEN_OFFSET = 32768
@@ -82,6 +86,8 @@ def decode_message(data: bytes) -> Message:
 
 def pack_distribution(logprobs: torch.Tensor, compression: str) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
     """The arrays (and which of them to lz4) that carry a log-prob vector in `compression`."""
+    import torch
+
     if compression == "none":
         return {"logprobs": logprobs.float().numpy()}, ()
     probs, order = logprobs.float().exp().sort(descending=True)
@@ -94,12 +100,26 @@ def pack_distribution(logprobs: torch.Tensor, compression: str) -> tuple[dict[st
 
 def unpack_distribution(arrays: dict[str, np.ndarray], vocab_size: int) -> torch.Tensor:
     """The float32 log-prob vector a `pack_distribution` message carries (-inf where dropped)."""
+    import torch
+
     logprobs = torch.from_numpy(arrays["logprobs"].astype(np.float32))
     if "ids" not in arrays:
         return logprobs
     full = torch.full((vocab_size,), -torch.inf)
     full[torch.from_numpy(arrays["ids"].astype(np.int64) + TOKEN_OFFSET)] = logprobs
     return full
+
+
+def flatten_prompts(prompts: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+    """Token-id lists as two arrays (all ids, each list's length) for a message."""
+    return {"prompt_ids": np.array([t for p in prompts for t in p], dtype=np.int32),
+            "prompt_lengths": np.array([len(p) for p in prompts], dtype=np.int32)}
+
+
+def unflatten_prompts(arrays: dict[str, np.ndarray]) -> list[list[int]]:
+    """The token-id lists `flatten_prompts` packed."""
+    ends = np.cumsum(arrays["prompt_lengths"])
+    return [chunk.tolist() for chunk in np.split(arrays["prompt_ids"], ends[:-1])] if len(ends) else []
 
 
 @dataclass

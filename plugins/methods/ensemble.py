@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import torch
+import math
+from collections import defaultdict
+from typing import TYPE_CHECKING, Sequence
 
-from raghub.hookspecs import hookimpl
-from raghub.interfaces import Augmenter, Option
+from raghub import Method, Option, generate_for, hookimpl, mixture_logprobs, passage_ids, score_after_prefixes
+from raghub.metrics import mean, normalize_answer
 
-from .language_modelling import passage_ids, score_after_prefixes
-from .question_answering import generate_for, replug_vote
-
-
-def mixture_logprobs(
-    doc_logprobs: torch.Tensor, scores: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """REPLUG's mixture: log p(y) = logsumexp_k(log softmax(scores / T)_k + log p_k(y)).
-
-    `doc_logprobs` [..., K, T] are per-document token log-probs, `scores` [..., K] the raw
-    retrieval scores of the same K documents; returns [..., T].
-    """
-    log_weights = torch.log_softmax(scores.to(doc_logprobs.dtype) / temperature, dim=-1)
-    return torch.logsumexp(log_weights[..., None] + doc_logprobs, dim=-2)
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def normalised_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
@@ -31,7 +21,32 @@ def normalised_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
     return scores
 
 
-class Ensemble(Augmenter):
+def replug_answer_scores(answers: Sequence[str], token_logprobs: Sequence[Sequence[float]],
+                         scores: Sequence[float], temperature: float = 1.0) -> dict[str, float]:
+    """REPLUG for QA: answer k, generated with passage k, scores w_k · exp(mean token log-prob)
+    with w = softmax(retrieval scores / temperature) (an empty answer scores 0); the scores of
+    answers equal after SQuAD normalisation add up. Returns normalised answer -> total."""
+    import torch
+
+    weights = torch.softmax(torch.tensor(scores, dtype=torch.float64) / temperature, dim=0)
+    totals: dict[str, float] = defaultdict(float)
+    for answer, logprobs, weight in zip(answers, token_logprobs, weights.tolist()):
+        totals[normalize_answer(answer)] += (weight * math.exp(mean(logprobs))) if logprobs else 0.0
+    return dict(totals)
+
+
+def replug_vote(answers: Sequence[str], token_logprobs: Sequence[Sequence[float]],
+                scores: Sequence[float], temperature: float = 1.0) -> str:
+    """The answer whose group has the highest REPLUG total (ties: the higher-ranked passage's),
+    spelled as its highest-ranked member; "" when there are no answers."""
+    if not answers:
+        return ""
+    totals = replug_answer_scores(answers, token_logprobs, scores, temperature)
+    best = max(totals, key=totals.__getitem__)  # first of equal totals = higher ranked
+    return next(answer for answer in answers if normalize_answer(answer) == best)
+
+
+class Ensemble(Method):
     name = "ensemble"
     description = "REPLUG / DRAGON output ensemble: one pass per passage, outputs mixed by retrieval weight"
     needs_retrieval = True
@@ -45,6 +60,8 @@ class Ensemble(Augmenter):
         """REPLUG: every (window, passage) pair scored in one batched call, then each window's
         per-passage token log-probs mixed by its passages' weights. A window without passages
         (the first) is scored on its context alone."""
+        import torch
+
         pairs = [(w, r) for w, docs in zip(windows, retrieved) for r in docs or [None]]
         prefixes = [passage_ids(self.model, r.passage, w.retrieved_max_length) if r else []
                     for w, r in pairs]
@@ -72,5 +89,5 @@ class Ensemble(Augmenter):
 
 
 @hookimpl
-def register_augmenters(register):
+def register_methods(register):
     register(Ensemble)

@@ -14,26 +14,31 @@ from __future__ import annotations
 import pickle
 import re
 from abc import abstractmethod
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
-import bm25s
 import numpy as np
-from bm25s.stopwords import STOPWORDS_EN
-from rank_bm25 import BM25Okapi
 
-from raghub.hookspecs import hookimpl
-from raghub.interfaces import Option, Passage, Retriever, UsageError
+from raghub import Option, Passage, Retriever, UsageError, hookimpl
 
 WORD = re.compile(r"\w+")
-STOPWORDS = frozenset(STOPWORDS_EN)
 #: describes `bm25_tokens` in cache keys: change it whenever the tokenisation changes
 TOKENISER = "lower-case \\w+ words, bm25s STOPWORDS_EN removed, no stemming"
 
 
+@lru_cache(maxsize=1)
+def stopwords() -> frozenset[str]:
+    """bm25s' English stop-words."""
+    from bm25s.stopwords import STOPWORDS_EN
+
+    return frozenset(STOPWORDS_EN)
+
+
 def bm25_tokens(text: str) -> list[str]:
     """Lower-case word tokens without English stop-words (bm25s' list); no stemming."""
-    return [word for word in WORD.findall(text.lower()) if word not in STOPWORDS]
+    ignored = stopwords()
+    return [word for word in WORD.findall(text.lower()) if word not in ignored]
 
 
 def top_k(scores: np.ndarray, k: int) -> list[tuple[int, float]]:
@@ -96,6 +101,8 @@ class BM25S(BM25Retriever):
     description = "BM25 (Okapi) on the bm25s library: sparse precomputed scores, fast"
 
     def build(self, folder: Path, corpus_tokens: list[list[str]]) -> None:
+        import bm25s
+
         # "atire" term frequency = BM25Okapi's tf * (k1 + 1) / (...); "robertson" idf floors at 0
         index = bm25s.BM25(
             k1=self.settings["k1"], b=self.settings["b"],
@@ -104,7 +111,9 @@ class BM25S(BM25Retriever):
         index.index(corpus_tokens, show_progress=False)
         index.save(folder, show_progress=False)
 
-    def load(self, folder: Path) -> bm25s.BM25:
+    def load(self, folder: Path) -> Any:
+        import bm25s
+
         return bm25s.BM25.load(folder, show_progress=False)
 
     def scores(self, query_tokens: list[str]) -> np.ndarray:
@@ -116,10 +125,12 @@ class RankBM25(BM25Retriever):
     description = "BM25 (Okapi) on rank-bm25, the reference implementation (slow, pure Python)"
 
     def build(self, folder: Path, corpus_tokens: list[list[str]]) -> None:
+        from rank_bm25 import BM25Okapi
+
         index = BM25Okapi(corpus_tokens, k1=self.settings["k1"], b=self.settings["b"], epsilon=0.0)
         (folder / "bm25okapi.pkl").write_bytes(pickle.dumps(index))
 
-    def load(self, folder: Path) -> BM25Okapi:
+    def load(self, folder: Path) -> Any:
         return pickle.loads((folder / "bm25okapi.pkl").read_bytes())
 
     def scores(self, query_tokens: list[str]) -> np.ndarray:

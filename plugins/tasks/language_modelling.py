@@ -23,32 +23,16 @@ from __future__ import annotations
 import bisect
 import json
 import re
-from dataclasses import dataclass
 from functools import cached_property
 from itertools import accumulate
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
-from raghub.hookspecs import hookimpl
-from raghub.interfaces import Example, Option, Passage, Retrieved, Task, UsageError
+from raghub import Field, Option, Passage, Retrieved, Task, UsageError, Window, hookimpl
+from raghub.corpus import STRUCTURED_SUFFIXES, read_corpus
 from raghub.metrics import bits_per_byte, nats_per_token, perplexity
 
-from .question_answering import read_passages_file
-
 ARTICLE_TITLE = re.compile(r" = [^=].* = ")
-
-
-@dataclass(kw_only=True)
-class Window(Example):
-    """One scored span of the text. The augmenter returns ln p(target_i | [retrieved passage
-    tokens] + context_ids + target_ids[:i]), each passage cut to `retrieved_max_length` tokens."""
-
-    context_ids: list[int]
-    target_ids: list[int]
-    retrieved_max_length: int
-    n_bytes: int = 0  #: UTF-8 bytes of the scored span
 
 
 # --------------------------------------------------------------------------- reading the text
@@ -118,21 +102,6 @@ def target_spans(n_tokens: int, span_len: int, boundaries: Sequence[int] = ()) -
             for begin, end in zip(cuts, cuts[1:]) for start in range(begin, end, span_len)]
 
 
-# --------------------------------------------------------------------------- augmenter helpers
-
-
-def passage_ids(model, passage: Passage, max_length: int) -> list[int]:
-    """A retrieved passage as tokens: its text cut to `max_length - 1` tokens, then a newline."""
-    return model.encode(passage.as_text())[: max_length - 1] + model.encode("\n")
-
-
-def score_after_prefixes(model, windows: Sequence[Window], prefixes: Sequence[list[int]]) -> list[torch.Tensor]:
-    """ln p of each window's targets given its prefix tokens and context, in one batched call."""
-    sequences = [prefix + w.context_ids + w.target_ids for w, prefix in zip(windows, prefixes)]
-    starts = [len(prefix) + len(w.context_ids) for w, prefix in zip(windows, prefixes)]
-    return model.sequence_logprobs(sequences, starts)
-
-
 # --------------------------------------------------------------------------- the task family
 
 
@@ -140,7 +109,6 @@ class LanguageModelling(Task):
     """Perplexity and bits per byte of a text, with or without retrieved passages."""
 
     family = "language-modelling"
-    augmenter_method = "score_windows"
     description = "language modelling: nats per token, perplexity and bits per byte"
     higher_is_better = {"nats_per_token": False, "ppl": False, "bits_per_byte": False}
     options = {
@@ -148,8 +116,8 @@ class LanguageModelling(Task):
         "datastore": Option(("train", "heldout-articles"), "train",
                             "passages to retrieve from: the train split of the same data, or the "
                             "evaluated split's other articles (leave-one-article-out)"),
-        "corpus": Option(str, "", "a .jsonl/.tsv of id, title, text passages, or a text file "
-                                  "cut into 64-word passages, used as the datastore instead"),
+        "corpus": Option(str, "", "a corpus file used as the datastore instead: .jsonl / .tsv of "
+                                  "id, title, text passages, or a text file cut into 64-word passages"),
         "context_len": Option(int, None, "tokens of preceding text each window conditions on "
                                          "(task default: 128)", at_least=1),
         "pred_len": Option(int, None, "each window scores pred_len + 1 new tokens (task default: 768)", at_least=1),
@@ -159,6 +127,24 @@ class LanguageModelling(Task):
                                  "with the last 32 tokens (the paper uses 4); 0 = DRAGON/REPLUG windows",
                          at_least=0),
     }
+
+    definition_schema = {
+        "data": Field({"hub": Field(str, required=True), "config": Field(str, required=True),
+                       "folder": Field(str, required=True),
+                       "files": Field({"test": Field(list), "validation": Field(list), "train": Field(list)},
+                                      required=True)}, required=True),
+        "passages": Field({"words": Field(int, required=True), "min_words": Field(int, required=True)},
+                          required=True),
+        "windows": Field({"context_len": Field(int, required=True), "pred_len": Field(int, required=True),
+                          "retrieved_max_length": Field(int, required=True)}, required=True),
+        "ralm": Field({"query_len": Field(int, required=True), "max_length": Field(int, required=True),
+                       "retrieved_max_length": Field(int, required=True)}, required=True),
+    }
+
+    def check(self) -> None:
+        """The windows' protocol (e.g. --stride against ralm.max_length) fits: computing it
+        raises a UsageError otherwise."""
+        assert self.protocol
 
     # ---- protocol
 
@@ -252,13 +238,11 @@ class LanguageModelling(Task):
         source = self.config["data"]
         if self.settings["corpus"]:
             path = Path(self.settings["corpus"]).expanduser()
-            if path.suffix in (".jsonl", ".tsv"):
-                return read_passages_file(str(path)), f"corpus file {path.name}"
-            if not path.is_file():
-                raise UsageError(f"corpus file not found: {path} (give a .jsonl/.tsv of id, title, "
-                                 "text passages or a text file)")
-            lines = text_lines(read_rows(path))
-            return chunk_passages(lines, article_of_lines(lines), path.stem), f"corpus file {path.name}"
+            passages, label = read_corpus(path), f"corpus file {path.name}"
+            if path.suffix in STRUCTURED_SUFFIXES:
+                return passages, label
+            lines = text_lines([passage.text for passage in passages])
+            return chunk_passages(lines, article_of_lines(lines), path.stem), label
         if self.heldout_articles:
             label = f"{source['config']} {self.settings['split']}, other articles (heldout-articles)"
             lines = self.lines
@@ -271,14 +255,14 @@ class LanguageModelling(Task):
 
     # ---- scoring
 
-    def evaluate(self, augmenter, examples: Sequence[Window],
+    def evaluate(self, method, examples: Sequence[Window],
                  retrieved: Sequence[Sequence[Retrieved]]) -> list[dict[str, Any]]:
         retrieved = [docs if window.query else [] for window, docs in zip(examples, retrieved)]
-        logprobs = augmenter.score_windows(examples, retrieved)
+        logprobs = method.score_windows(examples, retrieved)
         stats = []
         for window, scores in zip(examples, logprobs):
             if len(scores) != len(window.target_ids):
-                raise RuntimeError(f"{augmenter.name} scored {len(scores)} tokens of window "
+                raise RuntimeError(f"{method.name} scored {len(scores)} tokens of window "
                                    f"{window.id}, which has {len(window.target_ids)}")
             stats.append({"nll": -float(scores.double().sum()), "tokens": len(window.target_ids),
                           "bytes": window.n_bytes})

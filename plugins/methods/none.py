@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from raghub.hookspecs import hookimpl
-from raghub.interfaces import Augmenter
-
-from .language_modelling import score_after_prefixes
-from .question_answering import answer_questions
+from raghub import Method, answer_questions, hookimpl, score_after_prefixes
 
 
-class ClosedBook(Augmenter):
+class ClosedBook(Method):
     name = "none"
     description = "closed book: the model alone, no retrieval"
     needs_retrieval = False
@@ -24,5 +20,5 @@ class ClosedBook(Augmenter):
 
 
 @hookimpl
-def register_augmenters(register):
+def register_methods(register):
     register(ClosedBook)

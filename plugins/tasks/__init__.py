@@ -1,0 +1,1 @@
+"""Built-in task families (language modelling, QA) and the shipped task definitions."""

@@ -1,0 +1,187 @@
+"""The `qa` task family: open-domain question answering scored by EM / F1 and retrieval recall.
+
+One YAML per dataset (`tasks/squad.yaml`, `hotpotqa.yaml`, `2wiki.yaml`, `popqa.yaml`,
+`cwq.yaml`) names its file, the `format` that reads it (`formats.py`), the prompt template and
+the sample. The retrieval corpus is the dataset's context passages pooled over the whole file and
+de-duplicated; datasets without contexts pool the other QA tasks' passages instead
+(`corpus_from`), and the `corpus` option replaces either with a user's corpus file (e.g. DPR's
+psgs_w100.tsv).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import replace
+from functools import cached_property
+from itertools import chain, zip_longest
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from raghub import Field, Option, Passage, PromptTemplate, Question, Retrieved, Task, UsageError
+from raghub.corpus import read_corpus
+from raghub.families.qa import TEMPLATE_STYLES
+from raghub.metrics import best_over_aliases, exact_match, f1, mean
+
+from .formats import FORMATS, Loaded, read_aliases, read_rows, unique
+
+
+def deduplicate(passages: Iterable[Passage]) -> list[Passage]:
+    """Passages with the same id (same title and text) kept once, in first-seen order."""
+    return list({p.id: p for p in passages}.values())
+
+
+def interleave_by_type(questions: Sequence[Question], per_type: int | None) -> list[Question]:
+    """The first `per_type` questions of each type (all when None), taken round-robin over the
+    types in order of first appearance, so any prefix is balanced across types."""
+    by_type: dict[str, list[Question]] = defaultdict(list)
+    for question in questions:
+        by_type[question.type].append(question)
+    columns = [group[:per_type] for group in by_type.values()]
+    return [q for row in zip_longest(*columns) for q in row if q is not None]
+
+
+# --------------------------------------------------------------------------- the task family
+
+
+class QATask(Task):
+    """Open-domain QA: EM / F1 over gold aliases, recall@k of the retrieved passages, and the
+    same broken down by question type."""
+
+    family = "qa"
+    description = "open-domain question answering: EM / F1 over aliases, retrieval recall@k"
+    higher_is_better = {"em": True, "f1": True, "recall@k": True}  # every recall@{k} key
+    options = {
+        "corpus": Option(str, "", "a corpus file (.jsonl / .tsv of id, title, text, e.g. DPR's "
+                                  "psgs_w100.tsv, or blank-line-separated text) replacing the "
+                                  "task's retrieval corpus"),
+    }
+    definition_schema = {
+        "data": Field({"folder": Field(str, required=True), "file": Field(str, required=True),
+                       "format": Field(tuple(FORMATS), required=True), "aliases_file": Field(str),
+                       "types_file": Field(str), "get": Field(str)}, required=True),
+        "hub": Field({"path": Field(str, required=True), "name": Field(str),
+                      "split": Field(str, required=True), "format": Field(tuple(FORMATS), required=True)}),
+        "corpus_from": Field(list),
+        "prompt": Field(TEMPLATE_STYLES),
+        "few_shot": Field(list),
+        "max_new_tokens": Field(int),
+        "sample": Field({"first": Field(int), "per_type": Field(int)}),
+    }
+
+    def _data_file(self, name_key: str) -> Path:
+        data = self.config["data"]
+        return Path(self.data_dir) / data["folder"] / data[name_key]
+
+    @cached_property
+    def loaded(self) -> Loaded:
+        """The whole file, read once: questions (with side-file aliases and types) and contexts."""
+        if self.data_dir is None:
+            return self._read_hub()
+        data = self.config["data"]
+        path = self._data_file("file")
+        if not path.is_file():
+            raise UsageError(f"task {self.name} needs {path} ({data.get('get', 'see the task YAML')}); "
+                             "set RAGHUB_DATA_DIR to the folder holding it")
+        loaded = FORMATS[data["format"]](read_rows(path))
+        if data.get("aliases_file") and self._data_file("aliases_file").is_file():
+            self._add_aliases(loaded.questions, read_aliases(read_rows(self._data_file("aliases_file"))))
+        if data.get("types_file") and self._data_file("types_file").is_file():
+            type_of = {row["question"]: row["type"] for row in read_rows(self._data_file("types_file"))}
+            loaded.questions = [replace(q, type=type_of.get(q.question, q.type)) for q in loaded.questions]
+        return loaded
+
+    @staticmethod
+    def _add_aliases(questions: list[Question], alias_source: Loaded) -> None:
+        """Extend each question's answers with the aliases listed for the same question text."""
+        aliases = {q.question: q.answers for q in alias_source.questions}
+        for question in questions:
+            question.answers = unique([*question.answers, *aliases.get(question.question, [])])
+
+    def _read_hub(self) -> Loaded:
+        hub = self.config.get("hub")
+        if not hub:
+            data = self.config["data"]
+            raise UsageError(f"task {self.name} has no hub source: set RAGHUB_DATA_DIR to a folder "
+                             f"with {data['folder']}/{data['file']} ({data.get('get', '')})")
+        import datasets
+
+        rows = datasets.load_dataset(hub["path"], hub.get("name"), split=hub["split"])
+        return FORMATS[hub["format"]](list(rows))
+
+    def examples(self, model, limit: int | None) -> list[Question]:
+        """The sample the YAML names (first N of the file, or first N per question type,
+        interleaved by type), cut to `limit` when given, with the prompt template attached."""
+        sample = self.config.get("sample", {})
+        questions = self.loaded.questions
+        if "per_type" in sample:
+            questions = interleave_by_type(questions, sample["per_type"] if limit is None else None)
+        ordered = questions[: limit or sample.get("first")]
+        style = self.config.get("prompt", "chat")
+        template = PromptTemplate(
+            style=style, chat=model.chat_prompt if style == "chat" else None,
+            few_shot=tuple((shot["question"], shot["answer"]) for shot in self.config.get("few_shot", [])))
+        max_new_tokens = self.config.get("max_new_tokens", 32)
+        return [replace(q, template=template, max_new_tokens=max_new_tokens) for q in ordered]
+
+    def corpus(self) -> tuple[list[Passage], str]:
+        if self.settings["corpus"]:
+            passages = read_corpus(self.settings["corpus"])
+            return passages, f"user corpus {self.settings['corpus']} ({len(passages)} passages)"
+        if self.config.get("corpus_from"):
+            return self._stand_in_corpus(self.config["corpus_from"])
+        passages = deduplicate(self.loaded.passages)
+        return passages, (f"{self.name} context paragraphs, pooled over the loaded file and "
+                          f"de-duplicated ({len(passages)} passages)")
+
+    def _stand_in_corpus(self, task_names: Sequence[str]) -> tuple[list[Passage], str]:
+        """The other QA tasks' pooled passages: a small Wikipedia stand-in for datasets that
+        ship no contexts."""
+        tasks = self.registry.tasks
+        unknown = [name for name in task_names if name not in tasks]
+        if unknown:
+            raise UsageError(f"task {self.name}: corpus_from names unknown task(s) {', '.join(unknown)}")
+        pooled = chain.from_iterable(
+            QATask(name, tasks[name], self.data_dir, self.registry).loaded.passages for name in task_names)
+        passages = deduplicate(pooled)
+        return passages, (f"stand-in corpus: the de-duplicated context paragraphs of "
+                          f"{', '.join(task_names)} ({len(passages)} passages; no Wikipedia dump "
+                          "here, --corpus replaces it)")
+
+    def evaluate(self, method, examples: Sequence[Question],
+                 retrieved: Sequence[Sequence[Retrieved]]) -> list[dict[str, Any]]:
+        predictions = method.answer(examples, retrieved)
+        return [question_stats(q, prediction, docs)
+                for q, prediction, docs in zip(examples, predictions, retrieved)]
+
+    def aggregate(self, stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return aggregate_stats(stats)
+
+
+def question_stats(question: Question, prediction: str,
+                   retrieved: Sequence[Retrieved]) -> dict[str, Any]:
+    """One question's record line: the prediction, EM and F1 (best alias), recall@k."""
+    stats = {"id": question.id, "type": question.type, "prediction": prediction,
+             "em": best_over_aliases(exact_match, prediction, question.answers),
+             "f1": best_over_aliases(f1, prediction, question.answers)}
+    recall = question.recall(retrieved) if retrieved else None
+    if recall is not None:
+        stats[f"recall@{len(retrieved)}"] = recall
+    return stats
+
+
+def aggregate_stats(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Means of em, f1 and each recall@k, `n_questions`, and `by_type` em / f1 / count."""
+    metrics: dict[str, Any] = {"em": mean(s["em"] for s in stats), "f1": mean(s["f1"] for s in stats)}
+    recall_keys = sorted({key for s in stats for key in s if key.startswith("recall@")})
+    for key in recall_keys:
+        metrics[key] = mean(s[key] for s in stats if key in s)
+    metrics["n_questions"] = len(stats)
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for s in stats:
+        groups[s["type"]].append(s)
+    if any(groups.keys() - {""}):
+        metrics["by_type"] = {
+            kind: {"em": mean(s["em"] for s in group), "f1": mean(s["f1"] for s in group),
+                   "count": len(group)}
+            for kind, group in sorted(groups.items())}
+    return metrics

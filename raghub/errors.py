@@ -1,0 +1,22 @@
+"""The errors raghub reports as one line instead of a traceback.
+
+`UsageError`: the user's input is wrong (exit code 2, nothing written). `RunError`: the input
+was fine but the run could not finish (a lost peer process, ...): exit code 1, and the examples
+finished so far are kept for a rerun to resume.
+"""
+
+
+class RaghubError(Exception):
+    """Base of the errors the CLI prints as one line."""
+
+    exit_code = 1
+
+
+class UsageError(RaghubError):
+    """Bad input from the user: one line, exit code 2, nothing written."""
+
+    exit_code = 2
+
+
+class RunError(RaghubError):
+    """A run that started well could not finish: one line, exit code 1."""

@@ -1,0 +1,95 @@
+"""The question-answering contract: a task hands methods `Question`s, each knowing how to
+render its prompt (with or without passages) and how to read an answer out of a generation; a
+method returns one answer string per question (`Method.answer`)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from raghub.interfaces import Example, Passage, Retrieved
+
+if TYPE_CHECKING:  # pragma: no cover
+    from raghub.models import Generation, LanguageModel
+
+TEMPLATE_STYLES = ("chat", "completion")
+_LEADING_ANSWER_IS = re.compile(r"^\s*(the answer is|answer)\s*:?\s*", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How a question (and its passages) becomes the model input.
+
+    `style` is "chat" (the instruction and question in the model's chat template, for instruct
+    models) or "completion" (plain text ending in "Answer:"); `few_shot` holds optional
+    `{question, answer}` demonstrations placed first (before any passages).
+    """
+
+    style: str = "chat"
+    few_shot: tuple[tuple[str, str], ...] = ()
+    chat: Callable[[str], str] | None = None
+
+    INSTRUCTION = "Answer the question with a short phrase of a few words, and nothing else."
+
+    def render(self, question: str, passages: Sequence[Passage]) -> str:
+        blocks = [f"Question: {q}\nAnswer: {a}" for q, a in self.few_shot]
+        blocks += [f"Passage {n}: {p.as_text()}" for n, p in enumerate(passages, 1)]
+        if self.style == "chat":
+            body = "\n\n".join([self.INSTRUCTION, *blocks, f"Question: {question}"])
+            return self.chat(body) if self.chat else body
+        return "\n\n".join([*blocks, f"Question: {question}\nAnswer:"])
+
+
+def extract_answer(generated_text: str) -> str:
+    """The first non-empty line of a generation, without a leading "The answer is" / "Answer:"."""
+    first_line = next((line for line in generated_text.splitlines() if line.strip()), "")
+    return _LEADING_ANSWER_IS.sub("", first_line).strip()
+
+
+@dataclass
+class Question(Example):
+    """One QA example: the question, every gold alias, its type, and the gold passages when the
+    dataset says which they are (by passage id, or by title for the multi-hop sets)."""
+
+    question: str = ""
+    answers: list[str] = field(default_factory=list)
+    type: str = ""
+    max_new_tokens: int = 32
+    gold_passage_ids: list[str] = field(default_factory=list)
+    gold_titles: list[str] = field(default_factory=list)
+    template: PromptTemplate = field(default_factory=PromptTemplate, repr=False, compare=False)
+
+    def prompt(self, passages: Sequence[Passage]) -> str:
+        """The full model input in the task's template, passages included when given."""
+        return self.template.render(self.question, passages)
+
+    def extract(self, generated_text: str) -> str:
+        """The answer from a generation."""
+        return extract_answer(generated_text)
+
+    def recall(self, retrieved: Sequence[Retrieved]) -> float | None:
+        """Fraction of the gold passages (ids) and gold titles found in `retrieved`; None when
+        the dataset names no gold passage."""
+        n_gold = len(self.gold_passage_ids) + len(self.gold_titles)
+        if not n_gold:
+            return None
+        ids = {r.passage.id for r in retrieved}
+        titles = {r.passage.title for r in retrieved}
+        hits = sum(i in ids for i in self.gold_passage_ids)
+        hits += sum(t in titles for t in self.gold_titles)
+        return hits / n_gold
+
+
+def generate_for(model: LanguageModel, questions: Sequence[Question],
+                 passage_lists: Sequence[Sequence[Passage]]) -> list[Generation]:
+    """Greedy generations, one per question with its passages, in one batched call."""
+    prompts = [q.prompt(p) for q, p in zip(questions, passage_lists)]
+    return model.generate(prompts, max(q.max_new_tokens for q in questions))
+
+
+def answer_questions(model: LanguageModel, questions: Sequence[Question],
+                     passage_lists: Sequence[Sequence[Passage]]) -> list[str]:
+    """The extracted answer of each question, generated with its passages in the prompt."""
+    generations = generate_for(model, questions, passage_lists)
+    return [q.extract(g.text) for q, g in zip(questions, generations)]

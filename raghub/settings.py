@@ -1,0 +1,79 @@
+"""The core settings of a run, declared like plugin options, and reading YAML files (task
+definitions, `--config` files) with errors a user can act on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from raghub.errors import UsageError
+from raghub.options import Option
+
+#: every setting of `raghub run` that is raghub's own (plugins add theirs)
+CORE_OPTIONS: dict[str, Option] = {
+    "task": Option(str, None, "Task name (see `raghub tasks`) or a task YAML file."),
+    "method": Option(str, None, "Method name (see `raghub methods`)."),
+    "retriever": Option(str, None, "Retriever name (see `raghub retrievers`; default: the task's, else bm25)."),
+    "n_docs": Option(int, None, "Passages retrieved per example (default: the task's, else 4).", at_least=0),
+    "model": Option(str, None, "Hub id, model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."),
+    "model_backend": Option(str, None, "Model backend (see `raghub models`; default: the first that loads --model)."),
+    "model_args": Option(str, "", "Backend options as key=value,... (see `raghub models`)."),
+    "limit": Option(int, None, "Evaluate only the first N examples.", at_least=1),
+    "results_dir": Option(str, "results", "Results store."),
+    "data_dir": Option(str, None, "Local datasets folder [env: RAGHUB_DATA_DIR]."),
+    "batch_size": Option(int, 8, "Examples per batch.", at_least=1),
+    "device": Option(str, None, "torch device (default: cuda if available, else cpu)."),
+    "dtype": Option(("float32", "bfloat16", "float16"), "float32", "Weights' dtype."),
+}
+#: names no plugin option may take: the core settings and the CLI's own flags
+RESERVED_NAMES = frozenset({*CORE_OPTIONS, "config", "json"})
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping at the top of a YAML file; UsageError naming the file (and line) otherwise."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text") from None
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror or error}") from error
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UsageError(f"malformed YAML in {where}: {problem}") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} must hold a mapping of settings, not a {type(data).__name__}")
+    return data
+
+
+def read_task_definition(path: str | Path) -> dict[str, Any]:
+    """A task YAML file. `include: FILE` (or a list) names YAML files beside it whose keys are
+    defaults that this file's own keys override; `source` records where it came from."""
+    path = Path(path)
+    own = read_yaml_mapping(path)
+    included = own.pop("include", [])
+    merged: dict[str, Any] = {}
+    for name in [included] if isinstance(included, str) else included:
+        if not isinstance(name, str):
+            raise UsageError(f"{path}: 'include' must name YAML files, not {name!r}")
+        merged.update({k: v for k, v in read_task_definition(path.parent / name).items() if k != "source"})
+    return {**merged, **own, "source": str(path)}
+
+
+def parse_key_values(text: str, flag: str) -> dict[str, str]:
+    """`key=value,key=value` (lm-eval's --model_args) as a dict; UsageError on a bad pair."""
+    pairs = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise UsageError(f"{flag} takes key=value pairs separated by commas, not {item!r}")
+        pairs[key.strip()] = value.strip()
+    return pairs
