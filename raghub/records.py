@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -11,29 +12,40 @@ RECORDS_FILE = "records.jsonl"
 ROW_KEY = ("task", "method", "retriever", "model", "n_docs", "settings", "n_examples")
 
 
+def _ends_mid_line(handle) -> bool:
+    """True when the open binary file is not empty and does not end in a newline."""
+    size = handle.seek(0, os.SEEK_END)
+    if size == 0:
+        return False
+    handle.seek(size - 1)
+    return handle.read(1) != b"\n"
+
+
 def append_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
-    """Append one record as a line of JSON, flushed to disk before returning."""
+    """Append one record as a line of JSON, flushed to disk before returning. It starts on a
+    fresh line, so a line torn by a writer that crashed does not swallow it."""
     path = Path(results_dir) / RECORDS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
+    with open(path, "a+b") as handle:
+        fresh_line = "\n" if _ends_mid_line(handle) else ""
+        handle.write((fresh_line + json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
         handle.flush()
         os.fsync(handle.fileno())
     return path
 
 
 def read_records(results_dir: str | Path) -> list[dict[str, Any]]:
-    """Every stored record, oldest first; an unreadable line is reported with its number."""
+    """Every stored record, oldest first; an unreadable line is skipped and named on stderr."""
     path = Path(results_dir) / RECORDS_FILE
     if not path.exists():
         return []
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         if line.strip():
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not a JSON record ({error.msg})") from error
+            except ValueError:  # not JSON, or not even UTF-8
+                print(f"{path}, line {number}: skipped, not a JSON record", file=sys.stderr)
     return records
 
 
