@@ -3,19 +3,28 @@
 An entry is a folder `ROOT/<kind>/<fingerprint>/` holding the files a builder wrote and a
 `manifest.json` with each file's sha256, written last. An entry whose manifest is missing or
 whose files do not match it (an interrupted build, a corrupted file) is rebuilt.
+
+An entry is built in `<fingerprint>.partial-<pid>/` and renamed into place in one step, so
+processes building the same entry at once never see half an entry: the first to publish wins
+and the others load its entry. A partial folder whose process has died is removed.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 MANIFEST = "manifest.json"
+#: `<fingerprint>.partial-<pid>` (a build) or `<fingerprint>.trash-<pid>-<id>` (being deleted)
+SCRATCH_FOLDER = re.compile(r".+\.(?:partial|trash)-(\d+)(?:-\w+)?")
 
 
 def cache_root() -> Path:
@@ -39,6 +48,35 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def process_is_alive(pid: int) -> bool:
+    """True when a process with this id exists (possibly another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, but belongs to another user
+        pass
+    return True
+
+
+def discard(folder: Path) -> None:
+    """Remove a folder: first renamed aside in one step, so its path is at once free."""
+    trash = folder.with_name(f"{folder.name}.trash-{os.getpid()}-{uuid.uuid4().hex}")
+    try:
+        folder.rename(trash)
+    except FileNotFoundError:  # another process discarded it first
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_orphaned_scratch(kind_folder: Path) -> None:
+    """Remove the partial builds and trash folders left by processes that have died."""
+    for folder in kind_folder.iterdir() if kind_folder.is_dir() else ():
+        match = SCRATCH_FOLDER.fullmatch(folder.name)
+        if match and not process_is_alive(int(match.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class Cache:
@@ -70,16 +108,33 @@ class Cache:
             try:
                 return load(folder)
             except Exception:  # unreadable despite matching checksums: rebuild it
-                pass
+                discard(folder)
+        remove_orphaned_scratch(folder.parent)
         partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        build(partial)
-        files = {p.name: file_sha256(p) for p in sorted(partial.iterdir()) if p.is_file()}
-        (partial / MANIFEST).write_text(json.dumps({"key": key, "files": files}, default=str))
-        shutil.rmtree(folder, ignore_errors=True)
-        partial.rename(folder)
+        try:
+            build(partial)
+            files = {p.name: file_sha256(p) for p in sorted(partial.iterdir()) if p.is_file()}
+            (partial / MANIFEST).write_text(json.dumps({"key": key, "files": files}, default=str))
+            self.publish(partial, folder)
+        finally:  # left when the build failed or another process published first
+            shutil.rmtree(partial, ignore_errors=True)
         return load(folder)
+
+    def publish(self, partial: Path, folder: Path) -> None:
+        """Rename the built `partial` to `folder` in one step. A valid entry already there
+        (another process published first) is kept; an invalid one is discarded first."""
+        while True:
+            try:
+                partial.rename(folder)
+                return
+            except OSError as error:
+                if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            if self.is_valid(folder):
+                return
+            discard(folder)
 
     def json(self, kind: str, key: Any, compute: Callable[[], Any]) -> Any:
         """A JSON-serialisable value, computed once per key."""
