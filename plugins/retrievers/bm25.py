@@ -11,7 +11,7 @@ more than half of the passages adds nothing rather than outweighing rarer words.
 
 from __future__ import annotations
 
-import pickle
+import json
 import re
 from abc import abstractmethod
 from functools import lru_cache
@@ -85,7 +85,7 @@ class BM25Retriever(Retriever):
 
     @abstractmethod
     def build(self, folder: Path, corpus_tokens: list[list[str]]) -> None:
-        """Index the tokenised passages and save the index into `folder`."""
+        """Save into `folder` the index of the tokenised passages, as data files (no pickle)."""
 
     @abstractmethod
     def load(self, folder: Path) -> Any:
@@ -125,13 +125,14 @@ class RankBM25(BM25Retriever):
     description = "BM25 (Okapi) on rank-bm25, the reference implementation (slow, pure Python)"
 
     def build(self, folder: Path, corpus_tokens: list[list[str]]) -> None:
-        from rank_bm25 import BM25Okapi
-
-        index = BM25Okapi(corpus_tokens, k1=self.settings["k1"], b=self.settings["b"], epsilon=0.0)
-        (folder / "bm25okapi.pkl").write_bytes(pickle.dumps(index))
+        # rank-bm25 cannot save its index except by pickle; load() rebuilds it from the tokens
+        (folder / "corpus_tokens.json").write_text(json.dumps(corpus_tokens), encoding="utf-8")
 
     def load(self, folder: Path) -> Any:
-        return pickle.loads((folder / "bm25okapi.pkl").read_bytes())
+        from rank_bm25 import BM25Okapi
+
+        corpus_tokens = json.loads((folder / "corpus_tokens.json").read_text(encoding="utf-8"))
+        return BM25Okapi(corpus_tokens, k1=self.settings["k1"], b=self.settings["b"], epsilon=0.0)
 
     def scores(self, query_tokens: list[str]) -> np.ndarray:
         return self.bm25_index.get_scores(query_tokens)
