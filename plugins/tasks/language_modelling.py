@@ -57,11 +57,19 @@ def text_lines(rows: Sequence[str]) -> list[str]:
     return [line for row in rows for line in row.replace("\r\n", "\n").split("\n") if line.strip()]
 
 
+def is_article_title(line: str) -> bool:
+    """A ` = Title = ` line whose first letter is a capital, as every Wikipedia title's is.
+    Formulas broken across lines leave lines such as ` = 1 henry and capacitance C = ` inside
+    WikiText articles; their first letter is lower case."""
+    first_letter = next((char for char in line if char.isalpha()), "")
+    return bool(ARTICLE_TITLE.fullmatch(line)) and first_letter.isupper()
+
+
 def article_of_lines(lines: Sequence[str]) -> list[str]:
-    """Each line's article: the title of the last ` = Title = ` line at or before it."""
+    """Each line's article: the title of the last article title line at or before it."""
     titles, current = [], ""
     for line in lines:
-        if ARTICLE_TITLE.fullmatch(line):
+        if is_article_title(line):
             current = line.strip(" =")
         titles.append(current)
     return titles
