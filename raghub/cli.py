@@ -74,9 +74,9 @@ def _with_options(command, options: dict[str, tuple[Option, list[str]]]):
         help_text = f"{option.help} [{where}{default}]" if where or default else option.help
         if option.type is bool:
             decorator = click.option(f"--{dashed(key)}", key, is_flag=True, default=None, help=help_text)
-        else:
-            choices = click.Choice(option.type) if isinstance(option.type, tuple) else None
-            decorator = click.option(f"--{dashed(key)}", key, type=choices, default=None, help=help_text,
+        else:  # choices are checked by Option.convert too, for one-line errors like a config's
+            choices = f"[{'|'.join(option.type)}]" if isinstance(option.type, tuple) else None
+            decorator = click.option(f"--{dashed(key)}", key, metavar=choices, default=None, help=help_text,
                                      envvar="RAGHUB_DATA_DIR" if key == "data_dir" else None)
         command = decorator(command)
     return command
@@ -92,7 +92,10 @@ def _run_settings(config_file: str | None, given: dict[str, Any]) -> dict[str, A
     """The `--config` file's settings overlaid with the flags given."""
     settings: dict[str, Any] = {}
     if config_file:
-        settings = {key.replace("-", "_"): value for key, value in read_yaml_mapping(config_file).items()}
+        for key, value in read_yaml_mapping(config_file).items():
+            if not isinstance(key, str):
+                raise UsageError(f"{config_file}: setting names must be strings, not {key!r}")
+            settings[key.replace("-", "_")] = value
     settings.update({key: value for key, value in given.items() if value is not None})
     return settings
 
@@ -110,7 +113,7 @@ def _print_record(record: dict[str, Any], results_dir: Path) -> None:
 
 
 @cli.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+@click.option("--config", "config_file", type=click.Path(),  # read_yaml_mapping checks it
               help="YAML file of settings (any option of this command); flags override it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on stdout, nothing else.")
 @_with_run_options

@@ -11,6 +11,7 @@ A passage without an id gets its position in the file.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Iterable
@@ -25,7 +26,7 @@ FORMATS_HELP = ("a .jsonl of {\"id\", \"title\", \"text\"} objects, a .tsv with 
 
 def _rows(path: Path, text: str) -> Iterable[dict[str, Any]]:
     if path.suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON may hold U+2028
             if line.strip():
                 try:
                     row = json.loads(line)
@@ -35,11 +36,15 @@ def _rows(path: Path, text: str) -> Iterable[dict[str, Any]]:
                     raise UsageError(f"corpus {path}, line {number}: not an object")
                 yield row
     elif path.suffix == ".tsv":
-        yield from csv.DictReader(text.splitlines(), delimiter="\t")
-    else:
-        for block in text.replace("\r\n", "\n").split("\n\n"):
-            if block.strip():
-                yield {"text": block.strip("\n")}
+        yield from csv.DictReader(io.StringIO(text, newline=""), delimiter="\t")
+    else:  # a line of only spaces separates passages too (WikiText's raw files have them)
+        block: list[str] = []
+        for line in [*text.replace("\r\n", "\n").split("\n"), ""]:
+            if line.strip():
+                block.append(line)
+            elif block:
+                yield {"text": "\n".join(block)}
+                block = []
 
 
 def read_corpus(path: str | Path) -> list[Passage]:

@@ -32,11 +32,12 @@ class Option:
     at_most: float | None = None
     above: float | None = None
 
-    def convert(self, name: str, value: Any) -> Any:
-        """`value` as this option's type (from the CLI or a config file), or a UsageError."""
+    def convert(self, name: str, value: Any, flag: str | None = None) -> Any:
+        """`value` as this option's type (from the CLI or a config file), or a UsageError naming
+        `flag` (default: `--name`)."""
         if value is None:
             return None
-        flag = f"--{dashed(name)}"
+        flag = flag or f"--{dashed(name)}"
         if isinstance(self.type, tuple):
             if value not in self.type:
                 raise UsageError(f"{flag} must be one of {', '.join(self.type)}, not {value!r}")
@@ -60,15 +61,16 @@ class Option:
         return converted
 
     def _number(self, flag: str, value: Any) -> Any:
-        """An int or float from a number or its text; a bool or a fractional int is refused."""
+        """An int or float from a number or its text; a bool, a fractional int or NaN (which passes
+        every bound) is refused."""
         wanted = f"{'an' if self.type is int else 'a'} {self.type.__name__}"
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise UsageError(f"{flag} must be {wanted}, not {value!r}")
         try:
             converted = self.type(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # int(inf) overflows
             raise UsageError(f"{flag} must be {wanted}, not {value!r}") from None
-        if self.type is int and isinstance(value, float) and value != converted:
+        if converted != converted or (self.type is int and isinstance(value, float) and value != converted):
             raise UsageError(f"{flag} must be {wanted}, not {value!r}")
         return converted
 

@@ -54,17 +54,23 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def read_task_definition(path: str | Path) -> dict[str, Any]:
+def read_task_definition(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A task YAML file. `include: FILE` (or a list) names YAML files beside it whose keys are
     defaults that this file's own keys override; `source` records where it came from."""
     path = Path(path)
     own = read_yaml_mapping(path)
     included = own.pop("include", [])
     merged: dict[str, Any] = {}
-    for name in [included] if isinstance(included, str) else included:
+    for name in included if isinstance(included, list) else [included]:
         if not isinstance(name, str):
             raise UsageError(f"{path}: 'include' must name YAML files, not {name!r}")
-        merged.update({k: v for k, v in read_task_definition(path.parent / name).items() if k != "source"})
+        target = path.parent / name
+        if not target.is_file():
+            raise UsageError(f"{path}: 'include' names {name}, but there is no file {target}")
+        if target.resolve() in (*_including, path.resolve()):
+            raise UsageError(f"{path}: 'include' of {name} is circular")
+        defaults = read_task_definition(target, (*_including, path.resolve()))
+        merged.update({k: v for k, v in defaults.items() if k != "source"})
     return {**merged, **own, "source": str(path)}
 
 

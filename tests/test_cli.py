@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from raghub.cli import cli
 from raghub.hookspecs import hookimpl
 from raghub import Example, Field, Method, Passage, Retriever, Task
+from raghub.models import ModelBackend
 from raghub.plugin_manager import pm, registry
 
 HERE = Path(__file__).parent
@@ -23,6 +24,20 @@ def invoke(*args):
     return CliRunner().invoke(cli, list(args))
 
 
+def assert_one_line_exit_2(result, message, results_dir):
+    """Bad input: exit code 2, one line holding `message`, and nothing written."""
+    assert result.exit_code == 2, result.output
+    assert len(result.output.splitlines()) == 1 and message in result.output, result.output
+    assert not results_dir.exists()
+
+
+@pytest.fixture
+def model_never_loads(monkeypatch):
+    """Fails the test if any model backend loads (each backend overrides `load`)."""
+    for backend in {ModelBackend, *registry().models.values()}:
+        monkeypatch.setattr(backend, "load", lambda *a, **k: pytest.fail("model loaded"))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "wikitext3", "--method", "none"], "unknown task 'wikitext3'; did you mean wikitext103, wikitext2"),
     (["--task", "wikitext2", "--method", "ensembel"], "unknown method 'ensembel'; did you mean ensemble"),
@@ -31,13 +46,21 @@ def invoke(*args):
     (["--task", "wikitext2", "--method", "ensemble", "--n-docs", "two"], "--n-docs must be an int, not 'two'"),
     (["--task", "wikitext2", "--method", "ensemble", "--n-docs", "0"], "--n-docs must be a positive integer"),
     (["--task", "wikitext2", "--method", "none", "--combine"], "--combine is not an option of the selected"),
-    (["--task", "wikitext2", "--method", "none", "--model", "no/such-model-here"], "cannot be loaded"),
+    (["--task", "wikitext2", "--method", "none", "--dtype", "float64"],
+     "--dtype must be one of float32, bfloat16, float16, not 'float64'"),
+    (["--config", "."], "cannot read .: Is a directory"),
+    (["--task", "wikitext2"], "--method is required (on the command line or in --config)"),
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, model_never_loads, args, message):
     result = invoke("run", *args, "--results-dir", str(tmp_path / "results"))
-    assert result.exit_code == 2, result.output
-    assert message in result.output
-    assert not (tmp_path / "results" / "records.jsonl").exists()
+    assert_one_line_exit_2(result, message, tmp_path / "results")
+
+
+def test_a_model_that_cannot_be_found_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # fail at once, no hub retries
+    result = invoke("run", "--task", "wikitext2", "--method", "none", "--model", "no/such-model-here",
+                    "--results-dir", str(tmp_path / "results"))
+    assert_one_line_exit_2(result, "model 'no/such-model-here' cannot be loaded", tmp_path / "results")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -46,20 +69,16 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message
     (["--method", "parametric", "--lora-rank", "0"], "--lora-rank must be at least 1, not 0"),
     (["--method", "none", "--stride", "-4"], "--stride must be at least 0, not -4"),
 ])
-def test_an_option_out_of_range_fails_before_the_model_loads(tmp_path, monkeypatch, args, message):
-    monkeypatch.setattr("raghub.models.ModelBackend.load", lambda *a, **k: pytest.fail("model loaded"))
+def test_an_option_out_of_range_fails_before_the_model_loads(tmp_path, model_never_loads, args, message):
     result = invoke("run", "--task", "wikitext2", *args, "--results-dir", str(tmp_path / "results"))
-    assert result.exit_code == 2, result.output
-    assert message in result.output
+    assert_one_line_exit_2(result, message, tmp_path / "results")
 
 
 def test_malformed_config_names_file_and_line(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("task: wikitext2\nmethod: none\nlimit: [8\n")
     result = invoke("run", "--config", str(config), "--results-dir", str(tmp_path / "results"))
-    assert result.exit_code == 2
-    assert f"malformed YAML in {config}, line 4" in result.output
-    assert not (tmp_path / "results").exists()
+    assert_one_line_exit_2(result, f"malformed YAML in {config}, line 4", tmp_path / "results")
 
 
 # --- every hookspec, through an in-process plugin -------------------------------------------
