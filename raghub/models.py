@@ -26,12 +26,14 @@ class Generation:
 
 class LanguageModel(ABC):
     """A language model and its (Hugging Face style) tokenizer, with batched scoring and
-    greedy generation. `name` is what records show."""
+    greedy generation. `name` is what records show; `fingerprint` identifies the weights and
+    tokenizer by content (a run's resume key and its record carry it), the name when empty."""
 
-    def __init__(self, tokenizer: Any, name: str, batch_size: int = 8):
+    def __init__(self, tokenizer: Any, name: str, batch_size: int = 8, fingerprint: str = ""):
         self.tokenizer = tokenizer
         self.name = name
         self.batch_size = batch_size
+        self.fingerprint = fingerprint or name
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
@@ -115,7 +117,8 @@ def choose_backend(found: Registry, spec: str | None, backend_name: str | None =
     if unknown:
         raise UsageError(f"--model-args: model backend '{backend_class.name}' has no option "
                          f"{', '.join(unknown)} (it takes: {', '.join(backend_class.options) or 'none'})")
-    return backend_class(**arguments)
+    return backend_class(**{key: backend_class.options[key].convert(key, value, f"--model-args {key}")
+                            for key, value in arguments.items()})
 
 
 def load_model(spec: str | None = None, device: str | None = None, dtype: str = "float32",

