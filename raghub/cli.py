@@ -136,11 +136,7 @@ def run(config_file: str | None, as_json: bool, **given: Any) -> None:
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the markdown to this file.")
 def leaderboard(results_dir: str, tasks: tuple[str, ...], by_type: bool, output: str | None) -> None:
     """A markdown table of every stored result, best value per column in bold."""
-    try:
-        records = read_records(results_dir)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    markdown = leaderboard_markdown(records, tasks=tasks, by_type=by_type)
+    markdown = leaderboard_markdown(read_records(results_dir), tasks=tasks, by_type=by_type)
     if output:
         Path(output).write_text(markdown, encoding="utf-8")
         click.echo(f"wrote {output}", err=True)
