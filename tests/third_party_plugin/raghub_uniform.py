@@ -1,11 +1,16 @@
-"""A complete third-party raghub plugin: the `uniform` method, a baseline that gives every
-token of the vocabulary the same probability (a language model that knows nothing)."""
+"""A complete third-party raghub plugin, written against the public API only.
+
+- `uniform` (language modelling): every token of the vocabulary equally likely, the score
+  of a model that knows nothing.
+- `top1` (question answering): standard RAG with only the best retrieved passage in the
+  prompt, optionally cut to its first `--passage-words` words.
+
+torch is imported where it is used, so that `raghub --help` and `raghub plugins` stay fast.
+"""
 
 import math
 
-import torch
-
-from raghub import Method, hookimpl
+from raghub import Method, Option, Passage, hookimpl
 
 
 class Uniform(Method):
@@ -14,10 +19,38 @@ class Uniform(Method):
     needs_retrieval = False
 
     def score_windows(self, windows, retrieved):
-        log_p = -math.log(len(self.model.tokenizer))
+        """ln p = -ln |vocabulary| for every target token of every window."""
+        import torch
+
+        log_p = -math.log(self.model.vocab_size)
         return [torch.full((len(w.target_ids),), log_p) for w in windows]
+
+
+class Top1(Method):
+    name = "top1"
+    description = "standard RAG with only the best retrieved passage in the prompt"
+    options = {
+        "passage_words": Option(int, 0, "keep the passage's first N words (0: all)", at_least=0),
+    }
+
+    def answer(self, questions, retrieved):
+        """One greedy generation per question, in one batch, each prompt holding the best
+        passage (or none when nothing was retrieved)."""
+        prompts = [question.prompt([self.shortened(hits[0].passage)] if hits else [])
+                   for question, hits in zip(questions, retrieved)]
+        generations = self.model.generate(prompts, max(q.max_new_tokens for q in questions))
+        return [question.extract(g.text) for question, g in zip(questions, generations)]
+
+    def shortened(self, passage):
+        """The passage cut to `--passage-words` words."""
+        keep = self.settings["passage_words"]
+        if not keep:
+            return passage
+        text = " ".join(passage.text.split()[:keep])
+        return Passage(passage.id, text, passage.title, passage.group)
 
 
 @hookimpl
 def register_methods(register):
     register(Uniform)
+    register(Top1)

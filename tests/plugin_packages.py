@@ -1,0 +1,76 @@
+"""What the plugin tests share. For tests that run the real `raghub` command in a subprocess:
+small fake distributions written straight into a folder, and tests/third_party_plugin
+pip-installed into one (put the folder on PYTHONPATH and `importlib.metadata` finds their entry
+points). For in-process tests: a `LanguageModel` that needs no weights."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from raghub import Generation, LanguageModel
+
+RAGHUB = Path(sys.executable).with_name("raghub")
+THIRD_PARTY_PLUGIN = Path(__file__).parent / "third_party_plugin"
+
+
+def write_distribution(folder: Path, name: str, module_source: str) -> None:
+    """Distribution `name` 0.1 whose `raghub` entry point `name` is the module
+    `raghub_test_<name>`, holding `module_source`."""
+    module = f"raghub_test_{name}"
+    dist_info = folder / f"{name}-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text(f"[raghub]\n{name} = {module}\n")
+    (folder / f"{module}.py").write_text(textwrap.dedent(module_source))
+
+
+def install_third_party_plugin(target: Path, scratch: Path) -> None:
+    """pip-install tests/third_party_plugin into `target` (built from a copy in `scratch`,
+    since the build leaves files beside the sources)."""
+    source = scratch / "third_party_plugin"
+    shutil.copytree(THIRD_PARTY_PLUGIN, source, ignore=shutil.ignore_patterns("__pycache__", "build",
+                                                                             "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(source)], check=True)
+
+
+def run_raghub(site: Path, *args: str, load: str | None = None) -> subprocess.CompletedProcess:
+    """`raghub ARGS` with the distributions in `site` importable; `load` sets
+    RAGHUB_LOAD_PLUGINS (None: every plugin found)."""
+    env = {key: value for key, value in os.environ.items() if key != "RAGHUB_LOAD_PLUGINS"}
+    env.update(PYTHONPATH=str(site), COLUMNS="200")  # tables wide enough not to wrap a row
+    if load is not None:
+        env["RAGHUB_LOAD_PLUGINS"] = load
+    return subprocess.run([str(RAGHUB), *args], env=env, capture_output=True, text=True)
+
+
+class _Tokenizer:
+    """Just enough of a tokenizer: a vocabulary of 1000 tokens and a padding token."""
+
+    pad_token_id, eos_token = 0, "<end>"
+
+    def __len__(self):
+        return 1000
+
+
+class RecordingModel(LanguageModel):
+    """A model with no weights: answers every prompt with the prompt's length and remembers
+    each `generate` call as (prompts, max_new_tokens)."""
+
+    device, dtype = "cpu", "float32"
+
+    def __init__(self, name: str = "recording", batch_size: int = 8):
+        super().__init__(_Tokenizer(), name, batch_size)
+        self.calls: list[tuple[list[str], int]] = []
+
+    def sequence_logprobs(self, sequences, starts):
+        raise NotImplementedError
+
+    def generate(self, prompts, max_new_tokens):
+        self.calls.append((list(prompts), max_new_tokens))
+        return [Generation(f"Answer: {len(p)}\nmore text", []) for p in prompts]

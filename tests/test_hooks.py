@@ -1,0 +1,206 @@
+"""One test per hookspec, each through the plugin manager with an in-process plugin, and a
+test that every hookspec has one (`test_hook_<hook name>`)."""
+
+import json
+from types import SimpleNamespace
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from plugin_packages import RecordingModel
+from raghub import (Example, Field, Method, ModelBackend, Option, Passage, Retriever, Task, UsageError,
+                    hookimpl)
+from raghub import hookspecs as hookspecs_module
+from raghub.cli import cli
+from raghub.models import choose_backend
+from raghub.plugin_manager import call_hook, registry
+
+RUN_TIME = "registered at run time"
+
+
+def invoke(*args):
+    """`raghub ARGS` in process, its tables wide enough not to wrap a row."""
+    return CliRunner().invoke(cli, list(args), env={"COLUMNS": "200"})
+
+
+def registering(hook_name, *items):
+    """An in-process plugin whose `hook_name` hook registers `items`."""
+    def hook(register):
+        for item in items:
+            register(item)
+    return SimpleNamespace(**{hook_name: hookimpl(hook)})
+
+
+# --- the toy plugins ------------------------------------------------------------------------
+
+class Words(Task):
+    """Each word of the YAML's `words` is an example; correct when the method returns it."""
+
+    family = "words"
+    higher_is_better = {"accuracy": True}
+    definition_schema = {"words": Field(list, required=True)}
+
+    def examples(self, model, limit):
+        return [Example(id=word, query=word) for word in self.config["words"][:limit]]
+
+    def corpus(self):
+        return [Passage(id=word, text=word) for word in self.config["words"]], "the words"
+
+    def evaluate(self, method, examples, retrieved):
+        answers = method.answer(examples, retrieved)
+        return [{"correct": float(a == e.id)} for a, e in zip(answers, examples)]
+
+    def aggregate(self, stats):
+        return {"accuracy": sum(s["correct"] for s in stats) / len(stats)}
+
+
+WORDS_TASK = {"name": "three-words", "family": "words", "words": ["alpha", "beta", "gamma"]}
+
+
+class Copy(Method):
+    name = "copy"
+    description = "answers with the best passage's text"
+    options = {"shout": Option(bool, False, "answer in capitals")}
+
+    def answer(self, questions, retrieved):
+        texts = [hits[0].passage.text if hits else "" for hits in retrieved]
+        return [t.upper() if self.settings["shout"] else t for t in texts]
+
+
+class Exact(Retriever):
+    name = "exact"
+    description = "finds the passage whose text is the query"
+
+    def index(self, passages, corpus_fingerprint):
+        self.texts = [p.text for p in passages]
+
+    def search(self, queries, k):
+        return [[(self.texts.index(q), 1.0)][:k] for q in queries]
+
+
+class Toy(ModelBackend):
+    name = "toy"
+    description = "a model that knows nothing"
+    handles_description = "a name ending in .toy"
+    options = {"width": Option(int, 4, "the toy's width", at_least=1)}
+
+    @classmethod
+    def handles(cls, spec):
+        return spec is not None and spec.endswith(".toy")
+
+    def load(self, spec, device, dtype, batch_size):
+        return RecordingModel(spec, batch_size)
+
+
+# --- a test per hook ------------------------------------------------------------------------
+
+def test_hook_register_task_families(add_plugin, tmp_path):
+    add_plugin(registering("register_task_families", Words))
+    assert registry().task_families["words"] is Words
+    assert registry().origins[("task family", "words")] == RUN_TIME
+    task_file = tmp_path / "misspelled.yaml"
+    task_file.write_text("name: misspelled\nfamily: words\nwordz: [alpha]\n")
+    result = invoke("run", "--task", str(task_file), "--method", "none", "--results-dir", str(tmp_path / "r"))
+    assert result.exit_code == 2
+    assert f"{task_file}: unknown key 'wordz' (did you mean 'words'?)" in result.output
+
+
+def test_hook_register_tasks(add_plugin, capsys):
+    add_plugin(registering("register_tasks", WORDS_TASK))
+    broken = add_plugin(registering("register_tasks", {"name": "no-family"}))
+    found = registry()
+    assert found.tasks["three-words"] == WORDS_TASK
+    assert found.origins[("task", "three-words")] == RUN_TIME
+    assert "no-family" not in found.tasks
+    assert f"plugin '{broken}' is skipped: its register_tasks failed: UsageError: a task " \
+           f"definition lacks 'family'" in capsys.readouterr().err
+    assert "three-words" in invoke("tasks").output
+
+
+def test_hook_register_methods(add_plugin):
+    add_plugin(registering("register_methods", Copy))
+    assert registry().methods["copy"] is Copy
+    assert registry().origins[("method", "copy")] == RUN_TIME
+    row = next(line for line in invoke("methods").output.splitlines() if "copy" in line)
+    assert RUN_TIME in row and "--shout" in row
+
+
+def test_hook_register_retrievers(add_plugin):
+    add_plugin(registering("register_retrievers", Exact))
+    retriever = registry().retrievers["exact"](cache=None)
+    retriever.index([Passage("a", "alpha"), Passage("b", "beta")], "fingerprint")
+    assert retriever.search(["beta", "alpha"], k=1) == [[(1, 1.0)], [(0, 1.0)]]
+    row = next(line for line in invoke("retrievers").output.splitlines() if "exact" in line)
+    assert RUN_TIME in row
+
+
+def test_hook_register_models(add_plugin):
+    add_plugin(registering("register_models", Toy))
+    found = registry()
+    assert found.models["toy"] is Toy and "hf-causal" in found.models
+    backend = choose_backend(found, "tiny.toy")  # hf-causal handles this spec too
+    assert isinstance(backend, Toy) and backend.settings == {"width": 4}
+    assert choose_backend(found, "tiny.toy", model_args="width=8").settings == {"width": 8}
+    with pytest.raises(UsageError, match="model backend 'toy' has no option depth"):
+        choose_backend(found, "tiny.toy", model_args="depth=2")
+    with pytest.raises(UsageError, match="width must be at least 1, not 0"):
+        choose_backend(found, "tiny.toy", model_args="width=0")
+    assert not isinstance(choose_backend(found, "org/model"), Toy)
+    row = next(line for line in invoke("models").output.splitlines() if "toy" in line)
+    assert RUN_TIME in row and "a name ending in .toy" in row and "width" in row
+
+
+class HelloCommand:
+    """Adds `raghub hello`, which reports what the registry holds."""
+
+    @hookimpl
+    def register_commands(self, cli):
+        @cli.command()
+        @click.pass_obj
+        def hello(found):
+            """Greets, counting the methods."""
+            assert found is click.get_current_context().obj
+            click.echo(f"hello from a plugin; {len(found.methods)} methods, copy: {'copy' in found.methods}")
+
+
+def test_hook_register_commands(add_plugin):
+    add_plugin(HelloCommand())
+    add_plugin(registering("register_methods", Copy))
+    call_hook("register_commands", lambda _plugin: {"cli": cli})
+    try:
+        result = invoke("hello")
+        assert "hello" in invoke("--help").output
+    finally:
+        cli.commands.pop("hello", None)
+    assert result.exit_code == 0, result.output
+    assert result.output == f"hello from a plugin; {len(registry().methods)} methods, copy: True\n"
+
+
+def test_a_run_through_plugins_of_every_registration_hook(add_plugin, tmp_path, monkeypatch):
+    """Task family, task, method, retriever and model backend, all from plugins: a whole run."""
+    monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
+    for hook, item in [("register_task_families", Words), ("register_tasks", WORDS_TASK),
+                       ("register_methods", Copy), ("register_retrievers", Exact), ("register_models", Toy)]:
+        add_plugin(registering(hook, item))
+    result = invoke("run", "--task", "three-words", "--method", "copy", "--retriever", "exact",
+                    "--model", "tiny.toy", "--model-args", "width=2", "--n-docs", "1", "--limit", "2",
+                    "--json", "--results-dir", str(tmp_path / "results"))
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["metrics"] == {"accuracy": 1.0} and record["n_examples"] == 2
+    assert record["model"] == "tiny.toy" and record["config"]["model_backend"] == {"name": "toy", "width": 2}
+    assert record["plugins"] == {"task family": RUN_TIME, "method": RUN_TIME, "retriever": RUN_TIME}
+
+
+# --- the rule -------------------------------------------------------------------------------
+
+def hook_names():
+    """The hookspecs' names, as raghub.hookspecs declares them."""
+    return sorted(name for name, value in vars(hookspecs_module).items() if hasattr(value, "raghub_spec"))
+
+
+def test_every_hook_has_a_test():
+    assert len(hook_names()) >= 6
+    untested = [name for name in hook_names() if not callable(globals().get(f"test_hook_{name}"))]
+    assert not untested, f"tests/test_hooks.py has no test_hook_<name> for: {', '.join(untested)}"
