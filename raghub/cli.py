@@ -171,14 +171,14 @@ def plugins(as_json: bool) -> None:
 @click.pass_obj
 def tasks(found) -> None:
     """Registered tasks."""
-    _listing("raghub tasks", [(name, d["family"], found.origins[("task", name)], d.get("description", ""))
+    _listing("raghub tasks", [(name, d["family"], found.origin("task", name), d.get("description", ""))
                               for name, d in sorted(found.tasks.items())],
              ("task", "family", "origin", "description"))
 
 
 def _plugin_listing(title: str, kind: str, table: dict[str, type]) -> None:
     found = registry()
-    _listing(title, [(name, found.origins[(kind, name)], cls.description,
+    _listing(title, [(name, found.origin(kind, name), cls.description,
                       ", ".join(f"--{dashed(k)}" for k in cls.options))
                      for name, cls in sorted(table.items())],
              (kind, "origin", "description", "options"))
@@ -202,7 +202,7 @@ def retrievers(found) -> None:
 @click.pass_obj
 def models(found) -> None:
     """Registered model backends, what each loads, and its --model-args keys."""
-    _listing("raghub models", [(name, found.origins[("model backend", name)], cls.handles_description,
+    _listing("raghub models", [(name, found.origin("model backend", name), cls.handles_description,
                                 ", ".join(cls.options))
                                for name, cls in sorted(found.models.items())],
              ("backend", "origin", "loads", "--model-args keys"))

@@ -200,4 +200,12 @@ class Registry:
     methods: dict[str, type[Method]] = field(default_factory=dict)
     retrievers: dict[str, type[Retriever]] = field(default_factory=dict)
     models: dict[str, type] = field(default_factory=dict)
+    #: (kind, name) -> the origin of the plugin that registered it ('built-in', 'dist version')
     origins: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: (kind, name) -> the origin whose registration a later plugin replaced
+    overrides: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def origin(self, kind: str, name: str) -> str:
+        """Where a registered name came from, with the origin it replaced, if any."""
+        replaced = self.overrides.get((kind, name))
+        return self.origins[(kind, name)] + (f" (overrides {replaced})" if replaced else "")

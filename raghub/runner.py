@@ -248,6 +248,13 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def _plugin_origins(task: Task, method: Method, retriever: Retriever | None) -> dict[str, str | None]:
+    """Which installed plugin (built-in, or distribution and version) provided each part."""
+    found = registry()
+    return {"task family": found.origin("task family", task.family), "method": found.origin("method", method.name),
+            "retriever": found.origin("retriever", retriever.name) if retriever else None}
+
+
 def execute(resolved: ResolvedRun) -> dict[str, Any]:
     """Run a resolved request to completion and append its record to the results store."""
     request = resolved.request
@@ -289,6 +296,7 @@ def execute(resolved: ResolvedRun) -> dict[str, Any]:
             "corpus": corpus_label, "n_examples": len(examples), "metrics": metrics,
             "higher_is_better": ranked_metrics(task, metrics),
             "method_stats": method.run_stats(), "config": config,
+            "plugins": _plugin_origins(task, method, retriever),
             "raghub_version": raghub.__version__, "git_commit": _git_commit(),
             "started_at": started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
             "duration_s": round(time.perf_counter() - clock, 2), "hardware": model.hardware(),
