@@ -16,13 +16,14 @@ import argparse
 import dataclasses
 import math
 import os
+import secrets
 
 import torch
 
 from raghub import load_model
 from raghub.cache import Cache, cache_root
 from raghub.plugins.methods.device_cloud.method import DeviceCloud
-from raghub.plugins.methods.device_cloud.server import start_cloud
+from raghub.plugins.methods.device_cloud.server import AUTHKEY_VARIABLE, start_cloud
 from raghub.runner import RunRequest, resolve, retrieve
 
 COLUMNS = [("mode", "mode"), ("wire", "compression"), ("RTT ms", "rtt_ms"),
@@ -59,6 +60,7 @@ def main() -> None:
     retrieved, _, _ = retrieve(task, retriever, windows, resolved.n_docs, cache)
     scored_bytes = sum(len(model.decode(w.target_ids).encode()) for w in windows)
 
+    os.environ.setdefault(AUTHKEY_VARIABLE, secrets.token_hex(16))  # both sides read it
     cloud, address = start_cloud(["--threads", str(args.threads)])
     rows = []
     try:

@@ -15,7 +15,7 @@ from raghub import Passage, Retrieved, mixture_logprobs
 from raghub.plugins.methods.device_cloud import wire as device_cloud_wire
 from raghub.plugins.methods.device_cloud.method import DeviceCloud
 from raghub.plugins.methods.device_cloud.mixing import combine_sides, deal_alternately, resolve_draft, side_weight
-from raghub.plugins.methods.device_cloud.server import CloudLost, start_cloud
+from raghub.plugins.methods.device_cloud.server import AUTHKEY_VARIABLE, CloudLost, start_cloud
 from raghub.plugins.methods.device_cloud.sides import DocumentSide
 from raghub.plugins.methods.device_cloud.wire import (
     Channel, PeerLost, decode_message, pack_distribution, unpack_distribution,
@@ -169,9 +169,12 @@ def _retrieved(texts, count=2):
 
 @pytest.fixture(scope="module")
 def cloud_address():
-    """A cloud started separately, as `raghub cloud serve --port 0`."""
-    process, address = start_cloud()
-    yield address
+    """A cloud started separately, as `raghub cloud serve --port 0`, its secret shared with
+    the device through RAGHUB_CLOUD_AUTHKEY."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(AUTHKEY_VARIABLE, "test-device-cloud-secret")
+        process, address = start_cloud()
+        yield address
     process.terminate()
     process.wait(timeout=30)
     process.stdout.close()

@@ -8,6 +8,7 @@ import secrets
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -15,11 +16,12 @@ import numpy as np
 
 from raghub import LanguageModel, Method, Option, Passage, Retrieved, UsageError, passage_ids
 from raghub.cache import Cache
+from raghub.options import dashed
 
 from .mixing import combine_sides, deal_alternately, resolve_draft
-from .server import AUTHKEY_VARIABLE, DEFAULT_AUTHKEY, CloudLost, start_cloud
-from .wire import (COMPRESSIONS, MODES, TOKEN_OFFSET, Channel, Message, PeerLost, flatten_prompts,
-                   unpack_distribution)
+from .server import AUTHKEY_VARIABLE, CloudLost, start_cloud
+from .wire import (COMPRESSIONS, MODES, TOKEN_OFFSET, BadMessage, Channel, Message, PeerLost,
+                   flatten_prompts, unpack_distribution)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -30,6 +32,24 @@ if TYPE_CHECKING:  # pragma: no cover
 def _lost(error: PeerLost) -> CloudLost:
     return CloudLost(f"device-cloud lost the cloud mid-run: {error}; restart it and rerun "
                      "(finished examples are kept)")
+
+
+def split_address(address: str, flag: str = "--cloud-address") -> tuple[str, int]:
+    """(host, port) of `HOST:PORT` (no host: 127.0.0.1); a UsageError naming `flag` otherwise."""
+    host, _, port = address.rpartition(":")
+    if not port.isdecimal() or not 1 <= int(port) <= 65535:
+        raise UsageError(f"{flag} must be HOST:PORT with a port from 1 to 65535, not {address!r}")
+    return host or "127.0.0.1", int(port)
+
+
+class AddressOption(Option):
+    """A `HOST:PORT` option, checked when the run is resolved, before the model loads."""
+
+    def convert(self, name: str, value: Any) -> Any:
+        value = super().convert(name, value)
+        if value:
+            split_address(value, f"--{dashed(name)}")
+        return value
 
 
 class DeviceCloud(Method):
@@ -43,8 +63,9 @@ class DeviceCloud(Method):
         "compression": Option(COMPRESSIONS, "dragon", "wire format of each distribution: dragon "
                               "(top-p 0.8, int16 ids, fp16 log-probs, lz4) or none (full fp32)"),
         "temperature": Option(float, 1.0, "retrieval-score temperature T of the mixture weights", above=0),
-        "cloud_address": Option(str, "", "host:port of a running `raghub cloud serve` "
-                                "(default: start one for this run)"),
+        "cloud_address": AddressOption(str, "", "host:port of a running `raghub cloud serve`, "
+                                       f"whose secret is in {AUTHKEY_VARIABLE} (default: start "
+                                       "one for this run)"),
         "cloud_corpus": Option(str, "", "passages the spawned cloud retrieves from itself (.jsonl "
                                "or blank-line-separated text); default: split the run's ranked list"),
         "cloud_retriever": Option(str, "bm25", "retriever the spawned cloud uses over --cloud-corpus"),
@@ -60,6 +81,9 @@ class DeviceCloud(Method):
         if self.settings["cloud_address"] and self.settings["cloud_corpus"]:
             raise UsageError("--cloud-corpus is for a cloud this run starts; give the corpus to "
                              "`raghub cloud serve --corpus` when using --cloud-address")
+        if self.settings["cloud_address"] and not os.environ.get(AUTHKEY_VARIABLE):
+            raise UsageError(f"--cloud-address needs the cloud's secret: set {AUTHKEY_VARIABLE} to "
+                             "the one `raghub cloud serve` printed or was given")
         if len(model.tokenizer) > 2 * TOKEN_OFFSET:
             raise UsageError(f"device-cloud's int16 token ids fit vocabularies up to {2 * TOKEN_OFFSET} "
                              f"tokens; this model has {len(model.tokenizer)}")
@@ -82,16 +106,19 @@ class DeviceCloud(Method):
         if self.channel is not None:
             return self.channel
         address = self.settings["cloud_address"] or self._spawn_cloud()
-        host, _, port = address.rpartition(":")
+        host_port = split_address(address)
         authkey = (self._spawned_authkey if self.cloud_process is not None
-                   else os.environ.get(AUTHKEY_VARIABLE, DEFAULT_AUTHKEY).encode())
+                   else os.environ[AUTHKEY_VARIABLE].encode())
         pool = ThreadPoolExecutor(1)  # Client() itself has no timeout
-        future = pool.submit(Client, (host or "127.0.0.1", int(port)), authkey=authkey)
+        future = pool.submit(Client, host_port, authkey=authkey)
         try:
             connection = future.result(timeout=self.settings["timeout_s"])
         except FutureTimeout:
             raise CloudLost(f"the cloud at {address} did not accept the connection within "
-                            f"{self.settings['timeout_s']:g} s (busy with another device?)") from None
+                            f"{self.settings['timeout_s']:g} s") from None
+        except AuthenticationError:
+            raise UsageError(f"the cloud at {address} refused the secret; set {AUTHKEY_VARIABLE} "
+                             "to the cloud's secret") from None
         except (OSError, EOFError) as error:
             raise CloudLost(f"cannot connect to the cloud at {address} ({error}); start it "
                             "with `raghub cloud serve --port PORT`") from None
@@ -131,6 +158,8 @@ class DeviceCloud(Method):
             message = self.channel.receive()
         except PeerLost as error:
             raise _lost(error) from None
+        except BadMessage as error:
+            raise CloudLost(f"the cloud sent a bad message: {error}") from None
         if message.kind == "error":
             raise CloudLost(f"the cloud failed: {message.fields['message']}")
         return message

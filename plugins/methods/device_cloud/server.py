@@ -1,16 +1,23 @@
-"""The cloud process of device-cloud: `raghub cloud serve`, the server loop that streams one
-side's distributions per request, and starting a server for a run."""
+"""The cloud process of device-cloud: `raghub cloud serve`, the server that streams one side's
+distributions per request, and starting a server for a run.
+
+The shared secret comes from RAGHUB_CLOUD_AUTHKEY; a cloud on loopback without one makes a
+random one and prints it once. Each connection is authenticated and served on its own thread,
+so a silent or broken device only loses its own connection; requests take turns on the model.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import secrets
 import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from multiprocessing import AuthenticationError
-from multiprocessing.connection import Listener
+from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 from pathlib import Path
 from typing import Sequence
 
@@ -22,11 +29,12 @@ from raghub.corpus import read_corpus
 from raghub.interfaces import Registry
 from raghub.models import choose_backend
 
-from .wire import SPECULATION_DEPTH, Channel, Message, PeerLost, pack_distribution, unflatten_prompts
+from .wire import (SPECULATION_DEPTH, BadMessage, Channel, Message, PeerLost, pack_distribution,
+                   unflatten_prompts)
 
 AUTHKEY_VARIABLE = "RAGHUB_CLOUD_AUTHKEY"
-DEFAULT_AUTHKEY = "raghub-device-cloud"
 LISTENING = "raghub cloud listening on"
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class CloudLost(RunError):
@@ -34,8 +42,30 @@ class CloudLost(RunError):
     rerun (the run resumes)."""
 
 
+def _log(message: str) -> None:
+    print(f"raghub cloud: {message}", file=sys.stderr, flush=True)
+
+
+class _HandshakeDeadline:
+    """A connection whose receives give up at a deadline, for `deliver_challenge` and
+    `answer_challenge` (which only send and receive bytes)."""
+
+    def __init__(self, connection: Connection, timeout_s: float):
+        self.connection = connection
+        self.deadline = time.monotonic() + timeout_s
+
+    def send_bytes(self, data: bytes) -> None:
+        self.connection.send_bytes(data)
+
+    def recv_bytes(self, maxlength: int | None = None) -> bytes:
+        if not self.connection.poll(max(0.0, self.deadline - time.monotonic())):
+            raise TimeoutError("no answer to the authentication challenge")
+        return self.connection.recv_bytes(maxlength)
+
+
 class CloudServer:
-    """The cloud side: serves device connections one at a time, one request per example."""
+    """The cloud side: serves each device on its own thread, one request per example, and one
+    request at a time on the model."""
 
     def __init__(self, model: LanguageModel, corpus: list[Passage] | None = None,
                  retriever_class: type[Retriever] | None = None):
@@ -45,24 +75,56 @@ class CloudServer:
         if corpus is not None and retriever_class is not None:
             self.retriever = retriever_class(Cache(cache_root()))
             self.retriever.index(corpus, fingerprint([(p.id, p.title, p.text) for p in corpus]))
+        self.model_lock = threading.Lock()
+        self.stopped = threading.Event()
 
-    def serve(self, listener: Listener, once: bool) -> None:
-        """Accept devices until one asks to shut down (or, with `once`, the first leaves)."""
-        while True:
+    def serve(self, listener: Listener, authkey: bytes, once: bool) -> None:
+        """Accept devices until one asks to shut down (or, with `once`, the first one that
+        authenticated leaves). `listener` has no authkey: each connection authenticates on
+        its own thread, so a silent one cannot hold up the next."""
+        def accept_forever() -> None:
+            while True:
+                try:
+                    connection = listener.accept()
+                except OSError as error:
+                    if self.stopped.is_set():  # the listener was closed
+                        return
+                    _log(f"could not accept a connection ({error})")
+                    continue
+                threading.Thread(target=self._serve_device, daemon=True,
+                                 args=(connection, listener.last_accepted, authkey, once)).start()
+
+        threading.Thread(target=accept_forever, daemon=True).start()
+        self.stopped.wait()
+
+    def _serve_device(self, connection: Connection, peer: tuple, authkey: bytes, once: bool) -> None:
+        """Authenticate one connection and serve it; any fault closes this connection only."""
+        where = ":".join(map(str, peer))
+        try:
+            handshake = _HandshakeDeadline(connection, HANDSHAKE_TIMEOUT_S)
+            deliver_challenge(handshake, authkey)
+            answer_challenge(handshake, authkey)
+        except Exception as error:  # a wrong secret, a port scanner, a silent client, ...
+            _log(f"refused the connection from {where} ({type(error).__name__}: {error})")
+            connection.close()
+            return
+        channel = Channel(connection, timeout_s=None)
+        try:
+            if self._serve_connection(channel):
+                self.stopped.set()
+        except PeerLost:
+            _log(f"the device at {where} disconnected")
+        except Exception as error:  # the device's fault or ours: told to it, logged, hung up
+            problem = f"{type(error).__name__}: {error}"
+            _log(f"closed the connection from {where} ({problem})")
             try:
-                channel = Channel(listener.accept(), timeout_s=None)
-            except (AuthenticationError, OSError, EOFError) as error:
-                print(f"raghub cloud: refused a connection ({error})", file=sys.stderr)
-                continue
-            try:
-                if self._serve_connection(channel):
-                    return
+                channel.send({"kind": "error", "message": problem})
             except PeerLost:
-                print("raghub cloud: device disconnected", file=sys.stderr)
-            finally:
-                channel.close()
+                pass
+        finally:
+            channel.close()
             if once:
-                return
+                self.stopped.set()
 
     def _serve_connection(self, channel: Channel) -> bool:
         """Handle one device's messages; True when it asked the cloud to shut down."""
@@ -76,14 +138,10 @@ class CloudServer:
                 channel.send({"kind": "ready", "vocab_size": len(self.model.tokenizer),
                               "has_corpus": self.corpus is not None})
             elif message.kind == "open":
-                try:
+                with self.model_lock:
                     self._answer_request(channel, message)
-                except PeerLost:
-                    raise
-                except Exception as error:  # reported to the device, which stops the run with it
-                    channel.send({"kind": "error", "message": f"{type(error).__name__}: {error}"})
             else:
-                channel.send({"kind": "error", "message": f"unexpected {message.kind!r} message"})
+                raise BadMessage(f"unexpected {message.kind!r} message")
 
     def _documents(self, request: Message) -> tuple[list[list[int]], list[float]]:
         if self.retriever is None:
@@ -127,8 +185,7 @@ class CloudServer:
                     continue
             verdict = channel.receive()
             if verdict.kind != "verdict" or verdict.fields["step"] != confirmed:
-                channel.send({"kind": "error", "message": f"expected the verdict for step {confirmed}"})
-                return
+                raise BadMessage(f"expected the verdict for step {confirmed}")
             if verdict.fields["done"]:
                 return
             token = verdict.fields["token"]
@@ -144,20 +201,43 @@ class CloudServer:
             confirmed += 1
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # another host name: assume it is reachable from elsewhere
+        return False
+
+
 def serve_cloud(found: Registry, host: str, port: int, model_spec: str | None,
                 corpus_path: str | None, retriever_name: str, once: bool) -> None:
-    """Load the model (and corpus), listen, print the address, serve."""
+    """Check the address and the secret, load the model (and corpus), listen, print the
+    address (and a secret it made), serve."""
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be from 0 to 65535, not {port}")
+    secret = os.environ.get(AUTHKEY_VARIABLE)
+    if not secret and not _is_loopback(host):
+        raise UsageError(f"refusing to serve on {host} without a secret: set {AUTHKEY_VARIABLE} "
+                         "here and on the device, or serve on 127.0.0.1")
     if corpus_path and retriever_name not in found.retrievers:
         raise UsageError(f"unknown retriever '{retriever_name}' for the cloud corpus "
                          f"(known: {', '.join(sorted(found.retrievers))})")
     corpus = read_corpus(corpus_path) if corpus_path else None
     model = choose_backend(found, model_spec).load(model_spec, None, "float32", 8)
     server = CloudServer(model, corpus, found.retrievers[retriever_name] if corpus else None)
-    authkey = os.environ.get(AUTHKEY_VARIABLE, DEFAULT_AUTHKEY).encode()
-    with Listener((host, port), authkey=authkey) as listener:
+    try:
+        listener = Listener((host, port), backlog=16)
+    except OSError as error:
+        raise UsageError(f"cannot listen on {host}:{port} ({error.strerror or error})") from None
+    with listener:
         bound_host, bound_port = listener.address
         print(f"{LISTENING} {bound_host}:{bound_port}", flush=True)
-        server.serve(listener, once)
+        if not secret:
+            secret = secrets.token_hex(16)
+            print(f"raghub cloud secret: {secret} (set {AUTHKEY_VARIABLE}={secret} on the device)",
+                  flush=True)
+        server.serve(listener, secret.encode(), once)
 
 
 def start_cloud(arguments: Sequence[str] = (), timeout_s: float = 300.0,
@@ -203,7 +283,8 @@ def cloud_commands():
 def serve_command(found, host, port, model_spec, corpus_path, retriever_name, threads, once):
     """Serve distributions to `raghub run --method device-cloud --cloud-address HOST:PORT`.
 
-    Both sides read the shared secret from RAGHUB_CLOUD_AUTHKEY (set it off loopback)."""
+    Both sides read the shared secret from RAGHUB_CLOUD_AUTHKEY. Without it, a cloud on
+    loopback prints a random one to give the device; any other --host needs it set."""
     if threads:
         import torch
 

@@ -45,12 +45,23 @@ class PeerLost(ConnectionError):
     """The other process closed the connection, died, or stayed silent past the timeout."""
 
 
+class BadMessage(ValueError):
+    """A message that does not decode, or lacks a field or array its kind needs."""
+
+
+class Fields(dict):
+    """A decoded message's fields or arrays: a missing one is a BadMessage, not a KeyError."""
+
+    def __missing__(self, name: str):
+        raise BadMessage(f"the message has no field {name!r}")
+
+
 @dataclass
 class Message:
     """A decoded message: scalar fields and named numpy arrays."""
 
     fields: dict
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=Fields)
 
     @property
     def kind(self) -> str:
@@ -73,14 +84,18 @@ def encode_message(fields: dict, arrays: dict[str, np.ndarray] | None = None,
 
 
 def decode_message(data: bytes) -> Message:
-    (header_length,) = HEADER_LENGTH.unpack_from(data)
-    start = HEADER_LENGTH.size + header_length
-    fields = json.loads(data[HEADER_LENGTH.size:start])
-    arrays = {}
-    for name, dtype, length, is_compressed in fields.pop("arrays"):
-        blob = data[start:start + length]
-        start += length
-        arrays[name] = np.frombuffer(lz4.frame.decompress(blob) if is_compressed else blob, dtype=dtype)
+    """The message `encode_message` made; BadMessage for bytes that are not one."""
+    try:
+        (header_length,) = HEADER_LENGTH.unpack_from(data)
+        start = HEADER_LENGTH.size + header_length
+        fields = Fields(json.loads(data[HEADER_LENGTH.size:start]))
+        arrays = Fields()
+        for name, dtype, length, is_compressed in fields.pop("arrays"):
+            blob = data[start:start + length]
+            start += length
+            arrays[name] = np.frombuffer(lz4.frame.decompress(blob) if is_compressed else blob, dtype=dtype)
+    except Exception as error:  # whatever the bytes are, they are not a message
+        raise BadMessage(f"undecodable message ({type(error).__name__}: {error})") from None
     return Message(fields, arrays)
 
 
