@@ -3,8 +3,8 @@ the command line and one from a `--config` file are converted and bounded the sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from raghub.errors import UsageError
 
@@ -21,8 +21,8 @@ class Option:
     """A setting; the CLI exposes it as `--name` (underscores become dashes).
 
     `type` is a Python type (int, float, str, bool) or a tuple of allowed strings; a number can
-    be bounded by `at_least`, `at_most` (inclusive) and `above` (exclusive). Values are checked
-    when the run is resolved, before any model loads.
+    be bounded by `at_least`, `at_most` (inclusive) and `above` (exclusive), and any value
+    checked by `check`. Values are checked when the run is resolved, before any model loads.
     """
 
     type: Any
@@ -31,6 +31,8 @@ class Option:
     at_least: float | None = None
     at_most: float | None = None
     above: float | None = None
+    #: a further check of a converted, non-empty value: what is wrong with it, or None
+    check: Callable[[Any], str | None] | None = field(default=None, compare=False)
 
     def convert(self, name: str, value: Any, flag: str | None = None) -> Any:
         """`value` as this option's type (from the CLI or a config file), or a UsageError naming
@@ -38,6 +40,14 @@ class Option:
         if value is None:
             return None
         flag = flag or f"--{dashed(name)}"
+        converted = self._typed(flag, value)
+        problem = self.check(converted) if self.check is not None and converted != "" else None
+        if problem:
+            raise UsageError(f"{flag} {problem}")
+        return converted
+
+    def _typed(self, flag: str, value: Any) -> Any:
+        """`value` converted to `type` and within the bounds."""
         if isinstance(self.type, tuple):
             if value not in self.type:
                 raise UsageError(f"{flag} must be one of {', '.join(self.type)}, not {value!r}")

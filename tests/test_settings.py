@@ -381,3 +381,12 @@ def test_a_bad_corpus_file_is_a_usage_error_naming_it(tmp_path, name, content, m
 def test_a_missing_corpus_file_is_a_usage_error_naming_the_formats(tmp_path):
     with pytest.raises(UsageError, match=r"corpus file not found: .*nothing\.tsv \(give a \.jsonl"):
         read_corpus(tmp_path / "nothing.tsv")
+
+
+def test_an_options_check_refuses_a_value_with_its_reason():
+    """`Option(check=...)` runs after conversion, on non-empty values, with the flag in front."""
+    even = Option(int, 0, "an even number", check=lambda n: None if n % 2 == 0 else f"must be even, not {n}")
+    assert even.convert("pairs", "4") == 4
+    with pytest.raises(UsageError, match=r"^--pairs must be even, not 3$"):
+        even.convert("pairs", "3")
+    assert Option(str, "", "x", check=lambda v: "never").convert("name", "") == ""

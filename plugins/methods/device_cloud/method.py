@@ -16,7 +16,6 @@ import numpy as np
 
 from raghub import LanguageModel, Method, Option, Passage, Retrieved, UsageError, passage_ids
 from raghub.cache import Cache
-from raghub.options import dashed
 
 from .mixing import combine_sides, deal_alternately, resolve_draft
 from .server import AUTHKEY_VARIABLE, CloudLost, start_cloud
@@ -34,22 +33,21 @@ def _lost(error: PeerLost) -> CloudLost:
                      "(finished examples are kept)")
 
 
+def address_problem(address: str) -> str | None:
+    """What is wrong with a `HOST:PORT` address, or None."""
+    port = address.rpartition(":")[2]
+    if not port.isdecimal() or not 1 <= int(port) <= 65535:
+        return f"must be HOST:PORT with a port from 1 to 65535, not {address!r}"
+    return None
+
+
 def split_address(address: str, flag: str = "--cloud-address") -> tuple[str, int]:
     """(host, port) of `HOST:PORT` (no host: 127.0.0.1); a UsageError naming `flag` otherwise."""
+    problem = address_problem(address)
+    if problem:
+        raise UsageError(f"{flag} {problem}")
     host, _, port = address.rpartition(":")
-    if not port.isdecimal() or not 1 <= int(port) <= 65535:
-        raise UsageError(f"{flag} must be HOST:PORT with a port from 1 to 65535, not {address!r}")
     return host or "127.0.0.1", int(port)
-
-
-class AddressOption(Option):
-    """A `HOST:PORT` option, checked when the run is resolved, before the model loads."""
-
-    def convert(self, name: str, value: Any) -> Any:
-        value = super().convert(name, value)
-        if value:
-            split_address(value, f"--{dashed(name)}")
-        return value
 
 
 class DeviceCloud(Method):
@@ -63,9 +61,9 @@ class DeviceCloud(Method):
         "compression": Option(COMPRESSIONS, "dragon", "wire format of each distribution: dragon "
                               "(top-p 0.8, int16 ids, fp16 log-probs, lz4) or none (full fp32)"),
         "temperature": Option(float, 1.0, "retrieval-score temperature T of the mixture weights", above=0),
-        "cloud_address": AddressOption(str, "", "host:port of a running `raghub cloud serve`, "
-                                       f"whose secret is in {AUTHKEY_VARIABLE} (default: start "
-                                       "one for this run)"),
+        "cloud_address": Option(str, "", "host:port of a running `raghub cloud serve`, whose secret "
+                                f"is in {AUTHKEY_VARIABLE} (default: start one for this run)",
+                                check=address_problem),
         "cloud_corpus": Option(str, "", "passages the spawned cloud retrieves from itself (.jsonl "
                                "or blank-line-separated text); default: split the run's ranked list"),
         "cloud_retriever": Option(str, "bm25", "retriever the spawned cloud uses over --cloud-corpus"),
