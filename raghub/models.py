@@ -72,6 +72,15 @@ class LanguageModel(ABC):
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[Generation]:
         """Greedy continuations of `prompts` (stopping at end of text)."""
 
+    def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[Any]:
+        """ln p of each continuation's tokens given its prompt (float32 tensors), in one batched
+        call: what RAG-sequence scores a candidate answer with. Prompt and continuation are
+        tokenised apart, so a continuation starts on a token boundary (give it its leading
+        space when the prompt does not end in one)."""
+        prompt_ids = [self.encode(prompt) for prompt in prompts]
+        sequences = [ids + self.encode(text) for ids, text in zip(prompt_ids, continuations)]
+        return self.sequence_logprobs(sequences, [len(ids) for ids in prompt_ids])
+
     def hardware(self) -> dict[str, Any]:
         """Where the model runs, for the record."""
         return {"device": str(self.device), "dtype": self.dtype}

@@ -69,3 +69,14 @@ def test_a_corrupted_dequantised_model_is_rebuilt(cache_dir):
                                / huggingface.DEFAULT_MODEL_FILE)
     assert (rebuilt / "model.safetensors").read_bytes() == original
     assert (rebuilt / MANIFEST).exists() and Cache(cache_dir).is_valid(rebuilt)
+
+
+def test_continuation_logprobs_score_the_continuation_after_its_prompt(tmp_path, cache_dir):
+    folder = tmp_path / "model"
+    save_tiny_model(folder, seed=0)
+    model = HuggingFaceCausal().load(str(folder), "cpu", "float32", 2)
+    scored = model.continuation_logprobs(["hello world", "hello"], ["hello", "world world"])
+    ids = torch.tensor([[2, 3, 2]])  # "hello world" then "hello"
+    direct = model.hf_model(input_ids=ids).logits[0].log_softmax(-1)
+    assert scored[0].shape == (1,) and scored[0][0].item() == pytest.approx(direct[1, 2].item(), abs=1e-5)
+    assert scored[1].shape == (2,)
