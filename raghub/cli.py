@@ -240,13 +240,16 @@ def _cell(value: Any) -> str:
     return escape(f"{value:.4f}" if isinstance(value, float) else str(value))
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _sample_row(line: dict[str, Any]) -> tuple[str, str, str, str]:
     """A samples-log line as (id, its text fields, its numbers, its retrieved passages, each as
     'rank. title-or-id (score)' and marked when gold)."""
     fields = {key: value for key, value in line.items() if key not in ("id", "retrieved")}
-    is_number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)  # noqa: E731
-    texts = [f"[bold]{key}[/bold] {_cell(value)}" for key, value in fields.items() if not is_number(value)]
-    numbers = [f"{key} {_cell(value)}" for key, value in fields.items() if is_number(value)]
+    texts = [f"[bold]{key}[/bold] {_cell(value)}" for key, value in fields.items() if not _is_number(value)]
+    numbers = [f"{key} {_cell(value)}" for key, value in fields.items() if _is_number(value)]
     passages = [f"{p['rank']}. {escape(p['title'] or p['id'])} ({p['score']:.2f})"
                 + (" [green]gold[/green]" if p.get("gold") else "") for p in line.get("retrieved", [])]
     return escape(line["id"]), "\n".join(texts), "\n".join(numbers), "\n".join(passages)

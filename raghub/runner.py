@@ -222,11 +222,12 @@ def _read_resume_file(path: Path) -> dict[str, dict[str, Any]]:
                 line = json.loads(text)
             except json.JSONDecodeError:
                 continue
-            done[line["id"]] = line
+            if "retrieved" in line:  # lines of an older raghub, without the samples log, are redone
+                done[line["id"]] = line
     return done
 
 
-def sample_line(task: Task, example: Example, stats: dict[str, Any],
+def _sample_line(task: Task, example: Example, stats: dict[str, Any],
                 retrieved: Sequence[Retrieved]) -> dict[str, Any]:
     """The example's line of the samples log: its id, stats and retrieved passages (id, title,
     score, rank), with the fields its task adds."""
@@ -342,7 +343,7 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
                 raise UsageError(f"method '{method.name}' does not support {task.family} "
                                  f"tasks such as '{task.name}'") from None
             for i, result in zip(batch, results):
-                line = sample_line(task, examples[i], result, retrieved[i])
+                line = _sample_line(task, examples[i], result, retrieved[i])
                 done[examples[i].id] = line
                 resume.write(json.dumps(line) + "\n")
             resume.flush()

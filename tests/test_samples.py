@@ -136,6 +136,16 @@ def test_an_interrupted_run_resumes_to_the_same_samples(stub_plugin, tmp_path):
     assert resumed["stderr"] == uninterrupted["stderr"]
 
 
+def test_the_resume_file_keeps_whole_sample_lines_only(tmp_path):
+    from raghub.runner import _read_resume_file
+
+    path = tmp_path / "resume.jsonl"
+    line = {"id": "w1", "nll": 1.0, "tokens": 2, "bytes": 3, "retrieved": []}
+    path.write_text(json.dumps(line) + "\n" + json.dumps({"id": "w0", "stats": {"nll": 1.0}})
+                    + "\n" + '{"id": "w2", "nl')  # an older raghub's line and a torn last line
+    assert _read_resume_file(path) == {"w1": line}
+
+
 # --- hand-made records and samples --------------------------------------------------------
 
 def store(results, record_id, task, family, higher, lines, **extra):
@@ -244,7 +254,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_samples(tmp_path
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    assert not (tmp_path / "killed" / "records.jsonl").exists(), "the run finished before the kill"
+    [resume_file] = partial.glob("*.jsonl")
+    assert 1 <= resume_file.read_text().count("\n") < 3, "the kill did not come mid-run"
     resumed, whole = (json.loads(subprocess.run([*command, "--results-dir", str(tmp_path / folder)], env=env,
                                                 capture_output=True, text=True, check=True).stdout)
                       for folder in ("killed", "whole"))
