@@ -306,8 +306,9 @@ def compare(found, reference_a: str, reference_b: str, as_json: bool, results_di
                   f"paired on the {comparison['n_shared']} examples both ran "
                   f"(A ran {comparison['n_a']}, B ran {comparison['n_b']})", highlight=False)
     table = Table()
-    for column in ("metric", "A", "B", "A − B", "se", "A better", "B better", "ties"):
-        table.add_column(column, justify="left" if column == "metric" else "right")
+    table.add_column("metric", min_width=max(map(len, comparison["metrics"]), default=6))
+    for column in ("A", "B", "A − B", "se", "A wins", "B wins", "ties"):
+        table.add_column(column, justify="right")
     for name, row in comparison["metrics"].items():
         table.add_row(name, *(_cell(row[key]) for key in ("a", "b", "difference", "se", "wins", "losses", "ties")))
     console.print(table)
