@@ -3,14 +3,14 @@
 The public API a plugin is written against::
 
     from raghub import hookimpl, Method, Retriever, Task, Option, Passage, Retrieved
-    from raghub import Window, Question, LanguageModel, ModelBackend, UsageError
+    from raghub import Window, Question, Answer, LanguageModel, ModelBackend, UsageError
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
 from raghub.errors import RaghubError, RunError, UsageError
 from raghub.families.lm import Window, passage_ids, score_after_prefixes
-from raghub.families.qa import PromptTemplate, Question, answer_questions, generate_for
+from raghub.families.qa import Answer, PromptTemplate, Question, answer_questions, generate_for
 from raghub.hookspecs import hookimpl
 from raghub.interfaces import Augmenter, Example, Method, Passage, Retrieved, Retriever, Task
 from raghub.mixture import mixture_logprobs
@@ -24,7 +24,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
-    "Augmenter", "Example", "Field", "Generation", "LanguageModel", "Method", "ModelBackend",
+    "Answer", "Augmenter", "Example", "Field", "Generation", "LanguageModel", "Method", "ModelBackend",
     "Option", "Passage", "PromptTemplate", "Question", "RaghubError", "Retrieved", "Retriever",
     "RunError", "Task", "UsageError", "Window", "answer_questions", "generate_for", "hookimpl",
     "load_model", "mixture_logprobs", "passage_ids", "score_after_prefixes",

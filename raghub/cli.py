@@ -1,4 +1,5 @@
-"""The `raghub` command line: run, leaderboard, plugins, tasks, methods, retrievers, models.
+"""The `raghub` command line: run, leaderboard, plugins, tasks, methods, retrievers, models,
+samples, compare.
 
 The core settings (`raghub.settings.CORE_OPTIONS`) and every option the installed plugins
 declare (a method's `--temperature`, a task's `--split`, ...) become `raghub run` flags; flags
@@ -14,12 +15,13 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from raghub.errors import RaghubError, UsageError
 from raghub.options import Option, dashed
 from raghub.plugin_manager import call_hook, failed_plugins, plugin_summaries, registry
-from raghub.records import leaderboard_markdown, read_records
+from raghub.records import find_record, leaderboard_markdown, read_records, read_samples
 from raghub.settings import CORE_OPTIONS, read_yaml_mapping
 
 
@@ -100,9 +102,14 @@ def _run_settings(config_file: str | None, given: dict[str, Any]) -> dict[str, A
     return settings
 
 
+def _record_title(record: dict[str, Any]) -> str:
+    """E.g. 'squad · incontext · bm25 k=3'."""
+    return (f"{record['task']} · {record['method']}"
+            + (f" · {record['retriever']} k={record['n_docs']}" if record["retriever"] else ""))
+
+
 def _print_record(record: dict[str, Any], results_dir: Path) -> None:
-    table = Table(title=f"{record['task']} · {record['method']}"
-                  + (f" · {record['retriever']} k={record['n_docs']}" if record["retriever"] else ""))
+    table = Table(title=_record_title(record))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in record["metrics"].items():
@@ -206,6 +213,104 @@ def models(found) -> None:
                                 ", ".join(cls.options))
                                for name, cls in sorted(found.models.items())],
              ("backend", "origin", "loads", "--model-args keys"))
+
+
+# --- inspecting results ------------------------------------------------------------------------
+
+RESULTS_DIR_OPTION = click.option("--results-dir", type=click.Path(file_okay=False), default="results",
+                                  show_default=True)
+
+
+def _stored_run(results_dir: str, reference: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A record (by id, the start of one, or `latest`) and its samples log."""
+    try:
+        record = find_record(results_dir, reference)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return record, read_samples(results_dir, record)
+
+
+def _cell(value: Any) -> str:
+    """A value as table text: floats to 4 decimals, None as '–', lists joined by ' | '."""
+    if value is None:
+        return "–"
+    if isinstance(value, list):
+        return " | ".join(_cell(item) for item in value)
+    return escape(f"{value:.4f}" if isinstance(value, float) else str(value))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _sample_row(line: dict[str, Any]) -> tuple[str, str, str, str]:
+    """A samples-log line as (id, its text fields, its numbers, its retrieved passages, each as
+    'rank. title-or-id (score)' and marked when gold)."""
+    fields = {key: value for key, value in line.items() if key not in ("id", "retrieved")}
+    texts = [f"[bold]{key}[/bold] {_cell(value)}" for key, value in fields.items() if not _is_number(value)]
+    numbers = [f"{key} {_cell(value)}" for key, value in fields.items() if _is_number(value)]
+    passages = [f"{p['rank']}. {escape(p['title'] or p['id'])} ({p['score']:.2f})"
+                + (" [green]gold[/green]" if p.get("gold") else "") for p in line.get("retrieved", [])]
+    return escape(line["id"]), "\n".join(texts), "\n".join(numbers), "\n".join(passages)
+
+
+@cli.command()
+@click.argument("reference", metavar="RECORD")
+@click.option("--wrong", is_flag=True, help="Only the examples with EM 0 (question answering).")
+@click.option("--type", "example_type", help="Only the examples of this question type.")
+@RESULTS_DIR_OPTION
+def samples(reference: str, wrong: bool, example_type: str | None, results_dir: str) -> None:
+    """A run's examples, one row each (RECORD: a record id, the start of one, or `latest`)."""
+    record, lines = _stored_run(results_dir, reference)
+    shown = lines
+    if wrong:
+        if not any("em" in line for line in lines):
+            raise UsageError(f"--wrong keeps the examples with EM 0, and record {record['id']} "
+                             f"({record['task']}) has no EM")
+        shown = [line for line in shown if line.get("em") == 0]
+    if example_type is not None:
+        shown = [line for line in shown if line.get("type") == example_type]
+    table = Table(title=f"{record['id']}: {_record_title(record)}", show_lines=True,
+                  caption=f"{len(shown)} of {len(lines)} examples")
+    for column in ("id", "example", "scores", "retrieved"):
+        table.add_column(column, overflow="fold")
+    for line in shown:
+        table.add_row(*_sample_row(line))
+    Console().print(table)
+
+
+@cli.command()
+@click.argument("reference_a", metavar="A")
+@click.argument("reference_b", metavar="B")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON, nothing else.")
+@RESULTS_DIR_OPTION
+@click.pass_obj
+def compare(found, reference_a: str, reference_b: str, as_json: bool, results_dir: str) -> None:
+    """Two runs of a task, paired example by example: the difference A − B of each metric, its
+    paired standard error, and the examples A does better / worse / the same on."""
+    from raghub.comparison import compare_runs
+
+    record_a, samples_a = _stored_run(results_dir, reference_a)
+    record_b, samples_b = _stored_run(results_dir, reference_b)
+    family = found.task_families.get(record_a["family"])
+    if family is None:
+        raise UsageError(f"no installed plugin provides the task family '{record_a['family']}'")
+    comparison = compare_runs(record_a, samples_a, record_b, samples_b, family.metric_terms)
+    if as_json:
+        click.echo(json.dumps(comparison, sort_keys=True))
+        return
+    console = Console()
+    console.print(f"A  {record_a['id']}  {_record_title(record_a)}\n"
+                  f"B  {record_b['id']}  {_record_title(record_b)}\n"
+                  f"paired on the {comparison['n_shared']} examples both ran "
+                  f"(A ran {comparison['n_a']}, B ran {comparison['n_b']})", highlight=False)
+    table = Table()
+    table.add_column("metric", min_width=max(map(len, comparison["metrics"]), default=6))
+    for column in ("A", "B", "A − B", "se", "A wins", "B wins", "ties"):
+        table.add_column(column, justify="right")
+    for name, row in comparison["metrics"].items():
+        table.add_row(name, *(_cell(row[key]) for key in ("a", "b", "difference", "se", "wins", "losses", "ties")))
+    console.print(table)
 
 
 call_hook("register_commands", lambda _plugin: {"cli": cli})

@@ -6,6 +6,7 @@ A run is data flowing through them (see `raghub.runner`):
     retriever.search(queries, k) -> ranked (passage index, score) lists   [cached by the runner]
     task.evaluate(method, examples, retrieved) -> one JSON-able stats dict per example
     task.aggregate(stats) -> the record's metrics
+    task.sample_log(example, line) -> the example's line in the run's samples log
 
 Each task family calls the method entry point of its contract (`raghub.families`):
 `score_windows` for language modelling (`Window`s), `answer` for QA (`Question`s). A method
@@ -19,6 +20,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
+from raghub.metrics import ratio_estimates
 from raghub.options import Option
 from raghub.schema import Field, check_schema
 
@@ -181,7 +183,32 @@ class Task(Plugin, ABC):
     @abstractmethod
     def aggregate(self, stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Combine per-example stats into the record's metrics (a flat dict of numbers,
-        optionally with a nested `by_type` dict)."""
+        optionally with a nested `by_type` dict). Each example's stats come as its line of the
+        samples log (`sample_log`), which holds them, so a samples log re-aggregates."""
+
+    @classmethod
+    def metric_terms(cls, stats: dict[str, Any]) -> dict[str, tuple[float, float]]:
+        """One example's (y, x) for each metric that is a ratio of sums Σy / Σx over the
+        examples (x = 1 for a mean). Standard errors and `raghub compare` are computed from
+        these; a family without them gets neither."""
+        return {}
+
+    def standard_errors(self, stats: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+        """The standard error of each metric (None when it has none, e.g. one example): by
+        the delta method for the ratio metrics of `metric_terms`."""
+        terms = [self.metric_terms(s) for s in stats]
+        return {name: se for name, (_, se) in ratio_estimates(terms).items()}
+
+    def totals(self, stats: Sequence[dict[str, Any]]) -> dict[str, float]:
+        """Sums the metrics are computed from, kept in the record so runs can be re-aggregated
+        (language modelling: nll, tokens, bytes); none by default."""
+        return {}
+
+    def sample_log(self, example: Example, line: dict[str, Any]) -> dict[str, Any]:
+        """One example's line in the samples log. `line` holds its `id`, its stats and its
+        `retrieved` passages (id, title, score, rank, best first); a family adds what a reader
+        needs, such as the question or which passages are gold, and keeps the rest."""
+        return line
 
 
 #: keys every task YAML may hold, whatever its family

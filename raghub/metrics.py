@@ -59,3 +59,59 @@ def best_over_aliases(metric, prediction: str, golds: Sequence[str]) -> float:
 def mean(values: Iterable[float]) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
+
+
+# --------------------------------------------------------------------------- standard errors
+#
+# Every ranked metric is a ratio of sums over the examples, R = Σy / Σx: a mean has x = 1
+# (EM, F1, recall@k), bits per byte has y = NLL / ln 2 and x = bytes. Its standard error, by
+# the delta method for a ratio of means, is
+#
+#     se(R) ≈ sqrt(Σ (y_i − R·x_i)² / (n(n−1))) / mean(x),
+#
+# which for x = 1 is the standard error of the mean, sample std (n−1) / sqrt(n).
+
+
+def standard_error(values: Sequence[float]) -> float | None:
+    """Standard error of the mean: the sample standard deviation (n − 1) over sqrt(n); None
+    for fewer than two values."""
+    n = len(values)
+    if n < 2:
+        return None
+    centre = sum(values) / n
+    return math.sqrt(sum((v - centre) ** 2 for v in values) / (n - 1) / n)
+
+
+def ratio_standard_error(numerators: Sequence[float], denominators: Sequence[float]) -> float | None:
+    """Delta-method standard error of R = Σy / Σx over n examples:
+    sqrt(Σ (y_i − R·x_i)² / (n(n−1))) / mean(x); None for fewer than two examples."""
+    ratio = sum(numerators) / sum(denominators)
+    # the residuals y_i − R·x_i sum to zero, so their standard error of the mean is the root
+    residual_se = standard_error([y - ratio * x for y, x in zip(numerators, denominators)])
+    return None if residual_se is None else residual_se / mean(denominators)
+
+
+def perplexity_standard_error(ppl: float, nats_standard_error: float | None) -> float | None:
+    """se(exp(nats)) ≈ exp(nats) · se(nats), by the delta method."""
+    return None if nats_standard_error is None else ppl * nats_standard_error
+
+
+def ratio_estimates(terms: Sequence[dict[str, tuple[float, float]]]) -> dict[str, tuple[float, float | None]]:
+    """(Σy / Σx, its standard error) of each metric, from each example's {metric: (y, x)}; a
+    metric counts only the examples that have it."""
+    names = dict.fromkeys(name for example in terms for name in example)
+    estimates = {}
+    for name in names:
+        pairs = [example[name] for example in terms if name in example]
+        numerators, denominators = [y for y, _ in pairs], [x for _, x in pairs]
+        estimates[name] = (sum(numerators) / sum(denominators),
+                           ratio_standard_error(numerators, denominators))
+    return estimates
+
+
+def paired_difference(numerators_a: Sequence[float], numerators_b: Sequence[float],
+                      denominators: Sequence[float]) -> tuple[float, float | None]:
+    """R_A − R_B of two runs on the same examples (the same x_i), and its paired standard error:
+    the ratio estimate and delta-method se of d_i = y_A,i − y_B,i over x_i."""
+    differences = [a - b for a, b in zip(numerators_a, numerators_b)]
+    return sum(differences) / sum(denominators), ratio_standard_error(differences, denominators)

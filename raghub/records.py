@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from raghub.errors import UsageError
+
 RECORDS_FILE = "records.jsonl"
 ROW_KEY = ("task", "method", "retriever", "model", "n_docs", "settings", "n_examples")
 
@@ -119,3 +121,38 @@ def leaderboard_markdown(records: list[dict[str, Any]], tasks: Sequence[str] = (
             title = task_name if len(sizes) == 1 else f"{task_name}, {size} examples"
             out += _task_tables(title, [r for r in task_rows if r["n_examples"] == size], by_type)
     return "\n".join(out).rstrip() + "\n" if out else "No records yet.\n"
+
+
+# --------------------------------------------------------------------------- samples logs
+
+#: the folder, inside the results store, of each run's samples log, `<record id>.jsonl`
+SAMPLES_FOLDER = "samples"
+
+
+def find_record(results_dir: str | Path, reference: str) -> dict[str, Any]:
+    """The record whose id is `reference`, or the only one whose id starts with it, or with
+    `latest` the newest record that has an id; a UsageError names what went wrong."""
+    records = [r for r in read_records(results_dir) if "id" in r]
+    if reference == "latest":
+        found = records[-1:]
+    else:
+        found = ([r for r in records if r["id"] == reference]
+                 or [r for r in records if r["id"].startswith(reference)])
+    if not found:
+        raise UsageError(f"no record '{reference}' in {Path(results_dir) / RECORDS_FILE} "
+                         "(records written before raghub gave records ids have none)")
+    if len(found) > 1:
+        ids = ", ".join(r["id"] for r in found[:5])
+        raise UsageError(f"'{reference}' is the start of {len(found)} record ids ({ids}"
+                         f"{', ...' if len(found) > 5 else ''}); give more of the id")
+    return found[0]
+
+
+def read_samples(results_dir: str | Path, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The lines of a record's samples log, one per example, in the run's order."""
+    if "samples" not in record:
+        raise UsageError(f"record {record['id']} has no samples log")
+    path = Path(results_dir) / record["samples"]
+    if not path.is_file():
+        raise UsageError(f"the samples log of record {record['id']}, {path}, is missing")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

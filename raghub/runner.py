@@ -1,8 +1,10 @@
 """One run, from names to a stored record: resolve plugins, load, retrieve, evaluate, record.
 
 Every input is validated before the model loads (`resolve`), so bad input fails fast and
-writes nothing. Per-example stats are appended to a resume file as batches finish; an
-interrupted run, started again with the same settings, continues where it stopped.
+writes nothing. Each example's line of the samples log (its stats, retrieved passages and what
+the task adds) is appended to a resume file as batches finish; an interrupted run, started
+again with the same settings, continues where it stopped. A finished run writes the lines, in
+example order, to `samples/<record id>.jsonl` beside its record.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -28,7 +31,7 @@ from raghub.interfaces import COMMON_TASK_KEYS, Example, Method, Plugin, Registr
 from raghub.models import ModelBackend, choose_backend
 from raghub.options import dashed
 from raghub.plugin_manager import registry
-from raghub.records import append_record
+from raghub.records import SAMPLES_FOLDER, append_record
 from raghub.schema import check_schema
 from raghub.settings import CORE_OPTIONS, read_task_definition
 
@@ -216,16 +219,36 @@ def retrieve(task: Task, retriever: Retriever, examples: Sequence[Example], k: i
 
 
 def _read_resume_file(path: Path) -> dict[str, dict[str, Any]]:
-    """Stats of the examples an earlier, interrupted run finished (a torn last line is dropped)."""
+    """The sample lines of the examples an earlier, interrupted run finished, by example id
+    (a torn last line is dropped)."""
     done: dict[str, dict[str, Any]] = {}
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for text in path.read_text(encoding="utf-8").splitlines():
             try:
-                entry = json.loads(line)
+                line = json.loads(text)
             except json.JSONDecodeError:
                 continue
-            done[entry["id"]] = entry["stats"]
+            if "retrieved" in line:  # lines of an older raghub, without the samples log, are redone
+                done[line["id"]] = line
     return done
+
+
+def _sample_line(task: Task, example: Example, stats: dict[str, Any],
+                retrieved: Sequence[Retrieved]) -> dict[str, Any]:
+    """The example's line of the samples log: its id, stats and retrieved passages (id, title,
+    score, rank), with the fields its task adds."""
+    passages = [{"id": hit.passage.id, "title": hit.passage.title, "score": hit.score, "rank": rank}
+                for rank, hit in enumerate(retrieved, start=1)]
+    return task.sample_log(example, {"id": example.id, **stats, "retrieved": passages})
+
+
+def _write_samples(results_dir: Path, record_id: str, lines: Sequence[dict[str, Any]]) -> str:
+    """Write the samples log; returns its path relative to the results folder."""
+    relative = f"{SAMPLES_FOLDER}/{record_id}.jsonl"
+    path = Path(results_dir) / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return relative
 
 
 def ranked_metrics(task: Task, metrics: dict[str, Any]) -> dict[str, bool]:
@@ -286,15 +309,22 @@ def execute(resolved: ResolvedRun) -> dict[str, Any]:
             "batch_size": request.batch_size,
         }
         resume_path = Path(request.results_dir) / ".partial" / f"{fingerprint(config)}.jsonl"
-        stats = _evaluate_resumably(task, method, examples, retrieved, resume_path,
-                                    request.batch_size)
-        metrics = task.aggregate([stats[e.id] for e in examples])
+        done = _evaluate_resumably(task, method, examples, retrieved, resume_path,
+                                   request.batch_size)
+        lines = [done[e.id] for e in examples]
+        metrics = task.aggregate(lines)
+        higher_is_better = ranked_metrics(task, metrics)
+        standard_errors = task.standard_errors(lines)
+        record_id = f"{started:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
         record = {
+            "id": record_id, "samples": _write_samples(request.results_dir, record_id, lines),
             "task": task.name, "family": task.family, "method": method.name,
             "retriever": retriever.name if retriever else None, "model": model.name,
             "n_docs": resolved.n_docs, "settings": resolved.settings_label(),
             "corpus": corpus_label, "n_examples": len(examples), "metrics": metrics,
-            "higher_is_better": ranked_metrics(task, metrics),
+            "higher_is_better": higher_is_better,
+            "stderr": {name: standard_errors.get(name) for name in higher_is_better},
+            "totals": task.totals(lines),
             "method_stats": method.run_stats(), "config": config,
             "plugins": _plugin_origins(task, method, retriever),
             "raghub_version": raghub.__version__, "git_commit": _git_commit(),
@@ -311,10 +341,11 @@ def execute(resolved: ResolvedRun) -> dict[str, Any]:
 def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
                         retrieved: Sequence[Sequence[Retrieved]], resume_path: Path,
                         batch_size: int) -> dict[str, dict[str, Any]]:
-    """Per-example stats, continuing from the resume file and appending to it per batch."""
+    """Each example's sample line (which holds its stats), by example id, continuing from the
+    resume file and appending to it per batch."""
     resume_path.parent.mkdir(parents=True, exist_ok=True)
-    stats = _read_resume_file(resume_path)
-    todo = [i for i, e in enumerate(examples) if e.id not in stats]
+    done = _read_resume_file(resume_path)
+    todo = [i for i, e in enumerate(examples) if e.id not in done]
     with _progress() as progress, open(resume_path, "a", encoding="utf-8") as resume:
         bar = progress.add_task(f"{task.name} · {method.name}", total=len(examples),
                                 completed=len(examples) - len(todo))
@@ -327,8 +358,9 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
                 raise UsageError(f"method '{method.name}' does not support {task.family} "
                                  f"tasks such as '{task.name}'") from None
             for i, result in zip(batch, results):
-                stats[examples[i].id] = result
-                resume.write(json.dumps({"id": examples[i].id, "stats": result}) + "\n")
+                line = _sample_line(task, examples[i], result, retrieved[i])
+                done[examples[i].id] = line
+                resume.write(json.dumps(line) + "\n")
             resume.flush()
             progress.advance(bar, len(batch))
-    return stats
+    return done

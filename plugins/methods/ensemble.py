@@ -83,7 +83,7 @@ class Ensemble(Method):
         for question, docs in zip(questions, retrieved):
             own = [next(generations) for _ in docs]
             answers.append(replug_vote(
-                [question.extract(g.text) for g in own], [g.token_logprobs for g in own],
+                [question.answer_from(g.text) for g in own], [g.token_logprobs for g in own],
                 [r.score for r in docs], self.settings["temperature"]))
         return answers
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import re
 from functools import cached_property
 from itertools import accumulate
@@ -30,7 +31,7 @@ from typing import Any, Sequence
 
 from raghub import Field, Option, Passage, Retrieved, Task, UsageError, Window, hookimpl
 from raghub.corpus import STRUCTURED_SUFFIXES, read_corpus
-from raghub.metrics import bits_per_byte, nats_per_token, perplexity
+from raghub.metrics import bits_per_byte, nats_per_token, perplexity, perplexity_standard_error
 
 ARTICLE_TITLE = re.compile(r" = [^=].* = ")
 
@@ -276,11 +277,27 @@ class LanguageModelling(Task):
                           "bytes": window.n_bytes})
         return stats
 
+    def totals(self, stats: Sequence[dict[str, Any]]) -> dict[str, float]:
+        return {key: sum(s[key] for s in stats) for key in ("nll", "tokens", "bytes")}
+
     def aggregate(self, stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        nll = sum(s["nll"] for s in stats)
-        tokens = sum(s["tokens"] for s in stats)
-        return {"nats_per_token": nats_per_token(nll, tokens), "ppl": perplexity(nll, tokens),
-                "bits_per_byte": bits_per_byte(nll, sum(s["bytes"] for s in stats))}
+        totals = self.totals(stats)
+        return {"nats_per_token": nats_per_token(totals["nll"], totals["tokens"]),
+                "ppl": perplexity(totals["nll"], totals["tokens"]),
+                "bits_per_byte": bits_per_byte(totals["nll"], totals["bytes"])}
+
+    @classmethod
+    def metric_terms(cls, stats: dict[str, Any]) -> dict[str, tuple[float, float]]:
+        """Nats per token is Σ nll / Σ tokens, bits per byte Σ (nll / ln 2) / Σ bytes."""
+        return {"nats_per_token": (stats["nll"], stats["tokens"]),
+                "bits_per_byte": (stats["nll"] / math.log(2), stats["bytes"])}
+
+    def standard_errors(self, stats: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+        """The ratios' delta-method errors, and ppl · se(nats per token) for the perplexity."""
+        errors = super().standard_errors(stats)
+        totals = self.totals(stats)
+        ppl = perplexity(totals["nll"], totals["tokens"])
+        return {**errors, "ppl": perplexity_standard_error(ppl, errors["nats_per_token"])}
 
 
 @hookimpl

@@ -1,6 +1,7 @@
 """The question-answering contract: a task hands methods `Question`s, each knowing how to
 render its prompt (with or without passages) and how to read an answer out of a generation; a
-method returns one answer string per question (`Method.answer`)."""
+method returns one answer string per question (`Method.answer`), which may be an `Answer` (a
+string that also carries the raw generation, for the samples log)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,18 @@ class PromptTemplate:
         return "\n\n".join([*blocks, f"Question: {question}\nAnswer:"])
 
 
+class Answer(str):
+    """An answer string that also carries the raw generation it was read from; methods may
+    return these instead of plain strings so that the samples log shows the generation."""
+
+    generation: str
+
+    def __new__(cls, text: str, generation: str) -> "Answer":
+        answer = super().__new__(cls, text)
+        answer.generation = generation
+        return answer
+
+
 def extract_answer(generated_text: str) -> str:
     """The first non-empty line of a generation, without a leading "The answer is" / "Answer:"."""
     first_line = next((line for line in generated_text.splitlines() if line.strip()), "")
@@ -68,6 +81,14 @@ class Question(Example):
         """The answer from a generation."""
         return extract_answer(generated_text)
 
+    def answer_from(self, generated_text: str) -> Answer:
+        """The extracted answer, carrying the generation it came from."""
+        return Answer(self.extract(generated_text), generated_text)
+
+    def is_gold(self, passage_id: str, title: str) -> bool:
+        """Whether the dataset names this passage (by id) or its title as gold."""
+        return passage_id in self.gold_passage_ids or title in self.gold_titles
+
     def recall(self, retrieved: Sequence[Retrieved]) -> float | None:
         """Fraction of the gold passages (ids) and gold titles found in `retrieved`; None when
         the dataset names no gold passage."""
@@ -89,7 +110,7 @@ def generate_for(model: LanguageModel, questions: Sequence[Question],
 
 
 def answer_questions(model: LanguageModel, questions: Sequence[Question],
-                     passage_lists: Sequence[Sequence[Passage]]) -> list[str]:
+                     passage_lists: Sequence[Sequence[Passage]]) -> list[Answer]:
     """The extracted answer of each question, generated with its passages in the prompt."""
     generations = generate_for(model, questions, passage_lists)
-    return [q.extract(g.text) for q, g in zip(questions, generations)]
+    return [q.answer_from(g.text) for q, g in zip(questions, generations)]

@@ -301,7 +301,7 @@ class DeviceCloud(Method):
                 *self._prepare(hits, prompt_for, self.model.encode(question.prompt([])), template,
                                question.query),
                 question.max_new_tokens, greedy, greedy, stop_ids)
-            answers.append(question.extract(self.model.decode([t for t in tokens if t not in stop_ids])))
+            answers.append(question.answer_from(self.model.decode([t for t in tokens if t not in stop_ids])))
         return answers
 
     def run_stats(self):

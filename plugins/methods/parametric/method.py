@@ -215,7 +215,7 @@ class Parametric(Method):
             prompt = question.prompt([r.passage for r in docs] if self.settings["combine"] else [])
             with self.bank.merged([adapters[r.passage.id] for r in docs if r.passage.id in adapters]):
                 generation = self.model.generate([prompt], question.max_new_tokens)[0]
-            answers.append(question.extract(generation.text))
+            answers.append(question.answer_from(generation.text))
         return answers
 
     def run_stats(self) -> dict[str, Any]:

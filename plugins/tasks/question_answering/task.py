@@ -17,7 +17,7 @@ from itertools import chain, zip_longest
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from raghub import Field, Option, Passage, PromptTemplate, Question, Retrieved, Task, UsageError
+from raghub import Answer, Field, Option, Passage, PromptTemplate, Question, Retrieved, Task, UsageError
 from raghub.corpus import read_corpus
 from raghub.families.qa import TEMPLATE_STYLES
 from raghub.metrics import best_over_aliases, exact_match, f1, mean
@@ -156,11 +156,25 @@ class QATask(Task):
     def aggregate(self, stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return aggregate_stats(stats)
 
+    @classmethod
+    def metric_terms(cls, stats: dict[str, Any]) -> dict[str, tuple[float, float]]:
+        """EM, F1 and recall@k are means over the questions (recall@k over those with gold)."""
+        return {key: (value, 1.0) for key, value in stats.items()
+                if key in ("em", "f1") or key.startswith("recall@")}
+
+    def sample_log(self, question: Question, line: dict[str, Any]) -> dict[str, Any]:
+        """Adds the question, its gold answers, and whether each retrieved passage is gold."""
+        for passage in line["retrieved"]:
+            passage["gold"] = question.is_gold(passage["id"], passage["title"])
+        return {"id": line["id"], "question": question.question, "answers": question.answers, **line}
+
 
 def question_stats(question: Question, prediction: str,
                    retrieved: Sequence[Retrieved]) -> dict[str, Any]:
-    """One question's record line: the prediction, EM and F1 (best alias), recall@k."""
-    stats = {"id": question.id, "type": question.type, "prediction": prediction,
+    """One question's stats: the prediction (and the raw generation when the method returned
+    an `Answer`, else None), EM and F1 (best alias), recall@k."""
+    stats = {"id": question.id, "type": question.type, "prediction": str(prediction),
+             "generation": prediction.generation if isinstance(prediction, Answer) else None,
              "em": best_over_aliases(exact_match, prediction, question.answers),
              "f1": best_over_aliases(f1, prediction, question.answers)}
     recall = question.recall(retrieved) if retrieved else None

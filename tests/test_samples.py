@@ -1,0 +1,267 @@
+"""Per-sample logs, `raghub samples` and `raghub compare`: runs of a stub model and method on
+the real HotpotQA task, hand-made records, and a real run killed with SIGKILL."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from raghub import Answer, Method, ModelBackend, RunError, hookimpl
+from raghub.cli import cli
+from raghub.plugin_manager import pm, registry
+from raghub.plugins.tasks.question_answering.task import aggregate_stats
+
+RAGHUB = Path(sys.executable).with_name("raghub")
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(arg) for arg in args])
+
+
+# --- a stub model and method, so that runs take no model ------------------------------------
+
+class StubModel:
+    name = "stub-model"
+    fingerprint = "stub-weights"
+
+    def chat_prompt(self, message):
+        return message
+
+    def hardware(self):
+        return {"device": "none", "dtype": "none"}
+
+
+class StubBackend(ModelBackend):
+    name = "stub"
+
+    @classmethod
+    def handles(cls, spec):
+        return spec == "stub"
+
+    def load(self, spec, device, dtype, batch_size):
+        return StubModel()
+
+
+class GoldIfRetrieved(Method):
+    """Answers right, with a generation, when its top passage is gold; else a plain string.
+    After `budget` questions it fails once, the way a lost peer fails a run."""
+
+    name = "gold-if-retrieved"
+    budget = math.inf
+
+    def answer(self, questions, retrieved):
+        answers = []
+        for question, docs in zip(questions, retrieved):
+            if GoldIfRetrieved.budget == 0:
+                GoldIfRetrieved.budget = math.inf
+                raise RunError("stopped on purpose")
+            GoldIfRetrieved.budget -= 1
+            top = docs[0].passage
+            answers.append(Answer(question.answers[0], f"The answer is {question.answers[0]}.\nMore")
+                           if question.is_gold(top.id, top.title) else "no idea")
+        return answers
+
+
+class StubPlugin:
+    @hookimpl
+    def register_models(self, register):
+        register(StubBackend)
+
+    @hookimpl
+    def register_methods(self, register):
+        register(GoldIfRetrieved)
+
+
+@pytest.fixture
+def stub_plugin(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
+    pm.register(StubPlugin(), "stub-plugin")
+    registry.cache_clear()
+    yield
+    GoldIfRetrieved.budget = math.inf
+    pm.unregister(name="stub-plugin")
+    registry.cache_clear()
+
+
+def run_stub(results, *extra):
+    return invoke("run", "--task", "hotpotqa", "--method", "gold-if-retrieved", "--model", "stub",
+                  "--n-docs", 2, "--limit", 4, "--batch-size", 1, "--json", "--results-dir", results, *extra)
+
+
+def read_lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_a_run_logs_every_example_beside_its_record(stub_plugin, tmp_path):
+    result = run_stub(tmp_path)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["samples"] == f"samples/{record['id']}.jsonl"
+    lines = read_lines(tmp_path / record["samples"])
+    assert len(lines) == len({line["id"] for line in lines}) == record["n_examples"] == 4
+    assert list(lines[0]) == ["id", "question", "answers", "type", "prediction", "generation",
+                              "em", "f1", "recall@2", "retrieved"]
+    assert {line["type"] for line in lines} == {"bridge", "comparison"}
+    for line in lines:
+        assert [p["rank"] for p in line["retrieved"]] == [1, 2]
+        assert set(line["retrieved"][0]) == {"id", "title", "score", "rank", "gold"}
+        right = line["retrieved"][0]["gold"]
+        assert line["em"] == float(right) and line["prediction"] == (line["answers"][0] if right else "no idea")
+        assert line["generation"] == (f"The answer is {line['answers'][0]}.\nMore" if right else None)
+        assert line["recall@2"] == sum(p["gold"] for p in line["retrieved"]) / 2
+    assert 0 < record["metrics"]["em"] < 1  # both kinds of answer are logged
+    assert record["metrics"] == aggregate_stats(lines)  # the samples re-aggregate to the record
+    assert record["stderr"].keys() == record["higher_is_better"].keys() == {"em", "f1", "recall@2"}
+    assert record["stderr"]["em"] == pytest.approx(
+        math.sqrt(sum((line["em"] - record["metrics"]["em"]) ** 2 for line in lines) / 3 / 4))
+    assert record["totals"] == {}
+
+
+def test_an_interrupted_run_resumes_to_the_same_samples(stub_plugin, tmp_path):
+    uninterrupted = json.loads(run_stub(tmp_path / "a").stdout)
+    GoldIfRetrieved.budget = 2
+    failed = run_stub(tmp_path / "b")
+    assert failed.exit_code == 1 and "stopped on purpose" in failed.output
+    [resume_file] = (tmp_path / "b" / ".partial").iterdir()
+    assert len(read_lines(resume_file)) == 2
+    resumed = json.loads(run_stub(tmp_path / "b").stdout)
+    assert (read_lines(tmp_path / "b" / resumed["samples"])
+            == read_lines(tmp_path / "a" / uninterrupted["samples"]))
+    assert resumed["stderr"] == uninterrupted["stderr"]
+
+
+def test_the_resume_file_keeps_whole_sample_lines_only(tmp_path):
+    from raghub.runner import _read_resume_file
+
+    path = tmp_path / "resume.jsonl"
+    line = {"id": "w1", "nll": 1.0, "tokens": 2, "bytes": 3, "retrieved": []}
+    path.write_text(json.dumps(line) + "\n" + json.dumps({"id": "w0", "stats": {"nll": 1.0}})
+                    + "\n" + '{"id": "w2", "nl')  # an older raghub's line and a torn last line
+    assert _read_resume_file(path) == {"w1": line}
+
+
+# --- hand-made records and samples --------------------------------------------------------
+
+def store(results, record_id, task, family, higher, lines, **extra):
+    """Write one record and its samples log into `results`."""
+    (results / "samples").mkdir(parents=True, exist_ok=True)
+    (results / "samples" / f"{record_id}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    record = {"id": record_id, "samples": f"samples/{record_id}.jsonl", "task": task, "family": family,
+              "method": extra.get("method", "m"), "retriever": None, "n_docs": 0,
+              "higher_is_better": higher}
+    with open(results / "records.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def qa_line(example_id, em, kind, prediction):
+    return {"id": example_id, "question": f"question {example_id}?", "answers": ["gold", "alias"],
+            "type": kind, "prediction": prediction, "generation": None, "em": em, "f1": em,
+            "retrieved": [{"id": "p1", "title": "Some [bold]title", "score": 9.5, "rank": 1, "gold": True}]}
+
+
+QA_HIGHER = {"em": True, "f1": True}
+
+
+@pytest.fixture
+def qa_store(tmp_path):
+    store(tmp_path, "20260101-000000-aaaaaa", "toyqa", "qa", QA_HIGHER,
+          [qa_line("q1", 1.0, "bridge", "gold"), qa_line("q2", 0.0, "bridge", "wrong-one"),
+           qa_line("q3", 1.0, "comparison", "gold"), qa_line("q4", 0.0, "comparison", "wrong-two")])
+    store(tmp_path, "20260101-000001-bbbbbb", "toyqa", "qa", QA_HIGHER,
+          [qa_line("q1", 0.0, "bridge", "x"), qa_line("q2", 0.0, "bridge", "y"),
+           qa_line("q3", 1.0, "comparison", "gold"), qa_line("q9", 1.0, "comparison", "gold")])
+    return tmp_path
+
+
+def test_samples_shows_a_record_found_by_prefix_or_latest(qa_store):
+    shown = invoke("samples", "20260101-000000", "--results-dir", qa_store)
+    assert shown.exit_code == 0, shown.output
+    assert "20260101-000000-aaaaaa" in shown.output and "4 of 4 examples" in shown.output
+    assert "question q1?" in shown.output and "1. Some [bold]title (9.50) gold" in shown.output
+    latest = invoke("samples", "latest", "--results-dir", qa_store)
+    assert "20260101-000001-bbbbbb" in latest.output
+
+
+def test_samples_keeps_the_wrong_answers_of_a_type(qa_store):
+    shown = invoke("samples", "20260101-000000", "--wrong", "--type", "comparison", "--results-dir", qa_store)
+    assert "1 of 4 examples" in shown.output
+    assert "wrong-two" in shown.output and "wrong-one" not in shown.output and "question q3?" not in shown.output
+
+
+@pytest.mark.parametrize("reference, message", [
+    ("20260101", "'20260101' is the start of 2 record ids (20260101-000000-aaaaaa, 20260101-000001-bbbbbb)"),
+    ("nothing", "no record 'nothing'"),
+])
+def test_a_record_reference_that_is_not_one_record_is_one_line(qa_store, reference, message):
+    shown = invoke("samples", reference, "--results-dir", qa_store)
+    assert shown.exit_code == 2 and message in shown.output
+
+
+def test_compare_pairs_shared_examples_by_hand(qa_store):
+    out = invoke("compare", "20260101-000000", "20260101-000001", "--json", "--results-dir", qa_store)
+    assert out.exit_code == 0, out.output
+    comparison = json.loads(out.stdout)
+    assert (comparison["n_shared"], comparison["n_a"], comparison["n_b"]) == (3, 4, 4)
+    # shared q1..q3: A's EM 1, 0, 1 against B's 0, 0, 1: mean difference 1/3, se 1/3
+    em = comparison["metrics"]["em"]
+    assert em["a"] == pytest.approx(2 / 3) and em["b"] == pytest.approx(1 / 3)
+    assert (em["difference"], em["se"]) == pytest.approx((1 / 3, 1 / 3))
+    assert (em["wins"], em["losses"], em["ties"]) == (1, 0, 2)
+    table = invoke("compare", "20260101-000000", "20260101-000001", "--results-dir", qa_store)
+    assert "paired on the 3 examples both ran (A ran 4, B ran 4)" in table.output
+    assert "0.3333" in table.output
+
+
+def test_compare_language_modelling_by_bits_per_byte_by_hand(tmp_path):
+    higher = {"nats_per_token": False, "ppl": False, "bits_per_byte": False}
+    windows = lambda nlls: [{"id": f"w{i}", "nll": nll, "tokens": 1, "bytes": size, "retrieved": []}
+                            for i, (nll, size) in enumerate(zip(nlls, [1, 2, 1]))]
+    store(tmp_path, "lm-a", "toylm", "language-modelling", higher, windows([3.0, 1.0, 2.0]))
+    store(tmp_path, "lm-b", "toylm", "language-modelling", higher, windows([1.0, 1.0, 0.0]))
+    comparison = json.loads(invoke("compare", "lm-a", "lm-b", "--json", "--results-dir", tmp_path).stdout)
+    bits = comparison["metrics"]["bits_per_byte"]
+    # the paired case of test_stderr: d = (2, 0, 2) nats over bytes (1, 2, 1): 1 and 3/4, in bits
+    assert (bits["difference"], bits["se"]) == pytest.approx((1 / math.log(2), 0.75 / math.log(2)))
+    assert (bits["wins"], bits["losses"], bits["ties"]) == (0, 2, 1)  # lower is better: A loses
+    assert set(comparison["metrics"]) == {"nats_per_token", "bits_per_byte"}
+
+
+def test_compare_refuses_runs_of_different_tasks(qa_store):
+    store(qa_store, "other", "othertask", "qa", QA_HIGHER, [qa_line("q1", 1.0, "bridge", "gold")])
+    out = invoke("compare", "20260101-000000", "other", "--results-dir", qa_store)
+    assert out.exit_code == 2 and "runs of different tasks" in out.output
+
+
+# --- a real run killed with SIGKILL -------------------------------------------------------
+
+@pytest.mark.real_model
+def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_samples(tmp_path):
+    command = [str(RAGHUB), "run", "--task", "wikitext2", "--method", "none", "--limit", "3",
+               "--batch-size", "1", "--json"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    killed = subprocess.Popen([*command, "--results-dir", str(tmp_path / "killed")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / "killed" / ".partial"
+    deadline = time.monotonic() + 300
+    while not any(path.stat().st_size for path in partial.glob("*.jsonl")) and killed.poll() is None:
+        assert time.monotonic() < deadline, "no example reached the resume file"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    [resume_file] = partial.glob("*.jsonl")
+    assert 1 <= resume_file.read_text().count("\n") < 3, "the kill did not come mid-run"
+    resumed, whole = (json.loads(subprocess.run([*command, "--results-dir", str(tmp_path / folder)], env=env,
+                                                capture_output=True, text=True, check=True).stdout)
+                      for folder in ("killed", "whole"))
+    lines = read_lines(tmp_path / "killed" / resumed["samples"])
+    assert lines == read_lines(tmp_path / "whole" / whole["samples"])
+    assert [set(line) for line in lines] == [{"id", "nll", "tokens", "bytes", "retrieved"}] * 3
+    assert resumed["totals"] == whole["totals"] and resumed["totals"]["tokens"] == sum(l["tokens"] for l in lines)
+    assert resumed["stderr"]["bits_per_byte"] > 0
