@@ -98,6 +98,7 @@ def _run_settings(config_file: str | None, given: dict[str, Any]) -> dict[str, A
 
 
 def _print_record(record: dict[str, Any], results_dir: Path) -> None:
+    """The record's metrics as a table, then one line of what was run (wrapped only between words)."""
     table = Table(title=f"{record['task']} · {record['method']}"
                   + (f" · {record['retriever']} k={record['n_docs']}" if record["retriever"] else ""))
     table.add_column("metric")
@@ -105,25 +106,38 @@ def _print_record(record: dict[str, Any], results_dir: Path) -> None:
     for name, value in record["metrics"].items():
         if isinstance(value, (int, float)):
             table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
-    table.caption = f"{record['n_examples']} examples · {record['model']} · stored in {results_dir}"
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    n = record["n_examples"]
+    console.print(f"{n} example{'' if n == 1 else 's'} · {record['model']} · stored in {results_dir}",
+                  style="dim", soft_wrap=True, markup=False, highlight=False)
 
 
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML file of settings (any option of this command); flags override it.")
-@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on stdout, nothing else.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print each record as one line of JSON on stdout, nothing else.")
+@click.option("--force", is_flag=True, help="Run again even when an identical run is stored.")
 @_with_run_options
-def run(config_file: str | None, as_json: bool, **given: Any) -> None:
-    """Run a method on a task and store one result record."""
-    from raghub.runner import RunRequest, execute, resolve
+def run(config_file: str | None, as_json: bool, force: bool, **given: Any) -> None:
+    """Run a method on a task and store one result record; comma lists of --task, --method and
+    --n-docs run every combination, loading each model once."""
+    from raghub.runner import resolve_sweep, run_sweep
 
-    request = RunRequest.from_settings(_run_settings(config_file, given))
-    record = execute(resolve(request))
-    if as_json:
-        click.echo(json.dumps(record, sort_keys=True))
-    else:
-        _print_record(record, request.results_dir)
+    runs = resolve_sweep(_run_settings(config_file, given))
+    for record, resolved in zip(run_sweep(runs, force=force), runs):
+        if as_json:
+            click.echo(json.dumps(record, sort_keys=True))
+        else:
+            _print_record(record, resolved.request.results_dir)
+
+
+def _stored_records(results_dir: str) -> list[dict[str, Any]]:
+    try:
+        return read_records(results_dir)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 @cli.command()
@@ -132,11 +146,9 @@ def run(config_file: str | None, as_json: bool, **given: Any) -> None:
 @click.option("--by-type", is_flag=True, help="Add per-question-type tables where records have them.")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the markdown to this file.")
 def leaderboard(results_dir: str, tasks: tuple[str, ...], by_type: bool, output: str | None) -> None:
-    """A markdown table of every stored result, best value per column in bold."""
-    try:
-        records = read_records(results_dir)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    """A markdown table of every stored result; a best value is bold only when it beats the
+    runner-up by more than their combined standard error."""
+    records = _stored_records(results_dir)
     markdown = leaderboard_markdown(records, tasks=tasks, by_type=by_type)
     if output:
         Path(output).write_text(markdown, encoding="utf-8")
