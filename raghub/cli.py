@@ -1,4 +1,4 @@
-"""The `raghub` command line: run, leaderboard, plugins, tasks, methods, retrievers, models.
+"""The `raghub` command line: run, leaderboard, plot, plugins, tasks, methods, retrievers, models.
 
 The core settings (`raghub.settings.CORE_OPTIONS`) and every option the installed plugins
 declare (a method's `--temperature`, a task's `--split`, ...) become `raghub run` flags; flags
@@ -18,6 +18,7 @@ from rich.table import Table
 
 from raghub.errors import RaghubError, UsageError
 from raghub.options import Option, dashed
+from raghub.plots import KINDS, plot as draw_plot
 from raghub.plugin_manager import call_hook, failed_plugins, plugin_summaries, registry
 from raghub.records import leaderboard_markdown, read_records
 from raghub.settings import CORE_OPTIONS, read_yaml_mapping
@@ -155,6 +156,21 @@ def leaderboard(results_dir: str, tasks: tuple[str, ...], by_type: bool, output:
         click.echo(f"wrote {output}", err=True)
     else:
         click.echo(markdown, nl=False)
+
+
+@cli.command()
+@click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
+@click.option("--kind", type=click.Choice(KINDS), default="lines", show_default=True,
+              help="lines: the metric against n_docs per method for one task; bars: the metric per "
+                   "task (dataset) and method.")
+@click.option("--task", "tasks", multiple=True, help="Only this task (repeat for several bars).")
+@click.option("--metric", help="The metric drawn (default: the first one the records rank).")
+@click.option("--output", type=click.Path(dir_okay=False),
+              help="A .png or .svg file (default: TASK-METRIC.png in the results folder).")
+def plot(results_dir: str, kind: str, tasks: tuple[str, ...], metric: str | None, output: str | None) -> None:
+    """Draw stored results, with standard-error bars where the records have them."""
+    path = draw_plot(_stored_records(results_dir), kind, tasks, metric, output, results_dir)
+    click.echo(f"wrote {path}", err=True)
 
 
 def _listing(title: str, rows: list[tuple[str, ...]], columns: tuple[str, ...]) -> None:
