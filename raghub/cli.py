@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from raghub.errors import RaghubError, UsageError
+from raghub.errors import RaghubError
 from raghub.options import Option, dashed
 from raghub.plots import KINDS, plot as draw_plot
 from raghub.plugin_manager import call_hook, failed_plugins, plugin_summaries, registry
@@ -134,13 +134,6 @@ def run(config_file: str | None, as_json: bool, force: bool, **given: Any) -> No
             _print_record(record, resolved.request.results_dir)
 
 
-def _stored_records(results_dir: str) -> list[dict[str, Any]]:
-    try:
-        return read_records(results_dir)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-
-
 @cli.command()
 @click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
 @click.option("--task", "tasks", multiple=True, help="Only this task (repeat for several).")
@@ -149,7 +142,7 @@ def _stored_records(results_dir: str) -> list[dict[str, Any]]:
 def leaderboard(results_dir: str, tasks: tuple[str, ...], by_type: bool, output: str | None) -> None:
     """A markdown table of every stored result; a best value is bold only when it beats the
     runner-up by more than their combined standard error."""
-    records = _stored_records(results_dir)
+    records = read_records(results_dir)
     markdown = leaderboard_markdown(records, tasks=tasks, by_type=by_type)
     if output:
         Path(output).write_text(markdown, encoding="utf-8")
@@ -169,7 +162,7 @@ def leaderboard(results_dir: str, tasks: tuple[str, ...], by_type: bool, output:
               help="A .png or .svg file (default: TASK-METRIC.png in the results folder).")
 def plot(results_dir: str, kind: str, tasks: tuple[str, ...], metric: str | None, output: str | None) -> None:
     """Draw stored results, with standard-error bars where the records have them."""
-    path = draw_plot(_stored_records(results_dir), kind, tasks, metric, output, results_dir)
+    path = draw_plot(read_records(results_dir), kind, tasks, metric, output, results_dir)
     click.echo(f"wrote {path}", err=True)
 
 

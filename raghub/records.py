@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from raghub.cache import fingerprint
+from raghub.errors import UsageError
 
 RECORDS_FILE = "records.jsonl"
 ROW_KEY = ("task", "method", "retriever", "model", "n_docs", "settings", "n_examples")
@@ -48,7 +49,7 @@ def read_records(results_dir: str | Path) -> list[dict[str, Any]]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not a JSON record ({error.msg})") from error
+                raise UsageError(f"{path}, line {number}: not a JSON record ({error.msg})") from error
     return records
 
 

@@ -236,11 +236,7 @@ def resolve_sweep(settings: dict[str, Any]) -> list[ResolvedRun]:
 
 def _stored_record(results_dir: Path, config_fingerprint: str) -> dict[str, Any] | None:
     """The newest stored record whose config has this fingerprint, if any."""
-    try:
-        records = read_records(results_dir)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    return next((r for r in reversed(records) if fingerprint(r.get("config")) == config_fingerprint), None)
+    return next((r for r in reversed(read_records(results_dir)) if fingerprint(r.get("config")) == config_fingerprint), None)
 
 
 def run_sweep(runs: Sequence[ResolvedRun], force: bool = False) -> Iterator[dict[str, Any]]:

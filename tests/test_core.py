@@ -88,7 +88,7 @@ def test_runs_on_different_numbers_of_examples_are_ranked_apart():
 
 def test_a_torn_records_file_is_reported_by_line(tmp_path):
     (tmp_path / "records.jsonl").write_text(json.dumps(_record("none", 1.0)) + "\n{broken\n")
-    with pytest.raises(ValueError, match="line 2"):
+    with pytest.raises(UsageError, match="line 2"):
         read_records(tmp_path)
 
 
