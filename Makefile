@@ -17,7 +17,7 @@ $(BIN)/raghub: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/raghub run --task wikitext2 --method ensemble --n-docs 4 --datastore heldout-articles --limit 8
+	$(BIN)/raghub run --task wikitext2 --method ensemble --n-docs 4 --limit 8
 	$(BIN)/raghub leaderboard
 
 test: setup

@@ -1,4 +1,4 @@
-"""The `raghub` command line: run, leaderboard, plugins, tasks, methods, retrievers, models,
+"""The `raghub` command line: run, leaderboard, plot, plugins, tasks, methods, retrievers, models,
 samples, compare.
 
 The core settings (`raghub.settings.CORE_OPTIONS`) and every option the installed plugins
@@ -20,6 +20,7 @@ from rich.table import Table
 
 from raghub.errors import RaghubError, UsageError
 from raghub.options import Option, dashed
+from raghub.plots import KINDS, plot as draw_plot
 from raghub.plugin_manager import call_hook, failed_plugins, plugin_summaries, registry
 from raghub.records import find_record, leaderboard_markdown, read_records, read_samples
 from raghub.settings import CORE_OPTIONS, read_yaml_mapping
@@ -109,31 +110,38 @@ def _record_title(record: dict[str, Any]) -> str:
 
 
 def _print_record(record: dict[str, Any], results_dir: Path) -> None:
+    """The record's metrics as a table, then one line of what was run (wrapped only between words)."""
     table = Table(title=_record_title(record))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in record["metrics"].items():
         if isinstance(value, (int, float)):
             table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
-    table.caption = f"{record['n_examples']} examples · {record['model']} · stored in {results_dir}"
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    n = record["n_examples"]
+    console.print(f"{n} example{'' if n == 1 else 's'} · {record['model']} · stored in {results_dir}",
+                  style="dim", soft_wrap=True, markup=False, highlight=False)
 
 
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(),  # read_yaml_mapping checks it
               help="YAML file of settings (any option of this command); flags override it.")
-@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on stdout, nothing else.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print each record as one line of JSON on stdout, nothing else.")
+@click.option("--force", is_flag=True, help="Run again even when an identical run is stored.")
 @_with_run_options
-def run(config_file: str | None, as_json: bool, **given: Any) -> None:
-    """Run a method on a task and store one result record."""
-    from raghub.runner import RunRequest, execute, resolve
+def run(config_file: str | None, as_json: bool, force: bool, **given: Any) -> None:
+    """Run a method on a task and store one result record; comma lists of --task, --method and
+    --n-docs run every combination, loading each model once."""
+    from raghub.runner import resolve_sweep, run_sweep
 
-    request = RunRequest.from_settings(_run_settings(config_file, given))
-    record = execute(resolve(request))
-    if as_json:
-        click.echo(json.dumps(record, sort_keys=True))
-    else:
-        _print_record(record, request.results_dir)
+    runs = resolve_sweep(_run_settings(config_file, given))
+    for record, resolved in zip(run_sweep(runs, force=force), runs):
+        if as_json:
+            click.echo(json.dumps(record, sort_keys=True))
+        else:
+            _print_record(record, resolved.request.results_dir)
 
 
 @cli.command()
@@ -142,13 +150,30 @@ def run(config_file: str | None, as_json: bool, **given: Any) -> None:
 @click.option("--by-type", is_flag=True, help="Add per-question-type tables where records have them.")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the markdown to this file.")
 def leaderboard(results_dir: str, tasks: tuple[str, ...], by_type: bool, output: str | None) -> None:
-    """A markdown table of every stored result, best value per column in bold."""
-    markdown = leaderboard_markdown(read_records(results_dir), tasks=tasks, by_type=by_type)
+    """A markdown table of every stored result; a best value is bold only when it beats the
+    runner-up by more than their combined standard error."""
+    records = read_records(results_dir)
+    markdown = leaderboard_markdown(records, tasks=tasks, by_type=by_type)
     if output:
         Path(output).write_text(markdown, encoding="utf-8")
         click.echo(f"wrote {output}", err=True)
     else:
         click.echo(markdown, nl=False)
+
+
+@cli.command()
+@click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
+@click.option("--kind", type=click.Choice(KINDS), default="lines", show_default=True,
+              help="lines: the metric against n_docs per method for one task; bars: the metric per "
+                   "task (dataset) and method.")
+@click.option("--task", "tasks", multiple=True, help="Only this task (repeat for several bars).")
+@click.option("--metric", help="The metric drawn (default: the first one the records rank).")
+@click.option("--output", type=click.Path(dir_okay=False),
+              help="A .png or .svg file (default: TASK-METRIC.png in the results folder).")
+def plot(results_dir: str, kind: str, tasks: tuple[str, ...], metric: str | None, output: str | None) -> None:
+    """Draw stored results, with standard-error bars where the records have them."""
+    path = draw_plot(read_records(results_dir), kind, tasks, metric, output, results_dir)
+    click.echo(f"wrote {path}", err=True)
 
 
 def _listing(title: str, rows: list[tuple[str, ...]], columns: tuple[str, ...]) -> None:

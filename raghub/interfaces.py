@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
+from raghub.data import default_data_dir
 from raghub.metrics import ratio_estimates
 from raghub.options import Option
 from raghub.schema import Field, check_schema
@@ -148,9 +149,10 @@ class Task(Plugin, ABC):
 
     def __init__(self, name: str, config: dict[str, Any], data_dir: str | None,
                  registry: Registry | None = None, **options: Any):
+        """`data_dir` None: the data folder beside the checkout when there is one, else the hub."""
         self.name = name  # type: ignore[misc]
         self.config = config
-        self.data_dir = data_dir
+        self.data_dir = data_dir if data_dir is not None else default_data_dir()
         self.registry = registry or Registry()
         self.settings = self.resolve_options(options)
 
@@ -215,6 +217,7 @@ class Task(Plugin, ABC):
 COMMON_TASK_KEYS = {
     "name": Field(str, required=True), "family": Field(str, required=True),
     "description": Field(str), "source": Field(str), "retriever": Field(str), "n_docs": Field(int),
+    "version": Field(int),  # raise it when a change to the task changes its scores (default 1)
 }
 
 

@@ -1,17 +1,31 @@
-"""The results store (one JSON record per line in `records.jsonl`) and the leaderboard."""
+"""The results store (one JSON record per line in `records.jsonl`) and the leaderboard.
+
+A leaderboard row is one configuration: the task and its resolved configuration (task config
+and corpus fingerprints), method, retriever, model, n_docs, settings and number of examples; its
+newest record is shown. Values read `mean ± standard error` where the record has a standard
+error (`record["stderr"]`), and a column's best value is bold only when it beats the runner-up
+by more than their combined standard error: never without standard errors, never in a
+one-row table, never in count columns.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
+from raghub.cache import fingerprint
 from raghub.errors import UsageError
 
 RECORDS_FILE = "records.jsonl"
 ROW_KEY = ("task", "method", "retriever", "model", "n_docs", "settings", "n_examples")
+LEGEND = ("Values are mean ± standard error where the record has one. A best value is bold only "
+          "when it beats the runner-up by more than their combined standard error.")
+#: (value, standard error or None) of one metric of one row
+Lookup = Callable[[dict[str, Any], str], tuple[Any, Any]]
 
 
 def _ends_mid_line(handle) -> bool:
@@ -51,50 +65,91 @@ def read_records(results_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _format(value: Any) -> str:
+def task_config_fingerprint(record: dict[str, Any]) -> str | None:
+    """A short fingerprint of the record's resolved task configuration, leaving out where the
+    task's YAML file lies (None for a record without a config)."""
+    task = (record.get("config") or {}).get("task")
+    if task is None:
+        return None
+    definition = {key: value for key, value in (task.get("config") or {}).items() if key != "source"}
+    return fingerprint({**task, "config": definition})[:8]
+
+
+def corpus_fingerprint(record: dict[str, Any]) -> str | None:
+    """The fingerprint of the passages the record's run retrieved from (None: none)."""
+    return ((record.get("config") or {}).get("corpus") or {}).get("fingerprint")
+
+
+def _row_key(record: dict[str, Any]) -> tuple:
+    return (*(str(record.get(key)) for key in ROW_KEY),
+            task_config_fingerprint(record), corpus_fingerprint(record))
+
+
+def latest_per_row(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The newest record of each leaderboard row (see the module's docstring), sorted."""
+    latest: dict[tuple, dict[str, Any]] = {}
+    for record in records:
+        latest[_row_key(record)] = record
+    return sorted(latest.values(), key=lambda r: (r["task"], r["method"], str(r.get("retriever")),
+                                                  r.get("n_docs") or 0, r.get("settings", ""),
+                                                  str(task_config_fingerprint(r))))
+
+
+def _format(value: Any, stderr: Any = None) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else "")
     return "–" if value is None or value == "" else str(value)
 
 
-def _latest_per_row(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Keep the newest record of each (task, method, retriever, model, n_docs, settings, size)."""
-    latest: dict[tuple, dict[str, Any]] = {}
-    for record in records:
-        latest[tuple(str(record.get(key)) for key in ROW_KEY)] = record
-    return sorted(latest.values(), key=lambda r: (r["task"], r["method"], str(r.get("retriever")),
-                                                  r.get("n_docs") or 0, r.get("settings", "")))
+def clear_winner(cells: Sequence[tuple[Any, Any]], higher_is_better: bool) -> int | None:
+    """The position of the best of (value, standard error) cells when it beats the runner-up by
+    more than sqrt(se_best² + se_runner_up²); None with fewer than two values, or when either
+    of the two has no standard error."""
+    ranked = sorted((i for i, (value, _) in enumerate(cells) if isinstance(value, (int, float))),
+                    key=lambda i: cells[i][0], reverse=higher_is_better)
+    if len(ranked) < 2:
+        return None
+    (best, best_se), (runner_up, runner_up_se) = cells[ranked[0]], cells[ranked[1]]
+    if not isinstance(best_se, (int, float)) or not isinstance(runner_up_se, (int, float)):
+        return None
+    return ranked[0] if abs(best - runner_up) > math.hypot(best_se, runner_up_se) else None
 
 
 def _table(rows: list[dict[str, Any]], metrics: list[str], higher: dict[str, bool],
-           lookup) -> list[str]:
-    best = {}
-    for metric in metrics:
-        values = [lookup(row, metric) for row in rows]
-        values = [v for v in values if isinstance(v, (int, float))]
-        if values:
-            best[metric] = max(values) if higher.get(metric, True) else min(values)
-    header = ["method", "settings", "retriever", "n_docs", "model", "n_examples", "datastore", *metrics]
+           lookup: Lookup) -> list[str]:
+    """A markdown table of `rows`; only metrics in `higher` (ranked ones) can be bold."""
+    winners = {metric: clear_winner([lookup(row, metric) for row in rows], higher[metric])
+               for metric in metrics if metric in higher}
+    task_configs = [task_config_fingerprint(row) for row in rows]
+    differ = len(set(task_configs)) > 1
+    header = ["method", "settings", "retriever", "n_docs", "model", "n_examples", "datastore",
+              *(["task config"] if differ else []), *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
+    for position, (row, task_config) in enumerate(zip(rows, task_configs)):
         cells = [_format(row.get(k)) for k in ("method", "settings", "retriever", "n_docs",
                                                "model", "n_examples", "corpus")]
+        if differ:
+            cells.append(_format(task_config))
         for metric in metrics:
-            value = lookup(row, metric)
-            text = _format(value)
-            cells.append(f"**{text}**" if value is not None and value == best.get(metric) else text)
+            text = _format(*lookup(row, metric))
+            cells.append(f"**{text}**" if winners.get(metric) == position else text)
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
+def _headline(row: dict[str, Any], metric: str) -> tuple[Any, Any]:
+    return row["metrics"].get(metric), (row.get("stderr") or {}).get(metric)
+
+
 def _task_tables(title: str, task_rows: list[dict[str, Any]], by_type: bool) -> list[str]:
-    """The headline table of one task's rows and, with `by_type`, one table per question type."""
+    """The headline table of one task's rows and, with `by_type`, one table per question type
+    (whose values have no standard errors, so nothing there is bold)."""
     higher: dict[str, bool] = {}
     for row in task_rows:
         higher.update(row.get("higher_is_better", {}))
     metrics = [m for m in higher if any(isinstance(r["metrics"].get(m), (int, float)) for r in task_rows)]
     out = [f"## {title}", ""]
-    out += _table(task_rows, metrics, higher, lambda row, m: row["metrics"].get(m))
+    out += _table(task_rows, metrics, higher, _headline)
     out.append("")
     if by_type:
         types = sorted({t for r in task_rows for t in r["metrics"].get("by_type", {})})
@@ -102,7 +157,7 @@ def _task_tables(title: str, task_rows: list[dict[str, Any]], by_type: bool) -> 
             out += [f"### {title} — {type_name}", ""]
             type_metrics = sorted({m for r in task_rows for m in r["metrics"].get("by_type", {}).get(type_name, {})})
             out += _table(task_rows, type_metrics, higher, lambda row, m, t=type_name:
-                          row["metrics"].get("by_type", {}).get(t, {}).get(m))
+                          (row["metrics"].get("by_type", {}).get(t, {}).get(m), None))
             out.append("")
     return out
 
@@ -110,9 +165,9 @@ def _task_tables(title: str, task_rows: list[dict[str, Any]], by_type: bool) -> 
 def leaderboard_markdown(records: list[dict[str, Any]], tasks: Sequence[str] = (),
                          by_type: bool = False) -> str:
     """One markdown table per task and number of examples: a row per configuration (its newest
-    record), a column per headline metric, the best value of each column in bold; `by_type`
-    adds per-type tables."""
-    rows = [r for r in _latest_per_row(records) if not tasks or r["task"] in tasks]
+    record), a column per headline metric; `by_type` adds per-type tables. Rows of one task
+    name whose task configurations differ get a `task config` column telling them apart."""
+    rows = [r for r in latest_per_row(records) if not tasks or r["task"] in tasks]
     out: list[str] = []
     for task_name in sorted({r["task"] for r in rows}):
         task_rows = [r for r in rows if r["task"] == task_name]
@@ -120,7 +175,7 @@ def leaderboard_markdown(records: list[dict[str, Any]], tasks: Sequence[str] = (
         for size in sizes:  # runs on the first N examples are ranked only against each other
             title = task_name if len(sizes) == 1 else f"{task_name}, {size} examples"
             out += _task_tables(title, [r for r in task_rows if r["n_examples"] == size], by_type)
-    return "\n".join(out).rstrip() + "\n" if out else "No records yet.\n"
+    return "\n".join([*out, LEGEND]) + "\n" if out else "No records yet.\n"
 
 
 # --------------------------------------------------------------------------- samples logs

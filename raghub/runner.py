@@ -5,11 +5,17 @@ writes nothing. Each example's line of the samples log (its stats, retrieved pas
 the task adds) is appended to a resume file as batches finish; an interrupted run, started
 again with the same settings, continues where it stopped. A finished run writes the lines, in
 example order, to `samples/<record id>.jsonl` beside its record.
+
+A command may sweep comma lists of tasks, methods and n_docs (`resolve_sweep`): every
+combination is resolved before any model loads, then `run_sweep` runs them in order, loading
+each distinct model once and reusing the stored record of an identical earlier run.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import itertools
 import json
 import re
 import secrets
@@ -19,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -27,16 +33,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import raghub
 from raghub.cache import Cache, cache_root, fingerprint
 from raghub.errors import UsageError
-from raghub.interfaces import COMMON_TASK_KEYS, Example, Method, Plugin, Registry, Retrieved, Retriever, Task
-from raghub.models import ModelBackend, choose_backend
+from raghub.interfaces import COMMON_TASK_KEYS, Example, Method, Passage, Plugin, Registry, Retrieved, Retriever, Task
+from raghub.models import LanguageModel, ModelBackend, choose_backend
 from raghub.options import dashed
 from raghub.plugin_manager import registry
-from raghub.records import SAMPLES_FOLDER, append_record
+from raghub.records import SAMPLES_FOLDER, append_record, read_records
 from raghub.schema import check_schema
 from raghub.settings import CORE_OPTIONS, read_task_definition
 
 DEFAULT_RETRIEVER = "bm25"
 DEFAULT_N_DOCS = 4
+#: the settings a command may give as comma lists (or YAML lists), one run per combination
+SWEPT_SETTINGS = ("task", "method", "n_docs")
 stderr = Console(stderr=True)
 
 
@@ -96,6 +104,27 @@ class ResolvedRun:
                     parts.append(f"{key}={value}")
         return ", ".join(sorted(set(parts)))
 
+    @functools.cached_property
+    def config(self) -> dict[str, Any]:
+        """Everything the run's results depend on, known before the model loads (`model` is the
+        --model spec; None: the embedded default). Its fingerprint names the resume file and
+        recognises an identical earlier run in the results store."""
+        request = self.request
+        retriever, corpus = None, {"label": None, "fingerprint": None}
+        if self.retriever_class is not None:
+            retriever = self.retriever_class(Cache(cache_root()), **self.plugin_options["retriever"]).fingerprint()
+            _, label, corpus_fp = task_corpus(self.task)
+            corpus = {"label": label, "fingerprint": corpus_fp}
+        return {
+            "task": self.task.fingerprint(),
+            "method": {"name": self.method_class.name,
+                       **self.method_class.resolve_options(self.plugin_options["method"])},
+            "retriever": retriever, "corpus": corpus,
+            "n_docs": self.n_docs, "limit": request.limit, "model": request.model,
+            "model_backend": {"name": self.backend.name, **self.backend.settings},
+            "batch_size": request.batch_size, "dtype": request.dtype,
+        }
+
 
 def _unknown(kind: str, name: str, known: Sequence[str], command: str) -> UsageError:
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
@@ -149,8 +178,9 @@ def _warn(message: str) -> None:
     print(f"raghub: {message}", file=sys.stderr)
 
 
-def resolve(request: RunRequest) -> ResolvedRun:
-    """Look up and validate every name and option; raises UsageError on bad input."""
+def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> ResolvedRun:
+    """Look up and validate every name and option; raises UsageError on bad input. A task
+    already in `built_tasks` (keyed by its definition, data folder and options) is reused."""
     found = registry()
     definition, task_class = _task_family(request, found)
     if request.method not in found.methods:
@@ -167,15 +197,15 @@ def resolve(request: RunRequest) -> ResolvedRun:
         if n_docs < 1:
             raise UsageError(f"--n-docs must be a positive integer for method '{request.method}', "
                              f"not {n_docs!r}")
-    else:
-        ignored = [f"--{flag}" for flag, value in (("retriever", request.retriever), ("n-docs", request.n_docs))
-                   if value is not None]
-        if ignored:
-            _warn(f"{' and '.join(ignored)} ignored: method '{request.method}' retrieves nothing")
     options = _split_options(request.options, {"task": task_class, "method": method_class,
                                                "retriever": retriever_class})
-    task = task_class(definition["name"], definition, request.data_dir, registry=found, **options["task"])
-    task.check()
+    built_tasks = {} if built_tasks is None else built_tasks
+    task_key = fingerprint(definition, request.data_dir, options["task"])
+    if task_key not in built_tasks:
+        built_tasks[task_key] = task_class(definition["name"], definition, request.data_dir,
+                                           registry=found, **options["task"])
+        built_tasks[task_key].check()
+    task = built_tasks[task_key]
     backend = choose_backend(found, request.model, request.model_backend, request.model_args)
     if Path(request.results_dir).is_file():
         raise UsageError(f"--results-dir {request.results_dir} is a file, not a folder")
@@ -187,13 +217,79 @@ def _progress() -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), console=stderr)
 
 
+def _sweep_values(value: Any) -> list[Any]:
+    """The values of a swept setting: a YAML list, a comma list, or one value."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str) and "," in value:
+        return [part.strip() for part in value.split(",")]
+    return [value]
+
+
+def resolve_sweep(settings: dict[str, Any]) -> list[ResolvedRun]:
+    """One resolved run per combination of the swept settings' values (tasks, then methods, then
+    n_docs), all validated before any model loads; combinations that are the same run (a
+    closed-book method at several n_docs) are kept once."""
+    swept = {key: _sweep_values(settings[key]) for key in SWEPT_SETTINGS if settings.get(key) is not None}
+    runs: dict[str, ResolvedRun] = {}
+    built_tasks: dict[str, Task] = {}
+    for values in itertools.product(*swept.values()):
+        resolved = resolve(RunRequest.from_settings({**settings, **dict(zip(swept, values))}), built_tasks)
+        runs.setdefault(fingerprint(resolved.config), resolved)
+    if not any(run.retriever_class for run in runs.values()):
+        ignored = [f"--{dashed(key)}" for key in ("retriever", "n_docs") if settings.get(key) is not None]
+        if ignored:
+            methods = ", ".join(sorted({run.method_class.name for run in runs.values()}))
+            _warn(f"{' and '.join(ignored)} ignored: method '{methods}' retrieves nothing")
+    return list(runs.values())
+
+
+def _stored_record(results_dir: Path, config_fingerprint: str) -> dict[str, Any] | None:
+    """The newest stored record whose config, as known before the model loads (all but the
+    weights' fingerprint), has this fingerprint, if any."""
+    def known_before_loading(record: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in (record.get("config") or {}).items() if key != "model_fingerprint"}
+
+    return next((r for r in reversed(read_records(results_dir))
+                 if fingerprint(known_before_loading(r)) == config_fingerprint), None)
+
+
+def run_sweep(runs: Sequence[ResolvedRun], force: bool = False) -> Iterator[dict[str, Any]]:
+    """The record of each resolved run, in order, as each finishes: an identical earlier run's
+    stored record (said on stderr; `force` runs it again), else a new run's. Each distinct model
+    loads once."""
+    models: dict[str, LanguageModel] = {}
+    for resolved in runs:
+        request = resolved.request
+        stored = None if force else _stored_record(request.results_dir, fingerprint(resolved.config))
+        if stored is not None:
+            _warn(f"{stored['task']} · {stored['method']}"
+                  + (f" · k={stored['n_docs']}" if stored.get("retriever") else "")
+                  + f": reusing the identical run stored in {request.results_dir} "
+                  f"(finished {stored.get('finished_at', 'earlier')}); --force runs it again")
+            yield stored
+            continue
+        model_key = fingerprint(resolved.backend.name, resolved.backend.settings, request.model,
+                                request.device, request.dtype, request.batch_size)
+        if model_key not in models:
+            models[model_key] = resolved.backend.load(request.model, request.device, request.dtype,
+                                                      request.batch_size)
+        yield execute(resolved, models[model_key])
+
+
+@functools.lru_cache(maxsize=4)
+def task_corpus(task: Task) -> tuple[list[Passage], str, str]:
+    """The task's retrieval corpus, its label and its fingerprint, built once per task object."""
+    passages, label = task.corpus()
+    return passages, label, fingerprint([(p.id, p.title, p.text, p.group) for p in passages])
+
+
 def retrieve(task: Task, retriever: Retriever, examples: Sequence[Example], k: int,
              cache: Cache) -> tuple[list[list[Retrieved]], str, str]:
     """Top-k passages per example (none for an empty query), never from the example's own
     `exclude_group`; results are cached by corpus, retriever, queries and k.
     Returns (retrieved, corpus label, corpus fingerprint)."""
-    passages, label = task.corpus()
-    corpus_fp = fingerprint([(p.id, p.title, p.text, p.group) for p in passages])
+    passages, label, corpus_fp = task_corpus(task)
     retriever.index(passages, corpus_fp)
     excluded = {e.exclude_group for e in examples if e.exclude_group}
     group_sizes: dict[str, int] = {}
@@ -278,13 +374,15 @@ def _plugin_origins(task: Task, method: Method, retriever: Retriever | None) -> 
             "retriever": found.origin("retriever", retriever.name) if retriever else None}
 
 
-def execute(resolved: ResolvedRun) -> dict[str, Any]:
-    """Run a resolved request to completion and append its record to the results store."""
+def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> dict[str, Any]:
+    """Run a resolved request to completion (on `model` when it is already loaded) and append
+    its record to the results store."""
     request = resolved.request
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
     cache = Cache(cache_root())
-    model = resolved.backend.load(request.model, request.device, request.dtype, request.batch_size)
+    if model is None:
+        model = resolved.backend.load(request.model, request.device, request.dtype, request.batch_size)
     task = resolved.task
     method = resolved.method_class(model, cache, **resolved.plugin_options["method"])
     try:
@@ -292,22 +390,13 @@ def execute(resolved: ResolvedRun) -> dict[str, Any]:
         if not examples:
             raise UsageError(f"task '{task.name}' produced no examples")
         retrieved: list[list[Retrieved]] = [[] for _ in examples]
-        corpus_label, corpus_fp, retriever = None, None, None
+        corpus_label, retriever = None, None
         if resolved.retriever_class is not None:
             retriever = resolved.retriever_class(cache, **resolved.plugin_options["retriever"])
             with stderr.status(f"retrieving top-{resolved.n_docs} with {retriever.name}"):
-                retrieved, corpus_label, corpus_fp = retrieve(task, retriever, examples,
-                                                              resolved.n_docs, cache)
-        config = {
-            "task": task.fingerprint(),
-            "method": {"name": method.name, **method.settings},
-            "retriever": retriever.fingerprint() if retriever else None,
-            "corpus": {"label": corpus_label, "fingerprint": corpus_fp},
-            "n_docs": resolved.n_docs, "limit": request.limit, "model": model.name,
-            "model_fingerprint": model.fingerprint,
-            "model_backend": {"name": resolved.backend.name, **resolved.backend.settings},
-            "batch_size": request.batch_size,
-        }
+                retrieved, corpus_label, _ = retrieve(task, retriever, examples, resolved.n_docs, cache)
+        # the weights' content is known once loaded: a resumed run never mixes two models
+        config = {**resolved.config, "model_fingerprint": model.fingerprint}
         resume_path = Path(request.results_dir) / ".partial" / f"{fingerprint(config)}.jsonl"
         done = _evaluate_resumably(task, method, examples, retrieved, resume_path,
                                    request.batch_size)
@@ -318,7 +407,8 @@ def execute(resolved: ResolvedRun) -> dict[str, Any]:
         record_id = f"{started:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
         record = {
             "id": record_id, "samples": _write_samples(request.results_dir, record_id, lines),
-            "task": task.name, "family": task.family, "method": method.name,
+            "task": task.name, "task_version": task.config.get("version", 1),
+            "family": task.family, "method": method.name,
             "retriever": retriever.name if retriever else None, "model": model.name,
             "n_docs": resolved.n_docs, "settings": resolved.settings_label(),
             "corpus": corpus_label, "n_examples": len(examples), "metrics": metrics,
@@ -361,6 +451,6 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
                 line = _sample_line(task, examples[i], result, retrieved[i])
                 done[examples[i].id] = line
                 resume.write(json.dumps(line) + "\n")
+                progress.advance(bar)
             resume.flush()
-            progress.advance(bar, len(batch))
     return done

@@ -11,22 +11,24 @@ from raghub.options import Option
 
 #: every setting of `raghub run` that is raghub's own (plugins add theirs)
 CORE_OPTIONS: dict[str, Option] = {
-    "task": Option(str, None, "Task name (see `raghub tasks`) or a task YAML file."),
-    "method": Option(str, None, "Method name (see `raghub methods`)."),
+    "task": Option(str, None, "Task name (see `raghub tasks`) or a task YAML file; a comma list runs each."),
+    "method": Option(str, None, "Method name (see `raghub methods`); a comma list runs each."),
     "retriever": Option(str, None, "Retriever name (see `raghub retrievers`; default: the task's, else bm25)."),
-    "n_docs": Option(int, None, "Passages retrieved per example (default: the task's, else 4).", at_least=0),
+    "n_docs": Option(int, None, "Passages retrieved per example (default: the task's, else 4); a comma "
+                                "list runs each (0 only for methods that retrieve nothing).", at_least=0),
     "model": Option(str, None, "Hub id, model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."),
     "model_backend": Option(str, None, "Model backend (see `raghub models`; default: the first that loads --model)."),
     "model_args": Option(str, "", "Backend options as key=value,... (see `raghub models`)."),
     "limit": Option(int, None, "Evaluate only the first N examples.", at_least=1),
     "results_dir": Option(str, "results", "Results store."),
-    "data_dir": Option(str, None, "Local datasets folder [env: RAGHUB_DATA_DIR]."),
+    "data_dir": Option(str, None, "Local datasets folder [env: RAGHUB_DATA_DIR; default: ../shared/data "
+                                  "beside the checkout when it exists, else the hub]."),
     "batch_size": Option(int, 8, "Examples per batch.", at_least=1),
     "device": Option(str, None, "torch device (default: cuda if available, else cpu)."),
     "dtype": Option(("float32", "bfloat16", "float16"), "float32", "Weights' dtype."),
 }
 #: names no plugin option may take: the core settings and the CLI's own flags
-RESERVED_NAMES = frozenset({*CORE_OPTIONS, "config", "json"})
+RESERVED_NAMES = frozenset({*CORE_OPTIONS, "config", "json", "force"})
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:

@@ -171,7 +171,7 @@ def test_a_plugin_task_method_and_retriever_run_and_reach_the_leaderboard(echo_p
     assert record["metrics"] == {"accuracy": 1.0} and record["n_examples"] == 2
     assert record["corpus"] == "the words themselves"
     board = invoke("leaderboard", "--results-dir", results)
-    assert "| copy |" in board.output and "**1.0000**" in board.output
+    assert "| copy |" in board.output and "| 1.0000 |" in board.output
 
 
 def test_a_misspelled_hook_implementation_fails_loudly():
@@ -235,6 +235,20 @@ def test_third_party_method_runs_on_a_real_task(third_party_env, tmp_path):
 
 
 # --- the embedded default model on the real WikiText task -----------------------------------
+
+@pytest.mark.real_model
+def test_the_headline_command_runs_as_written_on_a_fresh_machine(tmp_path):
+    """README's first command, with no RAGHUB_DATA_DIR, from an unrelated folder: the data folder
+    beside the checkout is found, and without a train split the datastore falls back."""
+    env = {key: value for key, value in os.environ.items() if key != "RAGHUB_DATA_DIR"}
+    out = subprocess.run([str(RAGHUB), "run", "--task", "wikitext2", "--method", "ensemble", "--n-docs", "4",
+                          "--limit", "1"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "retrieving from the evaluated split's other articles" in out.stderr
+    assert "1 example · SmolLM2-135M-Instruct-Q4_1 · stored in results" in out.stdout
+    (record,) = [json.loads(line) for line in (tmp_path / "results" / "records.jsonl").read_text().splitlines()]
+    assert "(heldout-articles)" in record["corpus"] and record["config"]["task"]["datastore"] == "heldout-articles"
+
 
 @pytest.mark.real_model
 def test_none_on_wikitext2_writes_a_record_that_the_leaderboard_shows(tmp_path):

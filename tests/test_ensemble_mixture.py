@@ -38,3 +38,23 @@ def test_batched_leading_dimensions_mix_each_row_independently():
     scores = torch.tensor([[0.0, math.log(3.0)], [1.0, 5.0]])
     mixed = mixture_logprobs(docs, scores)
     assert torch.allclose(mixed, torch.log(torch.tensor([[0.5], [0.5]])), atol=1e-6)
+
+
+def test_effective_passages_count_how_many_passages_the_weights_really_mix():
+    from raghub.plugins.methods.ensemble import effective_passages, passage_weights
+
+    assert effective_passages(passage_weights([2.0, 2.0, 2.0, 2.0])) == pytest.approx(4.0)
+    assert effective_passages([1.0, 0.0, 0.0]) == pytest.approx(1.0)
+    # weights 1/4 and 3/4: exp(-(1/4 ln 1/4 + 3/4 ln 3/4)) = 1.7548
+    assert effective_passages(passage_weights([0.0, math.log(3.0)])) == pytest.approx(1.7548, abs=1e-4)
+
+
+def test_the_ensemble_reports_the_mean_over_examples_that_retrieved():
+    from raghub import Passage, Retrieved
+    from raghub.plugins.methods.ensemble import Ensemble
+
+    method = Ensemble(None, None, temperature=1.0)
+    method._mixing_scores([Retrieved(Passage("a", "x"), 1.0), Retrieved(Passage("b", "y"), 1.0)])
+    method._mixing_scores([Retrieved(Passage("c", "z"), 5.0)])
+    method._mixing_scores([])  # a window without passages (the first) is not counted
+    assert method.run_stats() == {"mean_effective_passages": pytest.approx(1.5)}

@@ -92,7 +92,7 @@ def test_heldout_windows_stay_inside_one_article_and_exclude_it(tmp_path):
         assert not position < second_article_starts < end
         assert window.exclude_group == ("First" if position < second_article_starts else "Second")
         position = end
-    assert all(w.exclude_group == "" for w in toy_task(tmp_path).examples(CharModel(), None))
+    assert all(w.exclude_group == "" for w in toy_task(tmp_path, datastore="train").examples(CharModel(), None))
 
 
 def test_ralm_stride_windows(tmp_path):
@@ -137,7 +137,34 @@ def test_corpus_option_replaces_the_datastore(tmp_path):
 
 def test_missing_train_split_names_the_file_and_where_to_get_it(tmp_path):
     with pytest.raises(UsageError, match=r"toy.train.rows.jsonl .*load_dataset"):
-        toy_task(tmp_path).corpus()
+        toy_task(tmp_path, datastore="train").corpus()
+
+
+def test_auto_datastore_is_train_when_present_else_heldout_articles_with_a_notice(tmp_path, capsys):
+    task = toy_task(tmp_path)
+    task.check()
+    assert task.datastore == "heldout-articles" and "heldout-articles" in task.corpus()[1]
+    assert capsys.readouterr().err == ""  # said when the windows are made, not while checking
+    task.examples(CharModel(), None)
+    assert "no train split" in capsys.readouterr().err
+    (tmp_path / "wikitext" / "toy.train.rows.jsonl").write_text(json.dumps({"text": TOY_ROWS[3]}) + "\n")
+    with_train = toy_task(tmp_path)
+    assert with_train.datastore == "train" and with_train.fingerprint()["datastore"] == "train"
+    assert with_train.corpus()[1].startswith("toy train") and capsys.readouterr().err == ""
+
+
+def test_a_hub_failure_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    task = toy_task(tmp_path)
+    task.data_dir = None  # no data folder: the hub
+    with pytest.raises(UsageError, match=r"hub could not provide none \(toy, test\): Couldn't reach .*"
+                                         r"set RAGHUB_DATA_DIR"):
+        task.lines
 
 
 @pytest.mark.real_model

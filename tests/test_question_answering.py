@@ -138,6 +138,27 @@ def test_squad_reader_keeps_all_answers_and_gold_paragraph(tmp_path):
     assert "1 passages" in label
 
 
+class FirstPassage:
+    """A method stub that answers with its first passage's text."""
+
+    @staticmethod
+    def answer(questions, retrieved):
+        return [docs[0].passage.text for docs in retrieved]
+
+
+def test_recall_is_not_reported_in_a_user_corpus_where_gold_passages_are_unknown(tmp_path):
+    task = make_task(tmp_path, "squad", "dev.json", json.dumps(SQUAD))
+    questions = task.examples(ChatStub(), 1)
+    own = [[Retrieved(p, 1.0) for p in task.corpus()[0]]]
+    assert task.evaluate(FirstPassage, questions, own)[0]["recall@1"] == 1.0
+    tsv = tmp_path / "psgs.tsv"
+    tsv.write_text("id\ttext\ttitle\n1\tDenver won.\tSuper Bowl\n")
+    task.settings["corpus"] = str(tsv)
+    user = [[Retrieved(p, 1.0) for p in task.corpus()[0]]]
+    stats = task.evaluate(FirstPassage, questions, user)[0]
+    assert not any(key.startswith("recall@") for key in stats) and "recall@1" not in aggregate_stats([stats])
+
+
 def hotpot_row(qid, question, answer, kind, titles, supporting):
     return {"_id": qid, "question": question, "answer": answer, "type": kind,
             "context": [[t, [f"{t} is a thing.", f" It is in {t}ville."]] for t in titles],

@@ -16,7 +16,7 @@ from raghub.errors import RunError, UsageError
 from raghub.hookspecs import hookimpl
 from raghub.models import ModelBackend
 from raghub.plugin_manager import pm, registry
-from raghub.runner import RunRequest, resolve
+from raghub.runner import RunRequest, resolve, resolve_sweep
 from raghub.schema import Field, check_schema
 from raghub.settings import parse_key_values, read_task_definition
 
@@ -92,7 +92,7 @@ def test_a_config_value_fails_with_the_same_line_as_the_flag(workdir, key, value
 def executed(monkeypatch):
     """The resolved runs `raghub run` executes; executing one only records it."""
     runs = []
-    monkeypatch.setattr("raghub.runner.execute", lambda resolved: runs.append(resolved) or {})
+    monkeypatch.setattr("raghub.runner.run_sweep", lambda resolved, force=False: runs.extend(resolved) or [])
     return runs
 
 
@@ -160,13 +160,13 @@ def test_a_stride_with_no_room_within_max_length_exits_2_before_the_model_loads(
     ({"retriever": "bm25", "n_docs": "3"}, "--retriever and --n-docs ignored"),
 ])
 def test_retrieval_settings_given_to_a_closed_book_method_are_warned(workdir, capsys, ignored, warning):
-    resolved = resolve(request(**ignored))
+    (resolved,) = resolve_sweep({"task": "wikitext2", "method": "none", **ignored})
     assert resolved.retriever_class is None and resolved.n_docs == 0
     assert warning in capsys.readouterr().err
 
 
 def test_a_closed_book_run_without_retrieval_settings_warns_nothing(workdir, capsys):
-    resolve(request())
+    resolve_sweep({"task": "wikitext2", "method": "none"})
     assert capsys.readouterr().err == ""
 
 

@@ -21,16 +21,25 @@ def normalised_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
     return scores
 
 
+def passage_weights(scores: Sequence[float], temperature: float = 1.0) -> list[float]:
+    """REPLUG's passage weights: softmax(retrieval scores / temperature)."""
+    import torch
+
+    return torch.softmax(torch.tensor(scores, dtype=torch.float64) / temperature, dim=0).tolist()
+
+
+def effective_passages(weights: Sequence[float]) -> float:
+    """exp(entropy) of the passage weights: K for equal weights, 1 when one passage has them all."""
+    return math.exp(-sum(w * math.log(w) for w in weights if w > 0))
+
+
 def replug_answer_scores(answers: Sequence[str], token_logprobs: Sequence[Sequence[float]],
                          scores: Sequence[float], temperature: float = 1.0) -> dict[str, float]:
     """REPLUG for QA: answer k, generated with passage k, scores w_k · exp(mean token log-prob)
     with w = softmax(retrieval scores / temperature) (an empty answer scores 0); the scores of
     answers equal after SQuAD normalisation add up. Returns normalised answer -> total."""
-    import torch
-
-    weights = torch.softmax(torch.tensor(scores, dtype=torch.float64) / temperature, dim=0)
     totals: dict[str, float] = defaultdict(float)
-    for answer, logprobs, weight in zip(answers, token_logprobs, weights.tolist()):
+    for answer, logprobs, weight in zip(answers, token_logprobs, passage_weights(scores, temperature)):
         totals[normalize_answer(answer)] += (weight * math.exp(mean(logprobs))) if logprobs else 0.0
     return dict(totals)
 
@@ -47,6 +56,9 @@ def replug_vote(answers: Sequence[str], token_logprobs: Sequence[Sequence[float]
 
 
 class Ensemble(Method):
+    """Mixes per-passage outputs by retrieval weight, and records how many passages the weights
+    really mix: the mean effective number of passages over the examples that retrieved."""
+
     name = "ensemble"
     description = "REPLUG / DRAGON output ensemble: one pass per passage, outputs mixed by retrieval weight"
     needs_retrieval = True
@@ -55,6 +67,25 @@ class Ensemble(Method):
         "score_norm": Option(("none", "zscore"), "none",
                              "retrieval scores as given (DRAGON) or z-scored per query"),
     }
+
+    def __init__(self, model, cache, **options) -> None:
+        super().__init__(model, cache, **options)
+        self.effective_counts: list[float] = []
+
+    def _mixing_scores(self, docs) -> torch.Tensor:
+        """The retrieved passages' scores as mixed (after --score-norm), noting the effective
+        number of passages their weights give (when there are passages)."""
+        import torch
+
+        scores = normalised_scores(torch.tensor([r.score for r in docs] or [0.0], dtype=torch.float64),
+                                   self.settings["score_norm"])
+        if docs:
+            self.effective_counts.append(effective_passages(
+                passage_weights(scores.tolist(), self.settings["temperature"])))
+        return scores
+
+    def run_stats(self):
+        return {"mean_effective_passages": mean(self.effective_counts)} if self.effective_counts else {}
 
     def score_windows(self, windows, retrieved):
         """REPLUG: every (window, passage) pair scored in one batched call, then each window's
@@ -69,9 +100,7 @@ class Ensemble(Method):
         mixed = []
         for docs in retrieved:
             doc_logprobs = torch.stack([next(per_passage) for _ in docs or [None]])
-            scores = normalised_scores(torch.tensor([r.score for r in docs] or [0.0]),
-                                       self.settings["score_norm"])
-            mixed.append(mixture_logprobs(doc_logprobs, scores, self.settings["temperature"]))
+            mixed.append(mixture_logprobs(doc_logprobs, self._mixing_scores(docs), self.settings["temperature"]))
         return mixed
 
     def answer(self, questions, retrieved):
@@ -84,7 +113,7 @@ class Ensemble(Method):
             own = [next(generations) for _ in docs]
             answers.append(replug_vote(
                 [question.answer_from(g.text) for g in own], [g.token_logprobs for g in own],
-                [r.score for r in docs], self.settings["temperature"]))
+                self._mixing_scores(docs).tolist(), self.settings["temperature"]))
         return answers
 
 

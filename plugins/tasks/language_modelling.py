@@ -15,7 +15,8 @@ plus the context plus the span fit in `ralm.max_length` tokens.
 
 Articles (` = Title = ` lines) are the passages' and windows' `group`: with
 `--datastore heldout-articles` the passages are the evaluated split's own lines, no target span
-crosses an article boundary, and each window excludes its article's passages.
+crosses an article boundary, and each window excludes its article's passages. The default
+`--datastore auto` is the train split when it is there, else heldout-articles (said on stderr).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import bisect
 import json
 import math
 import re
+import sys
 from functools import cached_property
 from itertools import accumulate
 from pathlib import Path
@@ -31,6 +33,7 @@ from typing import Any, Sequence
 
 from raghub import Field, Option, Passage, Retrieved, Task, UsageError, Window, hookimpl
 from raghub.corpus import STRUCTURED_SUFFIXES, read_corpus
+from raghub.data import load_hub_dataset
 from raghub.metrics import bits_per_byte, nats_per_token, perplexity, perplexity_standard_error
 
 ARTICLE_TITLE = re.compile(r" = [^=].* = ")
@@ -122,9 +125,10 @@ class LanguageModelling(Task):
     higher_is_better = {"nats_per_token": False, "ppl": False, "bits_per_byte": False}
     options = {
         "split": Option(("test", "validation"), "test", "the split to evaluate"),
-        "datastore": Option(("train", "heldout-articles"), "train",
-                            "passages to retrieve from: the train split of the same data, or the "
-                            "evaluated split's other articles (leave-one-article-out)"),
+        "datastore": Option(("auto", "train", "heldout-articles"), "auto",
+                            "passages to retrieve from: the train split of the same data, the "
+                            "evaluated split's other articles (leave-one-article-out), or auto: "
+                            "train when the data folder has it, else heldout-articles"),
         "corpus": Option(str, "", "a corpus file used as the datastore instead: .jsonl / .tsv of "
                                   "id, title, text passages, or a text file cut into 64-word passages"),
         "context_len": Option(int, None, "tokens of preceding text each window conditions on "
@@ -152,8 +156,8 @@ class LanguageModelling(Task):
 
     def check(self) -> None:
         """The windows' protocol (e.g. --stride against ralm.max_length) fits: computing it
-        raises a UsageError otherwise."""
-        assert self.protocol
+        raises a UsageError otherwise. The datastore is chosen here, before the model loads."""
+        assert self.protocol and self.datastore
 
     # ---- protocol
 
@@ -185,21 +189,24 @@ class LanguageModelling(Task):
                 "retrieved_max_length": retrieved_max_length}
 
     def fingerprint(self) -> dict[str, Any]:
-        return {**super().fingerprint(), "protocol": self.protocol}
+        return {**super().fingerprint(), "datastore": self.datastore, "protocol": self.protocol}
 
     # ---- data
+
+    def _split_file(self, split: str) -> Path | None:
+        """The first of the split's files found in the data directory (None: none there)."""
+        source = self.config["data"]
+        folder = Path(self.data_dir) / source["folder"]
+        return next((folder / name for name in source["files"].get(split, []) if (folder / name).is_file()), None)
 
     def _split_rows(self, split: str) -> list[str]:
         """The rows of a split from the data directory, else from the hub."""
         source = self.config["data"]
         if self.data_dir is None:
-            import datasets
-
-            return datasets.load_dataset(source["hub"], source["config"], split=split)["text"]
-        folder = Path(self.data_dir) / source["folder"]
-        names = source["files"].get(split, [])
-        found = next((folder / name for name in names if (folder / name).is_file()), None)
+            return load_hub_dataset(self.name, source["hub"], source["config"], split)["text"]
+        found = self._split_file(split)
         if found is None:
+            folder, names = Path(self.data_dir) / source["folder"], source["files"].get(split, [])
             instead = "; or retrieve from --datastore heldout-articles or --corpus PATH" if split == "train" else ""
             raise UsageError(
                 f"task {self.name}: the {split} split is missing: expected {' or '.join(names)} in "
@@ -213,11 +220,27 @@ class LanguageModelling(Task):
         """The evaluated split's non-empty lines."""
         return text_lines(self._split_rows(self.settings["split"]))
 
+    @cached_property
+    def datastore(self) -> str:
+        """`train` or `heldout-articles` (`auto`: train when the data folder or the hub has it,
+        otherwise heldout-articles); `corpus file` with --corpus."""
+        if self.settings["corpus"]:
+            return "corpus file"
+        if self.settings["datastore"] != "auto":
+            return self.settings["datastore"]
+        if self.data_dir is None or self._split_file("train") is not None:
+            return "train"
+        return "heldout-articles"
+
     @property
     def heldout_articles(self) -> bool:
-        return self.settings["datastore"] == "heldout-articles" and not self.settings["corpus"]
+        return self.datastore == "heldout-articles"
 
     def examples(self, model, limit: int | None) -> list[Window]:
+        if self.settings["datastore"] == "auto" and self.heldout_articles:
+            print(f"raghub: task {self.name}: no train split in {Path(self.data_dir) / self.config['data']['folder']}, "
+                  "so retrieving from the evaluated split's other articles (--datastore heldout-articles)",
+                  file=sys.stderr)
         lines = self.lines
         text = "".join(line + "\n" for line in lines)
         ids, char_starts = token_char_starts(model.tokenizer, text)

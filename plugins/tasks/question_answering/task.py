@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 
 from raghub import Answer, Field, Option, Passage, PromptTemplate, Question, Retrieved, Task, UsageError
 from raghub.corpus import read_corpus
+from raghub.data import load_hub_dataset
 from raghub.families.qa import TEMPLATE_STYLES
 from raghub.metrics import best_over_aliases, exact_match, f1, mean
 
@@ -103,9 +104,7 @@ class QATask(Task):
             data = self.config["data"]
             raise UsageError(f"task {self.name} has no hub source: set RAGHUB_DATA_DIR to a folder "
                              f"with {data['folder']}/{data['file']} ({data.get('get', '')})")
-        import datasets
-
-        rows = datasets.load_dataset(hub["path"], hub.get("name"), split=hub["split"])
+        rows = load_hub_dataset(self.name, hub["path"], hub.get("name"), hub["split"])
         return FORMATS[hub["format"]](list(rows))
 
     def examples(self, model, limit: int | None) -> list[Question]:
@@ -149,7 +148,11 @@ class QATask(Task):
 
     def evaluate(self, method, examples: Sequence[Question],
                  retrieved: Sequence[Sequence[Retrieved]]) -> list[dict[str, Any]]:
+        """Each question's stats; in a user's --corpus the task's gold passage ids mean
+        nothing, so recall counts only gold titles there (none: no recall)."""
         predictions = method.answer(examples, retrieved)
+        if self.settings["corpus"]:
+            examples = [replace(q, gold_passage_ids=[]) for q in examples]
         return [question_stats(q, prediction, docs)
                 for q, prediction, docs in zip(examples, predictions, retrieved)]
 

@@ -1,0 +1,103 @@
+"""Leaderboard identity (task config and corpus fingerprints), honest bolding, and reusing an
+identical stored run: hand-made records, no model."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from raghub.cache import fingerprint
+from raghub.cli import cli
+from raghub.plugins.models.huggingface import HuggingFaceCausal
+from raghub.records import append_record, clear_winner, leaderboard_markdown, task_config_fingerprint
+from raghub.runner import resolve_sweep
+
+
+def record(method, f1, stderr=None, stride=0, corpus_fp=None, source="/a/tasks/squad.yaml", **extra):
+    """A QA record; `stride` stands for any task option that changes the task's configuration."""
+    return {"task": "squad", "method": method, "retriever": None, "model": "m", "n_docs": 0,
+            "settings": "", "corpus": None, "n_examples": 100,
+            "metrics": {"f1": f1, "n_questions": 100}, "higher_is_better": {"f1": True},
+            "stderr": {"f1": stderr},
+            "config": {"task": {"task": "squad", "config": {"name": "squad", "source": source},
+                                "stride": stride},
+                       "corpus": {"label": None, "fingerprint": corpus_fp}}, **extra}
+
+
+@pytest.mark.parametrize("cells, higher, winner", [
+    ([(0.50, 0.01), (0.40, 0.01)], True, 0),            # 0.10 apart > sqrt(2) * 0.01
+    ([(0.50, 0.05), (0.45, 0.05)], True, None),         # 0.05 apart < 0.0707: within noise
+    ([(20.0, 1.0), (15.0, 1.0), (30.0, 1.0)], False, 1),  # lower is better
+    ([(0.50, 0.01), (0.40, None)], True, None),         # the runner-up has no standard error
+    ([(0.50, None), (0.40, None)], True, None),         # none has one: never bold
+    ([(0.50, 0.01)], True, None),                       # a single row
+    ([(0.50, 0.01), (None, None)], True, None),         # one value only
+])
+def test_bold_only_when_the_best_beats_the_runner_up_by_their_combined_error(cells, higher, winner):
+    assert clear_winner(cells, higher) == winner
+
+
+def test_values_show_their_standard_error_and_counts_are_never_bold():
+    table = leaderboard_markdown([record("none", 0.20, 0.01), record("incontext", 0.40, 0.02)])
+    assert "| **0.4000 ± 0.0200** |" in table and "| 0.2000 ± 0.0100 |" in table
+    assert "n_questions" not in table and "combined standard error" in table
+    by_type = leaderboard_markdown(
+        [{**record(m, v, 0.01), "metrics": {"f1": v, "by_type": {"bridge": {"f1": v, "count": c}}}}
+         for m, v, c in (("none", 0.2, 10), ("incontext", 0.4, 50))], by_type=True)
+    bridge_table = by_type.split("### squad — bridge")[1]
+    assert "**" not in bridge_table  # per-type values have no standard errors; counts never bold
+
+
+def test_differently_configured_tasks_of_one_name_are_separate_labelled_rows():
+    plain, strided = record("none", 0.20), record("none", 0.30, stride=4)
+    table = leaderboard_markdown([plain, strided])
+    assert table.count("| none |") == 2 and "| task config |" in table
+    for row in (plain, strided):
+        assert f"| {task_config_fingerprint(row)} |" in table
+    assert task_config_fingerprint(plain) != task_config_fingerprint(strided)
+
+
+def test_where_the_task_file_lies_does_not_split_a_row_but_another_corpus_does():
+    here, there = record("none", 0.20), record("none", 0.30, source="/b/tasks/squad.yaml")
+    table = leaderboard_markdown([here, there])
+    assert table.count("| none |") == 1 and "0.3000" in table and "task config" not in table
+    other_corpus = leaderboard_markdown([record("none", 0.20, corpus_fp="c1"),
+                                         record("none", 0.30, corpus_fp="c2")])
+    assert other_corpus.count("| none |") == 2
+
+
+RUN = ("run", "--task", "wikitext2", "--method", "none", "--limit", "1")
+
+
+@pytest.fixture
+def stored_identical_run(tmp_path):
+    """A results folder holding a hand-made record whose config is exactly what RUN resolves to."""
+    results = tmp_path / "results"
+    (resolved,) = resolve_sweep({"task": "wikitext2", "method": "none", "limit": 1,
+                                 "results_dir": str(results)})
+    append_record(results, {**record("none", 0.5), "task": "wikitext2", "config": resolved.config,
+                            "metrics": {"bits_per_byte": 1.25}, "finished_at": "yesterday"})
+    assert fingerprint(json.loads(json.dumps(resolved.config))) == fingerprint(resolved.config)
+    return results
+
+
+def test_an_identical_rerun_reuses_the_stored_record_without_loading_the_model(stored_identical_run,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(HuggingFaceCausal, "load", lambda *a, **k: pytest.fail("model loaded"))
+    result = CliRunner().invoke(cli, [*RUN, "--json", "--results-dir", str(stored_identical_run)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["metrics"] == {"bits_per_byte": 1.25}
+    assert "reusing the identical run" in result.stderr and "--force" in result.stderr
+    assert len((stored_identical_run / "records.jsonl").read_text().splitlines()) == 1
+
+
+def test_force_runs_an_identical_run_again(stored_identical_run, monkeypatch):
+    class Loaded(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(HuggingFaceCausal, "load", load)  # the embedded model's backend inherits it
+    result = CliRunner().invoke(cli, [*RUN, "--force", "--results-dir", str(stored_identical_run)])
+    assert isinstance(result.exception, Loaded)
