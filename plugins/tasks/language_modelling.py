@@ -21,7 +21,6 @@ crosses an article boundary, and each window excludes its article's passages.
 from __future__ import annotations
 
 import bisect
-import json
 import re
 from functools import cached_property
 from itertools import accumulate
@@ -31,6 +30,7 @@ from typing import Any, Sequence
 from raghub import Field, Option, Passage, Retrieved, Task, UsageError, Window, hookimpl
 from raghub.corpus import STRUCTURED_SUFFIXES, read_corpus
 from raghub.metrics import bits_per_byte, nats_per_token, perplexity
+from raghub.settings import data_path, read_data_json_lines, read_data_text
 
 ARTICLE_TITLE = re.compile(r" = [^=].* = ")
 
@@ -39,17 +39,23 @@ ARTICLE_TITLE = re.compile(r" = [^=].* = ")
 
 
 def read_rows(path: Path) -> list[str]:
-    """The text rows of a WikiText file: hub rows (.jsonl / .parquet / .arrow) or raw text."""
+    """The text rows of a WikiText file: hub rows (.jsonl / .parquet / .arrow) or raw text. A
+    file that is truncated, not UTF-8, empty, or has a row without text is a UsageError naming it."""
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
-            return [json.loads(line)["text"] for line in handle if line.strip()]
+        rows = []
+        for number, row in read_data_json_lines(path):
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise UsageError(f"{path}, line {number}: no 'text' string; each line of a WikiText "
+                                 'JSONL file is a row {"text": ...}')
+            rows.append(row["text"])
+        return rows
     if path.suffix in (".parquet", ".arrow"):
         import datasets
 
         table = (datasets.Dataset.from_parquet(str(path)) if path.suffix == ".parquet"
                  else datasets.Dataset.from_file(str(path)))
         return table["text"]
-    return [path.read_text(encoding="utf-8")]
+    return [read_data_text(path)]
 
 
 def text_lines(rows: Sequence[str]) -> list[str]:
@@ -150,9 +156,12 @@ class LanguageModelling(Task):
     }
 
     def check(self) -> None:
-        """The windows' protocol (e.g. --stride against ralm.max_length) fits: computing it
-        raises a UsageError otherwise."""
+        """The windows' protocol (e.g. --stride against ralm.max_length) fits, and every file the
+        YAML names lies inside the data directory: each raises a UsageError otherwise."""
         assert self.protocol
+        if self.data_dir is not None:
+            for split in self.config["data"]["files"]:
+                self._split_files(split)
 
     # ---- protocol
 
@@ -188,6 +197,13 @@ class LanguageModelling(Task):
 
     # ---- data
 
+    def _split_files(self, split: str) -> list[Path]:
+        """The data directory's candidate files of a split, in the YAML's order."""
+        source = self.config["data"]
+        return [data_path(self.data_dir, source["folder"], name,
+                          source=self.config.get("source", f"task {self.name}"))
+                for name in source["files"].get(split, [])]
+
     def _split_rows(self, split: str) -> list[str]:
         """The rows of a split from the data directory, else from the hub."""
         source = self.config["data"]
@@ -195,10 +211,10 @@ class LanguageModelling(Task):
             import datasets
 
             return datasets.load_dataset(source["hub"], source["config"], split=split)["text"]
-        folder = Path(self.data_dir) / source["folder"]
-        names = source["files"].get(split, [])
-        found = next((folder / name for name in names if (folder / name).is_file()), None)
+        found = next((path for path in self._split_files(split) if path.is_file()), None)
         if found is None:
+            folder = Path(self.data_dir) / source["folder"]
+            names = source["files"].get(split, [])
             instead = "; or retrieve from --datastore heldout-articles or --corpus PATH" if split == "train" else ""
             raise UsageError(
                 f"task {self.name}: the {split} split is missing: expected {' or '.join(names)} in "
