@@ -155,7 +155,11 @@ def leaderboard(results_dir: str, tasks: tuple[str, ...], by_type: bool, output:
     records = read_records(results_dir)
     markdown = leaderboard_markdown(records, tasks=tasks, by_type=by_type)
     if output:
-        Path(output).write_text(markdown, encoding="utf-8")
+        try:
+            Path(output).write_text(markdown, encoding="utf-8")
+        except OSError as error:
+            raise UsageError(f"--output {output} cannot be written ({error.strerror}); give a file "
+                             "in an existing folder you can write to") from None
         click.echo(f"wrote {output}", err=True)
     else:
         click.echo(markdown, nl=False)

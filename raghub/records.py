@@ -26,6 +26,8 @@ LEGEND = ("Values are mean ± standard error where the record has one. A best va
           "when it beats the runner-up by more than their combined standard error.")
 #: (value, standard error or None) of one metric of one row
 Lookup = Callable[[dict[str, Any], str], tuple[Any, Any]]
+#: what the leaderboard needs of every record
+RECORD_KEYS = ("task", "method", "n_examples", "metrics")
 
 
 def _ends_mid_line(handle) -> bool:
@@ -50,8 +52,16 @@ def append_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
     return path
 
 
+def _is_record(value: Any) -> bool:
+    """Whether a JSON value is a record the leaderboard can show: an object with `RECORD_KEYS`,
+    its metrics an object."""
+    return (isinstance(value, dict) and all(key in value for key in RECORD_KEYS)
+            and isinstance(value["metrics"], dict))
+
+
 def read_records(results_dir: str | Path) -> list[dict[str, Any]]:
-    """Every stored record, oldest first; an unreadable line is skipped and named on stderr."""
+    """Every stored record, oldest first; a line that is not JSON, or JSON but not a record, is
+    skipped and named on stderr."""
     path = Path(results_dir) / RECORDS_FILE
     if not path.exists():
         return []
@@ -59,9 +69,15 @@ def read_records(results_dir: str | Path) -> list[dict[str, Any]]:
     for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                value = json.loads(line)
             except ValueError:  # not JSON, or not even UTF-8
                 print(f"{path}, line {number}: skipped, not a JSON record", file=sys.stderr)
+                continue
+            if _is_record(value):
+                records.append(value)
+            else:
+                print(f"{path}, line {number}: skipped, not a record (a record is a JSON object "
+                      f"with {', '.join(RECORD_KEYS)})", file=sys.stderr)
     return records
 
 

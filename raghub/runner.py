@@ -21,6 +21,7 @@ import re
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -178,6 +179,42 @@ def _warn(message: str) -> None:
     print(f"raghub: {message}", file=sys.stderr)
 
 
+def _check_results_dir(results_dir: Path) -> None:
+    """The results dir is a folder, or can be made in its nearest existing parent, and files can
+    be written there: probed by creating a file that vanishes when closed (nothing is left)."""
+    existing = next(folder for folder in (results_dir, *results_dir.parents) if folder.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--results-dir {results_dir} is a file, not a folder" if existing == results_dir
+                         else f"--results-dir {results_dir} is inside {existing}, which is a file")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise UsageError(f"--results-dir {results_dir} cannot be written ({error.strerror}); give a "
+                         "folder you can write to") from None
+
+
+def _check_device(device: str) -> None:
+    """`--device` names a torch device this machine has (imports torch: only when it is given)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device} is not a torch device; give cpu, cuda, cuda:N or mps, "
+                         "or leave it out") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {device}: this machine has no CUDA device; give --device cpu "
+                             "or leave it out")
+        if parsed.index is not None and parsed.index >= count:
+            raise UsageError(f"--device {device}: this machine has {count} CUDA devices "
+                             f"(cuda:0 to cuda:{count - 1})")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: this machine has no MPS device; give --device cpu "
+                         "or leave it out")
+
+
 def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> ResolvedRun:
     """Look up and validate every name and option; raises UsageError on bad input. A task
     already in `built_tasks` (keyed by its definition, data folder and options) is reused."""
@@ -207,8 +244,9 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
         built_tasks[task_key].check()
     task = built_tasks[task_key]
     backend = choose_backend(found, request.model, request.model_backend, request.model_args)
-    if Path(request.results_dir).is_file():
-        raise UsageError(f"--results-dir {request.results_dir} is a file, not a folder")
+    _check_results_dir(Path(request.results_dir))
+    if request.device is not None:
+        _check_device(request.device)
     return ResolvedRun(request, task, method_class, retriever_class, backend, n_docs, options)
 
 
@@ -288,8 +326,12 @@ def retrieve(task: Task, retriever: Retriever, examples: Sequence[Example], k: i
              cache: Cache) -> tuple[list[list[Retrieved]], str, str]:
     """Top-k passages per example (none for an empty query), never from the example's own
     `exclude_group`; results are cached by corpus, retriever, queries and k.
+    A k above the corpus size is cut to it, with a notice.
     Returns (retrieved, corpus label, corpus fingerprint)."""
     passages, label, corpus_fp = task_corpus(task)
+    if k > len(passages):
+        _warn(f"--n-docs {k} is more than the corpus's {len(passages)} passages; retrieving {len(passages)}")
+        k = len(passages)
     retriever.index(passages, corpus_fp)
     excluded = {e.exclude_group for e in examples if e.exclude_group}
     group_sizes: dict[str, int] = {}

@@ -1,10 +1,12 @@
 """The core settings of a run, declared like plugin options, and reading YAML files (task
-definitions, `--config` files) with errors a user can act on."""
+definitions, `--config` files) and task data files with errors a user can act on."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from raghub.errors import UsageError
 from raghub.options import Option
@@ -85,3 +87,70 @@ def parse_key_values(text: str, flag: str) -> dict[str, str]:
             raise UsageError(f"{flag} takes key=value pairs separated by commas, not {item!r}")
         pairs[key.strip()] = value.strip()
     return pairs
+
+
+# --------------------------------------------------------------------------- task data files
+
+
+def data_path(data_dir: str | Path, *parts: str, source: str) -> Path:
+    """`data_dir / parts...`; UsageError naming `source` (the task file) when `..` or an
+    absolute part leads outside the data directory. Symbolic links inside it are followed, so
+    a large dataset may be linked in."""
+    root = os.path.abspath(data_dir)
+    if not Path(os.path.abspath(os.path.join(root, *parts))).is_relative_to(root):
+        raise UsageError(f"{source}: the data path {Path(*parts)} leads outside the data directory "
+                         f"{data_dir}; give a folder and file names inside it")
+    return Path(data_dir, *parts)
+
+
+def _not_utf8(path: Path) -> UsageError:
+    return UsageError(f"{path} is not UTF-8 text; convert it to UTF-8 or fetch it again")
+
+
+def _empty(path: Path) -> UsageError:
+    return UsageError(f"{path} is empty; fetch it again")
+
+
+def _not_json(path: Path, line: int, problem: str) -> UsageError:
+    return UsageError(f"{path}, line {line}: not JSON ({problem}); the file may be truncated: "
+                      "fetch it again")
+
+
+def read_data_text(path: Path) -> str:
+    """A data file's text; UsageError naming it when it is not UTF-8 or holds only blanks."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    if not text.strip():
+        raise _empty(path)
+    return text
+
+
+def read_data_json(path: Path) -> Any:
+    """A data file's JSON value; UsageError naming the file and line when it is not JSON."""
+    try:
+        return json.loads(read_data_text(path))
+    except json.JSONDecodeError as error:
+        raise _not_json(path, error.lineno, error.msg) from None
+
+
+def read_data_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, JSON value) of each non-blank line of a JSONL data file, read line by line;
+    UsageError naming the file (and line) when one is not JSON, the file is not UTF-8, or it
+    holds no lines."""
+    empty = True
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    empty = False
+                    try:
+                        value = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise _not_json(path, number, error.msg) from None
+                    yield number, value
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    if empty:
+        raise _empty(path)

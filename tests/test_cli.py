@@ -13,8 +13,9 @@ from click.testing import CliRunner
 from raghub.cli import cli
 from raghub.hookspecs import hookimpl
 from raghub import Example, Field, Method, Passage, Retriever, Task
-from raghub.models import ModelBackend
 from raghub.plugin_manager import pm, registry
+
+from bad_input import assert_one_line_exit_2, model_never_loads  # noqa: F401 (a fixture)
 
 HERE = Path(__file__).parent
 RAGHUB = Path(sys.executable).with_name("raghub")
@@ -22,20 +23,6 @@ RAGHUB = Path(sys.executable).with_name("raghub")
 
 def invoke(*args):
     return CliRunner().invoke(cli, list(args))
-
-
-def assert_one_line_exit_2(result, message, results_dir):
-    """Bad input: exit code 2, one line holding `message`, and nothing written."""
-    assert result.exit_code == 2, result.output
-    assert len(result.output.splitlines()) == 1 and message in result.output, result.output
-    assert not results_dir.exists()
-
-
-@pytest.fixture
-def model_never_loads(monkeypatch):
-    """Fails the test if any model backend loads (each backend overrides `load`)."""
-    for backend in {ModelBackend, *registry().models.values()}:
-        monkeypatch.setattr(backend, "load", lambda *a, **k: pytest.fail("model loaded"))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -30,7 +30,7 @@ WIKITEXT2_TEST_FILES = ["wikitext-2-raw-v1.test.rows.jsonl", "wikitext-2-raw-v1.
 
 
 def test_a_torn_last_line_loses_no_record_and_is_named_on_stderr(tmp_path, capsys):
-    first, lost, next_one = ({"task": "t", "method": name} for name in ("first", "lost", "next"))
+    first, lost, next_one = ({"task": "t", "method": name, "n_examples": 1, "metrics": {}} for name in ("first", "lost", "next"))
     path = tmp_path / RECORDS_FILE
     path.write_text(json.dumps(first) + "\n" + json.dumps(lost)[:12])  # a writer died mid-line
     append_record(tmp_path, next_one)

@@ -155,7 +155,7 @@ def store(results, record_id, task, family, higher, lines, **extra):
     (results / "samples" / f"{record_id}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     record = {"id": record_id, "samples": f"samples/{record_id}.jsonl", "task": task, "family": family,
               "method": extra.get("method", "m"), "retriever": None, "n_docs": 0,
-              "higher_is_better": higher}
+              "n_examples": len(lines), "metrics": {}, "higher_is_better": higher}
     with open(results / "records.jsonl", "a") as handle:
         handle.write(json.dumps(record) + "\n")
 

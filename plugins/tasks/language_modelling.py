@@ -22,7 +22,6 @@ crosses an article boundary, and each window excludes its article's passages. Th
 from __future__ import annotations
 
 import bisect
-import json
 import math
 import re
 import sys
@@ -35,6 +34,7 @@ from raghub import Field, Option, Passage, Retrieved, Task, UsageError, Window, 
 from raghub.corpus import STRUCTURED_SUFFIXES, read_corpus
 from raghub.data import load_hub_dataset
 from raghub.metrics import bits_per_byte, nats_per_token, perplexity, perplexity_standard_error
+from raghub.settings import data_path, read_data_json_lines, read_data_text
 
 ARTICLE_TITLE = re.compile(r" = [^=].* = ")
 
@@ -43,17 +43,23 @@ ARTICLE_TITLE = re.compile(r" = [^=].* = ")
 
 
 def read_rows(path: Path) -> list[str]:
-    """The text rows of a WikiText file: hub rows (.jsonl / .parquet / .arrow) or raw text."""
+    """The text rows of a WikiText file: hub rows (.jsonl / .parquet / .arrow) or raw text. A
+    file that is truncated, not UTF-8, empty, or has a row without text is a UsageError naming it."""
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
-            return [json.loads(line)["text"] for line in handle if line.strip()]
+        rows = []
+        for number, row in read_data_json_lines(path):
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise UsageError(f"{path}, line {number}: no 'text' string; each line of a WikiText "
+                                 'JSONL file is a row {"text": ...}')
+            rows.append(row["text"])
+        return rows
     if path.suffix in (".parquet", ".arrow"):
         import datasets
 
         table = (datasets.Dataset.from_parquet(str(path)) if path.suffix == ".parquet"
                  else datasets.Dataset.from_file(str(path)))
         return table["text"]
-    return [path.read_text(encoding="utf-8")]
+    return [read_data_text(path)]
 
 
 def text_lines(rows: Sequence[str]) -> list[str]:
@@ -155,9 +161,13 @@ class LanguageModelling(Task):
     }
 
     def check(self) -> None:
-        """The windows' protocol (e.g. --stride against ralm.max_length) fits: computing it
-        raises a UsageError otherwise. The datastore is chosen here, before the model loads."""
+        """The windows' protocol (e.g. --stride against ralm.max_length) fits, and every file the
+        YAML names lies inside the data directory: each raises a UsageError otherwise. The
+        datastore is chosen here, before the model loads."""
         assert self.protocol and self.datastore
+        if self.data_dir is not None:
+            for split in self.config["data"]["files"]:
+                self._split_files(split)
 
     # ---- protocol
 
@@ -193,11 +203,16 @@ class LanguageModelling(Task):
 
     # ---- data
 
+    def _split_files(self, split: str) -> list[Path]:
+        """The data directory's candidate files of a split, in the YAML's order."""
+        source = self.config["data"]
+        return [data_path(self.data_dir, source["folder"], name,
+                          source=self.config.get("source", f"task {self.name}"))
+                for name in source["files"].get(split, [])]
+
     def _split_file(self, split: str) -> Path | None:
         """The first of the split's files found in the data directory (None: none there)."""
-        source = self.config["data"]
-        folder = Path(self.data_dir) / source["folder"]
-        return next((folder / name for name in source["files"].get(split, []) if (folder / name).is_file()), None)
+        return next((path for path in self._split_files(split) if path.is_file()), None)
 
     def _split_rows(self, split: str) -> list[str]:
         """The rows of a split from the data directory, else from the hub."""
@@ -237,11 +252,11 @@ class LanguageModelling(Task):
         return self.datastore == "heldout-articles"
 
     def examples(self, model, limit: int | None) -> list[Window]:
+        lines = self.lines
         if self.settings["datastore"] == "auto" and self.heldout_articles:
             print(f"raghub: task {self.name}: no train split in {Path(self.data_dir) / self.config['data']['folder']}, "
                   "so retrieving from the evaluated split's other articles (--datastore heldout-articles)",
                   file=sys.stderr)
-        lines = self.lines
         text = "".join(line + "\n" for line in lines)
         ids, char_starts = token_char_starts(model.tokenizer, text)
         # the text's end closes the last span, so span bytes add up to the whole text's

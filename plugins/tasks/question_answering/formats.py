@@ -4,14 +4,16 @@ the question type, the gold passages when known) and the context `Passage`s it s
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from raghub import Passage, Question
+from raghub import Passage, Question, UsageError
 from raghub.cache import fingerprint
+from raghub.settings import read_data_json, read_data_json_lines, read_data_text
 
 
 @dataclass
@@ -38,18 +40,21 @@ def _as_list(value: Any) -> list[str]:
 
 def read_rows(path: Path) -> Any:
     """A data file's rows: JSONL lines, a JSON list, a pandas column-oriented JSON object
-    (turned into rows), SQuAD's nested JSON (kept whole), or TSV rows with a header."""
+    (turned into rows), SQuAD's nested JSON (kept whole), or TSV rows with a header. A file
+    that is truncated, not UTF-8, empty or neither layout is a UsageError naming it."""
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+        return [row for _, row in read_data_json_lines(path)]
     if path.suffix == ".tsv":
-        with open(path, encoding="utf-8", newline="") as handle:
-            return list(csv.DictReader(handle, delimiter="\t"))
-    data = json.loads(path.read_text(encoding="utf-8"))
+        return list(csv.DictReader(io.StringIO(read_data_text(path), newline=""), delimiter="\t"))
+    data = read_data_json(path)
     if isinstance(data, dict) and "data" not in data:  # pandas `to_json()` column layout
         import pandas
 
-        return pandas.DataFrame(data).to_dict("records")
+        try:
+            return pandas.DataFrame(data).to_dict("records")
+        except ValueError:
+            raise UsageError(f"{path} has no 'data' (SQuAD's nested layout) and is not a table of "
+                             "columns (pandas' to_json layout)") from None
     return data
 
 

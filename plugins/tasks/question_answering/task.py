@@ -15,15 +15,21 @@ from dataclasses import replace
 from functools import cached_property
 from itertools import chain, zip_longest
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from raghub import Answer, Field, Option, Passage, PromptTemplate, Question, Retrieved, Task, UsageError
 from raghub.corpus import read_corpus
 from raghub.data import load_hub_dataset
 from raghub.families.qa import TEMPLATE_STYLES
 from raghub.metrics import best_over_aliases, exact_match, f1, mean
+from raghub.settings import data_path
 
 from .formats import FORMATS, Loaded, read_aliases, read_rows, unique
+
+
+T = TypeVar("T")
+#: the keys of a task YAML's `data:` that name files in its folder
+DATA_FILE_KEYS = ("file", "aliases_file", "types_file")
 
 
 def deduplicate(passages: Iterable[Passage]) -> list[Passage]:
@@ -69,9 +75,30 @@ class QATask(Task):
         "sample": Field({"first": Field(int), "per_type": Field(int)}),
     }
 
+    def check(self) -> None:
+        """Every data file the YAML names lies inside the data directory."""
+        if self.data_dir is not None:
+            for key in DATA_FILE_KEYS:
+                if key in self.config["data"]:
+                    self._data_file(key)
+
     def _data_file(self, name_key: str) -> Path:
         data = self.config["data"]
-        return Path(self.data_dir) / data["folder"] / data[name_key]
+        return data_path(self.data_dir, data["folder"], data[name_key],
+                         source=self.config.get("source", f"task {self.name}"))
+
+    def _read(self, name_key: str, reader: Callable[[Any], T], format_name: str) -> T:
+        """`reader` applied to the rows of the data file `name_key` names; a row without a field
+        the reader needs (or of another shape) is a UsageError naming the file and format."""
+        path = self._data_file(name_key)
+        try:
+            return reader(read_rows(path))
+        except KeyError as error:
+            raise UsageError(f"{path} is not {format_name} data: a row has no {error}; check the task "
+                             "YAML's data.format") from None
+        except (TypeError, AttributeError) as error:
+            raise UsageError(f"{path} is not {format_name} data ({error}); check the task YAML's "
+                             "data.format") from None
 
     @cached_property
     def loaded(self) -> Loaded:
@@ -83,11 +110,12 @@ class QATask(Task):
         if not path.is_file():
             raise UsageError(f"task {self.name} needs {path} ({data.get('get', 'see the task YAML')}); "
                              "set RAGHUB_DATA_DIR to the folder holding it")
-        loaded = FORMATS[data["format"]](read_rows(path))
+        loaded = self._read("file", FORMATS[data["format"]], data["format"])
         if data.get("aliases_file") and self._data_file("aliases_file").is_file():
-            self._add_aliases(loaded.questions, read_aliases(read_rows(self._data_file("aliases_file"))))
+            self._add_aliases(loaded.questions, self._read("aliases_file", read_aliases, "aliases"))
         if data.get("types_file") and self._data_file("types_file").is_file():
-            type_of = {row["question"]: row["type"] for row in read_rows(self._data_file("types_file"))}
+            type_of = self._read("types_file", lambda rows: {row["question"]: row["type"] for row in rows},
+                                 "question-types")
             loaded.questions = [replace(q, type=type_of.get(q.question, q.type)) for q in loaded.questions]
         return loaded
 
