@@ -17,6 +17,7 @@ as a clear error.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
@@ -112,6 +113,9 @@ class Method(Plugin):
         self.model = model
         self.cache = cache
         self.settings = self.resolve_options(options)
+        #: additive counts of the work done (passages trained, bytes sent, ...); the runner
+        #: keeps them with the finished examples, so a resumed run counts all of its work
+        self.counters: Counter[str] = Counter()
 
     def score_windows(
         self, windows: Sequence[Window], retrieved: Sequence[Sequence[Retrieved]]
@@ -126,8 +130,8 @@ class Method(Plugin):
         raise NotImplementedError
 
     def run_stats(self) -> dict[str, Any]:
-        """Method-specific numbers for the record (bytes sent, skipped passages, ...)."""
-        return {}
+        """Method-specific numbers for the record, computed from `counters` (default: them)."""
+        return dict(self.counters)
 
     def close(self) -> None:
         """Release processes or connections the method opened."""

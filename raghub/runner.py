@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -356,10 +357,15 @@ def retrieve(task: Task, retriever: Retriever, examples: Sequence[Example], k: i
     return retrieved, label, corpus_fp
 
 
-def _read_resume_file(path: Path) -> dict[str, dict[str, Any]]:
+#: the key, on the last line of each batch in a resume file, of the method counters it added
+COUNTERS_KEY = "method_counters"
+
+
+def _read_resume_file(path: Path) -> tuple[dict[str, dict[str, Any]], Counter[str]]:
     """The sample lines of the examples an earlier, interrupted run finished, by example id
-    (a torn last line is dropped)."""
+    (a torn last line is dropped), and the method counters of their batches."""
     done: dict[str, dict[str, Any]] = {}
+    counters: Counter[str] = Counter()
     if path.exists():
         for text in path.read_text(encoding="utf-8").splitlines():
             try:
@@ -367,8 +373,9 @@ def _read_resume_file(path: Path) -> dict[str, dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
             if "retrieved" in line:  # lines of an older raghub, without the samples log, are redone
+                counters.update(line.pop(COUNTERS_KEY, {}))
                 done[line["id"]] = line
-    return done
+    return done, counters
 
 
 def _sample_line(task: Task, example: Example, stats: dict[str, Any],
@@ -476,23 +483,28 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
     """Each example's sample line (which holds its stats), by example id, continuing from the
     resume file and appending to it per batch."""
     resume_path.parent.mkdir(parents=True, exist_ok=True)
-    done = _read_resume_file(resume_path)
+    done, counters = _read_resume_file(resume_path)
+    method.counters.update(counters)
     todo = [i for i, e in enumerate(examples) if e.id not in done]
     with _progress() as progress, open(resume_path, "a", encoding="utf-8") as resume:
         bar = progress.add_task(f"{task.name} · {method.name}", total=len(examples),
                                 completed=len(examples) - len(todo))
         for first in range(0, len(todo), batch_size):
             batch = todo[first : first + batch_size]
+            before = Counter(method.counters)
             try:
                 results = task.evaluate(method, [examples[i] for i in batch],
                                         [retrieved[i] for i in batch])
             except NotImplementedError:
                 raise UsageError(f"method '{method.name}' does not support {task.family} "
                                  f"tasks such as '{task.name}'") from None
-            for i, result in zip(batch, results):
+            added = {key: value - before[key] for key, value in method.counters.items() if value != before[key]}
+            for position, (i, result) in enumerate(zip(batch, results), start=1):
                 line = _sample_line(task, examples[i], result, retrieved[i])
                 done[examples[i].id] = line
-                resume.write(json.dumps(line) + "\n")
+                # the batch's counters ride on its last line: kept exactly when the batch is
+                on_disk = {**line, COUNTERS_KEY: added} if position == len(batch) and added else line
+                resume.write(json.dumps(on_disk) + "\n")
                 progress.advance(bar)
             resume.flush()
     return done

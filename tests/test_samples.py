@@ -63,6 +63,7 @@ class GoldIfRetrieved(Method):
                 GoldIfRetrieved.budget = math.inf
                 raise RunError("stopped on purpose")
             GoldIfRetrieved.budget -= 1
+            self.counters["questions_answered"] += 1
             top = docs[0].passage
             answers.append(Answer(question.answers[0], f"The answer is {question.answers[0]}.\nMore")
                            if question.is_gold(top.id, top.title) else "no idea")
@@ -135,6 +136,8 @@ def test_an_interrupted_run_resumes_to_the_same_samples(stub_plugin, tmp_path):
     assert (read_lines(tmp_path / "b" / resumed["samples"])
             == read_lines(tmp_path / "a" / uninterrupted["samples"]))
     assert resumed["stderr"] == uninterrupted["stderr"]
+    # regression: method_stats counted only the last process's work
+    assert resumed["method_stats"] == uninterrupted["method_stats"] == {"questions_answered": 4}
 
 
 def test_the_resume_file_keeps_whole_sample_lines_only(tmp_path):
@@ -144,7 +147,7 @@ def test_the_resume_file_keeps_whole_sample_lines_only(tmp_path):
     line = {"id": "w1", "nll": 1.0, "tokens": 2, "bytes": 3, "retrieved": []}
     path.write_text(json.dumps(line) + "\n" + json.dumps({"id": "w0", "stats": {"nll": 1.0}})
                     + "\n" + '{"id": "w2", "nl')  # an older raghub's line and a torn last line
-    assert _read_resume_file(path) == {"w1": line}
+    assert _read_resume_file(path) == ({"w1": line}, {})
 
 
 # --- hand-made records and samples --------------------------------------------------------

@@ -68,10 +68,6 @@ class Ensemble(Method):
                              "retrieval scores as given (DRAGON) or z-scored per query"),
     }
 
-    def __init__(self, model, cache, **options) -> None:
-        super().__init__(model, cache, **options)
-        self.effective_counts: list[float] = []
-
     def _mixing_scores(self, docs) -> torch.Tensor:
         """The retrieved passages' scores as mixed (after --score-norm), noting the effective
         number of passages their weights give (when there are passages)."""
@@ -80,12 +76,15 @@ class Ensemble(Method):
         scores = normalised_scores(torch.tensor([r.score for r in docs] or [0.0], dtype=torch.float64),
                                    self.settings["score_norm"])
         if docs:
-            self.effective_counts.append(effective_passages(
-                passage_weights(scores.tolist(), self.settings["temperature"])))
+            self.counters["effective_passages"] += effective_passages(
+                passage_weights(scores.tolist(), self.settings["temperature"]))
+            self.counters["examples_mixed"] += 1
         return scores
 
     def run_stats(self):
-        return {"mean_effective_passages": mean(self.effective_counts)} if self.effective_counts else {}
+        if not self.counters["examples_mixed"]:
+            return {}
+        return {"mean_effective_passages": self.counters["effective_passages"] / self.counters["examples_mixed"]}
 
     def score_windows(self, windows, retrieved):
         """REPLUG: every (window, passage) pair scored in one batched call, then each window's

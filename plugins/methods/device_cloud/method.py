@@ -8,6 +8,7 @@ import secrets
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from dataclasses import asdict, replace
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -19,7 +20,7 @@ from raghub.cache import Cache
 
 from .mixing import combine_sides, deal_alternately, resolve_draft
 from .server import AUTHKEY_VARIABLE, CloudLost, start_cloud
-from .wire import (COMPRESSIONS, MODES, TOKEN_OFFSET, BadMessage, Channel, Message, PeerLost,
+from .wire import (COMPRESSIONS, MODES, TOKEN_OFFSET, BadMessage, Channel, Message, PeerLost, WireCounters,
                    flatten_prompts, unpack_distribution)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -88,14 +89,7 @@ class DeviceCloud(Method):
         self.cloud_process: subprocess.Popen | None = None
         self.channel: Channel | None = None
         self.cloud_has_corpus = False
-        self.requests = 0
-        self.tokens = 0
-        self.wall_s = 0.0
-        self.first_token_s = 0.0
-        self.cloud_accepted = 0
-        self.device_accepted = 0
-        self.distribution_bytes = 0
-        self.full_distribution_bytes = 0
+        self.requests = 0  #: the id of the last request on this connection
         self.generator = torch.Generator().manual_seed(0)
 
     # connection ---------------------------------------------------------------------------
@@ -131,7 +125,13 @@ class DeviceCloud(Method):
             raise UsageError(f"the cloud's model has {ready.fields['vocab_size']} tokens, the "
                              f"device's {len(self.model.tokenizer)}: both sides need the same model")
         self.cloud_has_corpus = ready.fields["has_corpus"]
+        self._count_wire(WireCounters())
         return self.channel
+
+    def _count_wire(self, before: WireCounters) -> None:
+        """Add the messages and bytes the channel carried since `before` to the counters."""
+        for key, value in asdict(self.channel.counters).items():
+            self.counters[key] += value - getattr(before, key)
 
     def _spawn_cloud(self) -> str:
         """Start `raghub cloud serve --once` with this model and a fresh secret; its address."""
@@ -181,6 +181,8 @@ class DeviceCloud(Method):
 
         speculative = self.settings["mode"] == "speculative"
         self.requests += 1
+        self.counters["requests"] += 1
+        wire_before = replace(self.channel.counters)
         started = time.perf_counter()
         self._send({"kind": "open", "request": self.requests, "steps": steps, **request,
                     "mode": self.settings["mode"], "compression": self.settings["compression"],
@@ -195,7 +197,7 @@ class DeviceCloud(Method):
                 own.advance(drafted)  # compute ahead while the cloud's message is in flight
             cloud = self._receive_step(step, epoch)
             if step == 0:
-                self.first_token_s += time.perf_counter() - started
+                self.counters["first_token_s"] += time.perf_counter() - started
             cloud_logprobs = unpack_distribution(cloud.arrays, own_logprobs.numel())
             joint = combine_sides(torch.stack([own_logprobs, cloud_logprobs]),
                                   torch.tensor([own.weight, cloud.fields["weight"]]))
@@ -204,8 +206,8 @@ class DeviceCloud(Method):
                 target = torch.nn.functional.one_hot(torch.tensor(token), joint.numel()).float()
                 token, cloud_kept = resolve_draft(cloud.fields["draft"], cloud_logprobs.exp(),
                                                   target, self.generator)
-                self.cloud_accepted += cloud_kept
-                self.device_accepted += drafted == token
+                self.counters["cloud_accepted"] += cloud_kept
+                self.counters["device_accepted"] += drafted == token
             if token != cloud.fields["draft"]:
                 epoch += 1
             done = last or token in stop_ids
@@ -220,8 +222,9 @@ class DeviceCloud(Method):
             elif drafted != token:
                 own.rollback(1)
                 own.advance(token)
-        self.tokens += len(tokens)
-        self.wall_s += time.perf_counter() - started
+        self.counters["tokens"] += len(tokens)
+        self.counters["wall_s"] += time.perf_counter() - started
+        self._count_wire(wire_before)
         return tokens, logprobs
 
     def _receive_step(self, step: int, epoch: int) -> Message:
@@ -230,8 +233,8 @@ class DeviceCloud(Method):
             message = self._receive()
             fields = message.fields
             if (fields["request"], fields["step"], fields["epoch"]) == (self.requests, step, epoch):
-                self.distribution_bytes += sum(a.nbytes for a in message.arrays.values())
-                self.full_distribution_bytes += 4 * len(self.model.tokenizer)
+                self.counters["distribution_bytes"] += sum(a.nbytes for a in message.arrays.values())
+                self.counters["full_distribution_bytes"] += 4 * len(self.model.tokenizer)
                 return message
 
     def _prepare(self, hits: Sequence[Retrieved], prompt_for: Callable[[Passage], list[int]],
@@ -305,26 +308,28 @@ class DeviceCloud(Method):
         return answers
 
     def run_stats(self):
-        counters = self.channel.counters if self.channel else None
-        if not self.tokens or counters is None:
+        """Per-token costs of the whole run (every process of a resumed one), from `counters`."""
+        count = self.counters
+        tokens, requests = count["tokens"], count["requests"]
+        if not tokens:
             return {}
         stats = {
             "mode": self.settings["mode"], "compression": self.settings["compression"],
             "rtt_ms": self.settings["rtt_ms"], "bandwidth_mbps": self.settings["bandwidth_mbps"],
-            "tokens": self.tokens,
-            "bytes_per_token": (counters.bytes_sent + counters.bytes_received) / self.tokens,
-            "cloud_to_device_bytes_per_token": counters.bytes_received / self.tokens,
-            "messages_per_token": (counters.messages_sent + counters.messages_received) / self.tokens,
-            "distribution_bytes_per_token": self.distribution_bytes / self.tokens,
-            "compression_ratio": self.full_distribution_bytes / self.distribution_bytes,
-            "wall_ms_per_token": 1000 * self.wall_s / self.tokens,
-            "first_token_ms": 1000 * self.first_token_s / self.requests,
-            "ms_per_token_after_first": 1000 * (self.wall_s - self.first_token_s)
-                                        / max(self.tokens - self.requests, 1),
+            "tokens": tokens,
+            "bytes_per_token": (count["bytes_sent"] + count["bytes_received"]) / tokens,
+            "cloud_to_device_bytes_per_token": count["bytes_received"] / tokens,
+            "messages_per_token": (count["messages_sent"] + count["messages_received"]) / tokens,
+            "distribution_bytes_per_token": count["distribution_bytes"] / tokens,
+            "compression_ratio": count["full_distribution_bytes"] / count["distribution_bytes"],
+            "wall_ms_per_token": 1000 * count["wall_s"] / tokens,
+            "first_token_ms": 1000 * count["first_token_s"] / requests,
+            "ms_per_token_after_first": 1000 * (count["wall_s"] - count["first_token_s"])
+                                        / max(tokens - requests, 1),
         }
         if self.settings["mode"] == "speculative":
-            stats["acceptance_rate_cloud"] = self.cloud_accepted / self.tokens
-            stats["acceptance_rate_device"] = self.device_accepted / self.tokens
+            stats["acceptance_rate_cloud"] = count["cloud_accepted"] / tokens
+            stats["acceptance_rate_device"] = count["device_accepted"] / tokens
         return stats
 
     def close(self):

@@ -80,7 +80,6 @@ class Parametric(Method):
             seed=self.settings["seed"])
         self.console = Console(stderr=True)
         self._bank: AdapterBank | None = None
-        self.counts = {"passages_augmented": 0, "adapters_trained": 0, "adapters_from_cache": 0}
         self.unparseable: set[str] = set()
 
     @property
@@ -151,7 +150,7 @@ class Parametric(Method):
                     made = augment_passages([p.as_text() for p in chunk], self.sample, retries, self.style)
                     fresh.update({p.id: a for p, a in zip(chunk, made)})
                     progress.advance(bar, len(chunk))
-            self.counts["passages_augmented"] += len(missing)
+            self.counters["passages_augmented"] += len(missing)
         return [Augmentation.from_json(self.cache.json(kind, keys[p.id], lambda p=p: fresh[p.id].to_json()))
                 for p in passages]
 
@@ -177,7 +176,9 @@ class Parametric(Method):
 
         augmented = list(zip(passages, self.augmentations(passages)))
         usable = [(p, a) for p, a in augmented if a.qa_pairs]
-        self.unparseable.update(p.id for p, a in augmented if not a.qa_pairs)
+        newly_unparseable = {p.id for p, a in augmented if not a.qa_pairs} - self.unparseable
+        self.unparseable |= newly_unparseable
+        self.counters["passages_unparseable"] += len(newly_unparseable)
         kind = "parametric-adapter"
         keys = {p.id: self._adapter_key(p, a, question) for p, a in usable}
         examples = {p.id: [self._token_ids(*text) for text in training_texts(question, p, a)]
@@ -194,10 +195,10 @@ class Parametric(Method):
                         adapters[pid] = self.cache.get_or_build(
                             kind, keys[pid], lambda folder, state=state: save_adapter(state, folder), load_adapter)
                     progress.advance(bar, len(chunk))
-            self.counts["adapters_trained"] += len(examples)
+            self.counters["adapters_trained"] += len(examples)
         for pid in keys.keys() - adapters.keys():  # found valid in the cache above
             adapters[pid] = load_adapter(self.cache.entry_path(kind, keys[pid]))
-            self.counts["adapters_from_cache"] += 1
+            self.counters["adapters_from_cache"] += 1
         return adapters
 
     # ------------------------------------------------------------------ answering
@@ -219,7 +220,8 @@ class Parametric(Method):
         return answers
 
     def run_stats(self) -> dict[str, Any]:
-        return {**self.counts, "passages_unparseable": len(self.unparseable)}
+        return {key: self.counters[key] for key in
+                ("passages_augmented", "adapters_trained", "adapters_from_cache", "passages_unparseable")}
 
     def close(self) -> None:
         """Take the LoRA layers out of the shared model again."""
