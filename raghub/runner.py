@@ -174,6 +174,10 @@ def resolve(request: RunRequest) -> ResolvedRun:
     task = task_class(definition["name"], definition, request.data_dir, registry=found, **options["task"])
     task.check()
     backend = choose_backend(found, request.model, request.model_backend, request.model_args)
+    if task_class.needs_causal_lm and not backend.causal:
+        raise UsageError(f"task '{definition['name']}' scores text token by token, which needs a "
+                         f"causal (decoder-only) model; model backend '{backend.name}' loads "
+                         "encoder-decoder models")
     if Path(request.results_dir).is_file():
         raise UsageError(f"--results-dir {request.results_dir} is a file, not a folder")
     return ResolvedRun(request, task, method_class, retriever_class, backend, n_docs, options)
