@@ -36,6 +36,7 @@ DEFAULT_PLUGINS = (
     "raghub.plugins.methods.device_cloud",
     "raghub.plugins.retrievers.bm25",
     "raghub.plugins.retrievers.dense",
+    "raghub.plugins.retrievers.dpr",
     "raghub.plugins.models.huggingface",
     "raghub.plugins.models.seq2seq",
 )
