@@ -150,6 +150,9 @@ class Task(Plugin, ABC):
     higher_is_better: ClassVar[dict[str, bool]] = {}
     #: the task YAML's family-specific keys (beyond name, family, description, ...)
     definition_schema: ClassVar[dict[str, Field]] = {}
+    #: whether the family scores text token by token (`LanguageModel.sequence_logprobs`), which
+    #: an encoder-decoder model cannot: the runner refuses such a pair before loading
+    needs_causal_lm: ClassVar[bool] = False
 
     def __init__(self, name: str, config: dict[str, Any], data_dir: str | None,
                  registry: Registry | None = None, **options: Any):

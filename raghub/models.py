@@ -93,6 +93,9 @@ class ModelBackend(Plugin, ABC):
 
     #: one line for `raghub models`: which specs this backend loads
     handles_description: ClassVar[str] = ""
+    #: whether its models score text token by token (`sequence_logprobs`): False for an
+    #: encoder-decoder backend, which the runner then refuses for tasks that need it
+    causal: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
         self.settings = self.resolve_options(options)

@@ -31,11 +31,14 @@ DEFAULT_PLUGINS = (
     "raghub.plugins.methods.none",
     "raghub.plugins.methods.incontext",
     "raghub.plugins.methods.ensemble",
+    "raghub.plugins.methods.fid",
     "raghub.plugins.methods.parametric",
     "raghub.plugins.methods.device_cloud",
     "raghub.plugins.retrievers.bm25",
     "raghub.plugins.retrievers.dense",
+    "raghub.plugins.retrievers.dpr",
     "raghub.plugins.models.huggingface",
+    "raghub.plugins.models.seq2seq",
 )
 BUILTIN = "built-in"
 HOOK_NAMES = frozenset(name for name in dir(hookspecs) if name.startswith("register_"))

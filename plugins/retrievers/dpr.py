@@ -1,0 +1,144 @@
+"""`dpr`: a DPR-style dual encoder (Karpukhin et al., 2020): a question encoder (`--encoder`)
+and a separate passage encoder (`--passage-encoder`), ranked by the inner product of their
+outputs in a FAISS index, cached like `dense`'s (`raghub.vector_index`).
+
+Each encoder is a DPR checkpoint or a sentence-transformers model, told apart by its config
+(`model_type: dpr`). A DPR checkpoint embeds through transformers' `DPRQuestionEncoder` /
+`DPRContextEncoder` (the pooled [CLS] vector), with passages as (title, text) pairs as DPR was
+trained; a sentence-transformers model uses its own pooling, with passages as "title\\ntext".
+`rag_sequence_loss` is the RAG-sequence training loss over this retriever and a seq2seq
+generator, with gradients reaching both encoders and the generator.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from raghub import Option, Passage, Question, UsageError, hookimpl, mixture_logprobs
+from raghub.vector_index import EmbeddingRetriever
+
+DEFAULT_QUESTION_ENCODER = "facebook/dpr-question_encoder-single-nq-base"
+DEFAULT_PASSAGE_ENCODER = "facebook/dpr-ctx_encoder-single-nq-base"
+
+
+class Encoder:
+    """One tower of the dual encoder, loaded from `spec` (hub id or folder): a DPR checkpoint,
+    loaded as `dpr_class`, or a sentence-transformers model. Calling it embeds a batch and keeps
+    gradients unless torch's grad mode is off."""
+
+    def __init__(self, spec: str, dpr_class: str, device: str):
+        import transformers
+
+        try:
+            self.is_dpr = transformers.AutoConfig.from_pretrained(spec).model_type == "dpr"
+            if self.is_dpr:
+                self.model = getattr(transformers, dpr_class).from_pretrained(spec).to(device)
+                self.tokenizer = transformers.AutoTokenizer.from_pretrained(spec)
+            else:
+                from sentence_transformers import SentenceTransformer
+
+                self.model = SentenceTransformer(spec, device=device)
+        except (OSError, ValueError) as error:
+            raise UsageError(
+                f"dpr: encoder {spec!r} cannot be loaded: not a local DPR or sentence-transformers "
+                f"folder, and the hub could not provide it ({str(error).strip().splitlines()[0]})"
+            ) from error
+        self.model.eval()
+
+    def __call__(self, texts: Sequence[str], second_segments: Sequence[str] | None = None):
+        """Embeddings [N, d] of `texts` (DPR: each followed by its second segment, when given)."""
+        if self.is_dpr:
+            limit = min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
+            batch = self.tokenizer(list(texts), list(second_segments) if second_segments else None,
+                                   padding=True, truncation=True, max_length=limit, return_tensors="pt")
+            return self.model(**batch.to(self.model.device)).pooler_output
+        from sentence_transformers.util import batch_to_device
+
+        prepare = getattr(self.model, "preprocess", None) or self.model.tokenize  # `tokenize` before v6
+        return self.model(batch_to_device(prepare(list(texts)), self.model.device))["sentence_embedding"]
+
+    def passages(self, passages: Sequence[Passage]):
+        """Passage embeddings [N, d]: DPR as (title, text) pairs, sentence-transformers as text."""
+        if self.is_dpr:
+            return self([p.title for p in passages], [p.text for p in passages])
+        return self([p.as_text() for p in passages])
+
+
+class DPRRetriever(EmbeddingRetriever):
+    name = "dpr"
+    description = "DPR dual encoder: question and passage encoders, inner product over FAISS"
+    options = {
+        "encoder": Option(str, DEFAULT_QUESTION_ENCODER,
+                          "the question encoder, a DPR checkpoint or sentence-transformers "
+                          f"model (hub id or folder; default {DEFAULT_QUESTION_ENCODER})"),
+        "passage_encoder": Option(str, DEFAULT_PASSAGE_ENCODER,
+                                  "the passage encoder, a DPR checkpoint or sentence-transformers "
+                                  "model (hub id or folder)"),
+        **EmbeddingRetriever.options,
+    }
+
+    @cached_property
+    def device(self) -> str:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @cached_property
+    def question_encoder(self) -> Encoder:
+        return Encoder(self.settings["encoder"], "DPRQuestionEncoder", self.device)
+
+    @cached_property
+    def passage_encoder(self) -> Encoder:
+        return Encoder(self.settings["passage_encoder"], "DPRContextEncoder", self.device)
+
+    def batched(self, embed: Callable[[Sequence[Any]], Any], items: Sequence[Any]) -> np.ndarray:
+        """float32 embeddings of `items`, `encode_batch_size` per call, without gradients."""
+        import torch
+
+        size = self.settings["encode_batch_size"]
+        with torch.inference_mode():
+            parts = [embed(items[first : first + size]).float().cpu().numpy()
+                     for first in range(0, len(items), size)]
+        return np.concatenate(parts).astype(np.float32)
+
+    def embed_passages(self, passages: Sequence[Passage]) -> np.ndarray:
+        return self.batched(self.passage_encoder.passages, passages)
+
+    def embed_queries(self, queries: Sequence[str]) -> np.ndarray:
+        return self.batched(self.question_encoder, queries)
+
+    def embedding_key(self) -> dict[str, Any]:
+        return {"passage_encoder": self.settings["passage_encoder"]}
+
+    def scores(self, queries: Sequence[str], passage_lists: Sequence[Sequence[Passage]]):
+        """Inner products [B, K] of each query's and each of its K passages' embeddings, both
+        encoders run with gradients."""
+        questions = self.question_encoder(queries)
+        flat = [passage for passages in passage_lists for passage in passages]
+        passages = self.passage_encoder.passages(flat).view(len(queries), -1, questions.shape[-1])
+        return (questions[:, None, :] * passages).sum(-1)
+
+    def rag_sequence_loss(self, generator, questions: Sequence[Question], answers: Sequence[str],
+                          passages: Sequence[Passage], k: int):
+        """RAG-sequence loss of a batch (Lewis et al., 2020):
+        -mean ln Σ_k softmax(s)_k · p(answer + end | question's prompt with passage k), over the
+        top-k of the indexed `passages` for each question's query, retrieved with the current
+        question encoder. s are the encoders' inner products (`scores`); `generator` is an
+        `hf-seq2seq` model (`answer_token_logprobs`). Gradients reach both encoders and the
+        generator. The index keeps the passage embeddings it was built with: freeze the passage
+        encoder (RAG's choice), or re-index after updating it."""
+        retrieved = [[passages[position] for position, _ in hits]
+                     for hits in self.search([q.query for q in questions], k)]
+        scores = self.scores([q.query for q in questions], retrieved)
+        prompts = [q.prompt([p]) for q, docs in zip(questions, retrieved) for p in docs]
+        targets = [answer for answer, docs in zip(answers, retrieved) for _ in docs]
+        answer_logprobs = generator.answer_token_logprobs(prompts, targets).sum(-1).view(scores.shape)
+        return -mixture_logprobs(answer_logprobs[..., None], scores)[..., 0].mean()
+
+
+@hookimpl
+def register_retrievers(register):
+    register(DPRRetriever)

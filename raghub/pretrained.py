@@ -1,0 +1,136 @@
+"""What the transformers model backends share (`hf-causal`, `gguf`, `hf-seq2seq`): loading a
+hub id or a model folder, the content fingerprint of what was loaded, where the model runs (for
+the record), and greedy generations cut at the end of text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+from raghub.cache import Cache, cache_root, file_sha256, fingerprint
+from raghub.errors import UsageError
+from raghub.models import Generation, LanguageModel, ModelBackend
+from raghub.options import Option
+
+#: the files of a model folder that decide its outputs (weights, config, tokenizer)
+CONTENT_FILES = ("*.safetensors", "*.bin", "*.json", "*.model", "*.txt", "*.jinja")
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """A hash of a model folder's weight, config and tokenizer files. Each file's sha256 is
+    cached under its path, size and modification time, so an unchanged folder is not re-read."""
+    cache = Cache(cache_root())
+    files = sorted({path for pattern in CONTENT_FILES for path in folder.glob(pattern) if path.is_file()})
+    digests = [(path.name, cache.json("file-sha256", {"path": str(path.resolve()), "size": path.stat().st_size,
+                                                      "mtime_ns": path.stat().st_mtime_ns},
+                                      lambda path=path: file_sha256(path)))
+               for path in files]
+    return fingerprint(digests)
+
+
+def is_encoder_decoder_folder(spec: str | None) -> bool:
+    """Whether `spec` is a model folder whose config.json says `is_encoder_decoder: true`
+    (T5, BART, ...), read without importing transformers."""
+    config = Path(spec).expanduser() / "config.json" if spec else None
+    if config is None or not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("is_encoder_decoder") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class PretrainedLM(LanguageModel):
+    """A transformers model `hf_model` (a torch module, put in eval mode) and its tokenizer."""
+
+    def __init__(self, hf_model, tokenizer, name: str, batch_size: int = 8, fingerprint: str = ""):
+        super().__init__(tokenizer, name, batch_size, fingerprint)
+        self.hf_model = hf_model.eval()
+
+    @property
+    def device(self):
+        return self.hf_model.device
+
+    @property
+    def dtype(self) -> str:
+        return str(self.hf_model.dtype).removeprefix("torch.")
+
+    def hardware(self) -> dict[str, Any]:
+        import os
+        import platform
+
+        import torch
+
+        device = self.device
+        return {**super().hardware(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+                else platform.processor() or platform.machine()}
+
+    def generations(self, new_tokens, scores: Sequence[Any]) -> list[Generation]:
+        """`Generation`s from greedy output: `new_tokens` [B, T] the generated ids, `scores`
+        the T per-step logits [B, V]; each row is cut at its first padding or end token."""
+        import torch
+
+        token_logprobs = torch.stack(list(scores), dim=1).float().log_softmax(-1)
+        token_logprobs = token_logprobs.gather(-1, new_tokens[..., None])[..., 0]
+        stop_ids = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id}
+        generations = []
+        for row, tokens in enumerate(new_tokens.tolist()):
+            length = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
+            generations.append(Generation(text=self.decode(tokens[:length]),
+                                          token_logprobs=token_logprobs[row, :length].tolist()))
+        return generations
+
+
+class PretrainedBackend(ModelBackend):
+    """Loads a transformers `auto_class` (e.g. AutoModelForCausalLM) from a hub id or a model
+    folder, wrapped in `model_class`."""
+
+    handles_description = "a hub id or a local model folder"
+    options = {
+        "revision": Option(str, None, "hub revision (branch, tag or commit)"),
+        "trust_remote_code": Option(bool, False, "allow the checkpoint's own modelling code"),
+        "attn_implementation": Option(str, None, "attention kernel, e.g. sdpa or eager"),
+    }
+    #: the transformers auto class that loads the weights
+    auto_class: ClassVar[str] = ""
+    #: the LanguageModel the loaded weights are wrapped in
+    model_class: ClassVar[type[PretrainedLM]] = PretrainedLM
+
+    def location(self, spec: str | None) -> tuple[str, str]:
+        """(name for the record, what `from_pretrained` loads)."""
+        path = Path(spec).expanduser()
+        if path.exists() and not (path / "config.json").exists():
+            raise UsageError(f"model folder {spec} has no config.json; give a model folder, "
+                             "a .gguf file or a hub id")
+        return spec, str(path) if path.exists() else spec
+
+    @staticmethod
+    def content_fingerprint(location: str, hf_model) -> str:
+        """What identifies the loaded weights and tokenizer: the folder's files, or for a hub
+        id the commit it resolved to."""
+        if Path(location).is_dir():
+            return folder_fingerprint(Path(location))
+        return fingerprint(location, getattr(hf_model.config, "_commit_hash", None), hf_model.config.to_dict())
+
+    def load(self, spec: str | None, device: str | None, dtype: str, batch_size: int) -> PretrainedLM:
+        import torch
+        import transformers
+
+        name, location = self.location(spec)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        extra = {key: value for key, value in self.settings.items() if value not in (None, False)}
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                location, **{k: v for k, v in extra.items() if k != "attn_implementation"})
+            hf_model = getattr(transformers, self.auto_class).from_pretrained(
+                location, dtype=getattr(torch, dtype), **extra).to(device)
+        except (OSError, ValueError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise UsageError(
+                f"model {spec!r} cannot be loaded: not a local folder or .gguf file, and the "
+                f"hub could not provide it ({first_line})"
+            ) from error
+        return self.model_class(hf_model, tokenizer, name, batch_size,
+                                self.content_fingerprint(location, hf_model))
