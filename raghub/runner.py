@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import raghub
 from raghub import distributed
-from raghub.cache import Cache, cache_root, fingerprint
+from raghub.cache import Cache, cache_root, fingerprint, fingerprint_items
 from raghub.errors import UsageError
 from raghub.interfaces import COMMON_TASK_KEYS, Example, Method, Passage, Plugin, Registry, Retrieved, Retriever, Task
 from raghub.models import LanguageModel, ModelBackend, choose_backend
@@ -330,10 +330,11 @@ def _load_model(resolved: ResolvedRun) -> LanguageModel:
 
 
 @functools.lru_cache(maxsize=4)
-def task_corpus(task: Task) -> tuple[list[Passage], str, str]:
-    """The task's retrieval corpus, its label and its fingerprint, built once per task object."""
+def task_corpus(task: Task) -> tuple[Sequence[Passage], str, str]:
+    """The task's retrieval corpus, its label and its fingerprint, built once per task object
+    (a streamed corpus file is hashed in one pass, without holding its passages)."""
     passages, label = task.corpus()
-    return passages, label, fingerprint([(p.id, p.title, p.text, p.group) for p in passages])
+    return passages, label, fingerprint_items((p.id, p.title, p.text, p.group) for p in passages)
 
 
 def retrieve(task: Task, retriever: Retriever, examples: Sequence[Example], k: int,
@@ -349,7 +350,7 @@ def retrieve(task: Task, retriever: Retriever, examples: Sequence[Example], k: i
     retriever.index(passages, corpus_fp)
     excluded = {e.exclude_group for e in examples if e.exclude_group}
     group_sizes: dict[str, int] = {}
-    for passage in passages:
+    for passage in passages if excluded else ():  # a pass over the corpus only when groups matter
         if passage.group in excluded:
             group_sizes[passage.group] = group_sizes.get(passage.group, 0) + 1
     fetch = min(len(passages), k + max(group_sizes.values(), default=0))
