@@ -19,7 +19,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 T = TypeVar("T")
 MANIFEST = "manifest.json"
@@ -39,6 +39,16 @@ def fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable parts (dict key order does not matter)."""
     text = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def fingerprint_items(items: Iterable[Any]) -> str:
+    """`fingerprint(list(items))`, computed streaming: the items are never all in memory."""
+    digest = hashlib.sha256(b"[[")
+    for position, item in enumerate(items):
+        digest.update((", " if position else "").encode()
+                      + json.dumps(item, sort_keys=True, default=str, ensure_ascii=False).encode())
+    digest.update(b"]]")
+    return digest.hexdigest()[:20]
 
 
 def file_sha256(path: Path) -> str:

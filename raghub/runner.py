@@ -33,7 +33,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import raghub
-from raghub.cache import Cache, cache_root, fingerprint
+from raghub import distributed
+from raghub.cache import Cache, cache_root, fingerprint, fingerprint_items
 from raghub.errors import UsageError
 from raghub.interfaces import COMMON_TASK_KEYS, Example, Method, Passage, Plugin, Registry, Retrieved, Retriever, Task
 from raghub.models import LanguageModel, ModelBackend, choose_backend
@@ -177,7 +178,8 @@ def _task_family(request: RunRequest, found: Registry) -> tuple[dict[str, Any], 
 
 
 def _warn(message: str) -> None:
-    print(f"raghub: {message}", file=sys.stderr)
+    if distributed.ranks().is_main:
+        print(f"raghub: {message}", file=sys.stderr)
 
 
 def _check_results_dir(results_dir: Path) -> None:
@@ -300,8 +302,10 @@ def _stored_record(results_dir: Path, config_fingerprint: str) -> dict[str, Any]
 def run_sweep(runs: Sequence[ResolvedRun], force: bool = False) -> Iterator[dict[str, Any]]:
     """The record of each resolved run, in order, as each finishes: an identical earlier run's
     stored record (said on stderr; `force` runs it again), else a new run's. Each distinct model
-    loads once."""
+    loads once. Under a launcher every rank runs the sweep, and only rank 0 yields records."""
     models: dict[str, LanguageModel] = {}
+    main = distributed.ranks().is_main
+    stderr.quiet = not main
     for resolved in runs:
         request = resolved.request
         stored = None if force else _stored_record(request.results_dir, fingerprint(resolved.config))
@@ -310,21 +314,31 @@ def run_sweep(runs: Sequence[ResolvedRun], force: bool = False) -> Iterator[dict
                   + (f" · k={stored['n_docs']}" if stored.get("retriever") else "")
                   + f": reusing the identical run stored in {request.results_dir} "
                   f"(finished {stored.get('finished_at', 'earlier')}); --force runs it again")
-            yield stored
+            if main:
+                yield stored
             continue
         model_key = fingerprint(resolved.backend.name, resolved.backend.settings, request.model,
                                 request.device, request.dtype, request.batch_size)
         if model_key not in models:
-            models[model_key] = resolved.backend.load(request.model, request.device, request.dtype,
-                                                      request.batch_size)
-        yield execute(resolved, models[model_key])
+            models[model_key] = _load_model(resolved)
+        record = execute(resolved, models[model_key])
+        if main:
+            yield record
+
+
+def _load_model(resolved: ResolvedRun) -> LanguageModel:
+    """The run's model, on this rank's device."""
+    request = resolved.request
+    return resolved.backend.load(request.model, distributed.device(request.device), request.dtype,
+                                 request.batch_size)
 
 
 @functools.lru_cache(maxsize=4)
-def task_corpus(task: Task) -> tuple[list[Passage], str, str]:
-    """The task's retrieval corpus, its label and its fingerprint, built once per task object."""
+def task_corpus(task: Task) -> tuple[Sequence[Passage], str, str]:
+    """The task's retrieval corpus, its label and its fingerprint, built once per task object
+    (a streamed corpus file is hashed in one pass, without holding its passages)."""
     passages, label = task.corpus()
-    return passages, label, fingerprint([(p.id, p.title, p.text, p.group) for p in passages])
+    return passages, label, fingerprint_items((p.id, p.title, p.text, p.group) for p in passages)
 
 
 def retrieve(task: Task, retriever: Retriever, examples: Sequence[Example], k: int,
@@ -340,7 +354,7 @@ def retrieve(task: Task, retriever: Retriever, examples: Sequence[Example], k: i
     retriever.index(passages, corpus_fp)
     excluded = {e.exclude_group for e in examples if e.exclude_group}
     group_sizes: dict[str, int] = {}
-    for passage in passages:
+    for passage in passages if excluded else ():  # a pass over the corpus only when groups matter
         if passage.group in excluded:
             group_sizes[passage.group] = group_sizes.get(passage.group, 0) + 1
     fetch = min(len(passages), k + max(group_sizes.values(), default=0))
@@ -366,12 +380,13 @@ COUNTERS_KEY = "method_counters"
 
 
 def _read_resume_file(path: Path) -> tuple[dict[str, dict[str, Any]], Counter[str]]:
-    """The sample lines of the examples an earlier, interrupted run finished, by example id
-    (a torn last line is dropped), and the method counters of their batches."""
+    """The sample lines of the examples finished so far, by example id, from the shared resume
+    file and every rank's (a torn last line is dropped), and the method counters of their
+    batches."""
     done: dict[str, dict[str, Any]] = {}
     counters: Counter[str] = Counter()
-    if path.exists():
-        for text in path.read_text(encoding="utf-8").splitlines():
+    for file in distributed.resume_files(path):
+        for text in file.read_text(encoding="utf-8").splitlines() if file.exists() else ():
             try:
                 line = json.loads(text)
             except json.JSONDecodeError:
@@ -427,15 +442,16 @@ def _plugin_origins(task: Task, method: Method, retriever: Retriever | None) -> 
             "retriever": found.origin("retriever", retriever.name) if retriever else None}
 
 
-def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> dict[str, Any]:
+def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> dict[str, Any] | None:
     """Run a resolved request to completion (on `model` when it is already loaded) and append
-    its record to the results store."""
+    its record to the results store. Under a launcher each rank evaluates its share, and rank 0
+    alone writes and returns the record (the others return None)."""
     request = resolved.request
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
     cache = Cache(cache_root())
     if model is None:
-        model = resolved.backend.load(request.model, request.device, request.dtype, request.batch_size)
+        model = _load_model(resolved)
     task = resolved.task
     method = resolved.method_class(model, cache, **resolved.plugin_options["method"])
     try:
@@ -446,13 +462,15 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> dict[s
         corpus_label, retriever = None, None
         if resolved.retriever_class is not None:
             retriever = resolved.retriever_class(cache, **resolved.plugin_options["retriever"])
-            with stderr.status(f"retrieving top-{resolved.n_docs} with {retriever.name}"):
+            with stderr.status(f"retrieving top-{resolved.n_docs} with {retriever.name}"), distributed.main_first():
                 retrieved, corpus_label, _ = retrieve(task, retriever, examples, resolved.n_docs, cache)
         # the weights' content is known once loaded: a resumed run never mixes two models
         config = {**resolved.config, "model_fingerprint": model.fingerprint}
         resume_path = Path(request.results_dir) / ".partial" / f"{fingerprint(config)}.jsonl"
         done = _evaluate_resumably(task, method, examples, retrieved, resume_path,
                                    request.batch_size)
+        if not distributed.ranks().is_main:
+            return None
         lines = [done[e.id] for e in examples]
         metrics = task.aggregate(lines)
         higher_is_better = ranked_metrics(task, metrics)
@@ -477,7 +495,8 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> dict[s
     finally:
         method.close()
     append_record(request.results_dir, record)
-    resume_path.unlink(missing_ok=True)
+    for path in distributed.resume_files(resume_path):
+        path.unlink(missing_ok=True)
     return record
 
 
@@ -485,16 +504,19 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
                         retrieved: Sequence[Sequence[Retrieved]], resume_path: Path,
                         batch_size: int) -> dict[str, dict[str, Any]]:
     """Each example's sample line (which holds its stats), by example id, continuing from the
-    resume file and appending to it per batch."""
+    resume files and appending to this rank's per batch; the method's counters become those
+    of every batch in them. Under a launcher each rank runs its share of the batches, and the
+    lines and counters are gathered from all ranks' files once every rank has finished."""
     resume_path.parent.mkdir(parents=True, exist_ok=True)
-    done, counters = _read_resume_file(resume_path)
-    method.counters.update(counters)
+    done, _ = _read_resume_file(resume_path)
+    distributed.barrier()  # every rank has read the same state before any rank appends
     todo = [i for i, e in enumerate(examples) if e.id not in done]
-    with _progress() as progress, open(resume_path, "a", encoding="utf-8") as resume:
-        bar = progress.add_task(f"{task.name} · {method.name}", total=len(examples),
+    batches = distributed.my_batches(todo, batch_size)
+    with _progress() as progress, _append_to(distributed.my_resume_file(resume_path)) as resume:
+        mine = sum(map(len, batches))
+        bar = progress.add_task(f"{task.name} · {method.name}", total=len(examples) - len(todo) + mine,
                                 completed=len(examples) - len(todo))
-        for first in range(0, len(todo), batch_size):
-            batch = todo[first : first + batch_size]
+        for batch in batches:
             before = Counter(method.counters)
             try:
                 results = task.evaluate(method, [examples[i] for i in batch],
@@ -505,10 +527,27 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
             added = {key: value - before[key] for key, value in method.counters.items() if value != before[key]}
             for position, (i, result) in enumerate(zip(batch, results), start=1):
                 line = _sample_line(task, examples[i], result, retrieved[i])
-                done[examples[i].id] = line
                 # the batch's counters ride on its last line: kept exactly when the batch is
                 on_disk = {**line, COUNTERS_KEY: added} if position == len(batch) and added else line
                 resume.write(json.dumps(on_disk) + "\n")
                 progress.advance(bar)
             resume.flush()
+    distributed.barrier()  # every rank's lines are on disk
+    done, counters = _read_resume_file(resume_path)
+    method.counters.clear()
+    method.counters.update(counters)
     return done
+
+
+def _append_to(path: Path):
+    """The resume file opened for appending, after a newline if a killed run tore its last line."""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as handle:
+            handle.seek(-1, 2)
+            torn = handle.read(1) != b"\n"
+    else:
+        torn = False
+    resume = open(path, "a", encoding="utf-8")
+    if torn:
+        resume.write("\n")
+    return resume

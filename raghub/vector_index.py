@@ -1,15 +1,28 @@
 """What the embedding retrievers share (`dense`, `dpr`): passage embeddings and a FAISS
-inner-product index over them (exact flat, IVF clusters or an HNSW graph), each cached by
-fingerprint. They are two cache entries: changing only the index type reuses the embeddings."""
+inner-product index over them, each cached by fingerprint. They are two cache entries:
+changing only the index reuses the embeddings.
+
+The embeddings are encoded shard by shard into `<entry>.shards/` (a killed build restarts
+after its last finished shard), then assembled into one memory-mapped `.npy` (float32, or
+float16 to halve it), so a corpus larger than memory is embedded in bounded memory. Any FAISS
+`index_factory` string (`Flat`, `IVF4096,PQ64`, `HNSW32`, ...) can be built; an index that needs
+training trains on a sample. The index is built on the GPUs when FAISS has GPU support and
+sees one."""
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from abc import abstractmethod
+from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from raghub.errors import UsageError
 from raghub.interfaces import Passage, Retriever
@@ -22,11 +35,42 @@ INDEX_TYPES = ("flat", "ivf", "hnsw")
 HNSW_NEIGHBOURS = 32
 #: FAISS wants at least this many training points per IVF cluster
 IVF_POINTS_PER_LIST = 39
+#: embedding rows converted to float32 and added to the index at a time
+ADD_ROWS = 65536
+#: options that leave results unchanged, and options left out of the fingerprint at their
+#: default, so that runs from before they existed keep their fingerprint
+NOT_IN_RESULTS = ("encode_batch_size", "embed_shard_size")
+NEWER_OPTIONS = ("index_factory", "train_size", "embedding_dtype")
 
 
 def ivf_list_count(n_vectors: int) -> int:
     """IVF clusters for a corpus: FAISS's 4·sqrt(n) rule, capped so each has enough points."""
     return max(1, min(round(4 * math.sqrt(n_vectors)), n_vectors // IVF_POINTS_PER_LIST))
+
+
+class PassagesPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} passages/s")
+
+
+def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of `size` items (the last one shorter), read lazily."""
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def on_gpus(index: faiss.Index) -> faiss.Index:
+    """The index moved to every GPU FAISS sees; unchanged without FAISS GPU support or a GPU,
+    or for an index type FAISS cannot run on a GPU (HNSW)."""
+    import faiss
+
+    if not hasattr(faiss, "index_cpu_to_all_gpus") or faiss.get_num_gpus() == 0:
+        return index
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except RuntimeError:
+        return index
 
 
 class EmbeddingRetriever(Retriever):
@@ -37,9 +81,15 @@ class EmbeddingRetriever(Retriever):
 
     options = {
         "index_type": Option(INDEX_TYPES, "flat", "FAISS index: exact flat, ivf clusters or hnsw graph"),
+        "index_factory": Option(str, "", "any FAISS index_factory string (Flat, IVF4096,PQ64, HNSW32, ...); "
+                                "replaces --index-type when given"),
+        "train_size": Option(int, 262144, "passages sampled to train an index that needs training", at_least=1),
         "nprobe": Option(int, 16, "ivf: clusters searched per query", at_least=1),
         "ef_search": Option(int, 128, "hnsw: candidates kept while searching", at_least=1),
         "encode_batch_size": Option(int, 64, "texts embedded per encoder call", at_least=1),
+        "embed_shard_size": Option(int, 65536, "passages per on-disk shard of embeddings (the unit a "
+                                   "killed build resumes from)", at_least=1),
+        "embedding_dtype": Option(("float32", "float16"), "float32", "how the embeddings are stored on disk"),
     }
 
     def __init__(self, cache, **options: Any) -> None:
@@ -59,42 +109,97 @@ class EmbeddingRetriever(Retriever):
         """The settings the passage embeddings depend on (encoders, normalisation)."""
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings without `encode_batch_size`, which does not change results."""
-        return {key: value for key, value in super().fingerprint().items() if key != "encode_batch_size"}
+        """The settings that change results (newer ones only when not at their default)."""
+        return {key: value for key, value in super().fingerprint().items()
+                if key not in NOT_IN_RESULTS
+                and not (key in NEWER_OPTIONS and value == self.options[key].default)}
 
     def passage_embeddings(self, passages: Sequence[Passage], corpus_fingerprint: str) -> np.ndarray:
-        """The passages' embeddings, computed once per corpus and `embedding_key`."""
-        def build(folder: Path) -> None:
-            np.save(folder / "embeddings.npy", self.embed_passages(passages))
+        """The passages' embeddings, memory-mapped from the cache (built shard by shard), once
+        per corpus and `embedding_key`."""
+        key = {"corpus": corpus_fingerprint, **self.embedding_key()}
+        if self.settings["embedding_dtype"] != "float32":
+            key["dtype"] = self.settings["embedding_dtype"]
+        kind = f"{self.name}-embeddings"
+        shards = self.cache.entry_path(kind, key).with_suffix(".shards")
 
-        return self.cache.get_or_build(
-            f"{self.name}-embeddings", {"corpus": corpus_fingerprint, **self.embedding_key()}, build,
-            lambda folder: np.load(folder / "embeddings.npy"))
+        def build(folder: Path) -> None:
+            rows = [np.load(file, mmap_mode="r") for file in self.embed_shards(passages, shards)]
+            out = np.lib.format.open_memmap(folder / "embeddings.npy", mode="w+", dtype=rows[0].dtype,
+                                            shape=(sum(map(len, rows)), rows[0].shape[1]))
+            start = 0
+            for shard in rows:
+                out[start : start + len(shard)] = shard
+                start += len(shard)
+            out.flush()
+
+        embeddings = self.cache.get_or_build(
+            kind, key, build, lambda folder: np.load(folder / "embeddings.npy", mmap_mode="r"))
+        shutil.rmtree(shards, ignore_errors=True)  # the shards are in the entry now
+        return embeddings
+
+    def embed_shards(self, passages: Sequence[Passage], shards: Path) -> list[Path]:
+        """Each shard of `embed_shard_size` passages encoded into `shards/`, skipping the shards
+        an earlier, killed build finished (each is renamed into place when complete)."""
+        shards.mkdir(parents=True, exist_ok=True)
+        size, dtype = self.settings["embed_shard_size"], self.settings["embedding_dtype"]
+        step = self.settings["encode_batch_size"] * 8
+        files = []
+        columns = (TextColumn("embedding passages"), BarColumn(), MofNCompleteColumn(), PassagesPerSecond(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=Console(stderr=True)) as progress:
+            bar = progress.add_task("embed", total=len(passages))
+            for number, chunk in enumerate(chunks(passages, size)):
+                files.append(shards / f"{number:06d}.npy")
+                if not files[-1].exists():
+                    vectors = []
+                    for first in range(0, len(chunk), step):
+                        vectors.append(self.embed_passages(chunk[first : first + step]).astype(dtype))
+                        progress.advance(bar, len(vectors[-1]))
+                    partial = files[-1].with_name(f"{files[-1].stem}.partial-{os.getpid()}.npy")
+                    np.save(partial, np.concatenate(vectors))
+                    partial.rename(files[-1])
+                else:
+                    progress.advance(bar, len(chunk))
+        return files
+
+    def factory_string(self, n_vectors: int) -> str:
+        """`index_factory` when given, else the one `index_type` stands for."""
+        return self.settings["index_factory"] or {
+            "flat": "Flat", "ivf": f"IVF{ivf_list_count(n_vectors)},Flat", "hnsw": f"HNSW{HNSW_NEIGHBOURS}",
+        }[self.settings["index_type"]]
 
     def build_index(self, embeddings: np.ndarray) -> faiss.Index:
+        """The index over the embeddings (read ADD_ROWS at a time), trained on a sample of
+        `train_size` of them (all, in order, when there are no more)."""
         import faiss
 
-        dim = embeddings.shape[1]
-        if self.settings["index_type"] == "flat":
-            index = faiss.IndexFlatIP(dim)
-        elif self.settings["index_type"] == "ivf":
-            index = faiss.IndexIVFFlat(
-                faiss.IndexFlatIP(dim), dim, ivf_list_count(len(embeddings)), faiss.METRIC_INNER_PRODUCT
-            )
-            index.train(embeddings)
-        else:
-            index = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
-        index.add(embeddings)
-        return index
+        spec = self.factory_string(len(embeddings))
+        try:
+            index = faiss.index_factory(embeddings.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as error:
+            raise UsageError(f"{self.name}: --index-factory {spec!r} is not a FAISS index_factory string "
+                             f"({str(error).strip().splitlines()[-1]})") from None
+        built = on_gpus(index)
+        if not built.is_trained:
+            size = min(len(embeddings), self.settings["train_size"])
+            rows = np.sort(np.random.default_rng(0).choice(len(embeddings), size, replace=False))
+            built.train(np.asarray(embeddings[rows] if size < len(embeddings) else embeddings, dtype=np.float32))
+        for first in range(0, len(embeddings), ADD_ROWS):
+            built.add(np.asarray(embeddings[first : first + ADD_ROWS], dtype=np.float32))
+        return index if built is index else faiss.index_gpu_to_cpu(built)
 
     def load_index(self, folder: Path) -> faiss.Index:
+        """The stored index, with the search-time settings (`nprobe`, `ef_search`) where they apply."""
         import faiss
 
         index = faiss.read_index(str(folder / "index.faiss"))
-        if self.settings["index_type"] == "ivf":
-            index.nprobe = self.settings["nprobe"]
-        elif self.settings["index_type"] == "hnsw":
-            index.hnsw.efSearch = self.settings["ef_search"]
+        space = faiss.ParameterSpace()
+        for name, value in (("nprobe", self.settings["nprobe"]), ("efSearch", self.settings["ef_search"])):
+            try:
+                space.set_index_parameter(index, name, value)
+            except RuntimeError:  # not a parameter of this kind of index
+                pass
         return index
 
     def index(self, passages: Sequence[Passage], corpus_fingerprint: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from array import array
 from abc import abstractmethod
 from functools import lru_cache
 from pathlib import Path
@@ -69,11 +70,14 @@ class BM25Retriever(Retriever):
 
     def index(self, passages: Sequence[Passage], corpus_fingerprint: str) -> None:
         def build(folder: Path) -> None:
-            corpus_tokens = [bm25_tokens(passage.as_text()) for passage in passages]
-            if not any(corpus_tokens):
+            # passage by passage into 4-byte word ids: a streamed corpus is never held as text
+            vocab: dict[str, int] = {}
+            corpus_ids = [array("i", [vocab.setdefault(word, len(vocab)) for word in bm25_tokens(passage.as_text())])
+                          for passage in passages]
+            if not vocab:
                 raise UsageError(f"{self.name}: the retrieval corpus has no words to index "
                                  "(no passages, or only stop-words); check the task's corpus")
-            self.build(folder, corpus_tokens)
+            self.build(folder, corpus_ids, vocab)
 
         key = {"corpus": corpus_fingerprint, **self.fingerprint()}
         self.bm25_index = self.cache.get_or_build("bm25-index", key, build, self.load)
@@ -84,8 +88,9 @@ class BM25Retriever(Retriever):
         return [top_k(self.scores(bm25_tokens(query)), k) for query in queries]
 
     @abstractmethod
-    def build(self, folder: Path, corpus_tokens: list[list[str]]) -> None:
-        """Save into `folder` the index of the tokenised passages, as data files (no pickle)."""
+    def build(self, folder: Path, corpus_ids: list[array], vocab: dict[str, int]) -> None:
+        """Save into `folder` the index of the passages' word ids (`vocab`: word -> id), as data
+        files (no pickle)."""
 
     @abstractmethod
     def load(self, folder: Path) -> Any:
@@ -100,7 +105,7 @@ class BM25S(BM25Retriever):
     name = "bm25"
     description = "BM25 (Okapi) on the bm25s library: sparse precomputed scores, fast"
 
-    def build(self, folder: Path, corpus_tokens: list[list[str]]) -> None:
+    def build(self, folder: Path, corpus_ids: list[array], vocab: dict[str, int]) -> None:
         import bm25s
 
         # "atire" term frequency = BM25Okapi's tf * (k1 + 1) / (...); "robertson" idf floors at 0
@@ -108,13 +113,13 @@ class BM25S(BM25Retriever):
             k1=self.settings["k1"], b=self.settings["b"],
             method="atire", idf_method="robertson", dtype="float64",
         )
-        index.index(corpus_tokens, show_progress=False)
+        index.index((corpus_ids, vocab), show_progress=False)
         index.save(folder, show_progress=False)
 
     def load(self, folder: Path) -> Any:
         import bm25s
 
-        return bm25s.BM25.load(folder, show_progress=False)
+        return bm25s.BM25.load(folder, mmap=True, show_progress=False)  # the score matrix stays on disk
 
     def scores(self, query_tokens: list[str]) -> np.ndarray:
         return self.bm25_index.get_scores_from_ids(self.bm25_index.get_tokens_ids(query_tokens))
@@ -124,8 +129,10 @@ class RankBM25(BM25Retriever):
     name = "bm25-rank"
     description = "BM25 (Okapi) on rank-bm25, the reference implementation (slow, pure Python)"
 
-    def build(self, folder: Path, corpus_tokens: list[list[str]]) -> None:
+    def build(self, folder: Path, corpus_ids: list[array], vocab: dict[str, int]) -> None:
         # rank-bm25 cannot save its index except by pickle; load() rebuilds it from the tokens
+        words = list(vocab)  # in id order
+        corpus_tokens = [[words[i] for i in ids] for ids in corpus_ids]
         (folder / "corpus_tokens.json").write_text(json.dumps(corpus_tokens), encoding="utf-8")
 
     def load(self, folder: Path) -> Any:

@@ -29,7 +29,7 @@ def default_encoder_path() -> str:
 
 class DenseRetriever(EmbeddingRetriever):
     name = "dense"
-    description = "sentence-transformers encoder + FAISS (flat inner product, IVF or HNSW)"
+    description = "sentence-transformers encoder + FAISS (any index_factory string; flat, IVF or HNSW)"
     options = {
         "encoder": Option(
             str, DEFAULT_ENCODER_NAME,

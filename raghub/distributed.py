@@ -1,0 +1,101 @@
+"""Sharded evaluation over the ranks that a launcher started (`torchrun`, `accelerate launch`).
+
+raghub spawns no processes: the launcher starts one per rank and says so in the environment
+(WORLD_SIZE, RANK, LOCAL_RANK). torch.distributed (gloo on CPU, nccl on GPU) is used only for
+barriers, and only imported when WORLD_SIZE > 1, so a single process never imports torch here.
+
+The resume state is per example, not per rank: each rank appends its sample lines to its own
+`<fingerprint>.rank<r>.jsonl` beside the shared `<fingerprint>.jsonl`, and every run, whatever
+its number of ranks, reads them all. Rank 0 merges them into the record and deletes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the launched ones."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@functools.lru_cache(maxsize=1)
+def ranks() -> Ranks:
+    """The ranks from the launcher's environment, joining the process group when there are
+    several (once per process); a plain process is rank 0 of 1."""
+    found = Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                  int(os.environ.get("LOCAL_RANK", 0)))
+    if found.world_size > 1:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            gpu = torch.cuda.is_available()
+            if gpu:
+                torch.cuda.set_device(found.local_rank)
+            dist.init_process_group("nccl" if gpu else "gloo")
+    return found
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing for a single process)."""
+    if ranks().world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (building cache entries); the others wait, then run it
+    (reading those entries)."""
+    if not ranks().is_main:
+        barrier()
+    yield
+    if ranks().is_main:
+        barrier()
+
+
+def device(requested: str | None) -> str | None:
+    """The device for this rank: cuda:LOCAL_RANK when several ranks share a machine with GPUs
+    and no particular GPU was asked for; else what was asked."""
+    here = ranks()
+    if here.world_size == 1 or requested not in (None, "cuda"):
+        return requested
+    import torch
+
+    return f"cuda:{here.local_rank}" if torch.cuda.is_available() else requested
+
+
+def my_batches(todo: Sequence[T], batch_size: int) -> list[list[T]]:
+    """This rank's batches of `todo`: the single-process batches, dealt round-robin, so that
+    every example is batched as it would be in one process."""
+    here = ranks()
+    batches = [list(todo[first : first + batch_size]) for first in range(0, len(todo), batch_size)]
+    return batches[here.rank :: here.world_size]
+
+
+def resume_files(resume_path: Path) -> list[Path]:
+    """The shared resume file and every rank's, whichever number of ranks wrote them."""
+    return [resume_path, *sorted(resume_path.parent.glob(f"{resume_path.stem}.rank*.jsonl"))]
+
+
+def my_resume_file(resume_path: Path) -> Path:
+    """Where this rank appends: the shared file for a single process, else its own."""
+    here = ranks()
+    return resume_path if here.world_size == 1 else resume_path.with_name(f"{resume_path.stem}.rank{here.rank}.jsonl")
