@@ -55,7 +55,7 @@ class RunRequest:
     data_dir: str | None = None
     batch_size: int = 8
     device: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> "RunRequest":
@@ -283,7 +283,7 @@ def execute(resolved: ResolvedRun) -> dict[str, Any]:
             "n_docs": resolved.n_docs, "limit": request.limit, "model": model.name,
             "model_fingerprint": model.fingerprint,
             "model_backend": {"name": resolved.backend.name, **resolved.backend.settings},
-            "batch_size": request.batch_size,
+            "batch_size": request.batch_size, "dtype": model.dtype,
         }
         resume_path = Path(request.results_dir) / ".partial" / f"{fingerprint(config)}.jsonl"
         stats = _evaluate_resumably(task, method, examples, retrieved, resume_path,
