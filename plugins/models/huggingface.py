@@ -204,10 +204,10 @@ class TransformersLM(LanguageModel):
         import torch
 
         self.tokenizer.padding_side = "left"
-        prompt_lengths = [len(self.encode(prompt)) + max_new_tokens for prompt in prompts]
+        lengths = [len(self.encode(prompt)) + max_new_tokens for prompt in prompts]
         generations: list[Any] = [None] * len(prompts)
         stop_ids = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id}
-        for batch in length_buckets(prompt_lengths, self.token_budget):
+        for batch in length_buckets(lengths, self.token_budget):
             inputs = self.tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
                                     add_special_tokens=False).to(self.device)
             width = inputs["input_ids"].shape[1]
