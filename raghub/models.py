@@ -72,6 +72,11 @@ class LanguageModel(ABC):
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[Generation]:
         """Greedy continuations of `prompts` (stopping at end of text)."""
 
+    def generate_line(self, prompts: Sequence[str], max_new_tokens: int) -> list[Generation]:
+        """Greedy continuations that may stop at their first newline after non-space text,
+        which is all a one-line answer needs; by default the full `generate`."""
+        return self.generate(prompts, max_new_tokens)
+
     def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[Any]:
         """ln p of each continuation's tokens given its prompt (float32 tensors), in one batched
         call: what RAG-sequence scores a candidate answer with. Prompt and continuation are
@@ -107,7 +112,8 @@ class ModelBackend(Plugin, ABC):
 
     @abstractmethod
     def load(self, spec: str | None, device: str | None, dtype: str, batch_size: int) -> LanguageModel:
-        """The loaded model; UsageError when `spec` cannot be found or read."""
+        """The loaded model; UsageError when `spec` cannot be found or read. `dtype` "auto"
+        asks the backend for what the hardware computes natively."""
 
 
 def choose_backend(found: Registry, spec: str | None, backend_name: str | None = None,

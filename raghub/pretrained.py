@@ -15,6 +15,30 @@ from raghub.options import Option
 
 #: the files of a model folder that decide its outputs (weights, config, tokenizer)
 CONTENT_FILES = ("*.safetensors", "*.bin", "*.json", "*.model", "*.txt", "*.jinja")
+#: CPU flags of a native bfloat16 matrix product (AVX-512 BF16, AMX)
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+CPUINFO = Path("/proc/cpuinfo")
+#: the backend options that `from_pretrained` takes
+LOADER_OPTIONS = ("revision", "trust_remote_code", "attn_implementation")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = CPUINFO.read_text(encoding="utf-8")
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def native_dtype(device) -> str:
+    """What `--dtype auto` runs: bfloat16 where the hardware computes it natively (a CUDA GPU
+    that supports it, a CPU with AVX-512 BF16 or AMX), float32 elsewhere."""
+    import torch
+
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if device.type == "cpu" and cpu_flags() & BF16_CPU_FLAGS else "float32"
 
 
 def folder_fingerprint(folder: Path) -> str:
@@ -119,8 +143,10 @@ class PretrainedBackend(ModelBackend):
         import transformers
 
         name, location = self.location(spec)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        extra = {key: value for key, value in self.settings.items() if value not in (None, False)}
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = native_dtype(device) if dtype == "auto" else dtype
+        extra = {key: value for key, value in self.settings.items()
+                 if key in LOADER_OPTIONS and value not in (None, False)}
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(
                 location, **{k: v for k, v in extra.items() if k != "attn_implementation"})
@@ -132,5 +158,8 @@ class PretrainedBackend(ModelBackend):
                 f"model {spec!r} cannot be loaded: not a local folder or .gguf file, and the "
                 f"hub could not provide it ({first_line})"
             ) from error
-        return self.model_class(hf_model, tokenizer, name, batch_size,
-                                self.content_fingerprint(location, hf_model))
+        return self.wrap(hf_model, tokenizer, name, batch_size, self.content_fingerprint(location, hf_model))
+
+    def wrap(self, hf_model, tokenizer, name: str, batch_size: int, fingerprint: str) -> PretrainedLM:
+        """The loaded weights as this backend's `model_class`."""
+        return self.model_class(hf_model, tokenizer, name, batch_size, fingerprint)

@@ -45,6 +45,9 @@ from raghub.schema import check_schema
 from raghub.settings import CORE_OPTIONS, read_task_definition
 
 DEFAULT_RETRIEVER = "bm25"
+#: config keys known once the model loads -> the model attribute: the weights' content and the
+#: dtype that ran (`--dtype auto` picks one), so a resume file never mixes two of either
+LOADED = {"model_fingerprint": "fingerprint", "model_dtype": "dtype"}
 DEFAULT_N_DOCS = 4
 #: the settings a command may give as comma lists (or YAML lists), one run per combination
 SWEPT_SETTINGS = ("task", "method", "n_docs")
@@ -69,7 +72,7 @@ class RunRequest:
     data_dir: str | None = None
     batch_size: int = 8
     device: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> "RunRequest":
@@ -293,7 +296,7 @@ def _stored_record(results_dir: Path, config_fingerprint: str) -> dict[str, Any]
     """The newest stored record whose config, as known before the model loads (all but the
     weights' fingerprint), has this fingerprint, if any."""
     def known_before_loading(record: dict[str, Any]) -> dict[str, Any]:
-        return {key: value for key, value in (record.get("config") or {}).items() if key != "model_fingerprint"}
+        return {key: value for key, value in (record.get("config") or {}).items() if key not in LOADED}
 
     return next((r for r in reversed(read_records(results_dir))
                  if fingerprint(known_before_loading(r)) == config_fingerprint), None)
@@ -465,7 +468,7 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> dict[s
             with stderr.status(f"retrieving top-{resolved.n_docs} with {retriever.name}"), distributed.main_first():
                 retrieved, corpus_label, _ = retrieve(task, retriever, examples, resolved.n_docs, cache)
         # the weights' content is known once loaded: a resumed run never mixes two models
-        config = {**resolved.config, "model_fingerprint": model.fingerprint}
+        config = {**resolved.config, **{key: getattr(model, attribute) for key, attribute in LOADED.items()}}
         resume_path = Path(request.results_dir) / ".partial" / f"{fingerprint(config)}.jsonl"
         done = _evaluate_resumably(task, method, examples, retrieved, resume_path,
                                    request.batch_size)

@@ -27,7 +27,8 @@ CORE_OPTIONS: dict[str, Option] = {
                                   "beside the checkout when it exists, else the hub]."),
     "batch_size": Option(int, 8, "Examples per batch.", at_least=1),
     "device": Option(str, None, "torch device (default: cuda if available, else cpu)."),
-    "dtype": Option(("float32", "bfloat16", "float16"), "float32", "Weights' dtype."),
+    "dtype": Option(("auto", "float32", "bfloat16", "float16"), "auto",
+                    "Weights' dtype; auto: bfloat16 where the hardware computes it natively, else float32."),
 }
 #: names no plugin option may take: the core settings and the CLI's own flags
 RESERVED_NAMES = frozenset({*CORE_OPTIONS, "config", "json", "force"})

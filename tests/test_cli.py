@@ -34,7 +34,7 @@ def invoke(*args):
     (["--task", "wikitext2", "--method", "ensemble", "--n-docs", "0"], "--n-docs must be a positive integer"),
     (["--task", "wikitext2", "--method", "none", "--combine"], "--combine is not an option of the selected"),
     (["--task", "wikitext2", "--method", "none", "--dtype", "float64"],
-     "--dtype must be one of float32, bfloat16, float16, not 'float64'"),
+     "--dtype must be one of auto, float32, bfloat16, float16, not 'float64'"),
     (["--config", "."], "cannot read .: Is a directory"),
     (["--task", "wikitext2"], "--method is required (on the command line or in --config)"),
 ])
@@ -246,7 +246,13 @@ def test_none_on_wikitext2_writes_a_record_that_the_leaderboard_shows(tmp_path):
     record = json.loads(result.stdout)
     for metric in ("nats_per_token", "ppl", "bits_per_byte"):
         assert record["metrics"][metric] > 0
-    assert record["model"] == "SmolLM2-135M-Instruct-Q4_1" and record["hardware"]["dtype"] == "float32"
+    import torch
+
+    from raghub.plugins.models.huggingface import native_dtype
+
+    # the default dtype is auto: what this machine's CPU computes natively
+    assert record["model"] == "SmolLM2-135M-Instruct-Q4_1"
+    assert record["hardware"]["dtype"] == record["config"]["dtype"] == native_dtype(torch.device("cpu"))
     assert not list((tmp_path / "results" / ".partial").iterdir())  # the resume file is gone
     board = invoke("leaderboard", "--results-dir", results, "--task", "wikitext2")
     assert "| none |" in board.output and "bits_per_byte" in board.output

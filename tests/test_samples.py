@@ -30,6 +30,7 @@ def invoke(*args):
 class StubModel:
     name = "stub-model"
     fingerprint = "stub-weights"
+    dtype = "none"
 
     def chat_prompt(self, message):
         return message

@@ -66,8 +66,8 @@ def request(**settings) -> RunRequest:
     ({"task": 5}, "--task must be a string, not 5"),
     ({"results_dir": ["a", "b"]}, "--results-dir must be a string, not ['a', 'b']"),
     ({"batch_size": 0}, "--batch-size must be at least 1, not 0"),
-    ({"dtype": "foo"}, "--dtype must be one of float32, bfloat16, float16, not 'foo'"),
-    ({"dtype": "float64"}, "--dtype must be one of float32, bfloat16, float16, not 'float64'"),
+    ({"dtype": "foo"}, "--dtype must be one of auto, float32, bfloat16, float16, not 'foo'"),
+    ({"dtype": "float64"}, "--dtype must be one of auto, float32, bfloat16, float16, not 'float64'"),
     ({"n_docs": 2.5}, "--n-docs must be an int, not 2.5"),
     ({"limit": True}, "--limit must be an int, not True"),
     ({"limit": float("inf")}, "--limit must be an int, not inf"),
@@ -181,7 +181,7 @@ def test_a_results_dir_that_is_a_file_exits_2_and_leaves_the_file_alone(workdir)
 
 @pytest.mark.parametrize("args, message", [
     (["--model-args", "nosuch=1"], "--model-args: model backend 'gguf' has no option nosuch "
-                                   "(it takes: revision, trust_remote_code, attn_implementation)"),
+                                   "(it takes: revision, trust_remote_code, attn_implementation, token_budget)"),
     (["--model-args", "broken"], "--model-args takes key=value pairs separated by commas, not 'broken'"),
     (["--model-args", "trust_remote_code=maybe"], "--model-args trust_remote_code must be true or false"),
     (["--model-backend", "nosuch"], "unknown model backend 'nosuch'; see `raghub models` "
@@ -194,7 +194,8 @@ def test_bad_model_settings_exit_2_before_the_model_loads(workdir, args, message
 def test_model_args_are_converted_by_the_backends_declarations(workdir):
     backend = resolve(request(model_args="trust_remote_code=yes, revision=main")).backend
     assert backend.name == "gguf"
-    assert backend.settings == {"revision": "main", "trust_remote_code": True, "attn_implementation": None}
+    assert backend.settings == {"revision": "main", "trust_remote_code": True, "attn_implementation": None,
+                                "token_budget": None}
 
 
 # --- two plugins declaring one option name ------------------------------------------------

