@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from raghub import Option, Passage, Retriever, UsageError, hookimpl
+from raghub.checkpoints import PASSAGE_ENCODER, QUERY_ENCODER, read_checkpoint
 from raghub.embedded import wheel_folder
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,6 +59,8 @@ class DenseRetriever(Retriever):
         "nprobe": Option(int, 16, "ivf: clusters searched per query", at_least=1),
         "ef_search": Option(int, 128, "hnsw: candidates kept while searching", at_least=1),
         "encode_batch_size": Option(int, 64, "texts embedded per encoder call", at_least=1),
+        "checkpoint": Option(str, "", "a `raghub train` output folder: its trained generator adapter and "
+                                      "query encoder are used"),
     }
 
     def __init__(self, cache, **options: Any) -> None:
@@ -65,16 +68,29 @@ class DenseRetriever(Retriever):
         self.faiss_index: faiss.Index | None = None
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings without `encode_batch_size`, which does not change results."""
-        return {key: value for key, value in super().fingerprint().items() if key != "encode_batch_size"}
+        """The settings without `encode_batch_size`, which does not change results, and with a
+        checkpoint's identity (its training fingerprint and step) instead of its path."""
+        settings = {key: value for key, value in super().fingerprint().items() if key != "encode_batch_size"}
+        if self.checkpoint:
+            settings["checkpoint"] = self.checkpoint.identity
+        return settings
 
     @cached_property
-    def encoder(self):
-        """The sentence-transformers model, loaded on first use (on CUDA when available)."""
+    def checkpoint(self):
+        """The `--checkpoint` save (trained from `--encoder`), or None."""
+        if not self.settings["checkpoint"]:
+            return None
+        checkpoint = read_checkpoint(self.settings["checkpoint"])
+        if checkpoint.manifest["encoder"] != self.settings["encoder"]:
+            raise UsageError(f"dense: --checkpoint {self.settings['checkpoint']} was trained from encoder "
+                             f"{checkpoint.manifest['encoder']!r}, not --encoder {self.settings['encoder']!r}")
+        return checkpoint
+
+    def _load(self, spec: str):
+        """A sentence-transformers model (on CUDA when available)."""
         import torch
         from sentence_transformers import SentenceTransformer
 
-        spec = self.settings["encoder"]
         location = default_encoder_path() if spec == DEFAULT_ENCODER_NAME else spec
         device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -85,9 +101,21 @@ class DenseRetriever(Retriever):
                 f"folder, and the hub could not provide it ({str(error).strip().splitlines()[0]})"
             ) from error
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """float32 embeddings [len(texts), dim], unit-normalised for cosine similarity."""
-        return self.encoder.encode(
+    @cached_property
+    def encoder(self):
+        """The passages' encoder: `--encoder`, or the checkpoint's trained passage encoder."""
+        trained = self.checkpoint.part(PASSAGE_ENCODER) if self.checkpoint else None
+        return self._load(str(trained) if trained else self.settings["encoder"])
+
+    @cached_property
+    def query_encoder(self):
+        """The queries' encoder: the checkpoint's trained one, else the passages'."""
+        return self._load(str(self.checkpoint.part(QUERY_ENCODER))) if self.checkpoint else self.encoder
+
+    def embed(self, texts: Sequence[str], encoder: Any = None) -> np.ndarray:
+        """float32 embeddings [len(texts), dim] by `encoder` (default: the passages'),
+        unit-normalised for cosine similarity."""
+        return (encoder or self.encoder).encode(
             list(texts), batch_size=self.settings["encode_batch_size"], convert_to_numpy=True,
             normalize_embeddings=self.settings["similarity"] == "cosine", show_progress_bar=False,
         ).astype(np.float32)
@@ -96,7 +124,8 @@ class DenseRetriever(Retriever):
         def build(folder: Path) -> None:
             np.save(folder / "embeddings.npy", self.embed([p.as_text() for p in passages]))
 
-        key = {"corpus": corpus_fingerprint, "encoder": self.settings["encoder"],
+        trained = self.checkpoint and self.checkpoint.part(PASSAGE_ENCODER)
+        key = {"corpus": corpus_fingerprint, "encoder": self.checkpoint.identity if trained else self.settings["encoder"],
                "similarity": self.settings["similarity"]}
         return self.cache.get_or_build(
             "dense-embeddings", key, build, lambda folder: np.load(folder / "embeddings.npy")
@@ -147,7 +176,7 @@ class DenseRetriever(Retriever):
         k = min(k, self.faiss_index.ntotal)
         if not queries or k <= 0:
             return [[] for _ in queries]
-        scores, positions = self.faiss_index.search(self.embed(queries), k)
+        scores, positions = self.faiss_index.search(self.embed(queries, self.query_encoder), k)
         return [
             sorted(
                 ((int(position), float(score)) for position, score in zip(row_positions, row_scores)
