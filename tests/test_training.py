@@ -276,3 +276,10 @@ def test_one_and_two_processes_give_the_same_loss_trajectory(tiny, tmp_path, env
     assert trajectories[1] == pytest.approx(trajectories[0], abs=1e-4)
     assert trajectories[0][-1] != trajectories[0][0]  # it trained
 
+
+
+def test_squad_train_and_heldout_split_the_articles_without_overlap():
+    tasks = registry().tasks
+    train, heldout = tasks["squad-train"]["articles"], tasks["squad-heldout"]["articles"]
+    assert (train, heldout) == ({"first": 0, "last": 37}, {"first": 38, "last": 47})
+    assert tasks["squad-train"]["data"] == tasks["squad-heldout"]["data"] == tasks["squad"]["data"]

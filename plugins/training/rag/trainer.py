@@ -159,7 +159,7 @@ class RagModel(torch.nn.Module):
 
     def embed(self, encoder: Any, texts: Sequence[str]) -> torch.Tensor:
         """Unit-normalised embeddings through the encoder's torch modules, with gradients."""
-        features = encoder.tokenize(list(texts))
+        features = (getattr(encoder, "preprocess", None) or encoder.tokenize)(list(texts))  # renamed in v5
         return torch.nn.functional.normalize(encoder(features)["sentence_embedding"], dim=-1)
 
     def retrieve(self, questions: Sequence[Question]) -> tuple[torch.Tensor, torch.Tensor]:
