@@ -283,3 +283,10 @@ def test_squad_train_and_heldout_split_the_articles_without_overlap():
     train, heldout = tasks["squad-train"]["articles"], tasks["squad-heldout"]["articles"]
     assert (train, heldout) == ({"first": 0, "last": 37}, {"first": 38, "last": 47})
     assert tasks["squad-train"]["data"] == tasks["squad-heldout"]["data"] == tasks["squad"]["data"]
+
+
+def test_raghub_starts_with_the_train_command_and_without_torch():
+    check = "import sys, raghub.cli; assert 'train' in raghub.cli.cli.commands; assert 'torch' not in sys.modules"
+    out = subprocess.run([sys.executable, "-c", check], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .trainer import TrainConfig, Trainer
+from .config import TrainConfig
 
 HELP = {
     "task": "QA task (name or YAML) whose questions are the training data, e.g. squad-train",
@@ -57,6 +57,8 @@ def add_train_command(cli: click.Group) -> None:
     @click.pass_obj
     def train(found: Any, **given: Any) -> None:
         """Train a retriever and generator for RAG and write a checkpoint folder."""
+        from .trainer import Trainer
+
         trainer = Trainer(TrainConfig(**{k: v for k, v in given.items() if v is not None}), found)
         last = trainer.train()
         if trainer.dist.main:

@@ -42,5 +42,3 @@ def length_penalty(logprobs: torch.Tensor, stop_ids: Sequence[int]) -> torch.Ten
     stop = logprobs[:, list(stop_ids)].exp().sum(-1).clamp(max=1.0)
     return torch.cumprod(1 - stop, dim=0).mean()
 
-
-PENALTIES = ("repetition", "keyword", "length")
