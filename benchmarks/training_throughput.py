@@ -6,7 +6,7 @@ and examples per second, the median over the steps after the first (warm-up).
 
 The defaults train the embedded SmolLM2-135M generator and all-MiniLM-L6-v2 on squad-train;
 `--model` / `--encoder` take other folders. Each process runs one torch thread per core it gets
-(OMP_NUM_THREADS = cores / processes). Prints one JSON line per process count.
+(OMP_NUM_THREADS = cores / processes, or --threads). Prints one JSON line per process count.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--encoder", default=None)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores / processes)")
     args = parser.parse_args()
     torchrun = Path(sys.executable).parent / "torchrun"
     cores = os.cpu_count() or 1
@@ -43,7 +44,7 @@ def main() -> None:
                        "--steps", str(args.steps), "--save-every", str(args.steps), "--batch-size", str(args.batch_size),
                        "--n-docs", str(args.n_docs), *(["--bf16"] if args.bf16 else []),
                        *(["--model", args.model] if args.model else []), *(["--encoder", args.encoder] if args.encoder else [])]
-            threads = str(max(1, cores // processes))
+            threads = str(args.threads or max(1, cores // processes))
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            env={**os.environ, "OMP_NUM_THREADS": threads})
             log = [json.loads(line) for line in (Path(output) / "train_log.jsonl").read_text().splitlines()]
