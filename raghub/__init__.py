@@ -9,12 +9,14 @@ The public API a plugin is written against::
 from importlib.metadata import PackageNotFoundError, version
 
 from raghub.errors import RaghubError, RunError, UsageError
-from raghub.families.lm import Window, passage_ids, score_after_prefixes
-from raghub.families.qa import Answer, PromptTemplate, Question, answer_questions, generate_for
+from raghub.families.lm import Window, passage_ids, passage_logprobs, score_after_prefixes
+from raghub.families.qa import Answer, PromptTemplate, Question, answer_continuation, answer_questions, generate_for
 from raghub.hookspecs import hookimpl
 from raghub.interfaces import Augmenter, Example, Method, Passage, Retrieved, Retriever, Task
 from raghub.mixture import mixture_logprobs
 from raghub.models import Generation, LanguageModel, ModelBackend, load_model
+from raghub.objectives import (Objective, lsr_kl, rag_sequence_logprob, rag_sequence_token_logprobs,
+                               rag_token_logprob)
 from raghub.options import Option
 from raghub.schema import Field
 
@@ -25,7 +27,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "Answer", "Augmenter", "Example", "Field", "Generation", "LanguageModel", "Method", "ModelBackend",
-    "Option", "Passage", "PromptTemplate", "Question", "RaghubError", "Retrieved", "Retriever",
-    "RunError", "Task", "UsageError", "Window", "answer_questions", "generate_for", "hookimpl",
-    "load_model", "mixture_logprobs", "passage_ids", "score_after_prefixes",
+    "Objective", "Option", "Passage", "PromptTemplate", "Question", "RaghubError", "Retrieved", "Retriever",
+    "RunError", "Task", "UsageError", "Window", "answer_continuation", "answer_questions", "generate_for",
+    "hookimpl", "load_model", "lsr_kl", "mixture_logprobs", "passage_ids", "passage_logprobs",
+    "rag_sequence_logprob", "rag_sequence_token_logprobs", "rag_token_logprob", "score_after_prefixes",
 ]

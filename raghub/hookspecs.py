@@ -1,5 +1,5 @@
-"""The hooks through which every task, method, retriever, model backend and command is
-registered.
+"""The hooks through which every task, method, retriever, model backend, training objective
+and command is registered.
 
 Built-in plugins (`raghub.plugin_manager.DEFAULT_PLUGINS`) and third-party packages
 (entry-point group `raghub`) implement exactly these hooks; each hands the plugin a `register`
@@ -36,6 +36,12 @@ def register_retrievers(register):
 @hookspec
 def register_models(register):
     """Register model backends: `register(ModelBackendClass)`, keyed by its `name`."""
+
+
+@hookspec
+def register_objectives(register):
+    """Register training objectives of `raghub train`: `register(ObjectiveClass)`, keyed by its
+    `name` (a `raghub.objectives.Objective` subclass)."""
 
 
 @hookspec

@@ -34,11 +34,13 @@ DEFAULT_PLUGINS = (
     "raghub.plugins.methods.fid",
     "raghub.plugins.methods.parametric",
     "raghub.plugins.methods.device_cloud",
+    "raghub.plugins.methods.rag_sequence",
     "raghub.plugins.retrievers.bm25",
     "raghub.plugins.retrievers.dense",
     "raghub.plugins.retrievers.dpr",
     "raghub.plugins.models.huggingface",
     "raghub.plugins.models.seq2seq",
+    "raghub.plugins.training.rag",
 )
 BUILTIN = "built-in"
 HOOK_NAMES = frozenset(name for name in dir(hookspecs) if name.startswith("register_"))
@@ -159,6 +161,8 @@ def _collect() -> tuple[Registry, list[str]]:
         ("register_retrievers", keyed(found.retrievers, "retriever", "name")),
         # a backend's options are --model-args keys, not flags
         ("register_models", keyed(found.models, "model backend", "name", options_are_flags=False)),
+        # an objective's options are --objective-args keys
+        ("register_objectives", keyed(found.objectives, "objective", "name", options_are_flags=False)),
     ):
         failed += call_hook(hook_name, lambda plugin, add=add: {"register": lambda item: add(item, plugin)})
     return found, failed

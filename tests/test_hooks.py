@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from plugin_packages import RecordingModel
-from raghub import (Example, Field, Method, ModelBackend, Option, Passage, Retriever, Task, UsageError,
-                    hookimpl)
+from raghub import (Example, Field, Method, ModelBackend, Objective, Option, Passage, Retriever, Task,
+                    UsageError, hookimpl)
 from raghub import hookspecs as hookspecs_module
 from raghub.cli import cli
 from raghub.models import choose_backend
@@ -149,6 +149,28 @@ def test_hook_register_models(add_plugin):
     assert not isinstance(choose_backend(found, "org/model"), Toy)
     row = next(line for line in invoke("models").output.splitlines() if "toy" in line)
     assert RUN_TIME in row and "a name ending in .toy" in row and "width" in row
+
+
+class Squared(Objective):
+    name = "squared"
+    description = "the squared top score, a toy loss"
+    options = {"scale": Option(float, 1.0, "multiplies the loss")}
+
+    def loss(self, scores, doc_logprobs):
+        return self.settings["scale"] * scores[..., 0] ** 2
+
+
+def test_hook_register_objectives(add_plugin):
+    import torch
+
+    add_plugin(registering("register_objectives", Squared))
+    found = registry()
+    assert found.objectives["squared"] is Squared and {"rag-sequence", "rag-token", "lsr"} <= found.objectives.keys()
+    assert found.origins[("objective", "squared")] == RUN_TIME
+    loss = found.objectives["squared"](scale=2.0).loss(torch.tensor([[3.0, 1.0]]), torch.zeros(1, 2, 1))
+    assert loss.tolist() == [18.0]
+    help_text = invoke("train", "--help").output
+    assert "squared" in help_text and "lsr" in help_text
 
 
 class HelloCommand:

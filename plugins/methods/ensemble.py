@@ -6,7 +6,7 @@ import math
 from collections import defaultdict
 from typing import TYPE_CHECKING, Sequence
 
-from raghub import Method, Option, generate_for, hookimpl, mixture_logprobs, passage_ids, score_after_prefixes
+from raghub import Method, Option, generate_for, hookimpl, mixture_logprobs, passage_logprobs
 from raghub.metrics import mean, normalize_answer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -90,17 +90,8 @@ class Ensemble(Method):
         """REPLUG: every (window, passage) pair scored in one batched call, then each window's
         per-passage token log-probs mixed by its passages' weights. A window without passages
         (the first) is scored on its context alone."""
-        import torch
-
-        pairs = [(w, r) for w, docs in zip(windows, retrieved) for r in docs or [None]]
-        prefixes = [passage_ids(self.model, r.passage, w.retrieved_max_length) if r else []
-                    for w, r in pairs]
-        per_passage = iter(score_after_prefixes(self.model, [w for w, _ in pairs], prefixes))
-        mixed = []
-        for docs in retrieved:
-            doc_logprobs = torch.stack([next(per_passage) for _ in docs or [None]])
-            mixed.append(mixture_logprobs(doc_logprobs, self._mixing_scores(docs), self.settings["temperature"]))
-        return mixed
+        return [mixture_logprobs(doc_logprobs, self._mixing_scores(docs), self.settings["temperature"])
+                for (doc_logprobs, _), docs in zip(passage_logprobs(self.model, windows, retrieved), retrieved)]
 
     def answer(self, questions, retrieved):
         """REPLUG for QA: one greedy answer per (question, passage), generated in one batched

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from raghub import Option, Passage, UsageError, hookimpl
+from raghub.checkpoints import PASSAGE_ENCODER, QUERY_ENCODER, read_checkpoint
 from raghub.embedded import wheel_folder
 from raghub.vector_index import EmbeddingRetriever
 
@@ -42,15 +43,36 @@ class DenseRetriever(EmbeddingRetriever):
             "(Contriever, DRAGON)",
         ),
         **EmbeddingRetriever.options,
+        "checkpoint": Option(str, "", "a `raghub train` output folder: its trained generator adapter and "
+                                      "query encoder are used"),
     }
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The index settings, with a checkpoint's identity (its training fingerprint and step)
+        instead of its path, and no checkpoint key without one (as before the option existed)."""
+        settings = super().fingerprint()
+        if self.checkpoint:
+            settings["checkpoint"] = self.checkpoint.identity
+        else:
+            settings.pop("checkpoint", None)
+        return settings
+
     @cached_property
-    def encoder(self):
-        """The sentence-transformers model, loaded on first use (on CUDA when available)."""
+    def checkpoint(self):
+        """The `--checkpoint` save (trained from `--encoder`), or None."""
+        if not self.settings["checkpoint"]:
+            return None
+        checkpoint = read_checkpoint(self.settings["checkpoint"])
+        if checkpoint.manifest["encoder"] != self.settings["encoder"]:
+            raise UsageError(f"dense: --checkpoint {self.settings['checkpoint']} was trained from encoder "
+                             f"{checkpoint.manifest['encoder']!r}, not --encoder {self.settings['encoder']!r}")
+        return checkpoint
+
+    def _load(self, spec: str):
+        """A sentence-transformers model (on CUDA when available)."""
         import torch
         from sentence_transformers import SentenceTransformer
 
-        spec = self.settings["encoder"]
         location = default_encoder_path() if spec == DEFAULT_ENCODER_NAME else spec
         device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -61,9 +83,21 @@ class DenseRetriever(EmbeddingRetriever):
                 f"folder, and the hub could not provide it ({str(error).strip().splitlines()[0]})"
             ) from error
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """float32 embeddings [len(texts), dim], unit-normalised for cosine similarity."""
-        return self.encoder.encode(
+    @cached_property
+    def encoder(self):
+        """The passages' encoder: `--encoder`, or the checkpoint's trained passage encoder."""
+        trained = self.checkpoint.part(PASSAGE_ENCODER) if self.checkpoint else None
+        return self._load(str(trained) if trained else self.settings["encoder"])
+
+    @cached_property
+    def query_encoder(self):
+        """The queries' encoder: the checkpoint's trained one, else the passages'."""
+        return self._load(str(self.checkpoint.part(QUERY_ENCODER))) if self.checkpoint else self.encoder
+
+    def embed(self, texts: Sequence[str], encoder: Any = None) -> np.ndarray:
+        """float32 embeddings [len(texts), dim] by `encoder` (default: the passages'),
+        unit-normalised for cosine similarity."""
+        return (encoder or self.encoder).encode(
             list(texts), batch_size=self.settings["encode_batch_size"], convert_to_numpy=True,
             normalize_embeddings=self.settings["similarity"] == "cosine", show_progress_bar=False,
         ).astype(np.float32)
@@ -72,10 +106,12 @@ class DenseRetriever(EmbeddingRetriever):
         return self.embed([p.as_text() for p in passages])
 
     def embed_queries(self, queries: Sequence[str]) -> np.ndarray:
-        return self.embed(queries)
+        return self.embed(queries, self.query_encoder)
 
     def embedding_key(self) -> dict[str, Any]:
-        return {"encoder": self.settings["encoder"], "similarity": self.settings["similarity"]}
+        trained = self.checkpoint and self.checkpoint.part(PASSAGE_ENCODER)
+        return {"encoder": self.checkpoint.identity if trained else self.settings["encoder"],
+                "similarity": self.settings["similarity"]}
 
 
 @hookimpl

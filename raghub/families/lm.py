@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from raghub.interfaces import Example, Passage
+from raghub.interfaces import Example, Passage, Retrieved
 
 if TYPE_CHECKING:  # pragma: no cover
     from raghub.models import LanguageModel
@@ -34,3 +34,17 @@ def score_after_prefixes(model: LanguageModel, windows: Sequence[Window],
     sequences = [prefix + w.context_ids + w.target_ids for w, prefix in zip(windows, prefixes)]
     starts = [len(prefix) + len(w.context_ids) for w, prefix in zip(windows, prefixes)]
     return model.sequence_logprobs(sequences, starts)
+
+
+def passage_logprobs(model: LanguageModel, windows: Sequence[Window],
+                     retrieved: Sequence[Sequence[Retrieved]]) -> list[tuple[Any, Any]]:
+    """Per window, (ln p of its targets after each retrieved passage [K, T], the passages' raw
+    scores [K]), every (window, passage) pair in one batched call. A window without passages
+    (the first) is scored on its context alone, as one passage of score 0."""
+    import torch
+
+    pairs = [(w, r) for w, docs in zip(windows, retrieved) for r in docs or [None]]
+    prefixes = [passage_ids(model, r.passage, w.retrieved_max_length) if r else [] for w, r in pairs]
+    per_passage = iter(score_after_prefixes(model, [w for w, _ in pairs], prefixes))
+    return [(torch.stack([next(per_passage) for _ in docs or [None]]),
+             torch.tensor([r.score for r in docs] or [0.0])) for docs in retrieved]

@@ -102,6 +102,13 @@ class Question(Example):
         return hits / n_gold
 
 
+def answer_continuation(prompt: str, answer: str) -> str:
+    """What a model writes after `prompt` to give `answer`: a leading space unless the prompt
+    ends in whitespace, then the answer and the newline that ends it (`extract` reads the first
+    line). RAG-sequence scores candidates with it, and training learns it."""
+    return ("" if prompt[-1:].isspace() else " ") + answer + "\n"
+
+
 def generate_for(model: LanguageModel, questions: Sequence[Question],
                  passage_lists: Sequence[Sequence[Passage]], one_line: bool = False) -> list[Generation]:
     """Greedy generations, one per question with its passages, in one batched call; with

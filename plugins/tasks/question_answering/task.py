@@ -47,6 +47,15 @@ def interleave_by_type(questions: Sequence[Question], per_type: int | None) -> l
     return [q for row in zip_longest(*columns) for q in row if q is not None]
 
 
+def in_articles(questions: Sequence[Question], passages: Sequence[Passage], first: int, last: int) -> list[Question]:
+    """The questions whose gold passage belongs to articles `first`..`last` (inclusive), the
+    articles being the passages' titles numbered in order of first appearance."""
+    titles = unique(p.title for p in passages)
+    kept = set(titles[first : last + 1])
+    title_of = {p.id: p.title for p in passages}
+    return [q for q in questions if any(title_of.get(pid) in kept for pid in q.gold_passage_ids)]
+
+
 # --------------------------------------------------------------------------- the task family
 
 
@@ -73,6 +82,9 @@ class QATask(Task):
         "few_shot": Field(list),
         "max_new_tokens": Field(int),
         "sample": Field({"first": Field(int), "per_type": Field(int)}),
+        # a split by article: the questions whose gold passage is in articles first..last
+        # (0-based, in file order, inclusive); the corpus stays the whole file's
+        "articles": Field({"first": Field(int, required=True), "last": Field(int, required=True)}),
     }
 
     def check(self) -> None:
@@ -140,6 +152,8 @@ class QATask(Task):
         interleaved by type), cut to `limit` when given, with the prompt template attached."""
         sample = self.config.get("sample", {})
         questions = self.loaded.questions
+        if "articles" in self.config:
+            questions = in_articles(questions, self.loaded.passages, **self.config["articles"])
         if "per_type" in sample:
             questions = interleave_by_type(questions, sample["per_type"] if limit is None else None)
         ordered = questions[: limit or sample.get("first")]

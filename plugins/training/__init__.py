@@ -1,0 +1,1 @@
+"""Training plugins: `raghub train` and its objectives."""

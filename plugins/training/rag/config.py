@@ -1,0 +1,59 @@
+"""`raghub train`'s settings, importable without torch (the command's flags are made from them
+when raghub starts)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from raghub import UsageError
+from raghub.cache import fingerprint
+from raghub.settings import parse_key_values
+
+#: the penalties of `--penalty` (see `penalties`)
+PENALTIES = ("repetition", "keyword", "length")
+#: settings that do not change what a step computes: left out of the training fingerprint
+NOT_FINGERPRINTED = ("steps", "save_every", "output", "data_dir")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `raghub train` was given (the manifest stores it whole)."""
+
+    task: str
+    output: str
+    objective: str = "rag-sequence"
+    objective_args: str = ""
+    retriever: str = "dense"
+    encoder: str = "all-MiniLM-L6-v2"
+    n_docs: int = 3
+    model: str | None = None
+    steps: int = 100
+    batch_size: int = 4
+    learning_rate: float = 1e-4
+    retriever_learning_rate: float = 1e-5
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    alternate: int = 0
+    penalty: str = ""
+    repetition_ngram: int = 1
+    train_passages: bool = False
+    refresh_every: int = 0
+    save_every: int = 50
+    seed: int = 0
+    bf16: bool = False
+    limit: int | None = None
+    data_dir: str | None = None
+
+    def fingerprint(self) -> str:
+        return fingerprint({k: v for k, v in asdict(self).items() if k not in NOT_FINGERPRINTED})
+
+    def penalty_weights(self) -> dict[str, float]:
+        weights = parse_key_values(self.penalty, "--penalty")
+        unknown = sorted(weights.keys() - set(PENALTIES))
+        if unknown:
+            raise UsageError(f"--penalty: unknown penalty {', '.join(unknown)} (known: {', '.join(PENALTIES)})")
+        try:
+            return {name: float(value) for name, value in weights.items()}
+        except ValueError:
+            raise UsageError(f"--penalty takes name=weight pairs with numeric weights, not {self.penalty!r}") from None

@@ -1,0 +1,83 @@
+"""The folder layout of a `raghub train` checkpoint, shared by the trainer that writes it and
+the plugins that load it (`--checkpoint DIR`), which may import only the core.
+
+    DIR/manifest.json        the latest complete save: {"step", "folder", "config",
+                             "fingerprint", "trained_on", ...}
+    DIR/train_log.jsonl      one line per training step (loss, its parts, steps/s)
+    DIR/step-000100/         one complete save: its own manifest.json and the parts,
+        generator/             a peft LoRA adapter (absent when the generator was frozen)
+        query_encoder/         a sentence-transformers folder
+        passage_encoder/       the same, when the passage side was trained
+        trainer_state.pt       optimizer states, to resume
+
+A save is built in `step-N.partial/`, renamed to `step-N/`, and only then does
+`DIR/manifest.json` (replaced in one step) point to it; so a process killed at any moment
+leaves the previous save intact and loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from raghub.errors import UsageError
+
+MANIFEST = "manifest.json"
+TRAIN_LOG = "train_log.jsonl"
+GENERATOR, QUERY_ENCODER, PASSAGE_ENCODER, TRAINER_STATE = (
+    "generator", "query_encoder", "passage_encoder", "trainer_state.pt")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One complete save: its folder and manifest."""
+
+    folder: Path
+    manifest: dict[str, Any]
+
+    def part(self, name: str) -> Path | None:
+        """The folder or file of a part (GENERATOR, QUERY_ENCODER, ...), None when absent."""
+        path = self.folder / name
+        return path if path.exists() else None
+
+    @property
+    def identity(self) -> str:
+        """What identifies the weights: the training config's fingerprint and the step."""
+        return f"{self.manifest['fingerprint']}@{self.manifest['step']}"
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """The latest save of a training output folder (or one `step-N` folder); UsageError when
+    `path` holds none."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UsageError(f"--checkpoint {path}: no {MANIFEST} there; give the --output folder of "
+                         "`raghub train`") from None
+    return Checkpoint(path / manifest["folder"] if manifest.get("folder") else path, manifest)
+
+
+def write_checkpoint(output: Path, step: int, manifest: dict[str, Any],
+                     save_parts: Callable[[Path], None]) -> Checkpoint:
+    """Save step `step` atomically (see the module docstring) and remove the older saves."""
+    name = f"step-{step:06d}"
+    partial = output / f"{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_parts(partial)
+    full = {**manifest, "step": step}
+    (partial / MANIFEST).write_text(json.dumps({**full, "folder": ""}, indent=1), encoding="utf-8")
+    shutil.rmtree(output / name, ignore_errors=True)
+    partial.rename(output / name)
+    pointer = output / f"{MANIFEST}.tmp"
+    pointer.write_text(json.dumps({**full, "folder": name}, indent=1), encoding="utf-8")
+    os.replace(pointer, output / MANIFEST)
+    for old in output.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return Checkpoint(output / name, full)
