@@ -248,11 +248,11 @@ def test_none_on_wikitext2_writes_a_record_that_the_leaderboard_shows(tmp_path):
         assert record["metrics"][metric] > 0
     import torch
 
-    from raghub.plugins.models.huggingface import native_dtype
+    from raghub.pretrained import native_dtype
 
-    # the default dtype is auto: what this machine's CPU computes natively
-    assert record["model"] == "SmolLM2-135M-Instruct-Q4_1"
-    assert record["hardware"]["dtype"] == record["config"]["dtype"] == native_dtype(torch.device("cpu"))
+    # the default dtype is auto: what this machine's CPU computes natively, which the record says
+    assert record["model"] == "SmolLM2-135M-Instruct-Q4_1" and record["config"]["dtype"] == "auto"
+    assert record["hardware"]["dtype"] == record["config"]["model_dtype"] == native_dtype(torch.device("cpu"))
     assert not list((tmp_path / "results" / ".partial").iterdir())  # the resume file is gone
     board = invoke("leaderboard", "--results-dir", results, "--task", "wikitext2")
     assert "| none |" in board.output and "bits_per_byte" in board.output
