@@ -1,7 +1,6 @@
 # Two entry points for a fresh machine: `make demo` (set up + first run) and `make test`.
 VENV ?= .venv
 BIN := $(VENV)/bin
-export RAGHUB_DATA_DIR ?= $(abspath ../shared/data)
 
 .PHONY: setup demo test
 
