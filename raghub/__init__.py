@@ -14,7 +14,7 @@ from raghub.families.qa import Answer, PromptTemplate, Question, answer_continua
 from raghub.hookspecs import hookimpl
 from raghub.interfaces import Augmenter, Example, Method, Passage, Retrieved, Retriever, Task
 from raghub.mixture import mixture_logprobs
-from raghub.models import Generation, LanguageModel, ModelBackend, load_model
+from raghub.models import AnswerScores, Generation, LanguageModel, ModelBackend, load_model
 from raghub.objectives import (Objective, lsr_kl, rag_sequence_logprob, rag_sequence_token_logprobs,
                                rag_token_logprob)
 from raghub.options import Option
@@ -26,7 +26,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
-    "Answer", "Augmenter", "Example", "Field", "Generation", "LanguageModel", "Method", "ModelBackend",
+    "Answer", "AnswerScores", "Augmenter", "Example", "Field", "Generation", "LanguageModel", "Method", "ModelBackend",
     "Objective", "Option", "Passage", "PromptTemplate", "Question", "RaghubError", "Retrieved", "Retriever",
     "RunError", "Task", "UsageError", "Window", "answer_continuation", "answer_questions", "generate_for",
     "hookimpl", "load_model", "lsr_kl", "mixture_logprobs", "passage_ids", "passage_logprobs",

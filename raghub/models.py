@@ -24,6 +24,18 @@ class Generation:
     token_logprobs: list[float]
 
 
+@dataclass
+class AnswerScores:
+    """What training needs of a model's answers (`LanguageModel.answer_scores`), with
+    gradients: each answer token's ln p given its prompt, the log-probs over the vocabulary at
+    those positions, the answer token ids, and the tokens that end an answer."""
+
+    token_logprobs: Any  # [N, T] float32, zero past each answer's length
+    position_logprobs: list[Any]  # per answer, [its length, vocabulary]
+    targets: list[list[int]]
+    stop_ids: list[int]
+
+
 class LanguageModel(ABC):
     """A language model and its (Hugging Face style) tokenizer, with batched scoring and
     greedy generation. `name` is what records show; `fingerprint` identifies the weights and
@@ -85,6 +97,11 @@ class LanguageModel(ABC):
         prompt_ids = [self.encode(prompt) for prompt in prompts]
         sequences = [ids + self.encode(text) for ids, text in zip(prompt_ids, continuations)]
         return self.sequence_logprobs(sequences, [len(ids) for ids in prompt_ids])
+
+    def answer_scores(self, prompts: Sequence[str], answers: Sequence[str]) -> AnswerScores:
+        """The answers given their prompts, as training learns them, in one forward pass that
+        keeps gradients; a model that cannot be trained says so."""
+        raise UsageError(f"model {self.name!r} cannot be trained: its backend has no answer_scores")
 
     def hardware(self) -> dict[str, Any]:
         """Where the model runs, for the record."""

@@ -110,14 +110,17 @@ def test_answer_scoring_equals_a_direct_forward_pass(t5):
     prompts = ["Question : where is the tower ?", "the Nile"]
     answers = ["Paris France", "Egypt"]
     scored = t5.continuation_logprobs(prompts, answers)
-    with_end = t5.answer_token_logprobs(prompts, answers)
-    for prompt, answer, row, row_with_end in zip(prompts, answers, scored, with_end):
+    trained = t5.answer_scores(prompts, answers)
+    assert trained.stop_ids == [t5.tokenizer.eos_token_id]
+    for prompt, answer, row, row_with_end, positions in zip(prompts, answers, scored, trained.token_logprobs,
+                                                            trained.position_logprobs):
         labels = t5.tokenizer([answer], return_tensors="pt")["input_ids"]  # the answer, then </s>
         logits = t5.hf_model(**t5.tokenizer([prompt], return_tensors="pt"), labels=labels).logits
         direct = logits[0].log_softmax(-1).gather(-1, labels[0, :, None])[:, 0]
         assert torch.allclose(row, direct[:-1], atol=1e-5)  # the answer's tokens only
         assert torch.allclose(row_with_end[: len(direct)], direct, atol=1e-5)
         assert row_with_end[len(direct):].eq(0).all()  # padding scores nothing
+        assert torch.allclose(positions, logits[0].log_softmax(-1), atol=1e-5)
 
 
 def test_batched_greedy_generation_equals_step_by_step_decoding(t5):

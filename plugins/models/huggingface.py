@@ -14,7 +14,8 @@ from raghub.cache import Cache, cache_root, file_sha256
 from raghub.embedded import wheel_folder
 from raghub.errors import UsageError
 from raghub.hookspecs import hookimpl
-from raghub.models import Generation
+from raghub.families.qa import answer_continuation
+from raghub.models import AnswerScores, Generation
 from raghub.options import Option
 from raghub.pretrained import PretrainedBackend, PretrainedLM, is_encoder_decoder_folder
 
@@ -138,6 +139,28 @@ class TransformersLM(PretrainedLM):
             for i, scored in zip(batch, logprobs.cpu().split(counts.tolist())):
                 results[i] = scored
         return results
+
+    def answer_scores(self, prompts: Sequence[str], answers: Sequence[str]) -> AnswerScores:
+        """Each prompt followed by `answer_continuation` (answer, then a newline), left-padded
+        into one batch; only the answer positions are projected to the vocabulary."""
+        import torch
+
+        targets = [self.encode(answer_continuation(p, a)) for p, a in zip(prompts, answers)]
+        sequences = [self.encode(p) + t for p, t in zip(prompts, targets)]
+        width = max(map(len, sequences))
+        ids = torch.tensor([[self.tokenizer.pad_token_id] * (width - len(s)) + s for s in sequences])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+        longest = max(map(len, targets))
+        logits = self.hf_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                               position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
+                               logits_to_keep=longest + 1).logits
+        logprobs = logits[:, :-1].float().log_softmax(-1)  # position j predicts the answer's j-th token
+        positions = [logprobs[row, longest - len(t):] for row, t in enumerate(targets)]
+        token_logprobs = torch.zeros(len(targets), longest, device=logprobs.device)
+        for row, (own, target) in enumerate(zip(positions, targets)):
+            token_logprobs[row, : len(target)] = own.gather(-1, torch.tensor(target, device=own.device)[:, None])[:, 0]
+        stops = sorted({self.tokenizer.eos_token_id, *self.encode("\n")} - {None})
+        return AnswerScores(token_logprobs, positions, targets, stops)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[Generation]:
         return self._generate(prompts, max_new_tokens, one_line=False)

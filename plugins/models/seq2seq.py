@@ -13,14 +13,14 @@ from typing import Any, Sequence
 
 from raghub.errors import UsageError
 from raghub.hookspecs import hookimpl
-from raghub.models import Generation
+from raghub.models import AnswerScores, Generation
 from raghub.pretrained import PretrainedBackend, PretrainedLM, is_encoder_decoder_folder
 
 
 class Seq2SeqLM(PretrainedLM):
     """An encoder-decoder model. Besides the `LanguageModel` interface, methods that combine
     encoder outputs themselves (Fusion-in-Decoder) use `encoder_states` and
-    `generate_from_states`, and `answer_token_logprobs` keeps gradients for training;
+    `generate_from_states`;
     `hf_model` is the transformers model. Prompts longer than the tokenizer's limit lose their
     beginning, so the question at their end is kept."""
 
@@ -42,21 +42,24 @@ class Seq2SeqLM(PretrainedLM):
         return self.tokenizer(list(prompts), return_tensors="pt", padding=True,
                               truncation=True).to(self.device)
 
-    def answer_token_logprobs(self, prompts: Sequence[str], answers: Sequence[str], end: bool = True):
-        """ln p of each answer token (followed by the end token when `end`) given its prompt as
-        the encoder input, in one forward pass that keeps gradients: [B, T], zero past each
-        answer's length (so `.sum(-1)` is the answer's log-probability)."""
+    def _answer_logprobs(self, prompts: Sequence[str], answer_ids: Sequence[Sequence[int]]):
+        """One forward pass, with gradients: (log-probs over the vocabulary at each answer
+        position [B, T, V], each answer token's ln p [B, T], zero past its length)."""
         import torch
 
-        ends = [self.tokenizer.eos_token_id] if end else []
-        answer_ids = [self.encode(answer) + ends for answer in answers]
-        labels = torch.full((len(answers), max(map(len, answer_ids))), -100, dtype=torch.long)
+        labels = torch.full((len(answer_ids), max(map(len, answer_ids))), -100, dtype=torch.long)
         for row, ids in enumerate(answer_ids):
             labels[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         labels = labels.to(self.device)
-        logits = self.hf_model(**self.encoder_inputs(prompts), labels=labels).logits
-        scored = logits.float().log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
-        return scored * (labels != -100)
+        logprobs = self.hf_model(**self.encoder_inputs(prompts), labels=labels).logits.float().log_softmax(-1)
+        return logprobs, logprobs.gather(-1, labels.clamp_min(0)[..., None])[..., 0] * (labels != -100)
+
+    def answer_scores(self, prompts: Sequence[str], answers: Sequence[str]) -> AnswerScores:
+        """Each answer and the end token, decoded after its prompt as the encoder input."""
+        targets = [self.encode(answer) + [self.tokenizer.eos_token_id] for answer in answers]
+        logprobs, token_logprobs = self._answer_logprobs(prompts, targets)
+        return AnswerScores(token_logprobs, [row[: len(t)] for row, t in zip(logprobs, targets)], targets,
+                            [self.tokenizer.eos_token_id])
 
     def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[Any]:
         """ln p of each continuation's tokens given its prompt as the encoder input."""
@@ -65,10 +68,10 @@ class Seq2SeqLM(PretrainedLM):
         results = []
         for first in range(0, len(prompts), self.batch_size):
             batch = slice(first, first + self.batch_size)
+            answer_ids = [self.encode(text) for text in continuations[batch]]
             with torch.inference_mode():
-                scored = self.answer_token_logprobs(prompts[batch], continuations[batch], end=False)
-            results += [row[: len(self.encode(text))].cpu()
-                        for row, text in zip(scored, continuations[batch])]
+                scored = self._answer_logprobs(prompts[batch], answer_ids)[1]
+            results += [row[: len(ids)].cpu() for row, ids in zip(scored, answer_ids)]
         return results
 
     def encoder_states(self, prompts: Sequence[str]):
