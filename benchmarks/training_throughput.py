@@ -42,7 +42,7 @@ def main() -> None:
             command = [str(torchrun), "--nproc-per-node", str(processes), "-m", "raghub", "train",
                        "--task", args.task, "--objective", args.objective, "--output", output,
                        "--steps", str(args.steps), "--save-every", str(args.steps), "--batch-size", str(args.batch_size),
-                       "--n-docs", str(args.n_docs), *(["--bf16"] if args.bf16 else []),
+                       "--n-docs", str(args.n_docs), *(["--mixed-precision", "bf16"] if args.bf16 else []),
                        *(["--model", args.model] if args.model else []), *(["--encoder", args.encoder] if args.encoder else [])]
             threads = str(args.threads or max(1, cores // processes))
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -5,9 +5,10 @@ the plugins that load it (`--checkpoint DIR`), which may import only the core.
                              "fingerprint", "trained_on", ...}
     DIR/train_log.jsonl      one line per training step (loss, its parts, steps/s)
     DIR/step-000100/         one complete save: its own manifest.json and the parts,
-        generator/             a peft LoRA adapter (absent when the generator was frozen)
-        query_encoder/         a sentence-transformers folder
-        passage_encoder/       the same, when the passage side was trained
+        generator/             a peft LoRA adapter, or the whole fine-tuned model (absent
+                               when the generator was frozen)
+        query_encoder/         the retriever's query encoder, as a folder it loads
+        passage_encoder/       its passage encoder, when the passage side was trained
         trainer_state.pt       optimizer states, to resume
 
 A save is built in `step-N.partial/`, renamed to `step-N/`, and only then does
@@ -81,3 +82,22 @@ def write_checkpoint(output: Path, step: int, manifest: dict[str, Any],
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return Checkpoint(output / name, full)
+
+
+def load_trained_generator(model: Any, checkpoint: Checkpoint, flag: str = "--checkpoint") -> None:
+    """Put the checkpoint's trained generator into `model`, which must be the model it was
+    trained from: a LoRA adapter is merged, a fully fine-tuned model replaces the weights."""
+    part = checkpoint.part(GENERATOR)
+    if part is None:
+        return
+    trained_on = checkpoint.manifest["model_fingerprint"]
+    if not hasattr(model, "hf_model") or model.fingerprint != trained_on:
+        raise UsageError(f"{flag} {checkpoint.folder.parent} was trained on model {checkpoint.manifest['model']} "
+                         f"({trained_on}), not {model.name} ({model.fingerprint})")
+    if (part / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model.hf_model = PeftModel.from_pretrained(model.hf_model, str(part)).merge_and_unload()
+    else:
+        base = model.hf_model
+        model.hf_model = type(base).from_pretrained(str(part), torch_dtype=base.dtype).to(base.device).eval()

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 from abc import abstractmethod
+from functools import cached_property
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
@@ -24,12 +25,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from raghub.checkpoints import Checkpoint, read_checkpoint
 from raghub.errors import UsageError
 from raghub.interfaces import Passage, Retriever
 from raghub.options import Option
 
 if TYPE_CHECKING:  # pragma: no cover
     import faiss
+
+    from raghub.trainable import TrainableEncoders
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 HNSW_NEIGHBOURS = 32
@@ -40,7 +44,9 @@ ADD_ROWS = 65536
 #: options that leave results unchanged, and options left out of the fingerprint at their
 #: default, so that runs from before they existed keep their fingerprint
 NOT_IN_RESULTS = ("encode_batch_size", "embed_shard_size")
-NEWER_OPTIONS = ("index_factory", "train_size", "embedding_dtype")
+NEWER_OPTIONS = ("index_factory", "train_size", "embedding_dtype", "checkpoint")
+#: the encoder settings a `raghub train` checkpoint of an embedding retriever was trained from
+ENCODER_SETTINGS = ("encoder", "passage_encoder")
 
 
 def ivf_list_count(n_vectors: int) -> int:
@@ -90,6 +96,7 @@ class EmbeddingRetriever(Retriever):
         "embed_shard_size": Option(int, 65536, "passages per on-disk shard of embeddings (the unit a "
                                    "killed build resumes from)", at_least=1),
         "embedding_dtype": Option(("float32", "float16"), "float32", "how the embeddings are stored on disk"),
+        "checkpoint": Option(str, "", "a `raghub train` output folder: its trained encoders are used"),
     }
 
     def __init__(self, cache, **options: Any) -> None:
@@ -109,18 +116,54 @@ class EmbeddingRetriever(Retriever):
         """The settings the passage embeddings depend on (encoders, normalisation)."""
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings that change results (newer ones only when not at their default)."""
-        return {key: value for key, value in super().fingerprint().items()
-                if key not in NOT_IN_RESULTS
-                and not (key in NEWER_OPTIONS and value == self.options[key].default)}
+        """The settings that change results (newer ones only when not at their default), with a
+        checkpoint's identity (training fingerprint and step) instead of its path."""
+        settings = {key: value for key, value in super().fingerprint().items()
+                    if key not in NOT_IN_RESULTS
+                    and not (key in NEWER_OPTIONS and value == self.options[key].default)}
+        if self.checkpoint:
+            settings["checkpoint"] = self.checkpoint.identity
+        return settings
+
+    def encoder_settings(self) -> dict[str, Any]:
+        """The encoders this retriever starts from, which a checkpoint must have been trained from."""
+        return {key: self.settings[key] for key in ENCODER_SETTINGS if key in self.settings}
+
+    @cached_property
+    def checkpoint(self) -> Checkpoint | None:
+        """The `--checkpoint` save, or None; refused when trained for another retriever or from
+        other encoders."""
+        if not self.settings["checkpoint"]:
+            return None
+        checkpoint = read_checkpoint(self.settings["checkpoint"])
+        manifest = checkpoint.manifest
+        retriever = manifest.get("retriever", "dense")  # older checkpoints trained `dense` only
+        trained_from = manifest.get("retriever_settings", {"encoder": manifest.get("encoder")})
+        if retriever != self.name or trained_from != self.encoder_settings():
+            given = ", ".join(f"{key}={value}" for key, value in self.encoder_settings().items())
+            raise UsageError(f"{self.name}: --checkpoint {self.settings['checkpoint']} was trained for retriever "
+                             f"{retriever} from {trained_from}, not for {self.name} with {given}")
+        return checkpoint
+
+    def trainable_encoders(self, train_passages: bool) -> TrainableEncoders:
+        """The encoders for `raghub train` (the passage encoder too when `train_passages`)."""
+        raise UsageError(f"retriever '{self.name}' has no trainable encoders; use dense or dpr")
+
+    def embeddings_entry(self, corpus_fingerprint: str) -> tuple[str, dict[str, Any]]:
+        """The cache kind and key of the passage embeddings."""
+        key = {"corpus": corpus_fingerprint, **self.embedding_key()}
+        if self.settings["embedding_dtype"] != "float32":
+            key["dtype"] = self.settings["embedding_dtype"]
+        return f"{self.name}-embeddings", key
+
+    def index_entry(self, corpus_fingerprint: str) -> tuple[str, dict[str, Any]]:
+        """The cache kind and key of the FAISS index."""
+        return f"{self.name}-index", {"corpus": corpus_fingerprint, **self.fingerprint()}
 
     def passage_embeddings(self, passages: Sequence[Passage], corpus_fingerprint: str) -> np.ndarray:
         """The passages' embeddings, memory-mapped from the cache (built shard by shard), once
         per corpus and `embedding_key`."""
-        key = {"corpus": corpus_fingerprint, **self.embedding_key()}
-        if self.settings["embedding_dtype"] != "float32":
-            key["dtype"] = self.settings["embedding_dtype"]
-        kind = f"{self.name}-embeddings"
+        kind, key = self.embeddings_entry(corpus_fingerprint)
         shards = self.cache.entry_path(kind, key).with_suffix(".shards")
 
         def build(folder: Path) -> None:
@@ -212,8 +255,7 @@ class EmbeddingRetriever(Retriever):
             index = self.build_index(self.passage_embeddings(passages, corpus_fingerprint))
             faiss.write_index(index, str(folder / "index.faiss"))
 
-        key = {"corpus": corpus_fingerprint, **self.fingerprint()}
-        self.faiss_index = self.cache.get_or_build(f"{self.name}-index", key, build, self.load_index)
+        self.faiss_index = self.cache.get_or_build(*self.index_entry(corpus_fingerprint), build, self.load_index)
 
     def search(self, queries: Sequence[str], k: int) -> list[list[tuple[int, float]]]:
         if self.faiss_index is None:

@@ -1,7 +1,8 @@
 """The `dpr` dual-encoder retriever on tiny random encoders saved as users' folders: scores
 against the two encoders' own outputs (DPR checkpoints and sentence-transformers pairs), the
-cached FAISS index, the RAG-sequence loss against a hand-computed marginal, a short training
-run that learns eight SQuAD answers, and `fid` + `dpr` end to end through `raghub run`."""
+cached FAISS index, `raghub train`'s RAG-sequence loss over DPR and T5 against a hand-computed
+marginal, a `raghub train` run that learns eight SQuAD answers, and `fid` + `dpr` end to end
+through `raghub run`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import json
 import math
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +21,14 @@ from sentence_transformers.models import Pooling, Transformer
 from tokenizers import pre_tokenizers, processors
 from transformers import BertConfig, BertModel, DPRConfig, DPRContextEncoder, DPRQuestionEncoder
 
-from raghub import Passage, PromptTemplate, UsageError, answer_questions
+from raghub import Passage, UsageError
 from raghub.cache import Cache
+from raghub.checkpoints import GENERATOR, PASSAGE_ENCODER, QUERY_ENCODER, TRAIN_LOG, read_checkpoint
 from raghub.cli import cli
-from raghub.metrics import best_over_aliases, exact_match
 from raghub.plugin_manager import registry
-from raghub.plugins.models.seq2seq import HuggingFaceSeq2Seq
 from raghub.plugins.retrievers.dpr import DPRRetriever
+from raghub.plugins.training.rag.trainer import TrainConfig, Trainer
+from raghub.settings import read_task_definition
 from test_models import cache_dir  # noqa: F401 (a fixture)
 from test_retrievers import CountingCache
 from test_seq2seq import save_tiny_t5, word_tokenizer
@@ -38,6 +39,7 @@ QUERIES = ["Where is the tower?", "Which river flows through Egypt?"]
 WORDS = sorted({word for text in [p.as_text() for p in PASSAGES] + QUERIES
                 for word in text.replace("?", " ").replace(".", " ").split()})
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+SQUAD_FILE = "dev-v1.1.rebuilt-from-explorer-html.json"
 
 
 def bert_tokenizer(words):
@@ -145,49 +147,55 @@ def test_an_encoder_that_cannot_be_found_is_one_usage_error(tmp_path, monkeypatc
     assert "\n" not in str(refused.value)
 
 
-def squad_examples(n: int):
-    """The first `n` SQuAD dev questions (completion prompts, no few-shot) and a corpus of
-    their paragraphs plus as many other ones."""
+@pytest.fixture(scope="module")
+def squad_article(tmp_path_factory):
+    """SQuAD dev's first article as a data folder, a task over its first 8 questions (its 54
+    paragraphs are the corpus), a tiny random T5 and a tiny random DPR pair whose word-level
+    vocabularies cover the task's words."""
+    root = tmp_path_factory.mktemp("article")
+    source = json.loads((Path(os.environ["RAGHUB_DATA_DIR"]) / "squad" / SQUAD_FILE).read_text())
+    (root / "data" / "squad").mkdir(parents=True)
+    (root / "data" / "squad" / "article.json").write_text(json.dumps({"data": source["data"][:1]}))
+    task = root / "squad-eight.yaml"
+    task.write_text("name: squad-eight\nfamily: qa\nprompt: completion\nmax_new_tokens: 8\n"
+                    "data: {folder: squad, file: article.json, format: squad}\nsample: {first: 8}\n")
     found = registry()
-    task = found.task_families["qa"]("squad", found.tasks["squad"], os.environ["RAGHUB_DATA_DIR"], found)
-    questions = [replace(q, template=PromptTemplate(style="completion"), max_new_tokens=8)
-                 for q in task.loaded.questions[:n]]
-    gold = {i for q in questions for i in q.gold_passage_ids}
-    others = [p for p in dict.fromkeys(task.loaded.passages) if p.id not in gold]
-    corpus = [p for p in dict.fromkeys(task.loaded.passages) if p.id in gold] + others[: len(gold)]
-    return questions, corpus
-
-
-def rag_setup(tmp_path, questions, corpus, **t5_settings):
-    """A tiny T5 and a tiny DPR dual encoder over the words of `questions` and `corpus`, with
-    `corpus` indexed."""
-    texts = [p.as_text() for p in corpus] + [q.prompt([]) for q in questions] + [a for q in questions for a in q.answers]
+    loaded = found.task_families["qa"]("squad-eight", read_task_definition(task), str(root / "data"), found).loaded
+    texts = [p.as_text() for p in loaded.passages] + [q.prompt(loaded.passages[:1]) for q in loaded.questions]
+    texts += [a for q in loaded.questions for a in q.answers]
     words = sorted({word for text in texts for word, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)})
-    generator = HuggingFaceSeq2Seq().load(str(save_tiny_t5(tmp_path / "t5", words, **t5_settings)),
-                                          "cpu", "float32", batch_size=16)
-    question_folder, context_folder = save_tiny_dpr(tmp_path / "dpr", words)
-    retriever = DPRRetriever(Cache(tmp_path / "cache"), encoder=str(question_folder),
-                             passage_encoder=str(context_folder))
-    retriever.index(corpus, "corpus")
-    return generator, retriever
+    question_folder, context_folder = save_tiny_dpr(root / "dpr", words)
+    return {"task": task, "data": root / "data", "t5": save_tiny_t5(root / "t5", words, seed=0, init_scale=1.0),
+            "question": question_folder, "context": context_folder}
 
 
-def test_the_rag_sequence_loss_is_the_hand_computed_marginal(tmp_path, cache_dir):
-    questions, corpus = squad_examples(2)
-    generator, retriever = rag_setup(tmp_path, questions, corpus, init_scale=1.0)
-    answers = [q.answers[0] for q in questions]
-    loss = retriever.rag_sequence_loss(generator, questions, answers, corpus, k=2)
+def train_config(article, output, **settings) -> TrainConfig:
+    return TrainConfig(task=str(article["task"]), output=str(output), objective="rag-sequence",
+                       objective_args="temperature=1", retriever="dpr", encoder=str(article["question"]),
+                       passage_encoder=str(article["context"]), model=str(article["t5"]), n_docs=2,
+                       data_dir=str(article["data"]), lora_rank=0, **settings)
+
+
+def test_the_trainers_rag_sequence_loss_over_dpr_and_t5_is_the_hand_computed_marginal(squad_article, tmp_path,
+                                                                                      cache_dir):
+    """−mean ln Σ_k softmax(q·p)_k p_T5(answer </s> | prompt with passage k), over the top 2
+    passages of each question by the DPR towers, computed by hand from the models."""
+    trainer = Trainer(train_config(squad_article, tmp_path / "out", batch_size=2), registry())
+    questions = trainer.batch(1)
+    loss, _ = trainer.model(questions, "joint")
+    retriever, generator = trainer.retriever, trainer.lm
+    retriever.index(trainer.model.passages, "article")
     expected = []
-    for q, answer, hits in zip(questions, answers, retriever.search([q.query for q in questions], 2)):
-        passages = [corpus[position] for position, _ in hits]
+    for question, hits in zip(questions, retriever.search([q.query for q in questions], 2)):
+        passages = [trainer.model.passages[position] for position, _ in hits]
         with torch.no_grad():
-            scores = (retriever.question_encoder([q.query]) @ retriever.passage_encoder.passages(passages).T)[0]
+            scores = (retriever.question_encoder([question.query]) @ retriever.passage_encoder.passages(passages).T)[0]
         assert scores.tolist() == pytest.approx([score for _, score in hits], abs=1e-4)
         likelihoods = []
         for passage in passages:
-            labels = generator.tokenizer([answer], return_tensors="pt")["input_ids"]  # answer </s>
+            labels = generator.tokenizer([question.answers[0]], return_tensors="pt")["input_ids"]  # answer </s>
             with torch.no_grad():
-                logits = generator.hf_model(**generator.tokenizer([q.prompt([passage])], return_tensors="pt"),
+                logits = generator.hf_model(**generator.tokenizer([question.prompt([passage])], return_tensors="pt"),
                                             labels=labels).logits
             likelihoods.append(math.exp(logits[0].log_softmax(-1).gather(-1, labels[0, :, None]).sum()))
         weights = torch.softmax(scores.double(), 0).tolist()
@@ -195,46 +203,57 @@ def test_the_rag_sequence_loss_is_the_hand_computed_marginal(tmp_path, cache_dir
     assert loss.item() == pytest.approx(sum(expected) / len(expected), rel=1e-4)
 
 
-def test_a_short_training_run_learns_eight_squad_answers_through_both_encoders(tmp_path, cache_dir, request):
-    """The pieces `raghub train` will use: AdamW on the RAG-sequence loss over a tiny T5 and a
-    tiny DPR dual encoder, 8 SQuAD questions; every part gets gradients and greedy answers
-    with the top passage reach EM >= 0.75, in under two minutes on a CPU. One torch thread:
-    on a CPU shared with other work, two threads of such small operations wait on each other."""
+def test_the_gradient_reaches_both_dpr_towers_and_the_t5_generator(squad_article, tmp_path, cache_dir):
+    trainer = Trainer(train_config(squad_article, tmp_path / "out", batch_size=2, train_passages=True), registry())
+    trainer.model(trainer.batch(1), "joint")[0].backward()
+    for name in ("query_encoder", "passage_encoder", "generator"):
+        module = getattr(trainer.model, name)
+        assert sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None) > 0, name
+
+
+def run_eight(squad_article, results, *extra) -> dict:
+    """`raghub run` of rag-sequence with the tiny T5 and DPR pair on the 8 questions: the record."""
+    result = CliRunner().invoke(cli, [
+        "run", "--task", str(squad_article["task"]), "--data-dir", str(squad_article["data"]), "--method",
+        "rag-sequence", "--model", str(squad_article["t5"]), "--retriever", "dpr", "--encoder",
+        str(squad_article["question"]), "--passage-encoder", str(squad_article["context"]), "--n-docs", "1",
+        "--results-dir", str(results), "--json", *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_raghub_train_learns_eight_squad_answers_with_dpr_and_t5(squad_article, tmp_path, cache_dir, request):
+    """The DPR + T5 recipe end to end: `raghub train` with warm-up, gradient accumulation and
+    bf16 mixed precision trains the T5 and both DPR towers on 8 SQuAD questions, in under two
+    minutes on a CPU; `raghub run --checkpoint` then answers at least 6 of the 8 exactly (the
+    untrained pair: none). One torch thread: on a shared CPU, two threads of such small
+    operations wait on each other."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     request.addfinalizer(lambda: torch.set_num_threads(threads))
-    torch.manual_seed(0)
-    questions, corpus = squad_examples(8)
-    generator, retriever = rag_setup(tmp_path, questions, corpus, seed=0, init_scale=1.0)
-    answers = [q.answers[0] for q in questions]
-    parts = {"generator": generator.hf_model, "question encoder": retriever.question_encoder.model,
-             "passage encoder": retriever.passage_encoder.model}
-    optimizer = torch.optim.AdamW([p for part in parts.values() for p in part.parameters()], lr=1e-2)
+    output = tmp_path / "trained"
     started = time.perf_counter()
-    for step in range(300):
-        optimizer.zero_grad()
-        loss = retriever.rag_sequence_loss(generator, questions, answers, corpus, k=2)
-        loss.backward()
-        if step == 0:
-            for name, part in parts.items():
-                assert sum(float(p.grad.abs().sum()) for p in part.parameters() if p.grad is not None) > 0, name
-            first_loss = loss.item()
-        optimizer.step()
-        if step % 25 == 24 and exact_matches(generator, retriever, questions, corpus) >= 0.75 * len(questions):
-            break
+    result = CliRunner().invoke(cli, [
+        "train", "--task", str(squad_article["task"]), "--data-dir", str(squad_article["data"]), "--output",
+        str(output), "--objective", "rag-sequence", "--objective-args", "temperature=1", "--retriever", "dpr",
+        "--encoder", str(squad_article["question"]), "--passage-encoder", str(squad_article["context"]),
+        "--train-passages", "--model", str(squad_article["t5"]), "--lora-rank", "0", "--n-docs", "2",
+        "--batch-size", "4", "--grad-accum", "2", "--steps", "80", "--save-every", "80", "--lr", "1e-2",
+        "--retriever-learning-rate", "1e-3", "--warmup-steps", "5", "--mixed-precision", "bf16"])
     elapsed = time.perf_counter() - started
-    print(f"training: {step + 1} steps, {elapsed:.1f} s, loss {first_loss:.2f} -> {loss.item():.2f}")
-    assert exact_matches(generator, retriever, questions, corpus) >= 0.75 * len(questions)
+    assert result.exit_code == 0, result.output
+    checkpoint = read_checkpoint(output)
+    assert {part: bool(checkpoint.part(part)) for part in (GENERATOR, QUERY_ENCODER, PASSAGE_ENCODER)} == dict.fromkeys(
+        (GENERATOR, QUERY_ENCODER, PASSAGE_ENCODER), True)
+    log = [json.loads(line) for line in (output / TRAIN_LOG).read_text().splitlines()]
+    print(f"raghub train: {len(log)} steps, {elapsed:.1f} s, loss {log[0]['loss']:.2f} -> {log[-1]['loss']:.2f}")
     assert elapsed < 120
-
-
-def exact_matches(generator, retriever, questions, corpus) -> int:
-    """How many questions the generator answers exactly, greedily, with the passage the current
-    encoders score highest (the index still holds the passage embeddings from before training)."""
-    with torch.no_grad():
-        scores = retriever.scores([q.query for q in questions], [corpus] * len(questions))
-    predictions = answer_questions(generator, questions, [[corpus[int(best)]] for best in scores.argmax(-1)])
-    return sum(best_over_aliases(exact_match, p, q.answers) for p, q in zip(predictions, questions))
+    untrained = run_eight(squad_article, tmp_path / "results")
+    trained = run_eight(squad_article, tmp_path / "results", "--checkpoint", str(output))
+    print(f"EM on the 8 training questions: untrained {untrained['metrics']['em']}, trained {trained['metrics']['em']}")
+    assert untrained["metrics"]["em"] == 0
+    assert trained["metrics"]["em"] >= 0.75
+    assert trained["config"]["retriever"]["checkpoint"] == checkpoint.identity
 
 
 def test_fid_with_dpr_runs_squad_end_to_end(dpr_folders, tmp_path, cache_dir):
@@ -252,3 +271,16 @@ def test_fid_with_dpr_runs_squad_end_to_end(dpr_folders, tmp_path, cache_dir):
     assert "recall@4" in record["metrics"]
     stored = [json.loads(line) for line in (results / "records.jsonl").read_text().splitlines()]
     assert stored[-1]["config"] == record["config"]
+
+
+def test_a_checkpoint_trained_for_another_retriever_or_encoder_is_refused(dpr_folders, tmp_path):
+    question_folder, context_folder = dpr_folders
+    settings = {"encoder": str(question_folder), "passage_encoder": str(context_folder)}
+    for retriever, trained_from in (("dense", {"encoder": str(question_folder)}),
+                                    ("dpr", {**settings, "passage_encoder": "another"})):
+        folder = tmp_path / f"trained-{retriever}"
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps({"step": 1, "fingerprint": "f", "retriever": retriever,
+                                                           "retriever_settings": trained_from}))
+        with pytest.raises(UsageError, match="was trained for retriever"):
+            DPRRetriever(Cache(tmp_path / "cache"), **settings, checkpoint=str(folder)).index(PASSAGES, "toy")

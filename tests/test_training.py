@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -147,10 +148,14 @@ def env(tmp_path, monkeypatch):
     return {**os.environ, "RAGHUB_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
 
 
+def trainer_config(tiny, output, **settings) -> TrainConfig:
+    return TrainConfig(task=str(tiny / "tiny-train.yaml"), output=str(output), model=str(tiny / "llama"),
+                       encoder=str(tiny / "bert"), data_dir=str(tiny / "data"), n_docs=2, batch_size=2,
+                       lora_targets="q_proj,v_proj", learning_rate=0.01, retriever_learning_rate=0.001, **settings)
+
+
 def trainer(tiny, tmp_path, **settings):
-    return Trainer(TrainConfig(task=str(tiny / "tiny-train.yaml"), output=str(tmp_path / "out"), model=str(tiny / "llama"),
-                               encoder=str(tiny / "bert"), data_dir=str(tiny / "data"), n_docs=2, batch_size=2,
-                               lora_targets="q_proj,v_proj", **settings), registry())
+    return Trainer(trainer_config(tiny, tmp_path / "out", **settings), registry())
 
 
 def gradient_norms(model):
@@ -189,6 +194,30 @@ def test_alternating_phases_freeze_the_other_side(tiny, tmp_path, env):
             optimizer.zero_grad(set_to_none=True)
         train.model(train.batch(1), phase)[0].backward()
         assert {name for name, norm in gradient_norms(train.model).items() if norm > 0} == {trained}
+
+
+def test_gradient_accumulation_gives_the_larger_batchs_losses(tiny, tmp_path, env):
+    """2 accumulated batches of 1 question step exactly as 1 batch of 2 (float32, 1e-5)."""
+    trajectories, batches = [], []
+    for name, settings in (("whole", {"batch_size": 2}), ("accumulated", {"batch_size": 1, "grad_accum": 2})):
+        train = Trainer(replace(trainer_config(tiny, tmp_path / name), steps=3, save_every=3, **settings), registry())
+        batches.append([q.id for part in range(train.config.grad_accum) for q in train.batch(2, part)])
+        train.train()
+        trajectories.append(losses(tmp_path / name))
+    assert batches[0] == batches[1]
+    assert trajectories[1] == pytest.approx(trajectories[0], abs=1e-5)
+    assert trajectories[0][0] != trajectories[0][-1]
+
+
+def test_the_learning_rates_warm_up_linearly_then_stay(tiny, tmp_path, env):
+    train = Trainer(replace(trainer_config(tiny, tmp_path / "out"), warmup_steps=4, steps=6, save_every=6,
+                            learning_rate=0.01, retriever_learning_rate=0.001), registry())
+    rates = []
+    for step in range(1, 7):
+        rates.append([group["lr"] for optimizer in train.optimizers.values() for group in optimizer.param_groups])
+        train.run_step(step)
+    assert [r[0] for r in rates] == pytest.approx([0.00025, 0.0005, 0.00075, 0.001, 0.001, 0.001])
+    assert [r[1] for r in rates] == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
 
 
 def test_the_split_keeps_training_and_evaluation_articles_apart(tiny, tmp_path, env):

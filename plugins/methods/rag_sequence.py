@@ -9,21 +9,21 @@ p_η = softmax(retrieval score / temperature).
 - QA: RAG's "thorough" decoding: one greedy candidate per passage, each candidate scored under
   every passage (`continuation_logprobs`), the candidate of highest p(y|x) wins.
 
-`--checkpoint DIR` (a `raghub train` output) loads the trained generator adapter; the dense
-retriever reads the same flag for the trained query encoder.
+`--checkpoint DIR` (a `raghub train` output) loads the trained generator (LoRA adapter or
+fine-tuned weights); the `dense` and `dpr` retrievers read the same flag for their encoders.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from raghub import (Method, Option, UsageError, answer_continuation, answer_questions, generate_for, hookimpl,
+from raghub import (Method, Option, answer_continuation, answer_questions, generate_for, hookimpl,
                     passage_logprobs, rag_sequence_logprob, rag_sequence_token_logprobs)
-from raghub.checkpoints import GENERATOR, read_checkpoint
+from raghub.checkpoints import load_trained_generator, read_checkpoint
 from raghub.metrics import normalize_answer
 
-CHECKPOINT = Option(str, "", "a `raghub train` output folder: its trained generator adapter and "
-                             "query encoder are used")
+CHECKPOINT = Option(str, "", "a `raghub train` output folder: its trained generator and "
+                             "retriever encoders are used")
 
 
 def candidates(answers: list[str]) -> list[str]:
@@ -47,20 +47,8 @@ class RagSequence(Method):
     def __init__(self, model, cache, **options: Any) -> None:
         super().__init__(model, cache, **options)
         self.checkpoint = read_checkpoint(self.settings["checkpoint"]) if self.settings["checkpoint"] else None
-        adapter = self.checkpoint.part(GENERATOR) if self.checkpoint else None
-        if adapter is not None:
-            self._load_adapter(adapter)
-
-    def _load_adapter(self, adapter) -> None:
-        """Merge the checkpoint's LoRA adapter into the model it was trained on."""
-        from peft import PeftModel
-
-        trained_on = self.checkpoint.manifest["model_fingerprint"]
-        if not hasattr(self.model, "hf_model") or self.model.fingerprint != trained_on:
-            raise UsageError(f"--checkpoint {self.settings['checkpoint']} was trained on model "
-                             f"{self.checkpoint.manifest['model']} ({trained_on}), not {self.model.name} "
-                             f"({self.model.fingerprint})")
-        self.model.hf_model = PeftModel.from_pretrained(self.model.hf_model, str(adapter)).merge_and_unload()
+        if self.checkpoint:
+            load_trained_generator(self.model, self.checkpoint)
 
     def score_windows(self, windows, retrieved):
         """Per token, the passages mixed with their posterior weights given the tokens so far."""

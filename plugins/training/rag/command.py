@@ -8,22 +8,28 @@ from typing import Any
 
 import click
 
-from .config import TrainConfig
+from .config import MINIMUM, MIXED_PRECISION, TrainConfig
+
+#: more flags for a setting, as the DPR + T5 script spells them
+ALIASES = {"learning_rate": ["--lr"]}
 
 HELP = {
     "task": "QA task (name or YAML) whose questions are the training data, e.g. squad-train",
     "output": "checkpoint folder; the same command with the same folder resumes from its last save",
     "objective": "the training objective (listed below)",
     "objective_args": "the objective's options as key=value,... (e.g. temperature=0.1,lm_temperature=0.1)",
-    "retriever": "a retriever with a trainable encoder (dense)",
-    "encoder": "the retriever's sentence-transformers encoder (default: the embedded all-MiniLM-L6-v2)",
+    "retriever": "a retriever with trainable encoders (dense, dpr)",
+    "encoder": "the retriever's (query) encoder (default: the retriever's own; dense: the embedded all-MiniLM-L6-v2)",
+    "passage_encoder": "dpr: the passage encoder (hub id or folder)",
     "n_docs": "passages K per question",
     "model": "the generator: hub id or folder (default: the embedded SmolLM2-135M-Instruct)",
     "steps": "train until this step",
     "batch_size": "questions per step, over all processes",
-    "learning_rate": "AdamW learning rate of the generator's LoRA adapter",
+    "learning_rate": "AdamW learning rate of the generator (its LoRA adapter, or all weights)",
     "retriever_learning_rate": "AdamW learning rate of the retriever's encoder(s)",
-    "lora_rank": "LoRA rank of the generator's adapter",
+    "warmup_steps": "learning rates rise linearly over the first N steps, then stay constant",
+    "grad_accum": "batches whose gradients are accumulated per optimizer step",
+    "lora_rank": "LoRA rank of the generator's adapter; 0 fine-tunes every weight (for small models)",
     "lora_alpha": "LoRA alpha (updates scaled by alpha / rank)",
     "lora_targets": "comma-separated generator layers the adapter modifies",
     "alternate": "N > 0: N steps training the retriever only, then N the generator only, and so on",
@@ -33,7 +39,8 @@ HELP = {
     "refresh_every": "with --train-passages: re-embed the whole corpus every N steps (0: never)",
     "save_every": "save a checkpoint every N steps (and at the last)",
     "seed": "seed of the data order and the adapter's initialisation",
-    "bf16": "run the generator under bfloat16 autocast (about 2x faster on CPUs with AVX-512 BF16)",
+    "mixed_precision": "bf16: the generator's forward pass under bfloat16 autocast (about 2x faster on CPUs with "
+                       "AVX-512 BF16); no: float32",
     "limit": "train on the first N questions of the task only",
     "data_dir": "local datasets folder",
 }
@@ -67,13 +74,17 @@ def add_train_command(cli: click.Group) -> None:
 
     command = click.command("train", cls=TrainCommand)(train)
     for spec in fields(TrainConfig):
-        flag = "--" + spec.name.replace("_", "-")
-        kind = {"int": int, "float": float, "bool": bool}.get(str(spec.type).split(" |")[0], str)
+        flags = ["--" + spec.name.replace("_", "-"), *ALIASES.get(spec.name, [])]
+        kind: Any = {"int": int, "float": float, "bool": bool}.get(str(spec.type).split(" |")[0], str)
+        if spec.name in MINIMUM:
+            kind = click.IntRange(min=MINIMUM[spec.name])
+        if spec.name == "mixed_precision":
+            kind = click.Choice(MIXED_PRECISION)
         required = spec.name in ("task", "output")
         if kind is bool:
-            option = click.option(flag, spec.name, is_flag=True, default=None, help=HELP[spec.name])
+            option = click.option(*flags, spec.name, is_flag=True, default=None, help=HELP[spec.name])
         else:
-            option = click.option(flag, spec.name, type=kind, default=None, required=required, help=HELP[spec.name],
+            option = click.option(*flags, spec.name, type=kind, default=None, required=required, help=HELP[spec.name],
                                   envvar="RAGHUB_DATA_DIR" if spec.name == "data_dir" else None)
         command = option(command)
     cli.add_command(command)
