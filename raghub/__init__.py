@@ -8,6 +8,7 @@ The public API a plugin is written against::
 
 from importlib.metadata import PackageNotFoundError, version
 
+from raghub.distributed import notice
 from raghub.errors import RaghubError, RunError, UsageError
 from raghub.families.lm import Window, passage_ids, passage_logprobs, score_after_prefixes
 from raghub.families.qa import Answer, PromptTemplate, Question, answer_continuation, answer_questions, generate_for
@@ -29,6 +30,6 @@ __all__ = [
     "Answer", "AnswerScores", "Augmenter", "Example", "Field", "Generation", "LanguageModel", "Method", "ModelBackend",
     "Objective", "Option", "Passage", "PromptTemplate", "Question", "RaghubError", "Retrieved", "Retriever",
     "RunError", "Task", "UsageError", "Window", "answer_continuation", "answer_questions", "generate_for",
-    "hookimpl", "load_model", "lsr_kl", "mixture_logprobs", "passage_ids", "passage_logprobs",
+    "hookimpl", "load_model", "lsr_kl", "mixture_logprobs", "notice", "passage_ids", "passage_logprobs",
     "rag_sequence_logprob", "rag_sequence_token_logprobs", "rag_token_logprob", "score_after_prefixes",
 ]

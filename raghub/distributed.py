@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence, TypeVar
@@ -50,6 +51,12 @@ def ranks() -> Ranks:
                 torch.cuda.set_device(found.local_rank)
             dist.init_process_group("nccl" if gpu else "gloo")
     return found
+
+
+def notice(message: str) -> None:
+    """Tell the user something on stderr, once: from rank 0 only under a launcher."""
+    if ranks().is_main:
+        print(f"raghub: {message}", file=sys.stderr)
 
 
 def barrier() -> None:

@@ -93,6 +93,10 @@ class Retriever(Plugin, ABC):
         """Everything that changes this retriever's results (used as a cache key)."""
         return {"retriever": self.name, **self.settings}
 
+    def prepare(self, passages: Sequence[Passage], corpus_fingerprint: str) -> None:
+        """Work every rank of a sharded run does before rank 0 builds the index (e.g. its share
+        of the passage embeddings); nothing by default."""
+
     @abstractmethod
     def index(self, passages: Sequence[Passage], corpus_fingerprint: str) -> None:
         """Build (or load from `self.cache`) the index over `passages`."""

@@ -34,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import raghub
 from raghub import distributed
+from raghub.distributed import notice
 from raghub.cache import Cache, cache_root, fingerprint, fingerprint_items
 from raghub.errors import UsageError
 from raghub.interfaces import COMMON_TASK_KEYS, Example, Method, Passage, Plugin, Registry, Retrieved, Retriever, Task
@@ -180,11 +181,6 @@ def _task_family(request: RunRequest, found: Registry) -> tuple[dict[str, Any], 
     return definition, task_class
 
 
-def _warn(message: str) -> None:
-    if distributed.ranks().is_main:
-        print(f"raghub: {message}", file=sys.stderr)
-
-
 def _check_results_dir(results_dir: Path) -> None:
     """The results dir is a folder, or can be made in its nearest existing parent, and files can
     be written there: probed by creating a file that vanishes when closed (nothing is left)."""
@@ -288,7 +284,7 @@ def resolve_sweep(settings: dict[str, Any]) -> list[ResolvedRun]:
         ignored = [f"--{dashed(key)}" for key in ("retriever", "n_docs") if settings.get(key) is not None]
         if ignored:
             methods = ", ".join(sorted({run.method_class.name for run in runs.values()}))
-            _warn(f"{' and '.join(ignored)} ignored: method '{methods}' retrieves nothing")
+            notice(f"{' and '.join(ignored)} ignored: method '{methods}' retrieves nothing")
     return list(runs.values())
 
 
@@ -313,7 +309,7 @@ def run_sweep(runs: Sequence[ResolvedRun], force: bool = False) -> Iterator[dict
         request = resolved.request
         stored = None if force else _stored_record(request.results_dir, fingerprint(resolved.config))
         if stored is not None:
-            _warn(f"{stored['task']} · {stored['method']}"
+            notice(f"{stored['task']} · {stored['method']}"
                   + (f" · k={stored['n_docs']}" if stored.get("retriever") else "")
                   + f": reusing the identical run stored in {request.results_dir} "
                   f"(finished {stored.get('finished_at', 'earlier')}); --force runs it again")
@@ -347,14 +343,16 @@ def task_corpus(task: Task) -> tuple[Sequence[Passage], str, str]:
 def retrieve(task: Task, retriever: Retriever, examples: Sequence[Example], k: int,
              cache: Cache) -> tuple[list[list[Retrieved]], str, str]:
     """Top-k passages per example (none for an empty query), never from the example's own
-    `exclude_group`; results are cached by corpus, retriever, queries and k.
+    `exclude_group`; results are cached by corpus, retriever, queries and k. Under several
+    ranks, each does its share of `prepare`, then rank 0 indexes and retrieves first.
     A k above the corpus size is cut to it, with a notice.
     Returns (retrieved, corpus label, corpus fingerprint)."""
     passages, label, corpus_fp = task_corpus(task)
     if k > len(passages):
-        _warn(f"--n-docs {k} is more than the corpus's {len(passages)} passages; retrieving {len(passages)}")
+        notice(f"--n-docs {k} is more than the corpus's {len(passages)} passages; retrieving {len(passages)}")
         k = len(passages)
-    retriever.index(passages, corpus_fp)
+    retriever.prepare(passages, corpus_fp)
+    distributed.barrier()  # every rank's share of the index's work is done
     excluded = {e.exclude_group for e in examples if e.exclude_group}
     group_sizes: dict[str, int] = {}
     for passage in passages if excluded else ():  # a pass over the corpus only when groups matter
@@ -371,7 +369,9 @@ def retrieve(task: Task, retriever: Retriever, examples: Sequence[Example], k: i
 
     key = {"corpus": corpus_fp, "retriever": retriever.fingerprint(), "k": k,
            "queries": fingerprint([(e.query, e.exclude_group) for e in examples])}
-    hits = cache.json("retrievals", key, search)
+    with distributed.main_first():  # rank 0 builds the index and retrieves; the others read the cache
+        retriever.index(passages, corpus_fp)
+        hits = cache.json("retrievals", key, search)
     retrieved: list[list[Retrieved]] = [[] for _ in examples]
     for i, found in zip(positions, hits):
         retrieved[i] = [Retrieved(passages[p], float(score)) for p, score in found]
@@ -465,7 +465,7 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> dict[s
         corpus_label, retriever = None, None
         if resolved.retriever_class is not None:
             retriever = resolved.retriever_class(cache, **resolved.plugin_options["retriever"])
-            with stderr.status(f"retrieving top-{resolved.n_docs} with {retriever.name}"), distributed.main_first():
+            with stderr.status(f"retrieving top-{resolved.n_docs} with {retriever.name}"):
                 retrieved, corpus_label, _ = retrieve(task, retriever, examples, resolved.n_docs, cache)
         # the weights' content is known once loaded: a resumed run never mixes two models
         config = {**resolved.config, **{key: getattr(model, attribute) for key, attribute in LOADED.items()}}

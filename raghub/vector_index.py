@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from raghub import distributed
 from raghub.checkpoints import Checkpoint, read_checkpoint
 from raghub.errors import UsageError
 from raghub.interfaces import Passage, Retriever
@@ -160,6 +161,17 @@ class EmbeddingRetriever(Retriever):
         """The cache kind and key of the FAISS index."""
         return f"{self.name}-index", {"corpus": corpus_fingerprint, **self.fingerprint()}
 
+    def prepare(self, passages: Sequence[Passage], corpus_fingerprint: str) -> None:
+        """Under several ranks, each embeds its share of the shards (every world_size-th,
+        from its rank on), unless the index or the embeddings are cached already; rank 0 then
+        assembles them in `index`."""
+        here = distributed.ranks()
+        if here.world_size == 1 or any(self.cache.is_valid(self.cache.entry_path(*entry)) for entry in (
+                self.index_entry(corpus_fingerprint), self.embeddings_entry(corpus_fingerprint))):
+            return
+        shards = self.cache.entry_path(*self.embeddings_entry(corpus_fingerprint)).with_suffix(".shards")
+        self.embed_shards(passages, shards, here.rank, here.world_size)
+
     def passage_embeddings(self, passages: Sequence[Passage], corpus_fingerprint: str) -> np.ndarray:
         """The passages' embeddings, memory-mapped from the cache (built shard by shard), once
         per corpus and `embedding_key`."""
@@ -181,29 +193,33 @@ class EmbeddingRetriever(Retriever):
         shutil.rmtree(shards, ignore_errors=True)  # the shards are in the entry now
         return embeddings
 
-    def embed_shards(self, passages: Sequence[Passage], shards: Path) -> list[Path]:
+    def embed_shards(self, passages: Sequence[Passage], shards: Path, rank: int = 0, world_size: int = 1) -> list[Path]:
         """Each shard of `embed_shard_size` passages encoded into `shards/`, skipping the shards
-        an earlier, killed build finished (each is renamed into place when complete)."""
+        an earlier, killed build finished (each is renamed into place when complete). Of
+        several ranks, rank r encodes shards r, r + world_size, ...; returns every shard's file."""
         shards.mkdir(parents=True, exist_ok=True)
         size, dtype = self.settings["embed_shard_size"], self.settings["embedding_dtype"]
         step = self.settings["encode_batch_size"] * 8
-        files = []
-        columns = (TextColumn("embedding passages"), BarColumn(), MofNCompleteColumn(), PassagesPerSecond(),
-                   TimeRemainingColumn())
+        count = math.ceil(len(passages) / size)
+        files = [shards / f"{number:06d}.npy" for number in range(count)]
+        mine = range(rank, count, world_size)
+        label = "embedding passages" + (f" (rank {rank} of {world_size})" if world_size > 1 else "")
+        columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), PassagesPerSecond(), TimeRemainingColumn())
         with Progress(*columns, console=Console(stderr=True)) as progress:
-            bar = progress.add_task("embed", total=len(passages))
-            for number, chunk in enumerate(chunks(passages, size)):
-                files.append(shards / f"{number:06d}.npy")
-                if not files[-1].exists():
-                    vectors = []
-                    for first in range(0, len(chunk), step):
-                        vectors.append(self.embed_passages(chunk[first : first + step]).astype(dtype))
-                        progress.advance(bar, len(vectors[-1]))
-                    partial = files[-1].with_name(f"{files[-1].stem}.partial-{os.getpid()}.npy")
-                    np.save(partial, np.concatenate(vectors))
-                    partial.rename(files[-1])
-                else:
+            bar = progress.add_task("embed", total=sum(min(size, len(passages) - n * size) for n in mine))
+            for number, chunk in enumerate(chunks(passages, size)):  # one sequential read of a streamed corpus
+                if number % world_size != rank:
+                    continue
+                if files[number].exists():
                     progress.advance(bar, len(chunk))
+                    continue
+                vectors = []
+                for first in range(0, len(chunk), step):
+                    vectors.append(self.embed_passages(chunk[first : first + step]).astype(dtype))
+                    progress.advance(bar, len(vectors[-1]))
+                partial = files[number].with_name(f"{files[number].stem}.partial-{os.getpid()}.npy")
+                np.save(partial, np.concatenate(vectors))
+                partial.rename(files[number])
         return files
 
     def factory_string(self, n_vectors: int) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from test_dpr import save_tiny_dpr
 from test_models import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +57,23 @@ def test_two_ranks_give_the_one_process_records(env):
         assert samples(env, "two", two) == samples(env, "one", one)
     assert len((env[0] / "two" / "records.jsonl").read_text().splitlines()) == 4  # rank 0 alone wrote
     assert not any((env[0] / "two" / ".partial").iterdir())  # every rank's resume file merged away
+
+
+def test_two_ranks_share_the_passage_embedding_and_give_the_one_process_record(env, tmp_path):
+    """Dense indexing under torchrun: each rank embeds every other shard of SQuAD's 2,067
+    paragraphs (tiny random DPR towers), rank 0 assembles them; the record equals one
+    process's, which embedded all of them itself (separate caches)."""
+    question, context = save_tiny_dpr(tmp_path / "dpr")
+    run = ("--task", "squad", "--method", "incontext", "--retriever", "dpr", "--encoder", question,
+           "--passage-encoder", context, "--embed-shard-size", 300, "--n-docs", 2, "--limit", 4)
+    records = []
+    for ranks in (1, 2):
+        own_cache = (env[0], {**env[1], "RAGHUB_CACHE": str(tmp_path / f"cache{ranks}")})
+        [record] = raghub(ranks, f"dpr{ranks}", own_cache, *run)
+        records.append(record)
+        assert not list((tmp_path / f"cache{ranks}").glob("dpr-embeddings/*.shards"))  # assembled, then removed
+    assert {key: records[1][key] for key in COMPARED} == {key: records[0][key] for key in COMPARED}
+    assert records[0]["metrics"]["recall@2"] == records[1]["metrics"]["recall@2"]
 
 
 def test_a_killed_two_rank_run_resumes_in_one_process(env):

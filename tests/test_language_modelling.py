@@ -153,6 +153,15 @@ def test_auto_datastore_is_train_when_present_else_heldout_articles_with_a_notic
     assert with_train.corpus()[1].startswith("toy train") and capsys.readouterr().err == ""
 
 
+def test_the_no_train_split_notice_comes_from_rank_0_only(tmp_path, capsys, monkeypatch):
+    """Regression: under torchrun every rank printed it."""
+    from raghub import distributed
+
+    monkeypatch.setattr(distributed, "ranks", lambda: distributed.Ranks(rank=1, world_size=2, local_rank=1))
+    toy_task(tmp_path).examples(CharModel(), None)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_hub_failure_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
     import datasets
 

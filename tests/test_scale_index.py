@@ -145,3 +145,33 @@ def test_a_dense_build_killed_with_sigkill_resumes_from_its_last_finished_shard(
     whole = FakeDense(Cache(tmp_path / "whole"), embed_shard_size=10).passage_embeddings(read_corpus(corpus), "psgs")
     assert np.array_equal(np.load(entry / "embeddings.npy"), whole)
     assert json.loads((entry / "manifest.json").read_text())["files"].keys() == {"embeddings.npy"}
+
+
+class Counting(FakeDense):
+    """Records the texts it embeds."""
+
+    def embed(self, texts, encoder=None):
+        self.embedded = [*getattr(self, "embedded", []), *texts]
+        return fake_vectors(texts)
+
+
+def test_under_two_ranks_each_embeds_every_other_shard_and_rank_0_assembles_them(tmp_path, monkeypatch):
+    from raghub import distributed
+
+    passages = read_corpus(write_psgs(tmp_path / "psgs.tsv", 35))  # 4 shards: 10, 10, 10, 5
+    texts = [p.as_text() for p in passages]
+    cache, settings = Cache(tmp_path / "cache"), {"embed_shard_size": 10, "encode_batch_size": 4}
+    ranks = {}
+    for rank in (1, 0):
+        monkeypatch.setattr(distributed, "ranks", lambda rank=rank: distributed.Ranks(rank, 2, rank))
+        ranks[rank] = Counting(cache, **settings)
+        ranks[rank].prepare(passages, "psgs")
+    assert ranks[1].embedded == texts[10:20] + texts[30:35]
+    assert ranks[0].embedded == texts[0:10] + texts[20:30]
+    ranks[0].index(passages, "psgs")  # rank 0 assembles the shards: nothing embedded again
+    assert ranks[0].embedded == texts[0:10] + texts[20:30]
+    alone = Counting(Cache(tmp_path / "alone"), **settings)
+    assert np.array_equal(ranks[0].passage_embeddings(passages, "psgs"), alone.passage_embeddings(passages, "psgs"))
+    later = Counting(cache, **settings)
+    later.prepare(passages, "psgs")  # the index is cached: no rank embeds anything
+    assert not hasattr(later, "embedded")

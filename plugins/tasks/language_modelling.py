@@ -24,13 +24,12 @@ from __future__ import annotations
 import bisect
 import math
 import re
-import sys
 from functools import cached_property
 from itertools import accumulate
 from pathlib import Path
 from typing import Any, Sequence
 
-from raghub import Field, Option, Passage, Retrieved, Task, UsageError, Window, hookimpl
+from raghub import Field, Option, Passage, Retrieved, Task, UsageError, Window, hookimpl, notice
 from raghub.corpus import STRUCTURED_SUFFIXES, read_corpus
 from raghub.data import load_hub_dataset
 from raghub.metrics import bits_per_byte, nats_per_token, perplexity, perplexity_standard_error
@@ -255,9 +254,8 @@ class LanguageModelling(Task):
     def examples(self, model, limit: int | None) -> list[Window]:
         lines = self.lines
         if self.settings["datastore"] == "auto" and self.heldout_articles:
-            print(f"raghub: task {self.name}: no train split in {Path(self.data_dir) / self.config['data']['folder']}, "
-                  "so retrieving from the evaluated split's other articles (--datastore heldout-articles)",
-                  file=sys.stderr)
+            notice(f"task {self.name}: no train split in {Path(self.data_dir) / self.config['data']['folder']}, "
+                   "so retrieving from the evaluated split's other articles (--datastore heldout-articles)")
         text = "".join(line + "\n" for line in lines)
         ids, char_starts = token_char_starts(model.tokenizer, text)
         # the text's end closes the last span, so span bytes add up to the whole text's
