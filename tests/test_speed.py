@@ -94,6 +94,26 @@ def test_a_line_ends_at_the_first_newline_after_non_space_text():
     assert LineEnd(TextTokenizer(), 2)(ids, None).tolist() == [True, False, False, True]
 
 
+def test_generation_from_the_shared_prefix_cache_equals_generating_each_prompt_whole(tmp_path, monkeypatch):
+    """Prompts sharing 20 leading tokens, of different lengths, in 2 padded batches (token budget):
+    the prefix is run once and each batch continues from a copy of its cache; the greedy
+    tokens and their log-probs equal the plain left-padded generation's."""
+    from raghub.plugins.models import huggingface
+
+    model = tiny_model(tmp_path, token_budget=64)
+    shared = " ".join(["hello", "world", "world", "hello"] * 5)
+    prompts = [f"{shared} {rest}" for rest in ("hello", "world hello world", "world", "hello hello world world hello")]
+    assert model.shared_prefix([model.encode(p) for p in prompts])[0] == 20
+    reused = model.generate(prompts, 6)
+    monkeypatch.setattr(huggingface, "MIN_SHARED_PREFIX", 10**9)
+    assert model.shared_prefix([model.encode(p) for p in prompts]) == (0, None)
+    whole = model.generate(prompts, 6)
+    assert [g.text for g in reused] == [g.text for g in whole]
+    for ours, plain in zip(reused, whole):
+        assert ours.token_logprobs == pytest.approx(plain.token_logprobs, abs=1e-5)
+    assert [len(batch) for batch in length_buckets([len(model.encode(p)) + 6 for p in prompts], 64)] == [2, 2]
+
+
 @pytest.fixture(scope="module")
 def model():
     from raghub import load_model

@@ -5,6 +5,8 @@ dequantised once and cached; with no `--model`, the embedded SmolLM2-135M-Instru
 
 from __future__ import annotations
 
+import copy
+import os
 import struct
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +31,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct-Q4_1"
 DEFAULT_TOKEN_BUDGET = {"cpu": 4096, "cuda": 65536}
 #: float32 logits projected at once when scoring (64 MiB)
 LOGIT_CHUNK = 2**24
+#: the fewest leading tokens shared by every prompt of a generation call worth running once
+MIN_SHARED_PREFIX = 16
 
 
 def length_buckets(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -169,22 +173,46 @@ class TransformersLM(PretrainedLM):
         """Greedy continuations, each stopped at its first newline after non-space text."""
         return self._generate(prompts, max_new_tokens, one_line=True)
 
+    def shared_prefix(self, token_lists: Sequence[Sequence[int]]) -> tuple[int, Any]:
+        """(length, key/value cache) of the leading tokens that every prompt shares (a task's
+        few-shot block), run once; (0, None) when they are fewer than MIN_SHARED_PREFIX or the
+        model's cache is not a plain full-attention one (sliding windows)."""
+        import torch
+        from transformers import DynamicCache
+
+        shared = os.path.commonprefix([list(ids) for ids in token_lists])
+        length = min(len(shared), min(map(len, token_lists)) - 1)  # every row keeps a token to run
+        if length < MIN_SHARED_PREFIX or getattr(self.hf_model.config, "sliding_window", None):
+            return 0, None
+        with torch.inference_mode():
+            cache = self.hf_model(input_ids=torch.tensor([shared[:length]], device=self.device),
+                                  use_cache=True).past_key_values
+        return (length, cache) if type(cache) is DynamicCache else (0, None)
+
     def _generate(self, prompts: Sequence[str], max_new_tokens: int, one_line: bool) -> list[Generation]:
-        """Greedy continuations of `prompts`, batched by `length_buckets` with left padding."""
+        """Greedy continuations of `prompts`, batched by `length_buckets`. The prompts' shared
+        prefix is run once (`shared_prefix`); each batch continues from a copy of its cache,
+        padded between the prefix and each prompt's rest (positions skip the padding)."""
         import torch
 
-        self.tokenizer.padding_side = "left"
-        lengths = [len(self.encode(prompt)) + max_new_tokens for prompt in prompts]
+        token_lists = [self.encode(prompt) for prompt in prompts]
+        prefix, prefix_cache = self.shared_prefix(token_lists)
+        pad = self.tokenizer.pad_token_id
         generations: list[Any] = [None] * len(prompts)
-        for batch in length_buckets(lengths, self.token_budget):
-            inputs = self.tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
-                                    add_special_tokens=False).to(self.device)
-            width = inputs["input_ids"].shape[1]
+        for batch in length_buckets([len(ids) + max_new_tokens for ids in token_lists], self.token_budget):
+            rows = [token_lists[i] for i in batch]
+            width = max(map(len, rows))
+            ids = torch.tensor([row[:prefix] + [pad] * (width - len(row)) + row[prefix:] for row in rows])
+            mask = torch.tensor([[1] * prefix + [0] * (width - len(row)) + [1] * (len(row) - prefix) for row in rows])
+            cache = None
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(batch))
             with torch.inference_mode():
                 output = self.hf_model.generate(
-                    **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                    output_scores=True, return_dict_in_generate=True,
-                    pad_token_id=self.tokenizer.pad_token_id,
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), past_key_values=cache,
+                    max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                    output_scores=True, return_dict_in_generate=True, pad_token_id=pad,
                     stopping_criteria=[LineEnd(self.tokenizer, width)] if one_line else None,
                 )
             new_tokens = output.sequences[:, width:]
