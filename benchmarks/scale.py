@@ -1,7 +1,7 @@
 """Scale measurements for a Wikipedia-sized datastore, on a synthetic corpus of real sentences.
 
     RAGHUB_DATA_DIR=../shared/data python benchmarks/scale.py [--bm25-passages 200000]
-        [--faiss-passages 200000] [--dense-passages 6000] [--out scale-bench]
+        [--faiss-passages 200000] [--dense-passages 6000] [--resume-passages N] [--out scale-bench]
 
 The corpus: passages of about 100 words (DPR's length) made by recombining real sentences of
 the SQuAD, HotpotQA and 2Wiki paragraphs in the data folder, written as a DPR-style
@@ -10,8 +10,10 @@ its own process, so its peak resident memory (ru_maxrss) is its own:
 
 - `bm25`: the `bm25` retriever (bm25s) over the TSV: build, on-disk size, queries/s.
 - `encode`: the `dense` retriever end to end with all-MiniLM-L6-v2 (sharded, resumable build)
-  over the first --dense-passages passages: passages/s; then the same build killed with
-  SIGKILL after two of its eight shards and resumed, counting the shards it did not redo.
+  over the first --dense-passages passages: passages/s.
+- `resume`: the build over the first --resume-passages passages killed with SIGKILL after two
+  of its eight shards and run again: the shards it did not redo, and whether its embeddings
+  equal the uninterrupted build's.
 - `faiss`: Flat, IVF-PQ and HNSW over --faiss-passages stored embeddings of dimension 384:
   the real MiniLM embeddings of the `encode` part, repeated with Gaussian noise (sigma 0.05
   per coordinate, renormalised); build time, size, queries/s and recall@10 against Flat.
@@ -127,7 +129,8 @@ def part_resume(out: Path, corpus: Path, n_passages: int) -> dict:
     kept = len(list(shards.glob("*.shards/0*[0-9].npy")))
     clock = time.perf_counter()
     subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
-    identical = np.array_equal(np.load(next(shards.glob("*/embeddings.npy"))), np.load(out / "embeddings.npy"))
+    whole = np.load(out / "embeddings.npy")
+    identical = np.array_equal(np.load(next(shards.glob("*/embeddings.npy"))), whole[:n_passages])
     return {"part": "dense build killed -9, resumed", "shards_kept": kept, "resume_s": time.perf_counter() - clock,
             "same_embeddings": identical}
 
@@ -170,6 +173,8 @@ def main() -> None:
     parser.add_argument("--bm25-passages", type=int, default=200_000)
     parser.add_argument("--faiss-passages", type=int, default=200_000)
     parser.add_argument("--dense-passages", type=int, default=6_000)
+    parser.add_argument("--resume-passages", type=int, default=None,
+                        help="passages of the killed-and-resumed dense build (default: --dense-passages)")
     parser.add_argument("--out", type=Path, default=Path("scale-bench"))
     parser.add_argument("--part", choices=("all", "bm25", "encode", "resume", "faiss", "dense-build"), default="all")
     args = parser.parse_args()
@@ -180,7 +185,7 @@ def main() -> None:
     if args.part != "all":
         rows = {"bm25": lambda: part_bm25(args.out, corpus),
                 "encode": lambda: part_encode(args.out, corpus, args.dense_passages),
-                "resume": lambda: part_resume(args.out, corpus, args.dense_passages),
+                "resume": lambda: part_resume(args.out, corpus, args.resume_passages or args.dense_passages),
                 "faiss": lambda: part_faiss(args.out, args.faiss_passages)}[args.part]()
         for row in rows if isinstance(rows, list) else [rows]:
             print(json.dumps({**row, "peak_rss_mb": row.get("peak_rss_mb", peak_rss_mb())}), flush=True)

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from raghub.data import default_data_dir
+from raghub.errors import UsageError
 from raghub.metrics import ratio_estimates
 from raghub.options import Option
 from raghub.schema import Field, check_schema
+from raghub.settings import parse_key_values
 
 if TYPE_CHECKING:  # pragma: no cover - imported for type names only
     import torch
@@ -80,6 +82,17 @@ class Plugin:
         (unknown keys are the caller's error)."""
         return {key: opt.convert(key, given[key]) if key in given else opt.default
                 for key, opt in cls.options.items()}
+
+    @classmethod
+    def parse_options(cls, text: str, flag: str, kind: str) -> dict[str, Any]:
+        """`key=value,...` given to `flag` as this plugin's options, converted; a key it does
+        not take is a UsageError naming the plugin as `kind` (e.g. "model backend")."""
+        arguments = parse_key_values(text, flag)
+        unknown = sorted(arguments.keys() - cls.options.keys())
+        if unknown:
+            raise UsageError(f"{flag}: {kind} '{cls.name}' has no option {', '.join(unknown)} "
+                             f"(it takes: {', '.join(cls.options) or 'none'})")
+        return {key: cls.options[key].convert(key, value, f"{flag} {key}") for key, value in arguments.items()}
 
 
 class Retriever(Plugin, ABC):

@@ -13,7 +13,6 @@ from typing import Any, ClassVar, Sequence
 
 from raghub.errors import UsageError
 from raghub.interfaces import Plugin, Registry
-from raghub.settings import parse_key_values
 
 
 @dataclass
@@ -147,13 +146,7 @@ def choose_backend(found: Registry, spec: str | None, backend_name: str | None =
         if not handling:
             raise UsageError(f"no model backend loads {spec!r}; see `raghub models`")
         backend_class = handling[-1]
-    arguments = parse_key_values(model_args, "--model-args")
-    unknown = sorted(arguments.keys() - backend_class.options.keys())
-    if unknown:
-        raise UsageError(f"--model-args: model backend '{backend_class.name}' has no option "
-                         f"{', '.join(unknown)} (it takes: {', '.join(backend_class.options) or 'none'})")
-    return backend_class(**{key: backend_class.options[key].convert(key, value, f"--model-args {key}")
-                            for key, value in arguments.items()})
+    return backend_class(**backend_class.parse_options(model_args, "--model-args", "model backend"))
 
 
 def load_model(spec: str | None = None, device: str | None = None, dtype: str = "float32",

@@ -39,7 +39,7 @@ from raghub.cache import Cache, cache_root, fingerprint
 from raghub.checkpoints import (GENERATOR, MANIFEST, TRAIN_LOG, TRAINER_STATE, load_trained_generator, read_checkpoint,
                                 write_checkpoint)
 from raghub.models import choose_backend
-from raghub.settings import parse_key_values, read_task_definition
+from raghub.settings import read_task_definition
 
 from .config import TrainConfig
 from .penalties import keyword_mass, length_penalty, repetition_unlikelihood
@@ -219,13 +219,7 @@ class Trainer:
         if config.objective not in found.objectives:
             raise UsageError(f"unknown objective '{config.objective}' (known: {', '.join(sorted(found.objectives))})")
         objective_class = found.objectives[config.objective]
-        arguments = parse_key_values(config.objective_args, "--objective-args")
-        unknown = sorted(arguments.keys() - objective_class.options.keys())
-        if unknown:
-            raise UsageError(f"--objective-args: objective '{config.objective}' has no option {', '.join(unknown)} "
-                             f"(it takes: {', '.join(objective_class.options) or 'none'})")
-        return objective_class(**{k: objective_class.options[k].convert(k, v, f"--objective-args {k}")
-                                  for k, v in arguments.items()})
+        return objective_class(**objective_class.parse_options(config.objective_args, "--objective-args", "objective"))
 
     def _prepare_generator(self) -> None:
         """Freeze the generator, then make trainable what the objective trains: a LoRA
