@@ -253,6 +253,22 @@ def test_train_writes_a_checkpoint_that_run_evaluates(tiny, tmp_path, env):
     assert record["config"]["retriever"]["checkpoint"] == checkpoint.identity
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--passage-encoder", "x"], "--passage-encoder: retriever 'dense' has no such option"),
+    (["--retriever", "bm25"], "retriever 'bm25' has no trainable encoders"),
+    (["--lora-targets", "nosuch"], "--lora-targets nosuch:"),
+    (["--grad-accum", "0"], "Invalid value for '--grad-accum'"),
+    (["--mixed-precision", "fp8"], "Invalid value for '--mixed-precision'"),
+])
+def test_bad_training_settings_are_one_line_exit_2_and_write_nothing(tiny, tmp_path, env, extra, message):
+    """Regression (first case): a passage encoder given to a single-encoder retriever was
+    silently ignored."""
+    output = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["train", *train_args(tiny, output, "--steps", "1"), *extra])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not output.exists()
+
+
 def test_another_configuration_in_the_same_output_is_refused(tiny, tmp_path, env):
     output = tmp_path / "out"
     assert CliRunner().invoke(cli, ["train", *train_args(tiny, output, "--steps", "1")]).exit_code == 0

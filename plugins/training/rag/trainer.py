@@ -176,7 +176,12 @@ class Trainer:
         if self.resumed and self.resumed.manifest["fingerprint"] != config.fingerprint():
             raise UsageError(f"--output {self.output} holds a checkpoint of another training configuration; "
                              "give another --output (or the same settings to resume)")
-        self.retriever = found.retrievers[config.retriever](Cache(cache_root()), **config.retriever_settings(),
+        retriever_class = found.retrievers[config.retriever]
+        if not hasattr(retriever_class, "trainable_encoders"):
+            raise UsageError(f"retriever '{config.retriever}' has no trainable encoders; use dense or dpr")
+        for name in config.retriever_settings().keys() - retriever_class.options.keys():
+            raise UsageError(f"--{name.replace('_', '-')}: retriever '{config.retriever}' has no such option")
+        self.retriever = retriever_class(Cache(cache_root()), **config.retriever_settings(),
                                                             **({"checkpoint": str(self.output)} if self.resumed else {}))
         self.task = load_task(found, config.task, config.data_dir)
         self.lm = choose_backend(found, config.model).load(config.model, "cpu", "float32", config.batch_size)
@@ -186,10 +191,7 @@ class Trainer:
         if not self.questions:
             raise UsageError(f"task '{config.task}' has no questions with answers to train on")
         passages, self.corpus_label = self.task.corpus()
-        encoders = getattr(self.retriever, "trainable_encoders", None)
-        if encoders is None:
-            raise UsageError(f"retriever '{config.retriever}' has no trainable encoders; use dense or dpr")
-        encoders = encoders(config.train_passages)
+        encoders = self.retriever.trainable_encoders(config.train_passages)
         corpus = fingerprint([(p.id, p.title, p.text, p.group) for p in passages])
         matrix = torch.from_numpy(np.array(self.retriever.passage_embeddings(passages, corpus), dtype=np.float32))
         self._prepare_generator()
