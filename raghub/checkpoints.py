@@ -26,6 +26,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from raghub.errors import UsageError
+from raghub.options import Option
+
+#: `--checkpoint`: methods that evaluate a trained generator and the embedding retrievers
+#: (`dense`, `dpr`) declare it, each reading its part of the same folder
+CHECKPOINT_OPTION = Option(str, "", "a `raghub train` output folder: its trained generator and "
+                                       "retriever encoders are used")
 
 MANIFEST = "manifest.json"
 TRAIN_LOG = "train_log.jsonl"
@@ -101,3 +107,21 @@ def load_trained_generator(model: Any, checkpoint: Checkpoint, flag: str = "--ch
     else:
         base = model.hf_model
         model.hf_model = type(base).from_pretrained(str(part), torch_dtype=base.dtype).to(base.device).eval()
+
+
+def use_trained_generator(model: Any, path: str) -> Checkpoint | None:
+    """The checkpoint saved at `path`, its generator loaded into `model`; None for no path."""
+    if not path:
+        return None
+    checkpoint = read_checkpoint(path)
+    load_trained_generator(model, checkpoint)
+    return checkpoint
+
+
+def checkpoint_stats(checkpoint: Checkpoint | None) -> dict[str, Any]:
+    """What a run's record says of the checkpoint it evaluated: which save, trained on what."""
+    if checkpoint is None:
+        return {}
+    manifest = checkpoint.manifest
+    return {"checkpoint": checkpoint.identity, "trained_on": manifest["trained_on"],
+            "objective": manifest["config"]["objective"], "training_steps": manifest["step"]}

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from raghub import distributed
-from raghub.checkpoints import Checkpoint, read_checkpoint
+from raghub.checkpoints import CHECKPOINT_OPTION, Checkpoint, read_checkpoint
 from raghub.errors import UsageError
 from raghub.interfaces import Passage, Retriever
 from raghub.options import Option
@@ -97,7 +97,7 @@ class EmbeddingRetriever(Retriever):
         "embed_shard_size": Option(int, 65536, "passages per on-disk shard of embeddings (the unit a "
                                    "killed build resumes from)", at_least=1),
         "embedding_dtype": Option(("float32", "float16"), "float32", "how the embeddings are stored on disk"),
-        "checkpoint": Option(str, "", "a `raghub train` output folder: its trained encoders are used"),
+        "checkpoint": CHECKPOINT_OPTION,
     }
 
     def __init__(self, cache, **options: Any) -> None:

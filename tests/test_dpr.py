@@ -211,11 +211,11 @@ def test_the_gradient_reaches_both_dpr_towers_and_the_t5_generator(squad_article
         assert sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None) > 0, name
 
 
-def run_eight(squad_article, results, *extra) -> dict:
-    """`raghub run` of rag-sequence with the tiny T5 and DPR pair on the 8 questions: the record."""
+def run_eight(squad_article, results, *extra, method="rag-sequence") -> dict:
+    """`raghub run` of `method` with the tiny T5 and DPR pair on the 8 questions: the record."""
     result = CliRunner().invoke(cli, [
         "run", "--task", str(squad_article["task"]), "--data-dir", str(squad_article["data"]), "--method",
-        "rag-sequence", "--model", str(squad_article["t5"]), "--retriever", "dpr", "--encoder",
+        method, "--model", str(squad_article["t5"]), "--retriever", "dpr", "--encoder",
         str(squad_article["question"]), "--passage-encoder", str(squad_article["context"]), "--n-docs", "1",
         "--results-dir", str(results), "--json", *extra])
     assert result.exit_code == 0, result.output
@@ -225,8 +225,8 @@ def run_eight(squad_article, results, *extra) -> dict:
 def test_raghub_train_learns_eight_squad_answers_with_dpr_and_t5(squad_article, tmp_path, cache_dir, request):
     """The DPR + T5 recipe end to end: `raghub train` with warm-up, gradient accumulation and
     bf16 mixed precision trains the T5 and both DPR towers on 8 SQuAD questions, in under two
-    minutes on a CPU; `raghub run --checkpoint` then answers at least 6 of the 8 exactly (the
-    untrained pair: none). One torch thread: on a shared CPU, two threads of such small
+    minutes on a CPU; `raghub run --checkpoint` then answers at least 6 of the 8 exactly, with
+    `rag-sequence` and with `fid` (the untrained pair: none). One torch thread: on a shared CPU, two threads of such small
     operations wait on each other."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -251,9 +251,12 @@ def test_raghub_train_learns_eight_squad_answers_with_dpr_and_t5(squad_article, 
     untrained = run_eight(squad_article, tmp_path / "results")
     trained = run_eight(squad_article, tmp_path / "results", "--checkpoint", str(output))
     print(f"EM on the 8 training questions: untrained {untrained['metrics']['em']}, trained {trained['metrics']['em']}")
+    fused = run_eight(squad_article, tmp_path / "results", "--checkpoint", str(output), method="fid")
     assert untrained["metrics"]["em"] == 0
-    assert trained["metrics"]["em"] >= 0.75
-    assert trained["config"]["retriever"]["checkpoint"] == checkpoint.identity
+    assert trained["metrics"]["em"] >= 0.75 and fused["metrics"]["em"] >= 0.75
+    for record in (trained, fused):
+        assert record["config"]["retriever"]["checkpoint"] == checkpoint.identity
+        assert record["method_stats"]["checkpoint"] == checkpoint.identity
 
 
 def test_fid_with_dpr_runs_squad_end_to_end(dpr_folders, tmp_path, cache_dir):

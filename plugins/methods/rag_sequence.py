@@ -19,12 +19,8 @@ from typing import Any
 
 from raghub import (Method, Option, answer_continuation, answer_questions, generate_for, hookimpl,
                     passage_logprobs, rag_sequence_logprob, rag_sequence_token_logprobs)
-from raghub.checkpoints import load_trained_generator, read_checkpoint
+from raghub.checkpoints import CHECKPOINT_OPTION, checkpoint_stats, use_trained_generator
 from raghub.metrics import normalize_answer
-
-CHECKPOINT = Option(str, "", "a `raghub train` output folder: its trained generator and "
-                             "retriever encoders are used")
-
 
 def candidates(answers: list[str]) -> list[str]:
     """The non-empty answers, each once after SQuAD normalisation (first spelling kept)."""
@@ -41,14 +37,12 @@ class RagSequence(Method):
     needs_retrieval = True
     options = {
         "temperature": Option(float, 1.0, "passage weights are softmax(score / temperature)", above=0),
-        "checkpoint": CHECKPOINT,
+        "checkpoint": CHECKPOINT_OPTION,
     }
 
     def __init__(self, model, cache, **options: Any) -> None:
         super().__init__(model, cache, **options)
-        self.checkpoint = read_checkpoint(self.settings["checkpoint"]) if self.settings["checkpoint"] else None
-        if self.checkpoint:
-            load_trained_generator(self.model, self.checkpoint)
+        self.checkpoint = use_trained_generator(self.model, self.settings["checkpoint"])
 
     def score_windows(self, windows, retrieved):
         """Per token, the passages mixed with their posterior weights given the tokens so far."""
@@ -85,11 +79,7 @@ class RagSequence(Method):
 
     def run_stats(self) -> dict[str, Any]:
         """What the checkpoint was trained on, when one is used."""
-        if self.checkpoint is None:
-            return {}
-        manifest = self.checkpoint.manifest
-        return {"checkpoint": self.checkpoint.identity, "trained_on": manifest["trained_on"],
-                "objective": manifest["config"]["objective"], "training_steps": manifest["step"]}
+        return checkpoint_stats(self.checkpoint)
 
 
 @hookimpl
