@@ -12,8 +12,8 @@ its own process, so its peak resident memory (ru_maxrss) is its own:
 - `encode`: the `dense` retriever end to end with all-MiniLM-L6-v2 (sharded, resumable build)
   over the first --dense-passages passages: passages/s.
 - `resume`: the build over the first --resume-passages passages killed with SIGKILL after two
-  of its eight shards and run again: the shards it did not redo, and whether its embeddings
-  equal the uninterrupted build's.
+  of its eight shards and run again: the shards it did not redo, and how far its embeddings
+  are from the `encode` part's (batched differently, so equal only to float rounding: 1e-5).
 - `faiss`: Flat, IVF-PQ and HNSW over --faiss-passages stored embeddings of dimension 384:
   the real MiniLM embeddings of the `encode` part, repeated with Gaussian noise (sigma 0.05
   per coordinate, renormalised); build time, size, queries/s and recall@10 against Flat.
@@ -129,10 +129,10 @@ def part_resume(out: Path, corpus: Path, n_passages: int) -> dict:
     kept = len(list(shards.glob("*.shards/0*[0-9].npy")))
     clock = time.perf_counter()
     subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
-    whole = np.load(out / "embeddings.npy")
-    identical = np.array_equal(np.load(next(shards.glob("*/embeddings.npy"))), whole[:n_passages])
+    resumed = np.load(next(shards.glob("*/embeddings.npy")))
+    difference = float(np.abs(resumed - np.load(out / "embeddings.npy")[:n_passages]).max())
     return {"part": "dense build killed -9, resumed", "shards_kept": kept, "resume_s": time.perf_counter() - clock,
-            "same_embeddings": identical}
+            "max_abs_difference_from_encode_part": difference, "same_embeddings": difference < 1e-5}
 
 
 def part_faiss(out: Path, n_vectors: int) -> list[dict]:
