@@ -30,7 +30,8 @@ from raghub.plugin_manager import registry
 from raghub.plugins.methods.ensemble import Ensemble
 from raghub.plugins.methods.incontext import InContext
 from raghub.plugins.methods.none import ClosedBook
-from raghub.plugins.models.huggingface import BF16_CPU_FLAGS, TransformersLM, cpu_flags
+from raghub.plugins.models.huggingface import TransformersLM
+from raghub.pretrained import BF16_CPU_FLAGS, cpu_flags
 from raghub.plugins.retrievers.bm25 import BM25S
 from raghub.plugins.tasks.language_modelling import LanguageModelling
 from raghub.plugins.tasks.question_answering.task import QATask
