@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from raghub import distributed
-from raghub.checkpoints import CHECKPOINT_OPTION, Checkpoint, read_checkpoint
+from raghub.checkpoints import CHECKPOINT_OPTION, PASSAGE_ENCODER, Checkpoint, read_checkpoint
 from raghub.errors import UsageError
 from raghub.interfaces import Passage, Retriever
 from raghub.options import Option
@@ -145,6 +145,18 @@ class EmbeddingRetriever(Retriever):
             raise UsageError(f"{self.name}: --checkpoint {self.settings['checkpoint']} was trained for retriever "
                              f"{retriever} from {trained_from}, not for {self.name} with {given}")
         return checkpoint
+
+    def trained_or_given(self, part: str, setting: str) -> str:
+        """The checkpoint's trained encoder `part` (QUERY_ENCODER, PASSAGE_ENCODER) when it has
+        one, else the encoder the `setting` option names."""
+        found = self.checkpoint.part(part) if self.checkpoint else None
+        return str(found) if found else self.settings[setting]
+
+    def passage_encoder_identity(self, setting: str) -> str:
+        """What the passage embeddings were made by: the checkpoint's identity when it trained
+        the passage encoder, else the `setting` option's encoder."""
+        trained = self.checkpoint and self.checkpoint.part(PASSAGE_ENCODER)
+        return self.checkpoint.identity if trained else self.settings[setting]
 
     def trainable_encoders(self, train_passages: bool) -> TrainableEncoders:
         """The encoders for `raghub train` (the passage encoder too when `train_passages`)."""

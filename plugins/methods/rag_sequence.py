@@ -22,6 +22,7 @@ from raghub import (Method, Option, answer_continuation, answer_questions, gener
 from raghub.checkpoints import CHECKPOINT_OPTION, checkpoint_stats, use_trained_generator
 from raghub.metrics import normalize_answer
 
+
 def candidates(answers: list[str]) -> list[str]:
     """The non-empty answers, each once after SQuAD normalisation (first spelling kept)."""
     kept: dict[str, str] = {}

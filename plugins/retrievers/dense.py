@@ -64,8 +64,7 @@ class DenseRetriever(EmbeddingRetriever):
     @cached_property
     def encoder(self):
         """The passages' encoder: `--encoder`, or the checkpoint's trained passage encoder."""
-        trained = self.checkpoint.part(PASSAGE_ENCODER) if self.checkpoint else None
-        return self._load(str(trained) if trained else self.settings["encoder"])
+        return self._load(self.trained_or_given(PASSAGE_ENCODER, "encoder"))
 
     @cached_property
     def query_encoder(self):
@@ -87,10 +86,7 @@ class DenseRetriever(EmbeddingRetriever):
         return self.embed(queries, self.query_encoder)
 
     def embedding_key(self) -> dict[str, Any]:
-        trained = self.checkpoint and self.checkpoint.part(PASSAGE_ENCODER)
-        return {"encoder": self.checkpoint.identity if trained else self.settings["encoder"],
-                "similarity": self.settings["similarity"]}
-
+        return {"encoder": self.passage_encoder_identity("encoder"), "similarity": self.settings["similarity"]}
 
     def trainable_encoders(self, train_passages: bool) -> TrainableEncoders:
         """The query encoder, and with `train_passages` a passage encoder trained apart from it."""

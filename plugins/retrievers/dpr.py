@@ -93,18 +93,13 @@ class DPRRetriever(EmbeddingRetriever):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def trained(self, part: str, setting: str) -> str:
-        """The checkpoint's trained tower `part` when it has one, else the `setting` option."""
-        found = self.checkpoint.part(part) if self.checkpoint else None
-        return str(found) if found else self.settings[setting]
-
     @cached_property
     def question_encoder(self) -> Encoder:
-        return Encoder(self.trained(QUERY_ENCODER, "encoder"), "DPRQuestionEncoder", self.device)
+        return Encoder(self.trained_or_given(QUERY_ENCODER, "encoder"), "DPRQuestionEncoder", self.device)
 
     @cached_property
     def passage_encoder(self) -> Encoder:
-        return Encoder(self.trained(PASSAGE_ENCODER, "passage_encoder"), "DPRContextEncoder", self.device)
+        return Encoder(self.trained_or_given(PASSAGE_ENCODER, "passage_encoder"), "DPRContextEncoder", self.device)
 
     def batched(self, embed: Callable[[Sequence[Any]], Any], items: Sequence[Any]) -> np.ndarray:
         """float32 embeddings of `items`, `encode_batch_size` per call, without gradients."""
@@ -123,16 +118,7 @@ class DPRRetriever(EmbeddingRetriever):
         return self.batched(self.question_encoder, queries)
 
     def embedding_key(self) -> dict[str, Any]:
-        trained = self.checkpoint and self.checkpoint.part(PASSAGE_ENCODER)
-        return {"passage_encoder": self.checkpoint.identity if trained else self.settings["passage_encoder"]}
-
-    def scores(self, queries: Sequence[str], passage_lists: Sequence[Sequence[Passage]]):
-        """Inner products [B, K] of each query's and each of its K passages' embeddings, both
-        encoders run with gradients."""
-        questions = self.question_encoder(queries)
-        flat = [passage for passages in passage_lists for passage in passages]
-        passages = self.passage_encoder.passages(flat).view(len(queries), -1, questions.shape[-1])
-        return (questions[:, None, :] * passages).sum(-1)
+        return {"passage_encoder": self.passage_encoder_identity("passage_encoder")}
 
     def trainable_encoders(self, train_passages: bool) -> TrainableEncoders:
         return DualEncoders(self.question_encoder, self.passage_encoder if train_passages else None)
