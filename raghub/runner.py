@@ -161,18 +161,19 @@ def _split_options(given: dict[str, Any], plugins: dict[str, type[Plugin] | None
     return routed
 
 
-def _task_family(request: RunRequest, found: Registry) -> tuple[dict[str, Any], type[Task]]:
-    """The task's definition, checked against its family's schema, and the family's class."""
-    if request.task.endswith((".yaml", ".yml")) and Path(request.task).is_file():
-        definition = read_task_definition(request.task)
-    elif request.task in found.tasks:
-        definition = found.tasks[request.task]
+def task_family(spec: str, found: Registry) -> tuple[dict[str, Any], type[Task]]:
+    """The definition of task `spec` (a registered name or a task YAML path), checked against
+    its family's schema, and the family's class."""
+    if spec.endswith((".yaml", ".yml")) and Path(spec).is_file():
+        definition = read_task_definition(spec)
+    elif spec in found.tasks:
+        definition = found.tasks[spec]
     else:
-        raise _unknown("task", request.task, list(found.tasks), "tasks")
+        raise _unknown("task", spec, list(found.tasks), "tasks")
     # the two keys that choose the family's schema, checked before it is looked up
     check_schema({key: definition[key] for key in ("name", "family") if key in definition},
                  {key: COMMON_TASK_KEYS[key] for key in ("name", "family")},
-                 definition.get("source", request.task))
+                 definition.get("source", spec))
     if definition["family"] not in found.task_families:
         raise UsageError(f"task '{definition['name']}' needs the task family "
                          f"'{definition['family']}', which no installed plugin provides")
@@ -221,7 +222,7 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
     """Look up and validate every name and option; raises UsageError on bad input. A task
     already in `built_tasks` (keyed by its definition, data folder and options) is reused."""
     found = registry()
-    definition, task_class = _task_family(request, found)
+    definition, task_class = task_family(request.task, found)
     if request.method not in found.methods:
         raise _unknown("method", request.method, list(found.methods), "methods")
     method_class = found.methods[request.method]

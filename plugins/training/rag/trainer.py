@@ -35,11 +35,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from raghub import Question, UsageError
-from raghub.cache import Cache, cache_root, fingerprint
+from raghub.cache import Cache, cache_root
 from raghub.checkpoints import (GENERATOR, MANIFEST, TRAIN_LOG, TRAINER_STATE, load_trained_generator, read_checkpoint,
                                 write_checkpoint)
 from raghub.models import choose_backend
-from raghub.settings import read_task_definition
+from raghub.runner import task_corpus, task_family
 
 from .config import TrainConfig
 from .penalties import keyword_mass, length_penalty, repetition_unlikelihood
@@ -69,21 +69,6 @@ class Distributed:
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
-
-
-def load_task(found: Any, spec: str, data_dir: str | None) -> Any:
-    """The QA task named `spec` (a registered name or a task YAML path)."""
-    if spec.endswith((".yaml", ".yml")) and Path(spec).is_file():
-        definition = read_task_definition(spec)
-    elif spec in found.tasks:
-        definition = found.tasks[spec]
-    else:
-        raise UsageError(f"unknown task '{spec}'; see `raghub tasks`")
-    family = found.task_families.get(definition.get("family"))
-    if family is None:
-        raise UsageError(f"task '{spec}' needs the task family '{definition.get('family')}', which is not installed")
-    family.check_definition(definition)
-    return family(definition["name"], definition, data_dir, registry=found)
 
 
 class RagModel(torch.nn.Module):
@@ -179,20 +164,21 @@ class Trainer:
         retriever_class = found.retrievers[config.retriever]
         if not hasattr(retriever_class, "trainable_encoders"):
             raise UsageError(f"retriever '{config.retriever}' has no trainable encoders; use dense or dpr")
-        for name in config.retriever_settings().keys() - retriever_class.options.keys():
-            raise UsageError(f"--{name.replace('_', '-')}: retriever '{config.retriever}' has no such option")
+        unknown = sorted(config.retriever_settings().keys() - retriever_class.options.keys())
+        if unknown:
+            raise UsageError(f"--{unknown[0].replace('_', '-')}: retriever '{config.retriever}' has no such option")
         self.retriever = retriever_class(Cache(cache_root()), **config.retriever_settings(),
-                                                            **({"checkpoint": str(self.output)} if self.resumed else {}))
-        self.task = load_task(found, config.task, config.data_dir)
+                                         **({"checkpoint": str(self.output)} if self.resumed else {}))
+        definition, task_class = task_family(config.task, found)
+        self.task = task_class(definition["name"], definition, config.data_dir, registry=found)
         self.lm = choose_backend(found, config.model).load(config.model, "cpu", "float32", config.batch_size)
         if not hasattr(self.lm, "hf_model"):
             raise UsageError(f"raghub train needs a transformers model; {self.lm.name} is not one")
         self.questions = [q for q in self.task.examples(self.lm, config.limit) if isinstance(q, Question) and q.answers]
         if not self.questions:
             raise UsageError(f"task '{config.task}' has no questions with answers to train on")
-        passages, self.corpus_label = self.task.corpus()
+        passages, self.corpus_label, corpus = task_corpus(self.task)
         encoders = self.retriever.trainable_encoders(config.train_passages)
-        corpus = fingerprint([(p.id, p.title, p.text, p.group) for p in passages])
         matrix = torch.from_numpy(np.array(self.retriever.passage_embeddings(passages, corpus), dtype=np.float32))
         self._prepare_generator()
         for module in (encoders.query_module, encoders.passage_module):
