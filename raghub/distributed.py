@@ -78,6 +78,18 @@ def main_first() -> Iterator[None]:
         barrier()
 
 
+def mean_over_ranks(value) -> float:
+    """The mean of a scalar tensor over the ranks (its own value in a single process)."""
+    here = ranks()
+    if here.world_size > 1:
+        import torch.distributed as dist
+
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= here.world_size
+    return float(value.detach())
+
+
 def device(requested: str | None) -> str | None:
     """The device for this rank: cuda:LOCAL_RANK when several ranks share a machine with GPUs
     and no particular GPU was asked for; else what was asked."""

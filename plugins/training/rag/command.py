@@ -68,7 +68,7 @@ def add_train_command(cli: click.Group) -> None:
 
         trainer = Trainer(TrainConfig(**{k: v for k, v in given.items() if v is not None}), found)
         last = trainer.train()
-        if trainer.dist.main:
+        if trainer.ranks.is_main:
             click.echo(f"trained to step {trainer.step} (loss {last.get('loss', float('nan')):.4f}); "
                        f"checkpoint in {trainer.output}", err=True)
 

@@ -38,6 +38,7 @@ from raghub import Question, UsageError
 from raghub.cache import Cache, cache_root
 from raghub.checkpoints import (GENERATOR, MANIFEST, TRAIN_LOG, TRAINER_STATE, load_trained_generator, read_checkpoint,
                                 write_checkpoint)
+from raghub.distributed import Ranks, barrier, mean_over_ranks, ranks
 from raghub.models import choose_backend
 from raghub.runner import task_corpus, task_family
 
@@ -45,30 +46,12 @@ from .config import TrainConfig
 from .penalties import keyword_mass, length_penalty, repetition_unlikelihood
 
 
-class Distributed:
-    """This process's place among torchrun's processes (rank 0 of 1 without torchrun)."""
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def mean(self, value: torch.Tensor) -> float:
-        """The mean of `value` over the processes."""
-        if self.world > 1:
-            value = value.detach().clone()
-            torch.distributed.all_reduce(value)
-            value /= self.world
-        return float(value.detach())
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
+def cpu_ranks() -> Ranks:
+    """torchrun's ranks, joined over gloo before the core would choose nccl beside a GPU:
+    training runs on the CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return ranks()
 
 
 class RagModel(torch.nn.Module):
@@ -150,9 +133,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, found: Any):
         self.config = config
-        self.dist = Distributed()
-        if config.batch_size % self.dist.world:
-            raise UsageError(f"--batch-size {config.batch_size} must be a multiple of the {self.dist.world} processes")
+        self.ranks = cpu_ranks()
+        if config.batch_size % self.ranks.world_size:
+            raise UsageError(f"--batch-size {config.batch_size} must be a multiple of the {self.ranks.world_size} processes")
         self.objective = self._objective(found)
         if config.retriever not in found.retrievers:
             raise UsageError(f"unknown retriever '{config.retriever}'; see `raghub retrievers`")
@@ -197,7 +180,7 @@ class Trainer:
                 optimizer.load_state_dict(states[name])
                 self.schedules[name].load_state_dict(states[f"{name}-schedule"])
         self.ddp = self.model
-        if self.dist.world > 1:
+        if self.ranks.world_size > 1:
             # unused: an encoder's pooler, and the frozen side in an alternating phase
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
 
@@ -261,8 +244,8 @@ class Trainer:
         """This process's share of batch `part` (of `grad_accum`) of step `step`: consecutive
         questions of a seeded shuffle, reshuffled every epoch."""
         size, count = self.config.batch_size, len(self.questions)
-        share = size // self.dist.world
-        first = ((step - 1) * self.config.grad_accum + part) * size + self.dist.rank * share
+        share = size // self.ranks.world_size
+        first = ((step - 1) * self.config.grad_accum + part) * size + self.ranks.rank * share
         chosen = []
         for position in range(first, first + share):
             epoch, index = divmod(position, count)
@@ -276,7 +259,7 @@ class Trainer:
             "config": asdict(self.config), "fingerprint": self.config.fingerprint(),
             "objective": self.config.objective, "model": self.lm.name, "model_fingerprint": self.lm.fingerprint,
             "retriever": self.config.retriever, "retriever_settings": self.retriever.encoder_settings(),
-            "encoder": self.retriever.settings["encoder"], "world_size": self.dist.world,
+            "encoder": self.retriever.settings["encoder"], "world_size": self.ranks.world_size,
             "trained_on": {"task": self.task.name, "source": definition.get("source"),
                            "articles": definition.get("articles"), "questions": len(self.questions),
                            "corpus": self.corpus_label},
@@ -293,9 +276,9 @@ class Trainer:
             states.update({f"{name}-schedule": s.state_dict() for name, s in self.schedules.items()})
             torch.save(states, folder / TRAINER_STATE)
 
-        if self.dist.main:
+        if self.ranks.is_main:
             write_checkpoint(self.output, self.step, self.manifest(), parts)
-        self.dist.barrier()
+        barrier()
 
     def _log_lines_until(self, step: int) -> None:
         """Drop the log lines of steps after `step` (computed after the last save, and repeated now)."""
@@ -329,7 +312,7 @@ class Trainer:
         """Steps up to `config.steps`, a save every `save_every` steps and at the end; returns
         the last step's log entry."""
         config = self.config
-        if self.dist.main:
+        if self.ranks.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             for partial in self.output.glob("step-*.partial"):  # a save that a kill interrupted
                 shutil.rmtree(partial, ignore_errors=True)
@@ -338,8 +321,8 @@ class Trainer:
         progress = Progress(TextColumn("train {task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[speed]:.2f} steps/s"),
                             TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-                            disable=not self.dist.main)
-        with progress, open(self.output / TRAIN_LOG if self.dist.main else os.devnull, "a",
+                            disable=not self.ranks.is_main)
+        with progress, open(self.output / TRAIN_LOG if self.ranks.is_main else os.devnull, "a",
                                  encoding="utf-8") as log:
             bar = progress.add_task(config.objective, total=config.steps, completed=self.step, loss=float("nan"), speed=0.0)
             while self.step < config.steps:
@@ -350,8 +333,8 @@ class Trainer:
                 if config.refresh_every and self.model.passage_encoder is not None and step % config.refresh_every == 0:
                     self.model.refresh_index()
                 seconds = time.perf_counter() - started
-                entry = {"step": step, "phase": self.phase(step), "loss": self.dist.mean(loss),
-                         **{name: self.dist.mean(value) for name, value in parts.items()},
+                entry = {"step": step, "phase": self.phase(step), "loss": mean_over_ranks(loss),
+                         **{name: mean_over_ranks(value) for name, value in parts.items()},
                          "seconds": round(seconds, 4),
                          "examples_per_s": round(config.batch_size * config.grad_accum / seconds, 3)}
                 log.write(json.dumps(entry) + "\n")
