@@ -1,8 +1,8 @@
 """The results store (one JSON record per line in `records.jsonl`) and the leaderboard.
 
 A leaderboard row is one configuration: the task and its resolved configuration (task config
-and corpus fingerprints), method, retriever, model, n_docs, settings and number of examples; its
-newest record is shown. Values read `mean ± standard error` where the record has a standard
+and corpus fingerprints), method, retriever, model, the dtype it ran in, n_docs, settings and
+number of examples; its newest record is shown. Values read `mean ± standard error` where the record has a standard
 error (`record["stderr"]`), and a column's best value is bold only when it beats the runner-up
 by more than their combined standard error: never without standard errors, never in a
 one-row table, never in count columns.
@@ -96,9 +96,14 @@ def corpus_fingerprint(record: dict[str, Any]) -> str | None:
     return ((record.get("config") or {}).get("corpus") or {}).get("fingerprint")
 
 
+def run_dtype(record: dict[str, Any]) -> str | None:
+    """The dtype the record's model ran in (None for a record that does not say)."""
+    return (record.get("hardware") or {}).get("dtype")
+
+
 def _row_key(record: dict[str, Any]) -> tuple:
     return (*(str(record.get(key)) for key in ROW_KEY),
-            task_config_fingerprint(record), corpus_fingerprint(record))
+            task_config_fingerprint(record), corpus_fingerprint(record), run_dtype(record))
 
 
 def latest_per_row(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -108,7 +113,7 @@ def latest_per_row(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         latest[_row_key(record)] = record
     return sorted(latest.values(), key=lambda r: (r["task"], r["method"], str(r.get("retriever")),
                                                   r.get("n_docs") or 0, r.get("settings", ""),
-                                                  str(task_config_fingerprint(r))))
+                                                  str(task_config_fingerprint(r)), str(run_dtype(r))))
 
 
 def _format(value: Any, stderr: Any = None) -> str:
@@ -136,16 +141,16 @@ def _table(rows: list[dict[str, Any]], metrics: list[str], higher: dict[str, boo
     """A markdown table of `rows`; only metrics in `higher` (ranked ones) can be bold."""
     winners = {metric: clear_winner([lookup(row, metric) for row in rows], higher[metric])
                for metric in metrics if metric in higher}
-    task_configs = [task_config_fingerprint(row) for row in rows]
-    differ = len(set(task_configs)) > 1
+    labels = {"task config": task_config_fingerprint, "dtype": run_dtype}
+    labels = {name: [label(row) for row in rows] for name, label in labels.items()}
+    labels = {name: values for name, values in labels.items() if len(set(values)) > 1}
     header = ["method", "settings", "retriever", "n_docs", "model", "n_examples", "datastore",
-              *(["task config"] if differ else []), *metrics]
+              *labels, *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for position, (row, task_config) in enumerate(zip(rows, task_configs)):
+    for position, row in enumerate(rows):
         cells = [_format(row.get(k)) for k in ("method", "settings", "retriever", "n_docs",
                                                "model", "n_examples", "corpus")]
-        if differ:
-            cells.append(_format(task_config))
+        cells += [_format(values[position]) for values in labels.values()]
         for metric in metrics:
             text = _format(*lookup(row, metric))
             cells.append(f"**{text}**" if winners.get(metric) == position else text)
@@ -181,8 +186,9 @@ def _task_tables(title: str, task_rows: list[dict[str, Any]], by_type: bool) -> 
 def leaderboard_markdown(records: list[dict[str, Any]], tasks: Sequence[str] = (),
                          by_type: bool = False) -> str:
     """One markdown table per task and number of examples: a row per configuration (its newest
-    record), a column per headline metric; `by_type` adds per-type tables. Rows of one task
-    name whose task configurations differ get a `task config` column telling them apart."""
+    record), a column per headline metric; `by_type` adds per-type tables. Rows of one table
+    whose task configurations or dtypes differ get a `task config` or `dtype` column telling
+    them apart."""
     rows = [r for r in latest_per_row(records) if not tasks or r["task"] in tasks]
     out: list[str] = []
     for task_name in sorted({r["task"] for r in rows}):

@@ -101,3 +101,11 @@ def test_force_runs_an_identical_run_again(stored_identical_run, monkeypatch):
     monkeypatch.setattr(HuggingFaceCausal, "load", load)  # the embedded model's backend inherits it
     result = CliRunner().invoke(cli, [*RUN, "--force", "--results-dir", str(stored_identical_run)])
     assert isinstance(result.exception, Loaded)
+
+
+def test_runs_in_different_dtypes_are_separate_rows_with_a_dtype_column():
+    bf16, fp32 = (record("none", f1, hardware={"dtype": dtype}) for f1, dtype in ((0.20, "bfloat16"), (0.30, "float32")))
+    table = leaderboard_markdown([bf16, fp32])
+    assert table.count("| none |") == 2 and "| dtype |" in table
+    assert "| bfloat16 | 0.2000 |" in table and "| float32 | 0.3000 |" in table
+    assert "dtype" not in leaderboard_markdown([record("none", 0.20, hardware={"dtype": "float32"})])
