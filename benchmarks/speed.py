@@ -30,6 +30,7 @@ from raghub.plugin_manager import registry
 from raghub.plugins.methods.ensemble import Ensemble
 from raghub.plugins.methods.incontext import InContext
 from raghub.plugins.methods.none import ClosedBook
+from raghub.plugins.models import huggingface
 from raghub.plugins.models.huggingface import TransformersLM
 from raghub.pretrained import BF16_CPU_FLAGS, cpu_flags
 from raghub.plugins.retrievers.bm25 import BM25S
@@ -84,6 +85,15 @@ class At83a5fc6(TransformersLM):
                 generations.append(Generation(text=self.decode(tokens[:length]),
                                               token_logprobs=token_logprobs[row, :length].tolist()))
         return generations
+
+
+def without_prefix_cache(run):
+    """`run()` with the shared-prefix key/value cache of generation turned off."""
+    saved, huggingface.MIN_SHARED_PREFIX = huggingface.MIN_SHARED_PREFIX, sys.maxsize
+    try:
+        return run()
+    finally:
+        huggingface.MIN_SHARED_PREFIX = saved
 
 
 def machine() -> str:
@@ -253,6 +263,8 @@ def main() -> None:
         runs = [("raghub 83a5fc6", "float32", lambda: method_class(old, cache).answer(questions, hits))]
         for model in models.values():
             runs.append(("raghub", model.dtype, lambda model=model: method_class(model, cache).answer(questions, hits)))
+            runs.append(("raghub, no prefix cache", model.dtype, lambda model=model: without_prefix_cache(
+                lambda: method_class(model, cache).answer(questions, hits))))
             runs.append(("plain loop", model.dtype, lambda model=model: [
                 q.extract(text) for q, text in zip(questions, plain_generation(model, prompts, questions[0].max_new_tokens))]))
         print_timed(f"squad QA {name}", runs, sum(len(old.encode(p)) for p in prompts), None, same_answers)
