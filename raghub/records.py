@@ -2,10 +2,10 @@
 
 A leaderboard row is one configuration: the task and its resolved configuration (task config
 and corpus fingerprints), method, retriever, model, the dtype it ran in, n_docs, settings and
-number of examples; its newest record is shown. Values read `mean ± standard error` where the record has a standard
-error (`record["stderr"]`), and a column's best value is bold only when it beats the runner-up
-by more than their combined standard error: never without standard errors, never in a
-one-row table, never in count columns.
+number of examples; its newest record is shown. Values read `mean ± standard error` where the
+record has a standard error (`record["stderr"]`), and a column's best value is bold only when
+it beats the runner-up by more than their combined standard error: never without standard
+errors, never in a one-row table, never in count columns.
 """
 
 from __future__ import annotations
@@ -141,9 +141,9 @@ def _table(rows: list[dict[str, Any]], metrics: list[str], higher: dict[str, boo
     """A markdown table of `rows`; only metrics in `higher` (ranked ones) can be bold."""
     winners = {metric: clear_winner([lookup(row, metric) for row in rows], higher[metric])
                for metric in metrics if metric in higher}
-    labels = {"task config": task_config_fingerprint, "dtype": run_dtype}
-    labels = {name: [label(row) for row in rows] for name, label in labels.items()}
-    labels = {name: values for name, values in labels.items() if len(set(values)) > 1}
+    columns = {name: [label(row) for row in rows]
+               for name, label in (("task config", task_config_fingerprint), ("dtype", run_dtype))}
+    labels = {name: values for name, values in columns.items() if len(set(values)) > 1}
     header = ["method", "settings", "retriever", "n_docs", "model", "n_examples", "datastore",
               *labels, *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
