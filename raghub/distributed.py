@@ -35,10 +35,12 @@ class Ranks:
         return self.rank == 0
 
 
-@functools.lru_cache(maxsize=1)
-def ranks() -> Ranks:
+@functools.lru_cache(maxsize=None)
+def ranks(backend: str | None = None) -> Ranks:
     """The ranks from the launcher's environment, joining the process group when there are
-    several (once per process); a plain process is rank 0 of 1."""
+    several (the first call joins; later ones only read); a plain process is rank 0 of 1.
+    `backend` names the process group's backend; by default nccl beside a GPU, else gloo (a
+    job that runs on the CPU whatever the machine, like training, asks for gloo)."""
     found = Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                   int(os.environ.get("LOCAL_RANK", 0)))
     if found.world_size > 1:
@@ -46,10 +48,10 @@ def ranks() -> Ranks:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            gpu = torch.cuda.is_available()
-            if gpu:
+            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            if backend == "nccl":
                 torch.cuda.set_device(found.local_rank)
-            dist.init_process_group("nccl" if gpu else "gloo")
+            dist.init_process_group(backend)
     return found
 
 

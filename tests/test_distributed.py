@@ -105,3 +105,28 @@ def test_each_rank_takes_every_other_single_process_batch_and_its_own_resume_fil
     for name in ("fp.rank0.jsonl", "fp.rank3.jsonl", "other.rank0.jsonl"):
         (tmp_path / name).touch()
     assert distributed.resume_files(shared) == [shared, tmp_path / "fp.rank0.jsonl", tmp_path / "fp.rank3.jsonl"]
+
+
+@pytest.mark.parametrize("asked, expected", [(None, "nccl"), ("gloo", "gloo")])
+def test_ranks_joins_nccl_beside_a_gpu_unless_a_backend_is_asked_for(monkeypatch, asked, expected):
+    import torch
+    import torch.distributed as dist
+
+    from raghub import distributed
+
+    joined, devices = [], []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(joined))
+    monkeypatch.setattr(dist, "init_process_group", joined.append)
+    distributed.ranks.cache_clear()
+    try:
+        assert distributed.ranks(asked) == distributed.Ranks(rank=1, world_size=2, local_rank=1)
+        assert distributed.ranks() == distributed.Ranks(rank=1, world_size=2, local_rank=1)
+    finally:
+        distributed.ranks.cache_clear()
+    assert joined == [expected]
+    assert devices == ([1] if expected == "nccl" else [])

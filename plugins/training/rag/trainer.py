@@ -38,20 +38,12 @@ from raghub import Question, UsageError
 from raghub.cache import Cache, cache_root
 from raghub.checkpoints import (GENERATOR, MANIFEST, TRAIN_LOG, TRAINER_STATE, load_trained_generator, read_checkpoint,
                                 write_checkpoint)
-from raghub.distributed import Ranks, barrier, mean_over_ranks, ranks
+from raghub.distributed import barrier, mean_over_ranks, ranks
 from raghub.models import choose_backend
 from raghub.runner import task_corpus, task_family
 
 from .config import TrainConfig
 from .penalties import keyword_mass, length_penalty, repetition_unlikelihood
-
-
-def cpu_ranks() -> Ranks:
-    """torchrun's ranks, joined over gloo before the core would choose nccl beside a GPU:
-    training runs on the CPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    return ranks()
 
 
 class RagModel(torch.nn.Module):
@@ -133,7 +125,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, found: Any):
         self.config = config
-        self.ranks = cpu_ranks()
+        self.ranks = ranks(backend="gloo")  # training runs on the CPU, even beside a GPU
         if config.batch_size % self.ranks.world_size:
             raise UsageError(f"--batch-size {config.batch_size} must be a multiple of the {self.ranks.world_size} processes")
         self.objective = self._objective(found)
