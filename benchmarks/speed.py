@@ -10,6 +10,13 @@ against this machine's matmul rate, measured in the same run.
 
 `SITE` is a folder holding lm-eval (`pip install --target SITE lm-eval`); it is put on the
 path only for that column.
+
+With `--model-shape opt-1.3b` (meant for a GPU) the model is instead one with random weights in
+OPT-1.3B's shape, in the device's native dtype, and the table holds raghub's `none` and
+`ensemble` scoring against the plain loop; `--peak-tflops` takes MFU against the accelerator's
+datasheet peak instead of the measured matmul rate (`opt-tiny` runs the same path in seconds):
+
+    python benchmarks/speed.py --model-shape opt-1.3b --windows 8 --k 4 --peak-tflops 989
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from raghub.plugins.methods.incontext import InContext
 from raghub.plugins.methods.none import ClosedBook
 from raghub.plugins.models import huggingface
 from raghub.plugins.models.huggingface import TransformersLM
-from raghub.pretrained import BF16_CPU_FLAGS, cpu_flags
+from raghub.pretrained import BF16_CPU_FLAGS, cpu_flags, native_dtype
 from raghub.plugins.retrievers.bm25 import BM25S
 from raghub.plugins.tasks.language_modelling import LanguageModelling
 from raghub.plugins.tasks.question_answering.task import QATask
@@ -41,6 +48,9 @@ from raghub.settings import read_task_definition
 
 TASKS = Path(__file__).resolve().parents[1] / "tasks"
 METHODS = {"none": ClosedBook, "incontext": InContext, "ensemble": Ensemble}
+# random-weight OPT configurations: OPT-1.3B's published sizes, and a tiny one to check the path
+SHAPES = {"opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192),
+          "opt-tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128)}
 
 
 class At83a5fc6(TransformersLM):
@@ -105,14 +115,24 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
-def matmul_rate(dtype: torch.dtype, rows: int = 4096, inner: int = 576, columns: int = 1536) -> float:
+def synchronize(device) -> None:
+    """Wait for the device's queued work (a GPU runs asynchronously), so a clock read is true."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(dtype: torch.dtype, rows: int = 4096, inner: int = 576, columns: int = 1536,
+                device: str = "cpu") -> float:
     """FLOP/s of a timed [rows, inner] @ [inner, columns] product (the model's MLP shape)."""
-    a, b = torch.randn(rows, inner, dtype=dtype), torch.randn(inner, columns, dtype=dtype)
+    a = torch.randn(rows, inner, dtype=dtype, device=device)
+    b = torch.randn(inner, columns, dtype=dtype, device=device)
     torch.matmul(a, b)
+    synchronize(device)
     repeats, start = 0, time.perf_counter()
     while time.perf_counter() - start < 0.5:
         torch.matmul(a, b)
         repeats += 1
+        synchronize(device)
     return 2 * rows * inner * columns * repeats / (time.perf_counter() - start)
 
 
@@ -136,10 +156,10 @@ def prefixes(model, method: str, window, docs) -> list[list[int]]:
 
 def plain_logprobs(hf_model, prefix, window):
     """ln p of a window's targets after `prefix` and its context: one plain forward pass."""
-    ids = torch.tensor([prefix + window.context_ids + window.target_ids])
+    ids = torch.tensor([prefix + window.context_ids + window.target_ids], device=hf_model.device)
     with torch.inference_mode():
         logits = hf_model(input_ids=ids).logits[0, -len(window.target_ids) - 1 : -1]
-    return logits.float().log_softmax(-1).gather(-1, ids[0, -len(window.target_ids) :, None])[:, 0]
+    return logits.float().log_softmax(-1).gather(-1, ids[0, -len(window.target_ids) :, None])[:, 0].cpu()
 
 
 def plain_loop(model, method, windows, retrieved):
@@ -175,16 +195,17 @@ def lm_eval_rolling(model, text, max_length):
     return lm.loglikelihood_rolling([request], disable_tqdm=True)
 
 
-def print_timed(workload, runs, tokens, flops, compare) -> None:
+def print_timed(workload, runs, tokens, flops, compare, rate_of=matmul_rate, device="cpu") -> None:
     """Time each (implementation, dtype, function) of `runs` in turn and print its table row:
-    seconds, tokens/s, speed-up over the first run, MFU against the matmul rate of its dtype
-    measured just before it (the machine is shared: its speed drifts), and what
-    `compare(implementation, result, first result)` says."""
+    seconds, tokens/s, speed-up over the first run, MFU against `rate_of(dtype)` (by default
+    the matmul rate measured just before the row: the machine is shared, its speed drifts),
+    and what `compare(implementation, result, first result)` says."""
     first = None
     for label, dtype, run in runs:
-        rate = matmul_rate(getattr(torch, dtype))
+        rate = rate_of(getattr(torch, dtype))
         start = time.perf_counter()
         result = run()
+        synchronize(device)
         seconds = time.perf_counter() - start
         first = first or (seconds, result)
         mfu = f"{flops / seconds / rate:.0%}" if flops else "–"
@@ -204,16 +225,72 @@ def same_answers(label, answers, reference) -> str:
     return f"same answer: {sum(a == b for a, b in zip(answers, reference))}/{len(answers)}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--windows", type=int, default=2, help="WikiText-2 windows (after the first)")
-    parser.add_argument("--k", type=int, default=4, help="passages per window (incontext, ensemble)")
-    parser.add_argument("--questions", type=int, default=8, help="SQuAD questions (3 bm25 passages for incontext)")
-    parser.add_argument("--with-lm-eval", metavar="SITE", help="folder with lm-eval installed")
-    args = parser.parse_args()
-    if args.with_lm_eval:
-        sys.path.insert(0, args.with_lm_eval)
+def wikitext_windows(model, count: int, k: int, data_dir):
+    """`count` WikiText-2 test windows after the first (which retrieves nothing), each with
+    the first `k` passages of other articles, best first: which passages does not change the
+    cost."""
+    task = LanguageModelling("wikitext2", read_task_definition(TASKS / "wikitext2.yaml"), data_dir,
+                             datastore="heldout-articles")
+    windows = task.examples(model, count + 1)[1:]
+    passages, _ = task.corpus()
+    retrieved = [[Retrieved(p, float(k - rank)) for rank, p in
+                  enumerate([p for p in passages if p.group != w.exclude_group][:k])] for w in windows]
+    return windows, retrieved
 
+
+def scoring_workload(model, name, windows, retrieved):
+    """(documents per window, useful FLOPs) of method `name` scoring `windows` with `model`."""
+    docs = retrieved if name != "none" else [[] for _ in windows]
+    lengths = [len(prefix) + len(w.context_ids) + len(w.target_ids) for w, docs_of in zip(windows, docs)
+               for prefix in prefixes(model, name, w, docs_of)]
+    scored = sum(len(w.target_ids) for w in windows)
+    # every pass scores its window's targets: K passes per window for the ensemble
+    return docs, scoring_flops(model, lengths, scored * len(lengths) // len(windows))
+
+
+def random_opt(shape: str, tokenizer, device: str) -> TransformersLM:
+    """A random-weight OPT of `SHAPES[shape]` in the device's native dtype, with the embedded
+    model's tokenizer (and so its vocabulary)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    sizes = SHAPES[shape]
+    config = OPTConfig(**sizes, word_embed_proj_dim=sizes["hidden_size"], vocab_size=len(tokenizer),
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    dtype = getattr(torch, native_dtype(torch.device(device)))
+    hf_model = OPTForCausalLM(config).to(device=device, dtype=dtype).eval()
+    return TransformersLM(hf_model, tokenizer, f"random {shape}", batch_size=8)
+
+
+def shaped_benchmark(args, data_dir) -> None:
+    """raghub's `none` and `ensemble` scoring against the plain loop with a random `--model-shape`."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = random_opt(args.model_shape, load_model(None, dtype="float32").tokenizer, device)
+    sizes = SHAPES[args.model_shape]
+    rate_of = ((lambda dtype: args.peak_tflops * 1e12) if args.peak_tflops else
+               (lambda dtype: matmul_rate(dtype, 4096, sizes["hidden_size"], sizes["ffn_dim"], device)))
+    print(f"machine: {machine()}; device {device}"
+          + (f", {torch.cuda.get_device_name(device)}" if device.startswith("cuda") else ""))
+    print(f"model: random weights, {args.model_shape} ({sizes}), {model.dtype}; MFU against "
+          + (f"the datasheet peak, {args.peak_tflops:g} TFLOP/s" if args.peak_tflops else
+             f"the measured [4096x{sizes['hidden_size']}]@[{sizes['hidden_size']}x{sizes['ffn_dim']}] matmul rate"))
+    windows, retrieved = wikitext_windows(model, args.windows, args.k, data_dir)
+    model.sequence_logprobs([list(range(1, 65))], [1])  # first calls set up kernels
+    print(f"WikiText-2: {len(windows)} windows, {sum(len(w.target_ids) for w in windows)} scored tokens, "
+          f"K = {args.k}; token budget {model.token_budget}\n")
+    print("| workload | implementation | dtype | s | tokens/s | × raghub | MFU | against raghub |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    cache = Cache(cache_root())
+    for name in ("none", "ensemble"):
+        docs, flops = scoring_workload(model, name, windows, retrieved)
+        runs = [("raghub", model.dtype, lambda: METHODS[name](model, cache).score_windows(windows, docs)),
+                ("plain loop", model.dtype, lambda: plain_loop(model, name, windows, docs))]
+        print_timed(name, runs, sum(len(w.target_ids) for w in windows), flops, logprob_difference, rate_of, device)
+
+
+def embedded_benchmark(args, data_dir) -> None:
+    """The embedded model against raghub 83a5fc6, the plain loop and lm-eval, and QA generation."""
     print(f"machine: {machine()}")
     print(f"matmul [4096x576]@[576x1536]: float32 {matmul_rate(torch.float32) / 1e9:.0f} GFLOP/s, "
           f"bfloat16 {matmul_rate(torch.bfloat16) / 1e9:.0f} GFLOP/s (MFU: against the rate just before each row)")
@@ -223,24 +300,15 @@ def main() -> None:
         model.sequence_logprobs([list(range(1, 65))], [1])
         model.generate(["The"], 2)
     cache = Cache(cache_root())
-    data_dir = os.environ.get("RAGHUB_DATA_DIR")
 
-    task = LanguageModelling("wikitext2", read_task_definition(TASKS / "wikitext2.yaml"), data_dir,
-                             datastore="heldout-articles")
-    windows = task.examples(old, args.windows + 1)[1:]  # the first window retrieves nothing
-    passages, _ = task.corpus()
-    # which passages does not change the cost: the first k from other articles, best first
-    retrieved = [[Retrieved(p, float(args.k - rank)) for rank, p in
-                  enumerate([p for p in passages if p.group != w.exclude_group][: args.k])] for w in windows]
+    windows, retrieved = wikitext_windows(old, args.windows, args.k, data_dir)
     scored = sum(len(w.target_ids) for w in windows)
     print(f"WikiText-2: {len(windows)} windows, {scored} scored tokens, K = {args.k}; SQuAD: {args.questions} "
           f"questions (tokens/s: prompt tokens); token budget {models['auto'].token_budget}\n")
     print("| workload | implementation | dtype | s | tokens/s | × 83a5fc6 | MFU | against 83a5fc6 |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     for name, method_class in METHODS.items():
-        docs = retrieved if name != "none" else [[] for _ in windows]
-        lengths = [len(prefix) + len(w.context_ids) + len(w.target_ids) for w, docs_of in zip(windows, docs)
-                   for prefix in prefixes(old, name, w, docs_of)]
+        docs, flops = scoring_workload(old, name, windows, retrieved)
         runs = [("raghub 83a5fc6", "float32", lambda: method_class(old, cache).score_windows(windows, docs))]
         for model in models.values():
             runs.append(("raghub", model.dtype, lambda model=model: method_class(model, cache).score_windows(windows, docs)))
@@ -250,8 +318,6 @@ def main() -> None:
             for model in models.values():
                 runs.append(("lm-eval rolling", model.dtype, lambda model=model: lm_eval_rolling(
                     model, text, len(windows[0].context_ids) + len(windows[0].target_ids))))
-        # every pass scores its window's targets: K passes per window for the ensemble
-        flops = scoring_flops(old, lengths, scored * len(lengths) // len(windows))
         print_timed(name, runs, scored, flops, logprob_difference)
 
     qa = QATask("squad", read_task_definition(TASKS / "squad.yaml"), data_dir, registry=registry())
@@ -268,6 +334,27 @@ def main() -> None:
             runs.append(("plain loop", model.dtype, lambda model=model: [
                 q.extract(text) for q, text in zip(questions, plain_generation(model, prompts, questions[0].max_new_tokens))]))
         print_timed(f"squad QA {name}", runs, sum(len(old.encode(p)) for p in prompts), None, same_answers)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=2, help="WikiText-2 windows (after the first)")
+    parser.add_argument("--k", type=int, default=4, help="passages per window (incontext, ensemble)")
+    parser.add_argument("--questions", type=int, default=8, help="SQuAD questions (3 bm25 passages for incontext)")
+    parser.add_argument("--with-lm-eval", metavar="SITE", help="folder with lm-eval installed")
+    parser.add_argument("--model-shape", choices=sorted(SHAPES),
+                        help="random weights in this shape instead of the embedded model (scoring only)")
+    parser.add_argument("--device", help="with --model-shape: torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="with --model-shape: the accelerator's datasheet peak in its native dtype, for MFU")
+    args = parser.parse_args(argv)
+    if args.with_lm_eval:
+        sys.path.insert(0, args.with_lm_eval)
+    data_dir = os.environ.get("RAGHUB_DATA_DIR")
+    if args.model_shape:
+        shaped_benchmark(args, data_dir)
+    else:
+        embedded_benchmark(args, data_dir)
 
 
 if __name__ == "__main__":
