@@ -277,7 +277,8 @@ def shaped_benchmark(args, data_dir) -> None:
              f"the measured [4096x{sizes['hidden_size']}]@[{sizes['hidden_size']}x{sizes['ffn_dim']}] matmul rate"))
     windows, retrieved = wikitext_windows(model, args.windows, args.k, data_dir)
     model.sequence_logprobs([list(range(1, 65))], [1])  # first calls set up kernels
-    print(f"WikiText-2: {len(windows)} windows, {sum(len(w.target_ids) for w in windows)} scored tokens, "
+    scored = sum(len(w.target_ids) for w in windows)
+    print(f"WikiText-2: {len(windows)} windows, {scored} scored tokens, "
           f"K = {args.k}; token budget {model.token_budget}\n")
     print("| workload | implementation | dtype | s | tokens/s | × raghub | MFU | against raghub |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
@@ -286,7 +287,7 @@ def shaped_benchmark(args, data_dir) -> None:
         docs, flops = scoring_workload(model, name, windows, retrieved)
         runs = [("raghub", model.dtype, lambda: METHODS[name](model, cache).score_windows(windows, docs)),
                 ("plain loop", model.dtype, lambda: plain_loop(model, name, windows, docs))]
-        print_timed(name, runs, sum(len(w.target_ids) for w in windows), flops, logprob_difference, rate_of, device)
+        print_timed(name, runs, scored, flops, logprob_difference, rate_of, device)
 
 
 def embedded_benchmark(args, data_dir) -> None:
