@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
+from raghub import attention
 from raghub.cache import Cache, cache_root, file_sha256, fingerprint
 from raghub.errors import UsageError
 from raghub.models import Generation, LanguageModel, ModelBackend
@@ -65,6 +66,17 @@ def is_encoder_decoder_folder(spec: str | None) -> bool:
         return False
 
 
+def use_cpu_attention(hf_model) -> None:
+    """Switch a model in bfloat16 on a CPU to `attention.BLOCK_CAUSAL`, where its modelling
+    code takes transformers' attention functions (it falls back to SDPA for all but plain
+    causal self-attention, so results differ from SDPA's only by bfloat16 rounding)."""
+    import torch
+
+    if (hf_model.device.type == "cpu" and hf_model.dtype == torch.bfloat16
+            and getattr(hf_model, "_supports_attention_backend", False)):
+        hf_model.set_attn_implementation(attention.BLOCK_CAUSAL)
+
+
 class PretrainedLM(LanguageModel):
     """A transformers model `hf_model` (a torch module, put in eval mode) and its tokenizer."""
 
@@ -87,7 +99,8 @@ class PretrainedLM(LanguageModel):
         import torch
 
         device = self.device
-        return {**super().hardware(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        return {**super().hardware(), "attention": self.hf_model.config._attn_implementation,
+                "cpu_count": os.cpu_count(), "torch": torch.__version__,
                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
                 else platform.processor() or platform.machine()}
 
@@ -115,7 +128,9 @@ class PretrainedBackend(ModelBackend):
     options = {
         "revision": Option(str, None, "hub revision (branch, tag or commit)"),
         "trust_remote_code": Option(bool, False, "allow the checkpoint's own modelling code"),
-        "attn_implementation": Option(str, None, "attention kernel, e.g. sdpa or eager"),
+        "attn_implementation": Option(str, None, "attention kernel, e.g. sdpa or eager (default: "
+                                                 f"{attention.BLOCK_CAUSAL} on a CPU in bfloat16, else "
+                                                 "the model's)"),
     }
     #: the transformers auto class that loads the weights
     auto_class: ClassVar[str] = ""
@@ -147,6 +162,7 @@ class PretrainedBackend(ModelBackend):
         dtype = native_dtype(device) if dtype == "auto" else dtype
         extra = {key: value for key, value in self.settings.items()
                  if key in LOADER_OPTIONS and value not in (None, False)}
+        attention.register()
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(
                 location, **{k: v for k, v in extra.items() if k != "attn_implementation"})
@@ -158,6 +174,8 @@ class PretrainedBackend(ModelBackend):
                 f"model {spec!r} cannot be loaded: not a local folder or .gguf file, and the "
                 f"hub could not provide it ({first_line})"
             ) from error
+        if "attn_implementation" not in extra:
+            use_cpu_attention(hf_model)
         return self.wrap(hf_model, tokenizer, name, batch_size, self.content_fingerprint(location, hf_model))
 
     def wrap(self, hf_model, tokenizer, name: str, batch_size: int, fingerprint: str) -> PretrainedLM:
