@@ -296,8 +296,10 @@ def embedded_benchmark(args, data_dir) -> None:
     print(f"matmul [4096x576]@[576x1536]: float32 {matmul_rate(torch.float32) / 1e9:.0f} GFLOP/s, "
           f"bfloat16 {matmul_rate(torch.bfloat16) / 1e9:.0f} GFLOP/s (MFU: against the rate just before each row)")
     models = {"float32": load_model(None, dtype="float32"), "auto": load_model(None, dtype="auto")}
+    # what DRAGON's loop and lm-eval get from transformers: its default attention, SDPA
+    plain = {key: load_model(None, dtype=key, model_args="attn_implementation=sdpa") for key in models}
     old = At83a5fc6(models["float32"].hf_model, models["float32"].tokenizer, "83a5fc6", batch_size=8)
-    for model in (old, *models.values()):  # first calls set up kernels: not part of the timings
+    for model in (old, *models.values(), *plain.values()):  # first calls set up kernels: not timed
         model.sequence_logprobs([list(range(1, 65))], [1])
         model.generate(["The"], 2)
     cache = Cache(cache_root())
@@ -311,12 +313,12 @@ def embedded_benchmark(args, data_dir) -> None:
     for name, method_class in METHODS.items():
         docs, flops = scoring_workload(old, name, windows, retrieved)
         runs = [("raghub 83a5fc6", "float32", lambda: method_class(old, cache).score_windows(windows, docs))]
-        for model in models.values():
+        for model, baseline in zip(models.values(), plain.values()):
             runs.append(("raghub", model.dtype, lambda model=model: method_class(model, cache).score_windows(windows, docs)))
-            runs.append(("plain loop", model.dtype, lambda model=model: plain_loop(model, name, windows, docs)))
+            runs.append(("plain loop", model.dtype, lambda model=baseline: plain_loop(model, name, windows, docs)))
         if args.with_lm_eval and name == "none":
             text = old.decode(windows[0].context_ids + [t for w in windows for t in w.target_ids])
-            for model in models.values():
+            for model in plain.values():
                 runs.append(("lm-eval rolling", model.dtype, lambda model=model: lm_eval_rolling(
                     model, text, len(windows[0].context_ids) + len(windows[0].target_ids))))
         print_timed(name, runs, scored, flops, logprob_difference)
@@ -328,11 +330,11 @@ def embedded_benchmark(args, data_dir) -> None:
         prompts = [q.prompt([r.passage for r in docs] if name == "incontext" else [])
                    for q, docs in zip(questions, hits)]
         runs = [("raghub 83a5fc6", "float32", lambda: method_class(old, cache).answer(questions, hits))]
-        for model in models.values():
+        for model, baseline in zip(models.values(), plain.values()):
             runs.append(("raghub", model.dtype, lambda model=model: method_class(model, cache).answer(questions, hits)))
             runs.append(("raghub, no prefix cache", model.dtype, lambda model=model: without_prefix_cache(
                 lambda: method_class(model, cache).answer(questions, hits))))
-            runs.append(("plain loop", model.dtype, lambda model=model: [
+            runs.append(("plain loop", model.dtype, lambda model=baseline: [
                 q.extract(text) for q, text in zip(questions, plain_generation(model, prompts, questions[0].max_new_tokens))]))
         print_timed(f"squad QA {name}", runs, sum(len(old.encode(p)) for p in prompts), None, same_answers)
 
