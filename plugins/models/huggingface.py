@@ -90,7 +90,7 @@ class TransformersLM(PretrainedLM):
 
         ids, mask, lengths = self._padded(sequences)
         with torch.inference_mode():
-            return self.hf_model(input_ids=ids, attention_mask=mask).logits, lengths
+            return self.hf_model(input_ids=ids, attention_mask=mask, use_cache=False).logits, lengths
 
     def _project(self, hidden):
         """Logits from the decoder's output: the output embedding, soft-capped where the
@@ -124,7 +124,9 @@ class TransformersLM(PretrainedLM):
 
         The right-padded batch runs without an attention mask: under causal attention no real
         token sees the padding after it, so its outputs are unchanged, and attention can use
-        its causal kernel instead of a materialised mask (about 12% faster here in bf16)."""
+        its causal kernel instead of a materialised mask (about 12% faster here in bf16). No
+        key/value cache is built: at a GPU's token budget it would hold every layer's keys and
+        values of the whole batch until the pass ends."""
         import torch
 
         results: list[Any] = [None] * len(sequences)
@@ -137,10 +139,10 @@ class TransformersLM(PretrainedLM):
             positions = positions.to(self.device)
             with torch.inference_mode():
                 if self.target_only:
-                    states = self.hf_model.get_decoder()(input_ids=ids).last_hidden_state
+                    states = self.hf_model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
                     project = self._project
                 else:
-                    states, project = self.hf_model(input_ids=ids).logits, torch.nn.Identity()
+                    states, project = self.hf_model(input_ids=ids, use_cache=False).logits, torch.nn.Identity()
                 targets = ids[rows, positions + 1].split(chunk)
                 logprobs = torch.cat([project(part).float().log_softmax(-1).gather(-1, target[:, None])[:, 0]
                                       for part, target in zip(states[rows, positions].split(chunk), targets)])
@@ -161,7 +163,7 @@ class TransformersLM(PretrainedLM):
         longest = max(map(len, targets))
         logits = self.hf_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
-                               logits_to_keep=longest + 1).logits
+                               logits_to_keep=longest + 1, use_cache=False).logits
         logprobs = logits[:, :-1].float().log_softmax(-1)  # position j predicts the answer's j-th token
         positions = [logprobs[row, longest - len(t):] for row, t in enumerate(targets)]
         token_logprobs = torch.zeros(len(targets), longest, device=logprobs.device)
