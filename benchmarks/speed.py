@@ -266,7 +266,10 @@ def random_opt(shape: str, tokenizer, device: str) -> TransformersLM:
 def shaped_benchmark(args, data_dir) -> None:
     """raghub's `none` and `ensemble` scoring against the plain loop with a random `--model-shape`."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = random_opt(args.model_shape, load_model(None, dtype="float32").tokenizer, device)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(huggingface.GGUF().location(None)[1])  # the embedded model's
+    model = random_opt(args.model_shape, tokenizer, device)
     sizes = SHAPES[args.model_shape]
     rate_of = ((lambda dtype: args.peak_tflops * 1e12) if args.peak_tflops else
                (lambda dtype: matmul_rate(dtype, 4096, sizes["hidden_size"], sizes["ffn_dim"], device)))
