@@ -29,14 +29,20 @@ def test_block_causal_attention_equals_sdpa_causal_attention(length, heads, kv_h
     assert torch.allclose(ours, expected.transpose(1, 2), atol=1e-5)
 
 
-def test_only_unmasked_causal_self_attention_takes_the_block_path(monkeypatch):
+@pytest.fixture
+def block_calls(monkeypatch):
+    """The arguments of each call of the block-causal path (which still computes)."""
     calls = []
     real = attention.block_causal_attention
     monkeypatch.setattr(attention, "block_causal_attention", lambda *args: calls.append(args) or real(*args))
+    return calls
+
+
+def test_only_unmasked_causal_self_attention_takes_the_block_path(block_calls):
     module = SimpleNamespace(is_causal=True, num_key_value_groups=3)
     query, key, value = random_qkv(100)
     attention.attention_forward(module, query, key, value, None)
-    assert len(calls) == 1
+    assert len(block_calls) == 1
 
     padding = torch.ones(2, 1, 100, 100, dtype=torch.bool).tril()
     cached = random_qkv(100, queries=40)  # 40 new queries over a cache of 100 keys
@@ -45,13 +51,10 @@ def test_only_unmasked_causal_self_attention_takes_the_block_path(monkeypatch):
                          ((query, key, value, None), {"is_causal": False}),
                          ((query, key, value, None), {"position_bias": torch.zeros(1, 6, 100, 100)})]:
         assert attention.attention_forward(module, *args, **kwargs)[0].shape[:2] == (2, args[0].shape[2])
-    assert len(calls) == 1
+    assert len(block_calls) == 1
 
 
-def test_a_model_in_bfloat16_on_a_cpu_runs_block_causal_attention_with_sdpas_results(tmp_path, monkeypatch):
-    calls = []
-    real = attention.block_causal_attention
-    monkeypatch.setattr(attention, "block_causal_attention", lambda *args: calls.append(args) or real(*args))
+def test_a_model_in_bfloat16_on_a_cpu_runs_block_causal_attention_with_sdpas_results(tmp_path, block_calls):
     save_tiny_model(tmp_path, seed=0)
     assert HuggingFaceCausal().load(str(tmp_path), "cpu", "bfloat16", 2).hardware()["attention"] == attention.BLOCK_CAUSAL
     sdpa = HuggingFaceCausal().load(str(tmp_path), "cpu", "float32", 2)
@@ -63,4 +66,4 @@ def test_a_model_in_bfloat16_on_a_cpu_runs_block_causal_attention_with_sdpas_res
     starts = [1, 40, 5]
     for ours, expected in zip(chosen.sequence_logprobs(sequences, starts), sdpa.sequence_logprobs(sequences, starts)):
         assert torch.allclose(ours, expected, atol=1e-5)
-    assert calls  # the 150- and 90-token sequences went the block way
+    assert block_calls  # the 150- and 90-token sequences went the block way
