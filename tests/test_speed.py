@@ -53,24 +53,6 @@ def test_target_only_logprobs_equal_full_logits_in_the_original_order(tmp_path, 
         assert torch.allclose(ours, full_logits_logprobs(model.hf_model, sequence, start), atol=1e-5)
 
 
-@pytest.mark.parametrize("config", [None, GraniteConfig(vocab_size=4, hidden_size=16, intermediate_size=32,
-                                                        num_hidden_layers=2, num_attention_heads=2, logits_scaling=4.0)])
-def test_scoring_keeps_no_key_value_cache(tmp_path, monkeypatch, config):
-    """Regression: scoring (and full logits, and answer scores) ran the decoder with
-    transformers' default use_cache=True, holding every layer's keys and values of the whole
-    batch until the pass ended (GBs at a GPU's token budget)."""
-    model = tiny_model(tmp_path, config)
-    assert model.target_only is (config is None)
-    decoder = model.hf_model.get_decoder()
-    forward, asked = decoder.forward, []
-    monkeypatch.setattr(decoder, "forward", lambda *args, **kwargs: asked.append(kwargs.get("use_cache")) or
-                        forward(*args, **kwargs))
-    model.sequence_logprobs(SEQUENCES, STARTS)
-    model.logits(SEQUENCES)
-    model.answer_scores(["hello world"], ["hello"])
-    assert len(asked) >= 3 and all(flag is False for flag in asked)
-
-
 SMALL = {"vocab_size": 4, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
          "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "pad_token_id": 0}
 
@@ -85,6 +67,23 @@ def test_soft_capped_and_scaled_logits_are_scored_as_the_model_computes_them(tmp
     assert model.target_only is target_only
     for sequence, start, ours in zip(SEQUENCES, STARTS, model.sequence_logprobs(SEQUENCES, STARTS)):
         assert torch.allclose(ours, full_logits_logprobs(model.hf_model, sequence, start), atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [None, GraniteConfig(**SMALL, logits_scaling=4.0)])
+def test_scoring_keeps_no_key_value_cache(tmp_path, monkeypatch, config):
+    """Regression: scoring (and full logits, and answer scores) ran the decoder with
+    transformers' default use_cache=True, holding every layer's keys and values of the whole
+    batch until the pass ended (GBs at a GPU's token budget)."""
+    model = tiny_model(tmp_path, config)
+    assert model.target_only is (config is None)
+    decoder = model.hf_model.get_decoder()
+    forward, asked = decoder.forward, []
+    monkeypatch.setattr(decoder, "forward", lambda *args, **kwargs: asked.append(kwargs.get("use_cache")) or
+                        forward(*args, **kwargs))
+    model.sequence_logprobs(SEQUENCES, STARTS)
+    model.logits(SEQUENCES)
+    model.answer_scores(["hello world"], ["hello"])
+    assert len(asked) >= 3 and all(flag is False for flag in asked)
 
 
 @pytest.mark.parametrize("flags, dtype", [("fpu avx512f avx512_bf16 sse", "bfloat16"),
