@@ -27,13 +27,13 @@ def block_causal_attention(query, key, value, scaling: float):
     group = heads // kv_heads
     grouped = (query * scaling).view(batch, kv_heads, group, length, dim)
     output = torch.empty(batch, length, kv_heads, group, dim, dtype=query.dtype, device=query.device)
+    future = torch.ones(BLOCK_ROWS, BLOCK_ROWS, dtype=torch.bool, device=query.device).triu(1)
     for start in range(0, length, BLOCK_ROWS):
         end = min(length, start + BLOCK_ROWS)
         rows = end - start
         scores = torch.matmul(grouped[:, :, :, start:end].reshape(batch, kv_heads, group * rows, dim),
                               key[:, :, :end].transpose(-1, -2))
-        future = torch.ones(rows, rows, dtype=torch.bool, device=query.device).triu(1)
-        scores.view(batch, kv_heads, group, rows, end)[..., start:end].masked_fill_(future, float("-inf"))
+        scores.view(batch, kv_heads, group, rows, end)[..., start:end].masked_fill_(future[:rows, :rows], float("-inf"))
         block = torch.matmul(torch.softmax(scores, dim=-1), value[:, :, :end])
         output[:, start:end] = block.view(batch, kv_heads, group, rows, dim).permute(0, 3, 1, 2, 4)
     return output.view(batch, length, heads, dim)
