@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, GraniteConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, Gemma2Config, GraniteConfig, LlamaConfig, PhiConfig
 
 from raghub import pretrained
+from raghub.plugins.models import huggingface
 from raghub.plugins.models.huggingface import HuggingFaceCausal, LineEnd, TransformersLM, length_buckets
 from raghub.pretrained import native_dtype
 from raghub.settings import read_task_definition
@@ -43,9 +44,12 @@ def test_length_buckets_go_longest_first_within_the_budget():
     assert length_buckets([30, 2], 18) == [[0], [1]]  # longer than the budget: alone
 
 
-@pytest.mark.parametrize("token_budget", [7, 4096])
-def test_target_only_logprobs_equal_full_logits_in_the_original_order(tmp_path, token_budget):
+@pytest.mark.parametrize("token_budget, chunk_rows", [(7, None), (4096, None), (4096, 3)])
+def test_target_only_logprobs_equal_full_logits_in_the_original_order(tmp_path, monkeypatch, token_budget,
+                                                                       chunk_rows):
     model = tiny_model(tmp_path, token_budget=token_budget)
+    if chunk_rows:  # several chunks through the reused buffers, the last one partly filled
+        monkeypatch.setattr(huggingface, "LOGIT_CHUNK", chunk_rows * model.hf_model.config.vocab_size)
     assert model.target_only
     scored = model.sequence_logprobs(SEQUENCES, STARTS)
     for sequence, start, ours in zip(SEQUENCES, STARTS, scored):
@@ -61,9 +65,13 @@ SMALL = {"vocab_size": 4, "hidden_size": 16, "intermediate_size": 32, "num_hidde
     (Gemma2Config(**SMALL, final_logit_softcapping=0.05), True),  # capped below the logits' size
     (GraniteConfig(**SMALL, logits_scaling=4.0), False),  # logits / 4: scored from full logits
     (LlamaConfig(**SMALL), True),
+    (PhiConfig(**SMALL), True),  # an output embedding with a bias
 ])
 def test_soft_capped_and_scaled_logits_are_scored_as_the_model_computes_them(tmp_path, config, target_only):
     model = tiny_model(tmp_path, config)
+    head = model.hf_model.get_output_embeddings()
+    if head.bias is not None:  # transformers initialises it to zeros
+        torch.nn.init.normal_(head.bias)
     assert model.target_only is target_only
     for sequence, start, ours in zip(SEQUENCES, STARTS, model.sequence_logprobs(SEQUENCES, STARTS)):
         assert torch.allclose(ours, full_logits_logprobs(model.hf_model, sequence, start), atol=1e-5)

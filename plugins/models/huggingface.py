@@ -92,12 +92,18 @@ class TransformersLM(PretrainedLM):
         with torch.inference_mode():
             return self.hf_model(input_ids=ids, attention_mask=mask, use_cache=False).logits, lengths
 
-    def _project(self, hidden):
-        """Logits from the decoder's output: the output embedding, soft-capped where the
-        config says so (Gemma 2 and 3)."""
-        logits = self.hf_model.get_output_embeddings()(hidden)
+    def _project(self, hidden, out):
+        """Logits of the decoder's outputs `hidden` [rows, width], written into `out` [rows,
+        vocabulary] in the model's dtype: the output embedding, soft-capped where the config
+        says so (Gemma 2 and 3)."""
+        import torch
+
+        head = self.hf_model.get_output_embeddings()
+        torch.matmul(hidden, head.weight.t(), out=out)
+        if head.bias is not None:
+            out += head.bias
         cap = getattr(self.hf_model.config, "final_logit_softcapping", None)
-        return (logits / cap).tanh() * cap if cap else logits
+        return out.div_(cap).tanh_().mul_(cap) if cap else out
 
     @cached_property
     def target_only(self) -> bool:
@@ -114,8 +120,8 @@ class TransformersLM(PretrainedLM):
             return False
         ids = torch.arange(1, min(9, self.vocab_size), device=self.device)[None]
         with torch.inference_mode():
-            full = self.hf_model(input_ids=ids).logits.float()
-            ours = self._project(decoder(input_ids=ids).last_hidden_state).float()
+            full = self.hf_model(input_ids=ids).logits[0].float()
+            ours = self._project(decoder(input_ids=ids).last_hidden_state[0], torch.empty_like(full, dtype=self.hf_model.dtype)).float()
         return torch.allclose(ours, full, rtol=1e-2, atol=1e-3 * float(full.abs().max()))
 
     def sequence_logprobs(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[Any]:
@@ -130,7 +136,6 @@ class TransformersLM(PretrainedLM):
         import torch
 
         results: list[Any] = [None] * len(sequences)
-        chunk = max(1, LOGIT_CHUNK // self.vocab_size)
         for batch in length_buckets([len(seq) for seq in sequences], self.token_budget):
             ids, _, lengths = self._padded([sequences[i] for i in batch])
             counts = lengths - torch.tensor([starts[i] for i in batch])
@@ -140,15 +145,33 @@ class TransformersLM(PretrainedLM):
             with torch.inference_mode():
                 if self.target_only:
                     states = self.hf_model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-                    project = self._project
                 else:
-                    states, project = self.hf_model(input_ids=ids, use_cache=False).logits, torch.nn.Identity()
-                targets = ids[rows, positions + 1].split(chunk)
-                logprobs = torch.cat([project(part).float().log_softmax(-1).gather(-1, target[:, None])[:, 0]
-                                      for part, target in zip(states[rows, positions].split(chunk), targets)])
+                    states = self.hf_model(input_ids=ids, use_cache=False).logits
+                logprobs = self._target_logprobs(states[rows, positions], ids[rows, positions + 1], self.target_only)
             for i, scored in zip(batch, logprobs.cpu().split(counts.tolist())):
                 results[i] = scored
         return results
+
+    def _target_logprobs(self, states, targets, from_hidden: bool):
+        """ln p(target) for each row of `states` (decoder outputs if `from_hidden`, else
+        logits), `LOGIT_CHUNK` floats at a time, the log-softmax in float32. Every chunk's
+        logits and log-probs go into buffers allocated once: allocating tens of MB afresh for
+        each chunk cost a CPU as much time in page faults as the log-softmax itself."""
+        import torch
+
+        width = self.hf_model.get_output_embeddings().weight.shape[0] if from_hidden else states.shape[-1]
+        chunk = min(len(states), max(1, LOGIT_CHUNK // width))
+        logits = torch.empty(chunk, width, dtype=states.dtype, device=states.device)
+        floats = torch.empty(chunk, width, dtype=torch.float32, device=states.device)
+        logprobs = torch.empty_like(floats)
+        scored = []
+        for part, target in zip(states.split(chunk), targets.split(chunk)):
+            rows = len(part)
+            part = self._project(part, logits[:rows]) if from_hidden else part
+            values = part if part.dtype == torch.float32 else floats[:rows].copy_(part)
+            torch.log_softmax(values, -1, out=logprobs[:rows])
+            scored.append(logprobs[:rows].gather(-1, target[:, None])[:, 0])
+        return torch.cat(scored)
 
     def answer_scores(self, prompts: Sequence[str], answers: Sequence[str]) -> AnswerScores:
         """Each prompt followed by `answer_continuation` (answer, then a newline), left-padded
