@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from raghub import allocator
 from raghub.errors import RaghubError, UsageError
 from raghub.options import Option, dashed
 from raghub.plots import KINDS, plot as draw_plot
@@ -53,6 +54,7 @@ class RaghubGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """raghub: run retrieval-augmented generation methods on comparable tasks."""
+    allocator.keep_freed_memory()
     ctx.obj = registry()
 
 

@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import raghub
-from raghub import distributed
+from raghub import allocator, distributed
 from raghub.distributed import notice
 from raghub.cache import Cache, cache_root, fingerprint, fingerprint_items
 from raghub.errors import UsageError
@@ -494,7 +494,7 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> dict[s
             "plugins": _plugin_origins(task, method, retriever),
             "raghub_version": raghub.__version__, "git_commit": _git_commit(),
             "started_at": started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
-            "duration_s": round(time.perf_counter() - clock, 2), "hardware": model.hardware(),
+            "duration_s": round(time.perf_counter() - clock, 2), "hardware": {**model.hardware(), "allocator": allocator.in_effect()},
         }
     finally:
         method.close()

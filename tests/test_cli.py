@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from raghub.cli import cli
 from raghub.hookspecs import hookimpl
-from raghub import Example, Field, Method, Passage, Retriever, Task
+from raghub import Example, Field, Method, Passage, Retriever, Task, allocator
 from raghub.plugin_manager import pm, registry
 
 from bad_input import assert_one_line_exit_2, model_never_loads  # noqa: F401 (a fixture)
@@ -253,6 +253,7 @@ def test_none_on_wikitext2_writes_a_record_that_the_leaderboard_shows(tmp_path):
     # the default dtype is auto: what this machine's CPU computes natively, which the record says
     assert record["model"] == "SmolLM2-135M-Instruct-Q4_1" and record["config"]["dtype"] == "auto"
     assert record["hardware"]["dtype"] == record["config"]["model_dtype"] == native_dtype(torch.device("cpu"))
+    assert record["hardware"]["allocator"] == allocator.in_effect()
     assert not list((tmp_path / "results" / ".partial").iterdir())  # the resume file is gone
     board = invoke("leaderboard", "--results-dir", results, "--task", "wikitext2")
     assert "| none |" in board.output and "bits_per_byte" in board.output
