@@ -27,10 +27,11 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import torch
 
-from raghub import Retrieved, load_model, mixture_logprobs, passage_ids
+from raghub import Retrieved, allocator, load_model, mixture_logprobs, passage_ids
 from raghub.cache import Cache, cache_root
 from raghub.models import Generation
 from raghub.plugin_manager import registry
@@ -195,22 +196,45 @@ def lm_eval_rolling(model, text, max_length):
     return lm.loglikelihood_rolling([request], disable_tqdm=True)
 
 
-def print_timed(workload, runs, tokens, flops, compare, rate_of=matmul_rate, device="cpu") -> None:
-    """Time each (implementation, dtype, function) of `runs` in turn and print its table row:
-    seconds, tokens/s, speed-up over the first run, MFU against `rate_of(dtype)` (by default
-    the matmul rate measured just before the row: the machine is shared, its speed drifts),
-    and what `compare(implementation, result, first result)` says."""
-    first = None
-    for label, dtype, run in runs:
-        rate = rate_of(getattr(torch, dtype))
-        start = time.perf_counter()
-        result = run()
-        synchronize(device)
-        seconds = time.perf_counter() - start
-        first = first or (seconds, result)
-        mfu = f"{flops / seconds / rate:.0%}" if flops else "–"
-        print(f"| {workload} | {label} | {dtype} | {seconds:.1f} | {tokens / seconds:.0f} | "
-              f"{first[0] / seconds:.2f} | {mfu} | {compare(label, result, first[1])} |", flush=True)
+class Table(NamedTuple):
+    """One workload's rows: (implementation, dtype, function, whether raghub's CLI runs it) each;
+    `tokens` counted per second; `flops` useful FLOPs (None: no MFU); `compare(implementation,
+    result, first result)` says how a row's result differs from the first row's."""
+
+    workload: str
+    runs: list[tuple[str, str, Callable[[], Any], bool]]
+    tokens: int
+    flops: float | None
+    compare: Callable[[str, Any, Any], str]
+
+
+def print_tables(tables: list[Table], rate_of=matmul_rate, device="cpu") -> None:
+    """Time every run, then print each table's rows: seconds, tokens/s, speed-up over its first
+    row, MFU against `rate_of(dtype)` (by default the matmul rate measured just before the row:
+    the machine is shared, its speed drifts) and the comparison. The runs that other tools (and
+    raghub 83a5fc6) make go first, with glibc's default allocator as those tools run; then
+    raghub's own, after `allocator.keep_freed_memory()` as its CLI runs them (a process cannot
+    undo it)."""
+    timed = {}
+    for kept in (False, True):
+        if kept:
+            allocator.keep_freed_memory()
+        for t, table in enumerate(tables):
+            for r, (label, dtype, run, by_raghub) in enumerate(table.runs):
+                if by_raghub == kept:
+                    rate = rate_of(getattr(torch, dtype))
+                    start = time.perf_counter()
+                    result = run()
+                    synchronize(device)
+                    timed[t, r] = (time.perf_counter() - start, result, rate)
+                    print(f"timed {table.workload}: {label}, {dtype}", file=sys.stderr, flush=True)
+    for t, table in enumerate(tables):
+        first_seconds, first_result, _ = timed[t, 0]
+        for r, (label, dtype, _, _) in enumerate(table.runs):
+            seconds, result, rate = timed[t, r]
+            mfu = f"{table.flops / seconds / rate:.0%}" if table.flops else "–"
+            print(f"| {table.workload} | {label} | {dtype} | {seconds:.1f} | {table.tokens / seconds:.0f} | "
+                  f"{first_seconds / seconds:.2f} | {mfu} | {table.compare(label, result, first_result)} |", flush=True)
 
 
 def logprob_difference(label, result, reference) -> str:
@@ -286,11 +310,13 @@ def shaped_benchmark(args, data_dir) -> None:
     print("| workload | implementation | dtype | s | tokens/s | × raghub | MFU | against raghub |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     cache = Cache(cache_root())
+    tables = []
     for name in ("none", "ensemble"):
         docs, flops = scoring_workload(model, name, windows, retrieved)
-        runs = [("raghub", model.dtype, lambda: METHODS[name](model, cache).score_windows(windows, docs)),
-                ("plain loop", model.dtype, lambda: plain_loop(model, name, windows, docs))]
-        print_timed(name, runs, scored, flops, logprob_difference, rate_of, device)
+        runs = [("raghub", model.dtype, lambda name=name, docs=docs: METHODS[name](model, cache).score_windows(windows, docs), True),
+                ("plain loop", model.dtype, lambda name=name, docs=docs: plain_loop(model, name, windows, docs), False)]
+        tables.append(Table(name, runs, scored, flops, logprob_difference))
+    print_tables(tables, rate_of, device)
 
 
 def embedded_benchmark(args, data_dir) -> None:
@@ -313,18 +339,22 @@ def embedded_benchmark(args, data_dir) -> None:
           f"questions (tokens/s: prompt tokens); token budget {models['auto'].token_budget}\n")
     print("| workload | implementation | dtype | s | tokens/s | × 83a5fc6 | MFU | against 83a5fc6 |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
+    tables = []
     for name, method_class in METHODS.items():
         docs, flops = scoring_workload(old, name, windows, retrieved)
-        runs = [("raghub 83a5fc6", "float32", lambda: method_class(old, cache).score_windows(windows, docs))]
+        score = lambda model, method_class=method_class, docs=docs: method_class(model, cache).score_windows(windows, docs)
+        runs = [("raghub 83a5fc6", "float32", lambda score=score: score(old), False)]
         for model, baseline in zip(models.values(), plain.values()):
-            runs.append(("raghub", model.dtype, lambda model=model: method_class(model, cache).score_windows(windows, docs)))
-            runs.append(("plain loop", model.dtype, lambda model=baseline: plain_loop(model, name, windows, docs)))
+            runs.append(("raghub", model.dtype, lambda score=score, model=model: score(model), True))
+            runs.append(("plain loop", model.dtype, lambda model=baseline, name=name, docs=docs: plain_loop(
+                model, name, windows, docs), False))
+        runs.append(("raghub, glibc's default allocator", models["auto"].dtype, lambda score=score: score(models["auto"]), False))
         if args.with_lm_eval and name == "none":
             text = old.decode(windows[0].context_ids + [t for w in windows for t in w.target_ids])
             for model in plain.values():
                 runs.append(("lm-eval rolling", model.dtype, lambda model=model: lm_eval_rolling(
-                    model, text, len(windows[0].context_ids) + len(windows[0].target_ids))))
-        print_timed(name, runs, scored, flops, logprob_difference)
+                    model, text, len(windows[0].context_ids) + len(windows[0].target_ids)), False))
+        tables.append(Table(name, runs, scored, flops, logprob_difference))
 
     qa = QATask("squad", read_task_definition(TASKS / "squad.yaml"), data_dir, registry=registry())
     questions = qa.examples(old, args.questions)
@@ -332,14 +362,17 @@ def embedded_benchmark(args, data_dir) -> None:
     for name, method_class in (("none", ClosedBook), ("incontext", InContext)):
         prompts = [q.prompt([r.passage for r in docs] if name == "incontext" else [])
                    for q, docs in zip(questions, hits)]
-        runs = [("raghub 83a5fc6", "float32", lambda: method_class(old, cache).answer(questions, hits))]
+        answer = lambda model, method_class=method_class: method_class(model, cache).answer(questions, hits)
+        runs = [("raghub 83a5fc6", "float32", lambda answer=answer: answer(old), False)]
         for model, baseline in zip(models.values(), plain.values()):
-            runs.append(("raghub", model.dtype, lambda model=model: method_class(model, cache).answer(questions, hits)))
-            runs.append(("raghub, no prefix cache", model.dtype, lambda model=model: without_prefix_cache(
-                lambda: method_class(model, cache).answer(questions, hits))))
-            runs.append(("plain loop", model.dtype, lambda model=baseline: [
-                q.extract(text) for q, text in zip(questions, plain_generation(model, prompts, questions[0].max_new_tokens))]))
-        print_timed(f"squad QA {name}", runs, sum(len(old.encode(p)) for p in prompts), None, same_answers)
+            runs.append(("raghub", model.dtype, lambda answer=answer, model=model: answer(model), True))
+            runs.append(("raghub, no prefix cache", model.dtype, lambda answer=answer, model=model: without_prefix_cache(
+                lambda: answer(model)), True))
+            runs.append(("plain loop", model.dtype, lambda model=baseline, prompts=prompts: [
+                q.extract(text) for q, text in zip(questions, plain_generation(model, prompts, questions[0].max_new_tokens))],
+                False))
+        tables.append(Table(f"squad QA {name}", runs, sum(len(old.encode(p)) for p in prompts), None, same_answers))
+    print_tables(tables)
 
 
 def main(argv=None) -> None:
