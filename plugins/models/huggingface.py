@@ -121,7 +121,8 @@ class TransformersLM(PretrainedLM):
         ids = torch.arange(1, min(9, self.vocab_size), device=self.device)[None]
         with torch.inference_mode():
             full = self.hf_model(input_ids=ids).logits[0].float()
-            ours = self._project(decoder(input_ids=ids).last_hidden_state[0], torch.empty_like(full, dtype=self.hf_model.dtype)).float()
+            hidden = decoder(input_ids=ids).last_hidden_state[0]
+            ours = self._project(hidden, torch.empty_like(full, dtype=hidden.dtype)).float()
         return torch.allclose(ours, full, rtol=1e-2, atol=1e-3 * float(full.abs().max()))
 
     def sequence_logprobs(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[Any]:
@@ -161,7 +162,7 @@ class TransformersLM(PretrainedLM):
 
         width = self.hf_model.get_output_embeddings().weight.shape[0] if from_hidden else states.shape[-1]
         chunk = min(len(states), max(1, LOGIT_CHUNK // width))
-        logits = torch.empty(chunk, width, dtype=states.dtype, device=states.device)
+        logits = torch.empty(chunk, width, dtype=states.dtype, device=states.device) if from_hidden else None
         floats = torch.empty(chunk, width, dtype=torch.float32, device=states.device)
         logprobs = torch.empty_like(floats)
         scored = []
