@@ -2,7 +2,7 @@
 the plugins that load it (`--checkpoint DIR`), which may import only the core.
 
     DIR/manifest.json        the latest complete save: {"step", "folder", "config",
-                             "fingerprint", "trained_on", ...}
+                             "fingerprint", "model_fingerprint", "trained_on", ...}
     DIR/train_log.jsonl      one line per training step (loss, its parts, steps/s)
     DIR/step-000100/         one complete save: its own manifest.json and the parts,
         generator/             a peft LoRA adapter, or the whole fine-tuned model (absent
@@ -14,6 +14,10 @@ the plugins that load it (`--checkpoint DIR`), which may import only the core.
 A save is built in `step-N.partial/`, renamed to `step-N/`, and only then does
 `DIR/manifest.json` (replaced in one step) point to it; so a process killed at any moment
 leaves the previous save intact and loadable.
+
+A method that declares `CHECKPOINT_OPTION` evaluates the checkpoint's generator: the runner
+loads the model with it (`with_trained_generator`), once per distinct checkpoint, so the
+loaded model's fingerprint covers the base weights and the checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from raghub.cache import fingerprint
 from raghub.errors import UsageError
 from raghub.options import Option
 
@@ -109,13 +114,29 @@ def load_trained_generator(model: Any, checkpoint: Checkpoint, flag: str = "--ch
         model.hf_model = type(base).from_pretrained(str(part), torch_dtype=base.dtype).to(base.device).eval()
 
 
-def use_trained_generator(model: Any, path: str) -> Checkpoint | None:
-    """The checkpoint saved at `path`, its generator loaded into `model`; None for no path."""
-    if not path:
-        return None
-    checkpoint = read_checkpoint(path)
+def with_trained_generator(model: Any, checkpoint: Checkpoint | None) -> Any:
+    """`model`, just loaded, with the checkpoint's generator in its weights and a fingerprint
+    that covers them; unchanged when the checkpoint has no generator."""
+    identity = generator_identity(checkpoint)
+    if identity is None:
+        return model
     load_trained_generator(model, checkpoint)
-    return checkpoint
+    model.fingerprint = fingerprint(model.fingerprint, identity)
+    return model
+
+
+def generator_identity(checkpoint: Checkpoint | None) -> str | None:
+    """What a model with the checkpoint's generator is told apart by from its base weights
+    (None: the base weights)."""
+    return checkpoint.identity if checkpoint is not None and checkpoint.part(GENERATOR) else None
+
+
+def generator_checkpoint(method_class: Any, method_options: dict[str, Any]) -> Checkpoint | None:
+    """The checkpoint whose generator a method evaluates, read and checked: the one given to
+    its `checkpoint` option when the method declares it as `CHECKPOINT_OPTION`; else None."""
+    if method_class.options.get("checkpoint") is not CHECKPOINT_OPTION or not method_options.get("checkpoint"):
+        return None
+    return read_checkpoint(method_options["checkpoint"])
 
 
 def checkpoint_stats(checkpoint: Checkpoint | None) -> dict[str, Any]:
