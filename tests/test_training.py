@@ -5,6 +5,7 @@ the same loss trajectory with 1 and 2 DDP processes, all on tiny random models."
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +19,12 @@ from click.testing import CliRunner
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, BertTokenizerFast, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from raghub import UsageError
 from raghub.cache import fingerprint
 from raghub.checkpoints import GENERATOR, MANIFEST, QUERY_ENCODER, TRAIN_LOG, read_checkpoint
 from raghub.cli import cli
 from raghub.plugin_manager import registry
+from raghub.plugins.models.huggingface import HuggingFaceCausal
 from raghub.plugins.training.rag.penalties import keyword_mass, length_penalty, repetition_unlikelihood
 from raghub.plugins.training.rag.trainer import TrainConfig, Trainer
 
@@ -330,6 +333,31 @@ def test_retraining_the_same_output_to_a_later_step_is_evaluated_anew(tiny, tiny
     assert second["config"]["method"]["checkpoint"] == read_checkpoint(output).identity
     assert fingerprint(second["config"]) != fingerprint(first["config"])  # the resume file's name
     assert second["config"]["model_fingerprint"] != first["config"]["model_fingerprint"]
+
+
+def test_a_checkpoint_missing_a_part_it_declares_is_refused_before_loading(tiny, tiny_lm, trained, tmp_path,
+                                                                          env, monkeypatch):
+    """Regression: without its generator/ a checkpoint evaluated the base model while the record
+    named the checkpoint."""
+    broken = tmp_path / "broken"
+    shutil.copytree(trained, broken)
+    shutil.rmtree(broken / read_checkpoint(trained).folder.name / GENERATOR)
+    monkeypatch.setattr(HuggingFaceCausal, "load", lambda *a, **k: pytest.fail("model loaded"))
+    result = CliRunner().invoke(cli, ["run", "--task", str(tiny_lm), "--method", "rag-sequence", "--model",
+                                      str(tiny / "llama"), "--checkpoint", str(broken), "--data-dir",
+                                      str(tiny / "data"), "--results-dir", str(tmp_path / "results")])
+    assert result.exit_code == 2 and f"lacks {GENERATOR}" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("damage", [{"fingerprint": None}, {"step": "two"}])
+def test_a_manifest_without_its_identity_is_refused(trained, tmp_path, damage):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    (copy / MANIFEST).write_text(json.dumps({**manifest, **damage}))
+    with pytest.raises(UsageError, match="damaged"):
+        read_checkpoint(copy)
 
 
 @pytest.mark.parametrize("extra, message", [
