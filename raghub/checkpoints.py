@@ -1,8 +1,8 @@
 """The folder layout of a `raghub train` checkpoint, shared by the trainer that writes it and
 the plugins that load it (`--checkpoint DIR`), which may import only the core.
 
-    DIR/manifest.json        the latest complete save: {"step", "folder", "config",
-                             "fingerprint", "trained_on", ...}
+    DIR/manifest.json        the latest complete save: {"step", "folder", "parts", "config",
+                             "fingerprint", "model_fingerprint", "trained_on", ...}
     DIR/train_log.jsonl      one line per training step (loss, its parts, steps/s)
     DIR/step-000100/         one complete save: its own manifest.json and the parts,
         generator/             a peft LoRA adapter, or the whole fine-tuned model (absent
@@ -13,7 +13,12 @@ the plugins that load it (`--checkpoint DIR`), which may import only the core.
 
 A save is built in `step-N.partial/`, renamed to `step-N/`, and only then does
 `DIR/manifest.json` (replaced in one step) point to it; so a process killed at any moment
-leaves the previous save intact and loadable.
+leaves the previous save intact and loadable. Its manifest declares the parts it saved
+(`parts`); a save missing one of them is refused when read.
+
+A method that declares `CHECKPOINT_OPTION` evaluates the checkpoint's generator: the runner
+loads the model with it (`with_trained_generator`), once per distinct checkpoint, so the
+loaded model's fingerprint covers the base weights and the checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from raghub.cache import fingerprint
 from raghub.errors import UsageError
 from raghub.options import Option
 
@@ -57,16 +63,25 @@ class Checkpoint:
         return f"{self.manifest['fingerprint']}@{self.manifest['step']}"
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
-    """The latest save of a training output folder (or one `step-N` folder); UsageError when
-    `path` holds none."""
+def read_checkpoint(path: str | Path, flag: str = "--checkpoint") -> Checkpoint:
+    """The latest save of a training output folder (or one `step-N` folder), checked: its
+    identity is readable and every part its manifest declares is there; UsageError otherwise."""
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise UsageError(f"--checkpoint {path}: no {MANIFEST} there; give the --output folder of "
+        raise UsageError(f"{flag} {path}: no {MANIFEST} there; give the --output folder of "
                          "`raghub train`") from None
-    return Checkpoint(path / manifest["folder"] if manifest.get("folder") else path, manifest)
+    if (not isinstance(manifest, dict) or not isinstance(manifest.get("fingerprint"), str)
+            or not isinstance(manifest.get("step"), int) or not isinstance(manifest.get("parts", []), list)):
+        raise UsageError(f"{flag} {path}: {MANIFEST} is damaged (no fingerprint, step or parts); "
+                         "train again into this folder or give another")
+    checkpoint = Checkpoint(path / manifest["folder"] if manifest.get("folder") else path, manifest)
+    missing = [part for part in manifest.get("parts", []) if checkpoint.part(part) is None]
+    if missing:
+        raise UsageError(f"{flag} {path}: {checkpoint.folder.name} lacks {', '.join(missing)}, which its "
+                         f"{MANIFEST} declares; copy the whole folder or train again")
+    return checkpoint
 
 
 def write_checkpoint(output: Path, step: int, manifest: dict[str, Any],
@@ -77,7 +92,7 @@ def write_checkpoint(output: Path, step: int, manifest: dict[str, Any],
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     save_parts(partial)
-    full = {**manifest, "step": step}
+    full = {**manifest, "step": step, "parts": sorted(part.name for part in partial.iterdir())}
     (partial / MANIFEST).write_text(json.dumps({**full, "folder": ""}, indent=1), encoding="utf-8")
     shutil.rmtree(output / name, ignore_errors=True)
     partial.rename(output / name)
@@ -109,13 +124,29 @@ def load_trained_generator(model: Any, checkpoint: Checkpoint, flag: str = "--ch
         model.hf_model = type(base).from_pretrained(str(part), torch_dtype=base.dtype).to(base.device).eval()
 
 
-def use_trained_generator(model: Any, path: str) -> Checkpoint | None:
-    """The checkpoint saved at `path`, its generator loaded into `model`; None for no path."""
-    if not path:
-        return None
-    checkpoint = read_checkpoint(path)
+def with_trained_generator(model: Any, checkpoint: Checkpoint | None) -> Any:
+    """`model`, just loaded, with the checkpoint's generator in its weights and a fingerprint
+    that covers them; unchanged when the checkpoint has no generator."""
+    identity = generator_identity(checkpoint)
+    if identity is None:
+        return model
     load_trained_generator(model, checkpoint)
-    return checkpoint
+    model.fingerprint = fingerprint(model.fingerprint, identity)
+    return model
+
+
+def generator_identity(checkpoint: Checkpoint | None) -> str | None:
+    """What a model with the checkpoint's generator is told apart by from its base weights
+    (None: the base weights)."""
+    return checkpoint.identity if checkpoint is not None and checkpoint.part(GENERATOR) else None
+
+
+def generator_checkpoint(method_class: Any, method_options: dict[str, Any]) -> Checkpoint | None:
+    """The checkpoint whose generator a method evaluates, read and checked: the one given to
+    its `checkpoint` option when the method declares it as `CHECKPOINT_OPTION`; else None."""
+    if method_class.options.get("checkpoint") is not CHECKPOINT_OPTION or not method_options.get("checkpoint"):
+        return None
+    return read_checkpoint(method_options["checkpoint"])
 
 
 def checkpoint_stats(checkpoint: Checkpoint | None) -> dict[str, Any]:

@@ -36,6 +36,7 @@ import raghub
 from raghub import allocator, distributed
 from raghub.distributed import notice
 from raghub.cache import Cache, cache_root, fingerprint, fingerprint_items
+from raghub.checkpoints import Checkpoint, checkpoint_stats, generator_checkpoint, generator_identity, with_trained_generator
 from raghub.errors import UsageError
 from raghub.interfaces import COMMON_TASK_KEYS, Example, Method, Passage, Plugin, Registry, Retrieved, Retriever, Task
 from raghub.models import LanguageModel, ModelBackend, choose_backend
@@ -100,6 +101,8 @@ class ResolvedRun:
     backend: ModelBackend
     n_docs: int
     plugin_options: dict[str, dict[str, Any]]
+    #: the `--checkpoint` whose generator the method evaluates (loaded into its model)
+    checkpoint: Checkpoint | None = None
 
     def settings_label(self) -> str:
         """The options given that differ from their defaults, e.g. 'combine=True'."""
@@ -115,7 +118,8 @@ class ResolvedRun:
     def config(self) -> dict[str, Any]:
         """Everything the run's results depend on, known before the model loads (`model` is the
         --model spec; None: the embedded default). Its fingerprint names the resume file and
-        recognises an identical earlier run in the results store."""
+        recognises an identical earlier run in the results store. A checkpoint is named by its
+        identity (training fingerprint and step), not its path."""
         request = self.request
         retriever, corpus = None, {"label": None, "fingerprint": None}
         if self.retriever_class is not None:
@@ -125,7 +129,8 @@ class ResolvedRun:
         return {
             "task": self.task.fingerprint(),
             "method": {"name": self.method_class.name,
-                       **self.method_class.resolve_options(self.plugin_options["method"])},
+                       **self.method_class.resolve_options(self.plugin_options["method"]),
+                       **({"checkpoint": self.checkpoint.identity} if self.checkpoint else {})},
             "retriever": retriever, "corpus": corpus,
             "n_docs": self.n_docs, "limit": request.limit, "model": request.model,
             "model_backend": {"name": self.backend.name, **self.backend.settings},
@@ -251,10 +256,11 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
         raise UsageError(f"task '{definition['name']}' scores text token by token, which needs a "
                          f"causal (decoder-only) model; model backend '{backend.name}' loads "
                          "encoder-decoder models")
+    checkpoint = generator_checkpoint(method_class, options["method"])
     _check_results_dir(Path(request.results_dir))
     if request.device is not None:
         _check_device(request.device)
-    return ResolvedRun(request, task, method_class, retriever_class, backend, n_docs, options)
+    return ResolvedRun(request, task, method_class, retriever_class, backend, n_docs, options, checkpoint)
 
 
 def _progress() -> Progress:
@@ -302,7 +308,7 @@ def _stored_record(results_dir: Path, config_fingerprint: str) -> dict[str, Any]
 def run_sweep(runs: Sequence[ResolvedRun], force: bool = False) -> Iterator[dict[str, Any]]:
     """The record of each resolved run, in order, as each finishes: an identical earlier run's
     stored record (said on stderr; `force` runs it again), else a new run's. Each distinct model
-    loads once. Under a launcher every rank runs the sweep, and only rank 0 yields records."""
+    (with the trained generator of a checkpoint, or without) loads once. Under a launcher every rank runs the sweep, and only rank 0 yields records."""
     models: dict[str, LanguageModel] = {}
     main = distributed.ranks().is_main
     stderr.quiet = not main
@@ -318,7 +324,8 @@ def run_sweep(runs: Sequence[ResolvedRun], force: bool = False) -> Iterator[dict
                 yield stored
             continue
         model_key = fingerprint(resolved.backend.name, resolved.backend.settings, request.model,
-                                request.device, request.dtype, request.batch_size)
+                                request.device, request.dtype, request.batch_size,
+                                generator_identity(resolved.checkpoint))
         if model_key not in models:
             models[model_key] = _load_model(resolved)
         record = execute(resolved, models[model_key])
@@ -327,10 +334,11 @@ def run_sweep(runs: Sequence[ResolvedRun], force: bool = False) -> Iterator[dict
 
 
 def _load_model(resolved: ResolvedRun) -> LanguageModel:
-    """The run's model, on this rank's device."""
+    """The run's model, on this rank's device, with the checkpoint's generator when the method
+    evaluates one."""
     request = resolved.request
-    return resolved.backend.load(request.model, distributed.device(request.device), request.dtype,
-                                 request.batch_size)
+    return with_trained_generator(resolved.backend.load(request.model, distributed.device(request.device),
+                                                        request.dtype, request.batch_size), resolved.checkpoint)
 
 
 @functools.lru_cache(maxsize=4)
@@ -490,7 +498,7 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> dict[s
             "higher_is_better": higher_is_better,
             "stderr": {name: standard_errors.get(name) for name in higher_is_better},
             "totals": task.totals(lines),
-            "method_stats": method.run_stats(), "config": config,
+            "method_stats": {**method.run_stats(), **checkpoint_stats(resolved.checkpoint)}, "config": config,
             "plugins": _plugin_origins(task, method, retriever),
             "raghub_version": raghub.__version__, "git_commit": _git_commit(),
             "started_at": started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),

@@ -5,6 +5,7 @@ the same loss trajectory with 1 and 2 DDP processes, all on tiny random models."
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,9 +19,12 @@ from click.testing import CliRunner
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, BertTokenizerFast, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from raghub import UsageError
+from raghub.cache import fingerprint
 from raghub.checkpoints import GENERATOR, MANIFEST, QUERY_ENCODER, TRAIN_LOG, read_checkpoint
 from raghub.cli import cli
 from raghub.plugin_manager import registry
+from raghub.plugins.models.huggingface import HuggingFaceCausal
 from raghub.plugins.training.rag.penalties import keyword_mass, length_penalty, repetition_unlikelihood
 from raghub.plugins.training.rag.trainer import TrainConfig, Trainer
 
@@ -251,6 +255,109 @@ def test_train_writes_a_checkpoint_that_run_evaluates(tiny, tmp_path, env):
     assert record["method_stats"]["trained_on"]["task"] == "tiny-train"
     assert record["method_stats"]["training_steps"] == 3 and record["n_examples"] == 1
     assert record["config"]["retriever"]["checkpoint"] == checkpoint.identity
+
+
+# --- a checkpoint evaluated in sweeps and stored runs: its weights are part of the model -------
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny):
+    """A tiny language-modelling task over the articles' sentences (retrieving from the
+    questions), where any change to the weights changes the perplexity."""
+    texts = {"test": [line for title, paragraphs in ARTICLES.items()
+                      for line in (f" = {title} = ", *(f" {text} ." for text, _ in paragraphs))],
+             "train": [" ".join(q for _, qas in paragraphs for q, _ in qas) for paragraphs in ARTICLES.values()]}
+    for split, rows in texts.items():
+        (tiny / "data" / "tiny" / f"lm.{split}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    task = tiny / "tiny-lm.yaml"
+    task.write_text("name: tiny-lm\nfamily: language-modelling\n"
+                    "data: {hub: none, config: tiny, folder: tiny, files: {test: [lm.test.jsonl], train: [lm.train.jsonl]}}\n"
+                    "passages: {words: 6, min_words: 3}\nwindows: {context_len: 4, pred_len: 5, retrieved_max_length: 8}\n"
+                    "ralm: {query_len: 4, max_length: 32, retrieved_max_length: 8}\n")
+    return task
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """A checkpoint of 2 steps (LoRA generator and query encoder)."""
+    output = tmp_path_factory.mktemp("trained") / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAGHUB_CACHE", str(output.parent / "cache"))
+        result = CliRunner().invoke(cli, ["train", *train_args(tiny, output, "--steps", "2")])
+    assert result.exit_code == 0, result.output
+    return output
+
+
+def evaluate(tiny, task, results, *extra, method="rag-sequence", n_docs="2", retriever="dense"):
+    """`raghub run` of the tiny model on `task`; its records, one per run."""
+    encoder = ["--encoder", str(tiny / "bert")] if retriever == "dense" else []
+    result = CliRunner().invoke(cli, ["run", "--task", str(task), "--method", method, "--retriever", retriever,
+                                      *encoder, "--model", str(tiny / "llama"), "--n-docs", n_docs,
+                                      "--data-dir", str(tiny / "data"), "--json", "--results-dir", str(results),
+                                      *extra])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_a_sweep_applies_the_trained_generator_once(tiny, tiny_lm, trained, tmp_path, env):
+    """Regression: the sweep's second run merged the adapter again into the model it shared."""
+    swept = evaluate(tiny, tiny_lm, tmp_path / "sweep", "--checkpoint", str(trained), n_docs="1,2")
+    (alone,) = evaluate(tiny, tiny_lm, tmp_path / "alone", "--checkpoint", str(trained), n_docs="2")
+    assert [r["n_docs"] for r in swept] == [1, 2]
+    assert swept[1]["metrics"] == pytest.approx(alone["metrics"], rel=1e-6)
+    assert swept[1]["config"]["model_fingerprint"] == alone["config"]["model_fingerprint"]
+
+
+def test_a_method_that_reads_no_generator_checkpoint_runs_on_the_base_weights(tiny, tiny_lm, trained, tmp_path, env):
+    """Regression: `incontext` after `rag-sequence --checkpoint` in one sweep was scored on the
+    trained weights while its record named the base model."""
+    rag, incontext = evaluate(tiny, tiny_lm, tmp_path / "sweep", "--checkpoint", str(trained),
+                              method="rag-sequence,incontext")
+    # alone, incontext reads the checkpoint's query encoder (dense declares --checkpoint) and no generator
+    (alone,) = evaluate(tiny, tiny_lm, tmp_path / "alone", "--checkpoint", str(trained), method="incontext")
+    assert incontext["metrics"] == pytest.approx(alone["metrics"], rel=1e-6)
+    base = read_checkpoint(trained).manifest["model_fingerprint"]
+    assert incontext["config"]["model_fingerprint"] == alone["config"]["model_fingerprint"] == base
+    assert rag["config"]["model_fingerprint"] != base
+
+
+def test_retraining_the_same_output_to_a_later_step_is_evaluated_anew(tiny, tiny_lm, tmp_path, env):
+    """Regression: stored-run reuse and the resume file were keyed by the checkpoint's path, so
+    the later save's evaluation reused the earlier save's record."""
+    output, results = tmp_path / "out", tmp_path / "results"
+    records = []
+    for steps in ("1", "2"):
+        assert CliRunner().invoke(cli, ["train", *train_args(tiny, output, "--steps", steps)]).exit_code == 0
+        records += evaluate(tiny, tiny_lm, results, "--checkpoint", str(output), retriever="bm25")
+    first, second = records
+    assert second["id"] != first["id"] and second["method_stats"]["training_steps"] == 2
+    assert second["config"]["method"]["checkpoint"] == read_checkpoint(output).identity
+    assert fingerprint(second["config"]) != fingerprint(first["config"])  # the resume file's name
+    assert second["config"]["model_fingerprint"] != first["config"]["model_fingerprint"]
+
+
+def test_a_checkpoint_missing_a_part_it_declares_is_refused_before_loading(tiny, tiny_lm, trained, tmp_path,
+                                                                          env, monkeypatch):
+    """Regression: without its generator/ a checkpoint evaluated the base model while the record
+    named the checkpoint."""
+    broken = tmp_path / "broken"
+    shutil.copytree(trained, broken)
+    shutil.rmtree(broken / read_checkpoint(trained).folder.name / GENERATOR)
+    monkeypatch.setattr(HuggingFaceCausal, "load", lambda *a, **k: pytest.fail("model loaded"))
+    result = CliRunner().invoke(cli, ["run", "--task", str(tiny_lm), "--method", "rag-sequence", "--model",
+                                      str(tiny / "llama"), "--checkpoint", str(broken), "--data-dir",
+                                      str(tiny / "data"), "--results-dir", str(tmp_path / "results")])
+    assert result.exit_code == 2 and f"lacks {GENERATOR}" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("damage", [{"fingerprint": None}, {"step": "two"}])
+def test_a_manifest_without_its_identity_is_refused(trained, tmp_path, damage):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    (copy / MANIFEST).write_text(json.dumps({**manifest, **damage}))
+    with pytest.raises(UsageError, match="damaged"):
+        read_checkpoint(copy)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -1,12 +1,13 @@
 """`fid`: Fusion-in-Decoder (Izacard & Grave, 2021): each (question, passage) pair is encoded on
 its own, the encoder outputs of a question's K pairs are concatenated along the sequence axis,
 and the decoder reads all of them in one greedy pass. It needs an encoder-decoder model
-(`hf-seq2seq`); `--checkpoint DIR` evaluates a generator `raghub train` trained."""
+(`hf-seq2seq`); `--checkpoint DIR` evaluates a generator `raghub train` trained (the runner
+loads it into the model)."""
 
 from __future__ import annotations
 
 from raghub import Method, UsageError, hookimpl
-from raghub.checkpoints import CHECKPOINT_OPTION, checkpoint_stats, use_trained_generator
+from raghub.checkpoints import CHECKPOINT_OPTION
 
 
 class FusionInDecoder(Method):
@@ -20,10 +21,6 @@ class FusionInDecoder(Method):
             raise UsageError(f"method 'fid' needs an encoder-decoder model (a T5 / BART folder, or "
                              f"--model-backend hf-seq2seq); {model.name!r} is not one")
         super().__init__(model, cache, **options)
-        self.checkpoint = use_trained_generator(self.model, self.settings["checkpoint"])
-
-    def run_stats(self):
-        return {**super().run_stats(), **checkpoint_stats(self.checkpoint)}
 
     def fused_states(self, prompt_lists):
         """For each question, its prompts' encoder states (padding dropped) concatenated along

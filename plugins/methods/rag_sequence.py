@@ -9,17 +9,16 @@ p_η = softmax(retrieval score / temperature).
 - QA: RAG's "thorough" decoding: one greedy candidate per passage, each candidate scored under
   every passage (`continuation_logprobs`), the candidate of highest p(y|x) wins.
 
-`--checkpoint DIR` (a `raghub train` output) loads the trained generator (LoRA adapter or
-fine-tuned weights); the `dense` and `dpr` retrievers read the same flag for their encoders.
+`--checkpoint DIR` (a `raghub train` output) evaluates the trained generator (LoRA adapter or
+fine-tuned weights), which the runner loads into the model; the `dense` and `dpr` retrievers
+read the same flag for their encoders.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from raghub import (Method, Option, answer_continuation, answer_questions, generate_for, hookimpl,
                     passage_logprobs, rag_sequence_logprob, rag_sequence_token_logprobs)
-from raghub.checkpoints import CHECKPOINT_OPTION, checkpoint_stats, use_trained_generator
+from raghub.checkpoints import CHECKPOINT_OPTION
 from raghub.metrics import normalize_answer
 
 
@@ -40,10 +39,6 @@ class RagSequence(Method):
         "temperature": Option(float, 1.0, "passage weights are softmax(score / temperature)", above=0),
         "checkpoint": CHECKPOINT_OPTION,
     }
-
-    def __init__(self, model, cache, **options: Any) -> None:
-        super().__init__(model, cache, **options)
-        self.checkpoint = use_trained_generator(self.model, self.settings["checkpoint"])
 
     def score_windows(self, windows, retrieved):
         """Per token, the passages mixed with their posterior weights given the tokens so far."""
@@ -77,10 +72,6 @@ class RagSequence(Method):
         best.update(zip([q.id for q in closed], answer_questions(self.model, closed, [[] for _ in closed])
                         if closed else []))
         return [best[q.id] for q in questions]
-
-    def run_stats(self) -> dict[str, Any]:
-        """What the checkpoint was trained on, when one is used."""
-        return checkpoint_stats(self.checkpoint)
 
 
 @hookimpl

@@ -132,7 +132,7 @@ class Trainer:
         if config.retriever not in found.retrievers:
             raise UsageError(f"unknown retriever '{config.retriever}'; see `raghub retrievers`")
         self.output = Path(config.output)
-        self.resumed = read_checkpoint(self.output) if (self.output / MANIFEST).exists() else None
+        self.resumed = read_checkpoint(self.output, "--output") if (self.output / MANIFEST).exists() else None
         if self.resumed and self.resumed.manifest["fingerprint"] != config.fingerprint():
             raise UsageError(f"--output {self.output} holds a checkpoint of another training configuration; "
                              "give another --output (or the same settings to resume)")
