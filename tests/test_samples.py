@@ -105,7 +105,8 @@ def test_a_run_logs_every_example_beside_its_record(stub_plugin, tmp_path):
     result = run_stub(tmp_path)
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
-    assert record["samples"] == f"samples/{record['id']}.jsonl"
+    assert record["samples"] == f"samples/{record['id']}.jsonl" and record["schema_version"] == 2
+    assert "source" not in record["config"]["task"]["config"]  # no path of this machine in the record
     lines = read_lines(tmp_path / record["samples"])
     assert len(lines) == len({line["id"] for line in lines}) == record["n_examples"] == 4
     assert list(lines[0]) == ["id", "question", "answers", "type", "prediction", "generation",
