@@ -5,7 +5,7 @@ and corpus fingerprints), method, retriever, model, the dtype it ran in, n_docs,
 number of examples; its newest record is shown. Values read `mean ± standard error` where the
 record has a standard error (`record.stderr`), and a column's best value is bold only when it
 beats the runner-up by more than their combined standard error: never without standard errors,
-never in a one-row table, never in count columns.
+never in a one-row table, never in count columns, never a NaN or an infinity.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ def latest_per_row(records: Iterable[Record]) -> list[Record]:
                                                   str(task_config_fingerprint(r)), str(run_dtype(r))))
 
 
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _format(value: Any, stderr: Any = None) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else "")
@@ -62,14 +66,14 @@ def _format(value: Any, stderr: Any = None) -> str:
 
 def clear_winner(cells: Sequence[tuple[Any, Any]], higher_is_better: bool) -> int | None:
     """The position of the best of (value, standard error) cells when it beats the runner-up by
-    more than sqrt(se_best² + se_runner_up²); None with fewer than two values, or when either
-    of the two has no standard error."""
-    ranked = sorted((i for i, (value, _) in enumerate(cells) if isinstance(value, (int, float))),
+    more than sqrt(se_best² + se_runner_up²); None with fewer than two finite values, or when
+    either of the two has no finite standard error."""
+    ranked = sorted((i for i, (value, _) in enumerate(cells) if _is_finite(value)),
                     key=lambda i: cells[i][0], reverse=higher_is_better)
     if len(ranked) < 2:
         return None
     (best, best_se), (runner_up, runner_up_se) = cells[ranked[0]], cells[ranked[1]]
-    if not isinstance(best_se, (int, float)) or not isinstance(runner_up_se, (int, float)):
+    if not _is_finite(best_se) or not _is_finite(runner_up_se):
         return None
     return ranked[0] if abs(best - runner_up) > math.hypot(best_se, runner_up_se) else None
 def _table(rows: list[Record], metrics: list[str], higher: dict[str, bool],

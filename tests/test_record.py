@@ -130,3 +130,16 @@ def test_a_run_whose_record_would_not_read_back_is_not_stored(tmp_path):
     with pytest.raises(RunError, match=r"record is not valid \('metrics.by_type' must be"):
         append_record(tmp_path, record, [{"id": "1"}])
     assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- NaN and infinities
+
+@pytest.mark.parametrize("odd", [math.nan, math.inf, -math.inf])
+def test_nan_and_infinities_are_shown_and_never_bold(tmp_path, odd):
+    # one order of rows in which a NaN made the sort rank 0.4 above 0.5
+    write_store(tmp_path, qa_record("a", 0.2), qa_record("b", 0.4), qa_record("c", odd), qa_record("d", 0.5))
+    table = invoke("leaderboard", "--results-dir", tmp_path).stdout
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert f"| {odd:.4f} ± 0.0100 |" in rows["c"] and "**" not in rows["c"]
+    assert "| **0.5000 ± 0.0100** |" in rows["d"]  # beats 0.4 by more than their combined error
+    assert sum("**" in row for row in rows.values()) == 1
