@@ -1,5 +1,7 @@
 """The results store: a folder holding `records.jsonl`, one JSON record per line (each read
-through `Record.from_dict`), and `samples/`, each run's samples log.
+through `Record.from_dict`), and `samples/`, each run's samples log. raghub reads and writes
+only inside the folder: a path that leads out of it (absolute, `..`, a symbolic link) is
+refused, never followed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,22 @@ RECORDS_FILE = "records.jsonl"
 SAMPLES_FOLDER = "samples"
 
 
+def store_file(results_dir: str | Path, relative: str) -> Path:
+    """`results_dir / relative`; a UsageError when it leads outside the results folder."""
+    root = Path(results_dir)
+    path = root / relative
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise UsageError(f"{path} leads outside the results folder {root}; raghub reads and writes "
+                         "only inside it")
+    return path
+
+
+def check_store(results_dir: str | Path) -> None:
+    """The store's records file and samples folder lie inside it (UsageError otherwise)."""
+    store_file(results_dir, RECORDS_FILE)
+    store_file(results_dir, SAMPLES_FOLDER)
+
+
 def samples_file(record_id: str) -> str:
     """Where a new run's samples log goes, relative to the results folder."""
     return f"{SAMPLES_FOLDER}/{record_id}.jsonl"
@@ -32,33 +50,58 @@ def _ends_mid_line(handle) -> bool:
     return handle.read(1) != b"\n"
 
 
+def _append_line(path: Path, line: bytes) -> None:
+    """Append a line, on a fresh line (a line torn by a writer that crashed does not swallow
+    it), flushed to disk; a failed write is cut off again, leaving the file as it was."""
+    with open(path, "a+b", buffering=0) as handle:  # unbuffered: nothing is left to write on close
+        fresh_line = b"\n" if _ends_mid_line(handle) else b""
+        size = handle.seek(0, os.SEEK_END)
+        unwritten = memoryview(fresh_line + line)
+        try:
+            while unwritten:
+                unwritten = unwritten[handle.write(unwritten):]
+            os.fsync(handle.fileno())
+        except OSError:
+            handle.truncate(size)
+            raise
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write a new file, flushed to disk."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def append_record(results_dir: str | Path, record: Record, samples: Sequence[dict[str, Any]] = ()) -> None:
     """Store a run: its samples log (the lines `samples`) where the record names one, then the
-    record, flushed to disk and on a fresh line (a line torn by a writer that crashed does not
-    swallow it). A record that would not read back valid (a plugin's metrics of the wrong
-    shape) is not stored: RunError."""
+    record. A record that would not read back valid (a plugin's metrics of the wrong shape), or
+    a write that fails (a full disk), leaves the store as it was: RunError."""
     stored = json.dumps(record.to_dict(), sort_keys=True) + "\n"
     try:
         Record.from_dict(json.loads(stored))
     except InvalidRecord as error:
         raise RunError(f"the run's record is not valid ({error}); nothing was stored") from None
-    path = Path(results_dir) / RECORDS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if record.samples is not None:
-        log = Path(results_dir) / record.samples
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text("".join(json.dumps(line) + "\n" for line in samples), encoding="utf-8")
-    with open(path, "a+b") as handle:
-        fresh_line = "\n" if _ends_mid_line(handle) else ""
-        handle.write((fresh_line + stored).encode("utf-8"))
-        handle.flush()
-        os.fsync(handle.fileno())
+    records, log = store_file(results_dir, RECORDS_FILE), None
+    try:
+        records.parent.mkdir(parents=True, exist_ok=True)
+        if record.samples is not None:
+            log = store_file(results_dir, record.samples)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            _write_file(log, "".join(json.dumps(line) + "\n" for line in samples).encode("utf-8"))
+        _append_line(records, stored.encode("utf-8"))
+    except OSError as error:
+        if log is not None:
+            log.unlink(missing_ok=True)
+        raise RunError(f"the record could not be stored in {results_dir} ({error.strerror}); the "
+                       "finished examples are kept: run the same command again to store it") from None
 
 
 def read_records(results_dir: str | Path) -> list[Record]:
     """Every stored record, oldest first, migrated to the current schema; a line that is not
     JSON, or not a valid record, is skipped and named on stderr with the reason."""
-    path = Path(results_dir) / RECORDS_FILE
+    path = store_file(results_dir, RECORDS_FILE)
     if not path.exists():
         return []
     records = []
@@ -95,7 +138,10 @@ def read_samples(results_dir: str | Path, record: Record) -> list[dict[str, Any]
     """The lines of a record's samples log, one per example, in the run's order."""
     if record.samples is None:
         raise UsageError(f"record {record.id} has no samples log (it was run before raghub wrote them)")
-    path = Path(results_dir) / record.samples
+    try:
+        path = store_file(results_dir, record.samples)
+    except UsageError as error:
+        raise UsageError(f"record {record.id}: {error}") from None
     if not path.is_file():
         raise UsageError(f"the samples log of record {record.id}, {path}, is missing")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

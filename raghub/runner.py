@@ -42,7 +42,7 @@ from raghub.models import LanguageModel, ModelBackend, choose_backend
 from raghub.options import dashed
 from raghub.plugin_manager import registry
 from raghub.record import Record
-from raghub.records import append_record, read_records, samples_file
+from raghub.records import append_record, check_store, read_records, samples_file
 from raghub.schema import check_schema
 from raghub.settings import CORE_OPTIONS, read_task_definition
 
@@ -195,6 +195,7 @@ def _check_results_dir(results_dir: Path) -> None:
     except OSError as error:
         raise UsageError(f"--results-dir {results_dir} cannot be written ({error.strerror}); give a "
                          "folder you can write to") from None
+    check_store(results_dir)
 
 
 def _check_device(device: str) -> None:

@@ -1,6 +1,7 @@
 """Per-sample logs, `raghub samples` and `raghub compare`: runs of a stub model and method on
 the real HotpotQA task, hand-made records, and a real run killed with SIGKILL."""
 
+import errno
 import json
 import math
 import os
@@ -242,6 +243,65 @@ def test_compare_refuses_runs_of_different_tasks(qa_store):
     store(qa_store, "other", "othertask", "qa", QA_HIGHER, [qa_line("q1", 1.0, "bridge", "gold")])
     out = invoke("compare", "20260101-000000", "other", "--results-dir", qa_store)
     assert out.exit_code == 2 and "runs of different tasks" in out.output
+
+
+# --- the store's files stay inside it ------------------------------------------------------
+
+@pytest.mark.parametrize("samples", ["/etc/hostname", "../../../../etc/hostname", "samples/../../outside.jsonl"])
+def test_a_samples_path_leading_out_of_the_store_is_refused(qa_store, samples):
+    (qa_store.parent / "outside.jsonl").write_text(json.dumps(qa_line("q1", 1.0, "bridge", "secret")) + "\n")
+    record = {**json.loads((qa_store / "records.jsonl").read_text().splitlines()[0]), "id": "evil", "samples": samples}
+    with open(qa_store / "records.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    for command in (("samples", "evil"), ("compare", "evil", "20260101-000000")):
+        shown = invoke(*command, "--results-dir", qa_store)
+        assert shown.exit_code == 2 and "leads outside the results folder" in shown.output
+        assert "secret" not in shown.output and len(shown.output.strip().splitlines()) == 1
+
+
+def test_a_samples_log_linked_to_outside_the_store_is_refused(qa_store):
+    [log] = [path for path in (qa_store / "samples").iterdir() if path.name.startswith("20260101-000000")]
+    (qa_store.parent / "outside").write_bytes(log.read_bytes())
+    log.unlink()
+    log.symlink_to(qa_store.parent / "outside")
+    shown = invoke("samples", "20260101-000000", "--results-dir", qa_store)
+    assert shown.exit_code == 2 and "leads outside the results folder" in shown.output
+
+
+def test_a_records_file_linked_to_outside_the_store_is_not_appended_to(stub_plugin, tmp_path):
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    elsewhere.write_text("")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "records.jsonl").symlink_to(elsewhere)
+    result = run_stub(tmp_path / "results")
+    assert result.exit_code == 2 and "leads outside the results folder" in result.output
+    assert elsewhere.read_text() == "" and not (tmp_path / "results" / "samples").exists()
+
+
+@pytest.mark.parametrize("full_at", ["records.jsonl", "samples"])
+def test_a_full_disk_when_a_run_is_stored_is_one_line_and_leaves_the_store_as_it_was(stub_plugin, tmp_path,
+                                                                                   monkeypatch, full_at):
+    results = tmp_path / "results"
+    assert run_stub(results).exit_code == 0
+    before = {path: path.read_bytes() for path in results.rglob("*") if path.is_file()}
+    fsync = os.fsync
+
+    def full_disk(descriptor):  # the disk fills when the record (or the samples log) is flushed
+        if full_at in Path(os.readlink(f"/proc/self/fd/{descriptor}")).parts:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(descriptor)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "fsync", full_disk)
+        result = run_stub(results, "--force")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert result.output.strip().splitlines()[-1] == (  # after the progress bar: one line
+        f"Error: the record could not be stored in {results} (No space left on device); "
+        "the finished examples are kept: run the same command again to store it")
+    after = {path: path.read_bytes() for path in results.rglob("*") if path.is_file() and ".partial" not in path.parts}
+    assert after == before  # nothing torn, no samples log without its record
+    stored = run_stub(results, "--force")  # resumed from the kept examples
+    assert stored.exit_code == 0 and len((results / "records.jsonl").read_text().splitlines()) == 2
 
 
 # --- a real run killed with SIGKILL -------------------------------------------------------
