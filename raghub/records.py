@@ -1,11 +1,12 @@
 """The results store: a folder holding `records.jsonl`, one JSON record per line (each read
-through `Record.from_dict`), and `samples/`, each run's samples log. raghub reads and writes
-only inside the folder: a path that leads out of it (absolute, `..`, a symbolic link) is
-refused, never followed.
+through `Record.from_dict`), and `samples/`, each run's samples log (`.jsonl`, or `.jsonl.gz`
+as in the committed leaderboards). raghub reads and writes only inside the folder: a path
+that leads out of it (absolute, `..`, a symbolic link) is refused, never followed.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import sys
@@ -135,7 +136,8 @@ def find_record(results_dir: str | Path, reference: str) -> Record:
 
 
 def read_samples(results_dir: str | Path, record: Record) -> list[dict[str, Any]]:
-    """The lines of a record's samples log, one per example, in the run's order."""
+    """The lines of a record's samples log (plain or gzipped), one per example, in the run's
+    order."""
     if record.samples is None:
         raise UsageError(f"record {record.id} has no samples log (it was run before raghub wrote them)")
     try:
@@ -144,4 +146,8 @@ def read_samples(results_dir: str | Path, record: Record) -> list[dict[str, Any]
         raise UsageError(f"record {record.id}: {error}") from None
     if not path.is_file():
         raise UsageError(f"the samples log of record {record.id}, {path}, is missing")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+    except (OSError, EOFError, ValueError) as error:  # not gzip, cut short, not JSON or UTF-8
+        raise UsageError(f"the samples log of record {record.id}, {path}, is damaged ({error})") from None

@@ -2,6 +2,7 @@
 the real HotpotQA task, hand-made records, and a real run killed with SIGKILL."""
 
 import errno
+import gzip
 import json
 import math
 import os
@@ -155,11 +156,13 @@ def test_the_resume_file_keeps_whole_sample_lines_only(tmp_path):
 
 # --- hand-made records and samples --------------------------------------------------------
 
-def store(results, record_id, task, family, higher, lines, **extra):
-    """Write one record and its samples log into `results`."""
+def store(results, record_id, task, family, higher, lines, suffix=".jsonl", **extra):
+    """Write one record and its samples log (gzipped when `suffix` ends in .gz) into `results`."""
     (results / "samples").mkdir(parents=True, exist_ok=True)
-    (results / "samples" / f"{record_id}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    record = {"id": record_id, "samples": f"samples/{record_id}.jsonl", "task": task, "family": family,
+    text = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    samples = f"samples/{record_id}{suffix}"
+    (results / samples).write_bytes(gzip.compress(text) if suffix.endswith(".gz") else text)
+    record = {"id": record_id, "samples": samples, "task": task, "family": family,
               "method": extra.get("method", "m"), "retriever": None, "n_docs": 0,
               "n_examples": len(lines), "metrics": {}, "higher_is_better": higher}
     with open(results / "records.jsonl", "a") as handle:
@@ -175,14 +178,17 @@ def qa_line(example_id, em, kind, prediction):
 QA_HIGHER = {"em": True, "f1": True}
 
 
-@pytest.fixture
-def qa_store(tmp_path):
+@pytest.fixture(params=[".jsonl", ".jsonl.gz"])
+def qa_store(tmp_path, request):
+    """Two QA runs' records and samples logs, the logs plain or gzipped."""
     store(tmp_path, "20260101-000000-aaaaaa", "toyqa", "qa", QA_HIGHER,
           [qa_line("q1", 1.0, "bridge", "gold"), qa_line("q2", 0.0, "bridge", "wrong-one"),
-           qa_line("q3", 1.0, "comparison", "gold"), qa_line("q4", 0.0, "comparison", "wrong-two")])
+           qa_line("q3", 1.0, "comparison", "gold"), qa_line("q4", 0.0, "comparison", "wrong-two")],
+          suffix=request.param)
     store(tmp_path, "20260101-000001-bbbbbb", "toyqa", "qa", QA_HIGHER,
           [qa_line("q1", 0.0, "bridge", "x"), qa_line("q2", 0.0, "bridge", "y"),
-           qa_line("q3", 1.0, "comparison", "gold"), qa_line("q9", 1.0, "comparison", "gold")])
+           qa_line("q3", 1.0, "comparison", "gold"), qa_line("q9", 1.0, "comparison", "gold")],
+          suffix=request.param)
     return tmp_path
 
 
@@ -208,6 +214,13 @@ def test_samples_keeps_the_wrong_answers_of_a_type(qa_store):
 def test_a_record_reference_that_is_not_one_record_is_one_line(qa_store, reference, message):
     shown = invoke("samples", reference, "--results-dir", qa_store)
     assert shown.exit_code == 2 and message in shown.output
+
+
+def test_a_damaged_samples_log_is_one_line(qa_store):
+    [log] = [path for path in (qa_store / "samples").iterdir() if path.name.startswith("20260101-000000")]
+    log.write_bytes(log.read_bytes()[:-9])  # cut short: a torn JSON line, or a gzip stream without its end
+    shown = invoke("samples", "20260101-000000", "--results-dir", qa_store)
+    assert shown.exit_code == 2 and "is damaged" in shown.output and len(shown.output.splitlines()) == 1
 
 
 def test_compare_pairs_shared_examples_by_hand(qa_store):
