@@ -156,6 +156,8 @@ def run(config_file: str | None, as_json: bool, force: bool, **given: Any) -> No
 def leaderboard(results_dir: str, tasks: tuple[str, ...], by_type: bool, output: str | None) -> None:
     """A markdown table of every stored result; a best value is bold only when it beats the
     runner-up by more than their combined standard error."""
+    if not Path(results_dir).is_dir():
+        raise UsageError(f"--results-dir {results_dir} is not a folder")
     records = read_records(results_dir)
     markdown = leaderboard_markdown(records, tasks=tasks, by_type=by_type)
     if output:
