@@ -143,3 +143,32 @@ def test_nan_and_infinities_are_shown_and_never_bold(tmp_path, odd):
     assert f"| {odd:.4f} ± 0.0100 |" in rows["c"] and "**" not in rows["c"]
     assert "| **0.5000 ± 0.0100** |" in rows["d"]  # beats 0.4 by more than their combined error
     assert sum("**" in row for row in rows.values()) == 1
+
+
+# --------------------------------------------------------------------------- committed stores
+
+COMMITTED_STORES = sorted(path.parent for path in LEADERBOARDS.rglob("records.jsonl"))
+MACHINE_PATH = re.compile(r"(?:^|[\s=])/\w")
+
+
+def strings(value):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+@pytest.mark.parametrize("store", COMMITTED_STORES, ids=lambda store: str(store.relative_to(LEADERBOARDS.parent)))
+def test_committed_records_are_current_without_machine_paths_and_match_their_samples_logs(store):
+    lines = [json.loads(line) for line in (store / "records.jsonl").read_text().splitlines()]
+    assert all(line.get("schema_version") == SCHEMA_VERSION for line in lines)
+    assert [Record.from_dict(line).to_dict() for line in lines] == lines  # valid, and already migrated
+    assert not [text for line in lines for text in strings(line) if MACHINE_PATH.search(text)]
+    named = {line["samples"] for line in lines if line["samples"]}
+    logs = {str(path.relative_to(store)) for path in (store / "samples").glob("*")} if (store / "samples").exists() else set()
+    assert named == logs  # every record's log is there, and every log has its record
+    assert all(name.endswith(".jsonl.gz") for name in logs)
