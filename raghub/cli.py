@@ -23,7 +23,9 @@ from raghub.errors import RaghubError, UsageError
 from raghub.options import Option, dashed
 from raghub.plots import KINDS, plot as draw_plot
 from raghub.plugin_manager import call_hook, failed_plugins, plugin_summaries, registry
-from raghub.records import find_record, leaderboard_markdown, read_records, read_samples
+from raghub.leaderboard import leaderboard_markdown
+from raghub.record import Record
+from raghub.records import find_record, read_records, read_samples
 from raghub.settings import CORE_OPTIONS, read_yaml_mapping
 
 
@@ -105,24 +107,24 @@ def _run_settings(config_file: str | None, given: dict[str, Any]) -> dict[str, A
     return settings
 
 
-def _record_title(record: dict[str, Any]) -> str:
+def _record_title(record: Record) -> str:
     """E.g. 'squad · incontext · bm25 k=3'."""
-    return (f"{record['task']} · {record['method']}"
-            + (f" · {record['retriever']} k={record['n_docs']}" if record["retriever"] else ""))
+    return (f"{record.task} · {record.method}"
+            + (f" · {record.retriever} k={record.n_docs}" if record.retriever else ""))
 
 
-def _print_record(record: dict[str, Any], results_dir: Path) -> None:
+def _print_record(record: Record, results_dir: Path) -> None:
     """The record's metrics as a table, then one line of what was run (wrapped only between words)."""
     table = Table(title=_record_title(record))
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for name, value in record["metrics"].items():
+    for name, value in record.metrics.items():
         if isinstance(value, (int, float)):
             table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
     console = Console()
     console.print(table)
-    n = record["n_examples"]
-    console.print(f"{n} example{'' if n == 1 else 's'} · {record['model']} · stored in {results_dir}",
+    n = record.n_examples
+    console.print(f"{n} example{'' if n == 1 else 's'} · {record.model} · stored in {results_dir}",
                   style="dim", soft_wrap=True, markup=False, highlight=False)
 
 
@@ -141,7 +143,7 @@ def run(config_file: str | None, as_json: bool, force: bool, **given: Any) -> No
     runs = resolve_sweep(_run_settings(config_file, given))
     for record, resolved in zip(run_sweep(runs, force=force), runs):
         if as_json:
-            click.echo(json.dumps(record, sort_keys=True))
+            click.echo(json.dumps(record.to_dict(), sort_keys=True))
         else:
             _print_record(record, resolved.request.results_dir)
 
@@ -154,6 +156,8 @@ def run(config_file: str | None, as_json: bool, force: bool, **given: Any) -> No
 def leaderboard(results_dir: str, tasks: tuple[str, ...], by_type: bool, output: str | None) -> None:
     """A markdown table of every stored result; a best value is bold only when it beats the
     runner-up by more than their combined standard error."""
+    if not Path(results_dir).is_dir():
+        raise UsageError(f"--results-dir {results_dir} is not a folder")
     records = read_records(results_dir)
     markdown = leaderboard_markdown(records, tasks=tasks, by_type=by_type)
     if output:
@@ -252,12 +256,9 @@ RESULTS_DIR_OPTION = click.option("--results-dir", type=click.Path(file_okay=Fal
                                   show_default=True)
 
 
-def _stored_run(results_dir: str, reference: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _stored_run(results_dir: str, reference: str) -> tuple[Record, list[dict[str, Any]]]:
     """A record (by id, the start of one, or `latest`) and its samples log."""
-    try:
-        record = find_record(results_dir, reference)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    record = find_record(results_dir, reference)
     return record, read_samples(results_dir, record)
 
 
@@ -296,12 +297,12 @@ def samples(reference: str, wrong: bool, example_type: str | None, results_dir: 
     shown = lines
     if wrong:
         if not any("em" in line for line in lines):
-            raise UsageError(f"--wrong keeps the examples with EM 0, and record {record['id']} "
-                             f"({record['task']}) has no EM")
+            raise UsageError(f"--wrong keeps the examples with EM 0, and record {record.id} "
+                             f"({record.task}) has no EM")
         shown = [line for line in shown if line.get("em") == 0]
     if example_type is not None:
         shown = [line for line in shown if line.get("type") == example_type]
-    table = Table(title=f"{record['id']}: {_record_title(record)}", show_lines=True,
+    table = Table(title=f"{record.id}: {_record_title(record)}", show_lines=True,
                   caption=f"{len(shown)} of {len(lines)} examples")
     for column in ("id", "example", "scores", "retrieved"):
         table.add_column(column, overflow="fold")
@@ -323,16 +324,16 @@ def compare(found, reference_a: str, reference_b: str, as_json: bool, results_di
 
     record_a, samples_a = _stored_run(results_dir, reference_a)
     record_b, samples_b = _stored_run(results_dir, reference_b)
-    family = found.task_families.get(record_a["family"])
+    family = found.task_families.get(record_a.family)
     if family is None:
-        raise UsageError(f"no installed plugin provides the task family '{record_a['family']}'")
+        raise UsageError(f"no installed plugin provides the task family '{record_a.family}'")
     comparison = compare_runs(record_a, samples_a, record_b, samples_b, family.metric_terms)
     if as_json:
         click.echo(json.dumps(comparison, sort_keys=True))
         return
     console = Console()
-    console.print(f"A  {record_a['id']}  {_record_title(record_a)}\n"
-                  f"B  {record_b['id']}  {_record_title(record_b)}\n"
+    console.print(f"A  {record_a.id}  {_record_title(record_a)}\n"
+                  f"B  {record_b.id}  {_record_title(record_b)}\n"
                   f"paired on the {comparison['n_shared']} examples both ran "
                   f"(A ran {comparison['n_a']}, B ran {comparison['n_b']})", highlight=False)
     table = Table()

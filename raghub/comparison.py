@@ -12,31 +12,32 @@ from typing import Any, Callable, Sequence
 
 from raghub.errors import UsageError
 from raghub.metrics import paired_difference
+from raghub.record import Record
 
 MetricTerms = Callable[[dict[str, Any]], dict[str, tuple[float, float]]]
 
 
-def compare_runs(record_a: dict[str, Any], samples_a: Sequence[dict[str, Any]],
-                 record_b: dict[str, Any], samples_b: Sequence[dict[str, Any]],
+def compare_runs(record_a: Record, samples_a: Sequence[dict[str, Any]],
+                 record_b: Record, samples_b: Sequence[dict[str, Any]],
                  metric_terms: MetricTerms) -> dict[str, Any]:
     """The paired comparison of run A against run B: per ranked ratio metric, A's and B's value
     on the shared examples, the difference A − B with its paired se, and wins / losses / ties
     counted for A (by the metric's direction)."""
-    if record_a["task"] != record_b["task"]:
-        raise UsageError(f"records {record_a['id']} and {record_b['id']} are runs of different "
-                         f"tasks ({record_a['task']}, {record_b['task']}); compare runs of one task")
+    if record_a.task != record_b.task:
+        raise UsageError(f"records {record_a.id} and {record_b.id} are runs of different "
+                         f"tasks ({record_a.task}, {record_b.task}); compare runs of one task")
     by_id = {line["id"]: line for line in samples_b}
     shared = [(line, by_id[line["id"]]) for line in samples_a if line["id"] in by_id]
     if not shared:
-        raise UsageError(f"records {record_a['id']} and {record_b['id']} share no example")
+        raise UsageError(f"records {record_a.id} and {record_b.id} share no example")
     compared = {}
-    for name, higher_is_better in record_a["higher_is_better"].items():
+    for name, higher_is_better in record_a.higher_is_better.items():
         pairs = [(metric_terms(a).get(name), metric_terms(b).get(name)) for a, b in shared]
         pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
         if not pairs:
             continue
         if any(a[1] != b[1] for a, b in pairs):
-            raise UsageError(f"the examples of records {record_a['id']} and {record_b['id']} differ "
+            raise UsageError(f"the examples of records {record_a.id} and {record_b.id} differ "
                              f"in size for {name} (a different tokenizer or windows?)")
         ya, yb, x = [a[0] for a, _ in pairs], [b[0] for _, b in pairs], [a[1] for a, _ in pairs]
         difference, se = paired_difference(ya, yb, x)
@@ -44,5 +45,5 @@ def compare_runs(record_a: dict[str, Any], samples_a: Sequence[dict[str, Any]],
         compared[name] = {"a": sum(ya) / sum(x), "b": sum(yb) / sum(x), "difference": difference,
                           "se": se, "n": len(pairs), "wins": sum(d > 0 for d in better),
                           "losses": sum(d < 0 for d in better), "ties": sum(d == 0 for d in better)}
-    return {"a": record_a["id"], "b": record_b["id"], "task": record_a["task"],
+    return {"a": record_a.id, "b": record_b.id, "task": record_a.task,
             "n_shared": len(shared), "n_a": len(samples_a), "n_b": len(samples_b), "metrics": compared}

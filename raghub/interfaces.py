@@ -190,8 +190,10 @@ class Task(Plugin, ABC):
         """Checks across options and the definition, run before the model loads."""
 
     def fingerprint(self) -> dict[str, Any]:
-        """The task's full resolved configuration (part of every cache key and the record)."""
-        return {"task": self.name, "config": self.config, **self.settings}
+        """The task's full resolved configuration (part of every cache key and the record),
+        without where its YAML file lies: the same task anywhere is the same run."""
+        definition = {key: value for key, value in self.config.items() if key != "source"}
+        return {"task": self.name, "config": definition, **self.settings}
 
     @abstractmethod
     def examples(self, model: LanguageModel, limit: int | None) -> list[Example]:

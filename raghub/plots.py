@@ -10,67 +10,68 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from raghub.errors import UsageError
-from raghub.records import latest_per_row
+from raghub.leaderboard import latest_per_row
+from raghub.record import Record
 
 KINDS = ("lines", "bars")
 FORMATS = (".png", ".svg")
 
 
-def _largest_sample(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _largest_sample(rows: list[Record]) -> list[Record]:
     """Each task's rows at its largest number of examples (smaller samples are not comparable)."""
     largest: dict[str, int] = {}
     for row in rows:
-        largest[row["task"]] = max(largest.get(row["task"], 0), row["n_examples"])
-    return [row for row in rows if row["n_examples"] == largest[row["task"]]]
+        largest[row.task] = max(largest.get(row.task, 0), row.n_examples)
+    return [row for row in rows if row.n_examples == largest[row.task]]
 
 
-def _metric(rows: list[dict[str, Any]], metric: str | None) -> str:
+def _metric(rows: list[Record], metric: str | None) -> str:
     """`metric` when some row has it (default: the first metric the rows rank)."""
-    ranked = list(dict.fromkeys(m for row in rows for m in row.get("higher_is_better", {})))
+    ranked = list(dict.fromkeys(m for row in rows for m in row.higher_is_better))
     chosen = metric or (ranked[0] if ranked else None)
-    if chosen is None or not any(isinstance(row["metrics"].get(chosen), (int, float)) for row in rows):
+    if chosen is None or not any(isinstance(row.metrics.get(chosen), (int, float)) for row in rows):
         raise UsageError(f"no stored record has the metric {chosen!r}; choose one of "
                          f"{', '.join(ranked) or 'none'} with --metric")
     return chosen
 
 
-def _value(row: dict[str, Any], metric: str) -> tuple[float, float]:
+def _value(row: Record, metric: str) -> tuple[float, float]:
     """(value, standard error or 0) of a row's metric."""
-    return row["metrics"][metric], (row.get("stderr") or {}).get(metric) or 0.0
+    return row.metrics[metric], row.stderr.get(metric) or 0.0
 
 
-def _series_label(row: dict[str, Any], with_n_docs: bool) -> str:
-    parts = [row["method"]]
-    if row.get("retriever"):
-        parts.append(row["retriever"] + (f" k={row['n_docs']}" if with_n_docs else ""))
-    if row.get("settings"):
-        parts.append(row["settings"])
+def _series_label(row: Record, with_n_docs: bool) -> str:
+    parts = [row.method]
+    if row.retriever:
+        parts.append(row.retriever + (f" k={row.n_docs}" if with_n_docs else ""))
+    if row.settings:
+        parts.append(row.settings)
     return " · ".join(parts)
 
 
-def _lines(axes, rows: list[dict[str, Any]], metric: str) -> None:
-    series: dict[str, list[dict[str, Any]]] = defaultdict(list)
+def _lines(axes, rows: list[Record], metric: str) -> None:
+    series: dict[str, list[Record]] = defaultdict(list)
     for row in rows:
         series[_series_label(row, with_n_docs=False)].append(row)
     for label, points in series.items():
-        points.sort(key=lambda r: r.get("n_docs") or 0)
+        points.sort(key=lambda r: r.n_docs)
         values = [_value(r, metric) for r in points]
-        if all(not r.get("n_docs") for r in points):  # closed book: a baseline across the axis
+        if all(not r.n_docs for r in points):  # closed book: a baseline across the axis
             axes.axhline(values[-1][0], linestyle="--", color="gray", label=label)
             continue
-        axes.errorbar([r["n_docs"] for r in points], [v for v, _ in values], yerr=[e for _, e in values],
+        axes.errorbar([r.n_docs for r in points], [v for v, _ in values], yerr=[e for _, e in values],
                       marker="o", capsize=3, label=label)
     axes.set_xlabel("passages retrieved (n_docs)")
 
 
-def _bars(axes, rows: list[dict[str, Any]], metric: str) -> None:
-    tasks = sorted({row["task"] for row in rows})
-    series: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+def _bars(axes, rows: list[Record], metric: str) -> None:
+    tasks = sorted({row.task for row in rows})
+    series: dict[str, dict[str, Record]] = defaultdict(dict)
     for row in rows:
-        series[_series_label(row, with_n_docs=True)][row["task"]] = row
+        series[_series_label(row, with_n_docs=True)][row.task] = row
     width = 0.8 / len(series)
     for position, (label, by_task) in enumerate(sorted(series.items())):
         shown = [t for t in tasks if t in by_task]
@@ -80,19 +81,19 @@ def _bars(axes, rows: list[dict[str, Any]], metric: str) -> None:
     axes.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
 
 
-def plot(records: list[dict[str, Any]], kind: str, tasks: Sequence[str], metric: str | None,
+def plot(records: list[Record], kind: str, tasks: Sequence[str], metric: str | None,
          output: str | Path | None, results_dir: str | Path) -> Path:
     """Draw `kind` from the records into `output` (.png or .svg; default: in `results_dir`,
     named after the task and metric) and return its path. `lines` needs one task: the one
     named, or the only one stored."""
-    rows = [row for row in _largest_sample(latest_per_row(records)) if not tasks or row["task"] in tasks]
-    stored = sorted({row["task"] for row in rows})
+    rows = [row for row in _largest_sample(latest_per_row(records)) if not tasks or row.task in tasks]
+    stored = sorted({row.task for row in rows})
     if not rows:
         raise UsageError(f"no stored records{' of ' + ', '.join(tasks) if tasks else ''} in {results_dir}")
     if kind == "lines" and len(stored) > 1:
         raise UsageError(f"several tasks are stored ({', '.join(stored)}); choose one with --task")
     metric = _metric(rows, metric)
-    rows = [row for row in rows if isinstance(row["metrics"].get(metric), (int, float))]
+    rows = [row for row in rows if isinstance(row.metrics.get(metric), (int, float))]
     path = Path(output) if output else Path(results_dir) / f"{stored[0] if kind == 'lines' else 'tasks'}-{metric}.png"
     if path.suffix not in FORMATS:
         raise UsageError(f"--output must end in {' or '.join(FORMATS)}, not {path.name}")
@@ -104,7 +105,7 @@ def plot(records: list[dict[str, Any]], kind: str, tasks: Sequence[str], metric:
 
     figure, axes = pyplot.subplots(figsize=(7, 4.5))
     (_lines if kind == "lines" else _bars)(axes, rows, metric)
-    sizes = ", ".join(f"{task}: {n}" for task, n in sorted({(r['task'], r['n_examples']) for r in rows}))
+    sizes = ", ".join(f"{task}: {n}" for task, n in sorted({(r.task, r.n_examples) for r in rows}))
     axes.set_title(f"{metric} (examples: {sizes})", fontsize=9)
     axes.set_ylabel(metric)
     axes.legend(fontsize=8)

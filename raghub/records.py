@@ -1,33 +1,45 @@
-"""The results store (one JSON record per line in `records.jsonl`) and the leaderboard.
-
-A leaderboard row is one configuration: the task and its resolved configuration (task config
-and corpus fingerprints), method, retriever, model, the dtype it ran in, n_docs, settings and
-number of examples; its newest record is shown. Values read `mean ± standard error` where the
-record has a standard error (`record["stderr"]`), and a column's best value is bold only when
-it beats the runner-up by more than their combined standard error: never without standard
-errors, never in a one-row table, never in count columns.
+"""The results store: a folder holding `records.jsonl`, one JSON record per line (each read
+through `Record.from_dict`), and `samples/`, each run's samples log (`.jsonl`, or `.jsonl.gz`
+as in the committed leaderboards). raghub reads and writes only inside the folder: a path
+that leads out of it (absolute, `..`, a symbolic link) is refused, never followed.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
-import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
-from raghub.cache import fingerprint
-from raghub.errors import UsageError
+from raghub.errors import RunError, UsageError
+from raghub.record import InvalidRecord, Record
 
 RECORDS_FILE = "records.jsonl"
-ROW_KEY = ("task", "method", "retriever", "model", "n_docs", "settings", "n_examples")
-LEGEND = ("Values are mean ± standard error where the record has one. A best value is bold only "
-          "when it beats the runner-up by more than their combined standard error.")
-#: (value, standard error or None) of one metric of one row
-Lookup = Callable[[dict[str, Any], str], tuple[Any, Any]]
-#: what the leaderboard needs of every record
-RECORD_KEYS = ("task", "method", "n_examples", "metrics")
+#: the folder, inside the results store, of each run's samples log, `<record id>.jsonl`
+SAMPLES_FOLDER = "samples"
+
+
+def store_file(results_dir: str | Path, relative: str) -> Path:
+    """`results_dir / relative`; a UsageError when it leads outside the results folder."""
+    root = Path(results_dir)
+    path = root / relative
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise UsageError(f"{path} leads outside the results folder {root}; raghub reads and writes "
+                         "only inside it")
+    return path
+
+
+def check_store(results_dir: str | Path) -> None:
+    """The store's records file and samples folder lie inside it (UsageError otherwise)."""
+    store_file(results_dir, RECORDS_FILE)
+    store_file(results_dir, SAMPLES_FOLDER)
+
+
+def samples_file(record_id: str) -> str:
+    """Where a new run's samples log goes, relative to the results folder."""
+    return f"{SAMPLES_FOLDER}/{record_id}.jsonl"
 
 
 def _ends_mid_line(handle) -> bool:
@@ -39,197 +51,103 @@ def _ends_mid_line(handle) -> bool:
     return handle.read(1) != b"\n"
 
 
-def append_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
-    """Append one record as a line of JSON, flushed to disk before returning. It starts on a
-    fresh line, so a line torn by a writer that crashed does not swallow it."""
-    path = Path(results_dir) / RECORDS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        fresh_line = "\n" if _ends_mid_line(handle) else ""
-        handle.write((fresh_line + json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+def _append_line(path: Path, line: bytes) -> None:
+    """Append a line, on a fresh line (a line torn by a writer that crashed does not swallow
+    it), flushed to disk; a failed write is cut off again, leaving the file as it was."""
+    with open(path, "a+b", buffering=0) as handle:  # unbuffered: nothing is left to write on close
+        fresh_line = b"\n" if _ends_mid_line(handle) else b""
+        size = handle.seek(0, os.SEEK_END)
+        unwritten = memoryview(fresh_line + line)
+        try:
+            while unwritten:
+                unwritten = unwritten[handle.write(unwritten):]
+            os.fsync(handle.fileno())
+        except OSError:
+            handle.truncate(size)
+            raise
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write a new file, flushed to disk."""
+    with open(path, "wb") as handle:
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    return path
 
 
-def _is_record(value: Any) -> bool:
-    """Whether a JSON value is a record the leaderboard can show: an object with `RECORD_KEYS`,
-    its metrics an object."""
-    return (isinstance(value, dict) and all(key in value for key in RECORD_KEYS)
-            and isinstance(value["metrics"], dict))
+def append_record(results_dir: str | Path, record: Record, samples: Sequence[dict[str, Any]] = ()) -> None:
+    """Store a run: its samples log (the lines `samples`) where the record names one, then the
+    record. A record that would not read back valid (a plugin's metrics of the wrong shape), or
+    a write that fails (a full disk), leaves the store as it was: RunError."""
+    stored = json.dumps(record.to_dict(), sort_keys=True) + "\n"
+    try:
+        Record.from_dict(json.loads(stored))
+    except InvalidRecord as error:
+        raise RunError(f"the run's record is not valid ({error}); nothing was stored") from None
+    records, log = store_file(results_dir, RECORDS_FILE), None
+    try:
+        records.parent.mkdir(parents=True, exist_ok=True)
+        if record.samples is not None:
+            log = store_file(results_dir, record.samples)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            _write_file(log, "".join(json.dumps(line) + "\n" for line in samples).encode("utf-8"))
+        _append_line(records, stored.encode("utf-8"))
+    except OSError as error:
+        if log is not None:
+            log.unlink(missing_ok=True)
+        raise RunError(f"the record could not be stored in {results_dir} ({error.strerror}); the "
+                       "finished examples are kept: run the same command again to store it") from None
 
 
-def read_records(results_dir: str | Path) -> list[dict[str, Any]]:
-    """Every stored record, oldest first; a line that is not JSON, or JSON but not a record, is
-    skipped and named on stderr."""
-    path = Path(results_dir) / RECORDS_FILE
+def read_records(results_dir: str | Path) -> list[Record]:
+    """Every stored record, oldest first, migrated to the current schema; a line that is not
+    JSON, or not a valid record, is skipped and named on stderr with the reason."""
+    path = store_file(results_dir, RECORDS_FILE)
     if not path.exists():
         return []
     records = []
     for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         if line.strip():
             try:
-                value = json.loads(line)
+                records.append(Record.from_dict(json.loads(line)))
+            except InvalidRecord as error:
+                print(f"{path}, line {number}: skipped, not a record: {error}", file=sys.stderr)
             except ValueError:  # not JSON, or not even UTF-8
                 print(f"{path}, line {number}: skipped, not a JSON record", file=sys.stderr)
-                continue
-            if _is_record(value):
-                records.append(value)
-            else:
-                print(f"{path}, line {number}: skipped, not a record (a record is a JSON object "
-                      f"with {', '.join(RECORD_KEYS)})", file=sys.stderr)
     return records
 
 
-def task_config_fingerprint(record: dict[str, Any]) -> str | None:
-    """A short fingerprint of the record's resolved task configuration, leaving out where the
-    task's YAML file lies (None for a record without a config)."""
-    task = (record.get("config") or {}).get("task")
-    if task is None:
-        return None
-    definition = {key: value for key, value in (task.get("config") or {}).items() if key != "source"}
-    return fingerprint({**task, "config": definition})[:8]
-
-
-def corpus_fingerprint(record: dict[str, Any]) -> str | None:
-    """The fingerprint of the passages the record's run retrieved from (None: none)."""
-    return ((record.get("config") or {}).get("corpus") or {}).get("fingerprint")
-
-
-def run_dtype(record: dict[str, Any]) -> str | None:
-    """The dtype the record's model ran in (None for a record that does not say)."""
-    return (record.get("hardware") or {}).get("dtype")
-
-
-def _row_key(record: dict[str, Any]) -> tuple:
-    return (*(str(record.get(key)) for key in ROW_KEY),
-            task_config_fingerprint(record), corpus_fingerprint(record), run_dtype(record))
-
-
-def latest_per_row(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The newest record of each leaderboard row (see the module's docstring), sorted."""
-    latest: dict[tuple, dict[str, Any]] = {}
-    for record in records:
-        latest[_row_key(record)] = record
-    return sorted(latest.values(), key=lambda r: (r["task"], r["method"], str(r.get("retriever")),
-                                                  r.get("n_docs") or 0, r.get("settings", ""),
-                                                  str(task_config_fingerprint(r)), str(run_dtype(r))))
-
-
-def _format(value: Any, stderr: Any = None) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else "")
-    return "–" if value is None or value == "" else str(value)
-
-
-def clear_winner(cells: Sequence[tuple[Any, Any]], higher_is_better: bool) -> int | None:
-    """The position of the best of (value, standard error) cells when it beats the runner-up by
-    more than sqrt(se_best² + se_runner_up²); None with fewer than two values, or when either
-    of the two has no standard error."""
-    ranked = sorted((i for i, (value, _) in enumerate(cells) if isinstance(value, (int, float))),
-                    key=lambda i: cells[i][0], reverse=higher_is_better)
-    if len(ranked) < 2:
-        return None
-    (best, best_se), (runner_up, runner_up_se) = cells[ranked[0]], cells[ranked[1]]
-    if not isinstance(best_se, (int, float)) or not isinstance(runner_up_se, (int, float)):
-        return None
-    return ranked[0] if abs(best - runner_up) > math.hypot(best_se, runner_up_se) else None
-
-
-def _table(rows: list[dict[str, Any]], metrics: list[str], higher: dict[str, bool],
-           lookup: Lookup) -> list[str]:
-    """A markdown table of `rows`; only metrics in `higher` (ranked ones) can be bold."""
-    winners = {metric: clear_winner([lookup(row, metric) for row in rows], higher[metric])
-               for metric in metrics if metric in higher}
-    columns = {name: [label(row) for row in rows]
-               for name, label in (("task config", task_config_fingerprint), ("dtype", run_dtype))}
-    labels = {name: values for name, values in columns.items() if len(set(values)) > 1}
-    header = ["method", "settings", "retriever", "n_docs", "model", "n_examples", "datastore",
-              *labels, *metrics]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for position, row in enumerate(rows):
-        cells = [_format(row.get(k)) for k in ("method", "settings", "retriever", "n_docs",
-                                               "model", "n_examples", "corpus")]
-        cells += [_format(values[position]) for values in labels.values()]
-        for metric in metrics:
-            text = _format(*lookup(row, metric))
-            cells.append(f"**{text}**" if winners.get(metric) == position else text)
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def _headline(row: dict[str, Any], metric: str) -> tuple[Any, Any]:
-    return row["metrics"].get(metric), (row.get("stderr") or {}).get(metric)
-
-
-def _task_tables(title: str, task_rows: list[dict[str, Any]], by_type: bool) -> list[str]:
-    """The headline table of one task's rows and, with `by_type`, one table per question type
-    (whose values have no standard errors, so nothing there is bold)."""
-    higher: dict[str, bool] = {}
-    for row in task_rows:
-        higher.update(row.get("higher_is_better", {}))
-    metrics = [m for m in higher if any(isinstance(r["metrics"].get(m), (int, float)) for r in task_rows)]
-    out = [f"## {title}", ""]
-    out += _table(task_rows, metrics, higher, _headline)
-    out.append("")
-    if by_type:
-        types = sorted({t for r in task_rows for t in r["metrics"].get("by_type", {})})
-        for type_name in types:
-            out += [f"### {title} — {type_name}", ""]
-            type_metrics = sorted({m for r in task_rows for m in r["metrics"].get("by_type", {}).get(type_name, {})})
-            out += _table(task_rows, type_metrics, higher, lambda row, m, t=type_name:
-                          (row["metrics"].get("by_type", {}).get(t, {}).get(m), None))
-            out.append("")
-    return out
-
-
-def leaderboard_markdown(records: list[dict[str, Any]], tasks: Sequence[str] = (),
-                         by_type: bool = False) -> str:
-    """One markdown table per task and number of examples: a row per configuration (its newest
-    record), a column per headline metric; `by_type` adds per-type tables. Rows of one table
-    whose task configurations or dtypes differ get a `task config` or `dtype` column telling
-    them apart."""
-    rows = [r for r in latest_per_row(records) if not tasks or r["task"] in tasks]
-    out: list[str] = []
-    for task_name in sorted({r["task"] for r in rows}):
-        task_rows = [r for r in rows if r["task"] == task_name]
-        sizes = sorted({r["n_examples"] for r in task_rows}, reverse=True)
-        for size in sizes:  # runs on the first N examples are ranked only against each other
-            title = task_name if len(sizes) == 1 else f"{task_name}, {size} examples"
-            out += _task_tables(title, [r for r in task_rows if r["n_examples"] == size], by_type)
-    return "\n".join([*out, LEGEND]) + "\n" if out else "No records yet.\n"
-
-
-# --------------------------------------------------------------------------- samples logs
-
-#: the folder, inside the results store, of each run's samples log, `<record id>.jsonl`
-SAMPLES_FOLDER = "samples"
-
-
-def find_record(results_dir: str | Path, reference: str) -> dict[str, Any]:
+def find_record(results_dir: str | Path, reference: str) -> Record:
     """The record whose id is `reference`, or the only one whose id starts with it, or with
-    `latest` the newest record that has an id; a UsageError names what went wrong."""
-    records = [r for r in read_records(results_dir) if "id" in r]
+    `latest` the newest record; a UsageError names what went wrong."""
+    records = read_records(results_dir)
     if reference == "latest":
         found = records[-1:]
     else:
-        found = ([r for r in records if r["id"] == reference]
-                 or [r for r in records if r["id"].startswith(reference)])
+        found = ([r for r in records if r.id == reference]
+                 or [r for r in records if r.id.startswith(reference)])
     if not found:
-        raise UsageError(f"no record '{reference}' in {Path(results_dir) / RECORDS_FILE} "
-                         "(records written before raghub gave records ids have none)")
+        raise UsageError(f"no record '{reference}' in {Path(results_dir) / RECORDS_FILE}")
     if len(found) > 1:
-        ids = ", ".join(r["id"] for r in found[:5])
+        ids = ", ".join(r.id for r in found[:5])
         raise UsageError(f"'{reference}' is the start of {len(found)} record ids ({ids}"
                          f"{', ...' if len(found) > 5 else ''}); give more of the id")
     return found[0]
 
 
-def read_samples(results_dir: str | Path, record: dict[str, Any]) -> list[dict[str, Any]]:
-    """The lines of a record's samples log, one per example, in the run's order."""
-    if "samples" not in record:
-        raise UsageError(f"record {record['id']} has no samples log")
-    path = Path(results_dir) / record["samples"]
+def read_samples(results_dir: str | Path, record: Record) -> list[dict[str, Any]]:
+    """The lines of a record's samples log (plain or gzipped), one per example, in the run's
+    order."""
+    if record.samples is None:
+        raise UsageError(f"record {record.id} has no samples log (it was run before raghub wrote them)")
+    try:
+        path = store_file(results_dir, record.samples)
+    except UsageError as error:
+        raise UsageError(f"record {record.id}: {error}") from None
     if not path.is_file():
-        raise UsageError(f"the samples log of record {record['id']}, {path}, is missing")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise UsageError(f"the samples log of record {record.id}, {path}, is missing")
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+    except (OSError, EOFError, ValueError) as error:  # not gzip, cut short, not JSON or UTF-8
+        raise UsageError(f"the samples log of record {record.id}, {path}, is damaged ({error})") from None

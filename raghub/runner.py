@@ -42,7 +42,8 @@ from raghub.interfaces import COMMON_TASK_KEYS, Example, Method, Passage, Plugin
 from raghub.models import LanguageModel, ModelBackend, choose_backend
 from raghub.options import dashed
 from raghub.plugin_manager import registry
-from raghub.records import SAMPLES_FOLDER, append_record, read_records
+from raghub.record import Record
+from raghub.records import append_record, check_store, read_records, samples_file
 from raghub.schema import check_schema
 from raghub.settings import CORE_OPTIONS, read_task_definition
 
@@ -199,6 +200,7 @@ def _check_results_dir(results_dir: Path) -> None:
     except OSError as error:
         raise UsageError(f"--results-dir {results_dir} cannot be written ({error.strerror}); give a "
                          "folder you can write to") from None
+    check_store(results_dir)
 
 
 def _check_device(device: str) -> None:
@@ -295,17 +297,17 @@ def resolve_sweep(settings: dict[str, Any]) -> list[ResolvedRun]:
     return list(runs.values())
 
 
-def _stored_record(results_dir: Path, config_fingerprint: str) -> dict[str, Any] | None:
+def _stored_record(results_dir: Path, config_fingerprint: str) -> Record | None:
     """The newest stored record whose config, as known before the model loads (all but the
     weights' fingerprint), has this fingerprint, if any."""
-    def known_before_loading(record: dict[str, Any]) -> dict[str, Any]:
-        return {key: value for key, value in (record.get("config") or {}).items() if key not in LOADED}
+    def known_before_loading(record: Record) -> dict[str, Any]:
+        return {key: value for key, value in record.config.items() if key not in LOADED}
 
     return next((r for r in reversed(read_records(results_dir))
                  if fingerprint(known_before_loading(r)) == config_fingerprint), None)
 
 
-def run_sweep(runs: Sequence[ResolvedRun], force: bool = False) -> Iterator[dict[str, Any]]:
+def run_sweep(runs: Sequence[ResolvedRun], force: bool = False) -> Iterator[Record]:
     """The record of each resolved run, in order, as each finishes: an identical earlier run's
     stored record (said on stderr; `force` runs it again), else a new run's. Each distinct model
     (with the trained generator of a checkpoint, or without) loads once. Under a launcher every rank runs the sweep, and only rank 0 yields records."""
@@ -316,10 +318,10 @@ def run_sweep(runs: Sequence[ResolvedRun], force: bool = False) -> Iterator[dict
         request = resolved.request
         stored = None if force else _stored_record(request.results_dir, fingerprint(resolved.config))
         if stored is not None:
-            notice(f"{stored['task']} · {stored['method']}"
-                  + (f" · k={stored['n_docs']}" if stored.get("retriever") else "")
+            notice(f"{stored.task} · {stored.method}"
+                  + (f" · k={stored.n_docs}" if stored.retriever else "")
                   + f": reusing the identical run stored in {request.results_dir} "
-                  f"(finished {stored.get('finished_at', 'earlier')}); --force runs it again")
+                  f"(finished {stored.finished_at or 'earlier'}); --force runs it again")
             if main:
                 yield stored
             continue
@@ -418,15 +420,6 @@ def _sample_line(task: Task, example: Example, stats: dict[str, Any],
     return task.sample_log(example, {"id": example.id, **stats, "retrieved": passages})
 
 
-def _write_samples(results_dir: Path, record_id: str, lines: Sequence[dict[str, Any]]) -> str:
-    """Write the samples log; returns its path relative to the results folder."""
-    relative = f"{SAMPLES_FOLDER}/{record_id}.jsonl"
-    path = Path(results_dir) / relative
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-    return relative
-
-
 def ranked_metrics(task: Task, metrics: dict[str, Any]) -> dict[str, bool]:
     """Whether higher is better, for each metric the task ranks by (its `recall@k` covers every
     recall@N); counts such as `n_questions` are reported but not ranked."""
@@ -454,7 +447,7 @@ def _plugin_origins(task: Task, method: Method, retriever: Retriever | None) -> 
             "retriever": found.origin("retriever", retriever.name) if retriever else None}
 
 
-def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> dict[str, Any] | None:
+def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> Record | None:
     """Run a resolved request to completion (on `model` when it is already loaded) and append
     its record to the results store. Under a launcher each rank evaluates its share, and rank 0
     alone writes and returns the record (the others return None)."""
@@ -488,25 +481,25 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> dict[s
         higher_is_better = ranked_metrics(task, metrics)
         standard_errors = task.standard_errors(lines)
         record_id = f"{started:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-        record = {
-            "id": record_id, "samples": _write_samples(request.results_dir, record_id, lines),
-            "task": task.name, "task_version": task.config.get("version", 1),
-            "family": task.family, "method": method.name,
-            "retriever": retriever.name if retriever else None, "model": model.name,
-            "n_docs": resolved.n_docs, "settings": resolved.settings_label(),
-            "corpus": corpus_label, "n_examples": len(examples), "metrics": metrics,
-            "higher_is_better": higher_is_better,
-            "stderr": {name: standard_errors.get(name) for name in higher_is_better},
-            "totals": task.totals(lines),
-            "method_stats": {**method.run_stats(), **checkpoint_stats(resolved.checkpoint)}, "config": config,
-            "plugins": _plugin_origins(task, method, retriever),
-            "raghub_version": raghub.__version__, "git_commit": _git_commit(),
-            "started_at": started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
-            "duration_s": round(time.perf_counter() - clock, 2), "hardware": {**model.hardware(), "allocator": allocator.in_effect()},
-        }
+        record = Record(
+            id=record_id, samples=samples_file(record_id),
+            task=task.name, task_version=task.config.get("version", 1),
+            family=task.family, method=method.name,
+            retriever=retriever.name if retriever else None, model=model.name,
+            n_docs=resolved.n_docs, settings=resolved.settings_label(),
+            corpus=corpus_label, n_examples=len(examples), metrics=metrics,
+            higher_is_better=higher_is_better,
+            stderr={name: standard_errors.get(name) for name in higher_is_better},
+            totals=task.totals(lines),
+            method_stats={**method.run_stats(), **checkpoint_stats(resolved.checkpoint)}, config=config,
+            plugins=_plugin_origins(task, method, retriever),
+            raghub_version=raghub.__version__, git_commit=_git_commit(),
+            started_at=started.isoformat(), finished_at=datetime.now(timezone.utc).isoformat(),
+            duration_s=round(time.perf_counter() - clock, 2), hardware={**model.hardware(), "allocator": allocator.in_effect()},
+        )
     finally:
         method.close()
-    append_record(request.results_dir, record)
+    append_record(request.results_dir, record, lines)
     for path in distributed.resume_files(resume_path):
         path.unlink(missing_ok=True)
     return record

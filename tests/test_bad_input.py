@@ -198,6 +198,12 @@ def test_a_leaderboard_output_in_a_missing_folder_is_one_line_exit_2(tmp_path):
                            tmp_path / "missing")
 
 
+def test_a_leaderboard_of_a_missing_results_folder_is_one_line_exit_2(tmp_path):
+    result = CliRunner().invoke(cli, ["leaderboard", "--results-dir", str(tmp_path / "nonexistent")])
+    assert_one_line_exit_2(result, f"--results-dir {tmp_path / 'nonexistent'} is not a folder",
+                           tmp_path / "nonexistent")
+
+
 # --- 7. --n-docs above the corpus size ------------------------------------------------------
 
 class ThreePassages(Task):

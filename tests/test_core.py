@@ -9,7 +9,9 @@ from raghub.cache import Cache, fingerprint
 from raghub import Option, UsageError
 from raghub.settings import read_yaml_mapping
 from raghub.metrics import bits_per_byte, nats_per_token, perplexity
-from raghub.records import append_record, leaderboard_markdown, read_records
+from raghub.leaderboard import leaderboard_markdown
+from raghub.record import Record
+from raghub.records import append_record, read_records
 
 
 def test_fingerprint_ignores_key_order_and_sees_values():
@@ -55,10 +57,11 @@ def test_bits_per_byte_nats_and_perplexity_by_hand():
     assert perplexity(total, 3) == pytest.approx(4.0)
 
 
-def _record(method, value, n_docs=0, retriever=None, stderr=None):
-    return {"task": "toy", "method": method, "retriever": retriever, "model": "m", "n_docs": n_docs,
-            "settings": "", "corpus": None, "n_examples": 2, "metrics": {"ppl": value},
-            "higher_is_better": {"ppl": False}, "stderr": {"ppl": stderr}}
+def _record(method, value, n_docs=0, retriever=None, stderr=None, **fields):
+    return Record.from_dict({"task": "toy", "method": method, "retriever": retriever, "model": "m",
+                             "n_docs": n_docs, "settings": "", "corpus": None, "n_examples": 2,
+                             "metrics": {"ppl": value}, "higher_is_better": {"ppl": False},
+                             "stderr": {"ppl": stderr}, **fields})
 
 
 def test_records_round_trip_and_the_leaderboard_shows_each_rows_newest(tmp_path):
@@ -66,28 +69,28 @@ def test_records_round_trip_and_the_leaderboard_shows_each_rows_newest(tmp_path)
     append_record(tmp_path, _record("ensemble", 15.0, 4, "bm25"))
     append_record(tmp_path, _record("ensemble", 16.0, 4, "bm25"))  # newer run of the same row
     records = read_records(tmp_path)
-    assert [r["metrics"]["ppl"] for r in records] == [20.0, 15.0, 16.0]
+    assert [r.metrics["ppl"] for r in records] == [20.0, 15.0, 16.0]
     table = leaderboard_markdown(records)
     assert "| ensemble |" in table and "15.0000" not in table  # the newest record replaces it
     assert "| 16.0000 |" in table and "| 20.0000 |" in table and "**" not in table  # no errors: no bold
 
 
 def test_leaderboard_keeps_only_the_named_tasks():
-    records = [{**_record("none", 2.0), "task": task} for task in ("toy", "squad", "popqa")]
+    records = [_record("none", 2.0, task=task) for task in ("toy", "squad", "popqa")]
     table = leaderboard_markdown(records, tasks=("squad", "popqa"))
     assert "## squad" in table and "## popqa" in table and "## toy" not in table
 
 
 def test_runs_on_different_numbers_of_examples_are_ranked_apart():
     records = [_record("none", 20.0, stderr=1.0), _record("ensemble", 15.0, 4, "bm25", stderr=1.0),
-               {**_record("incontext", 10.0, 4, "bm25", stderr=1.0), "n_examples": 8}]
+               _record("incontext", 10.0, 4, "bm25", stderr=1.0, n_examples=8)]
     table = leaderboard_markdown(records)
     assert "## toy, 8 examples" in table and "## toy, 2 examples" in table
     assert "**15.0000 ± 1.0000**" in table and "| 10.0000 ± 1.0000 |" in table  # alone: not bold
 
 
 def test_a_torn_records_file_is_reported_by_line(tmp_path, capsys):
-    (tmp_path / "records.jsonl").write_text(json.dumps(_record("none", 1.0)) + "\n{broken\n")
+    (tmp_path / "records.jsonl").write_text(json.dumps(_record("none", 1.0).to_dict()) + "\n{broken\n")
     assert read_records(tmp_path) == [_record("none", 1.0)]
     assert "records.jsonl, line 2: skipped" in capsys.readouterr().err
 

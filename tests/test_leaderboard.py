@@ -9,19 +9,21 @@ from click.testing import CliRunner
 from raghub.cache import fingerprint
 from raghub.cli import cli
 from raghub.plugins.models.huggingface import HuggingFaceCausal
-from raghub.records import append_record, clear_winner, leaderboard_markdown, task_config_fingerprint
+from raghub.leaderboard import clear_winner, leaderboard_markdown, task_config_fingerprint
+from raghub.record import Record
+from raghub.records import append_record
 from raghub.runner import resolve_sweep
 
 
 def record(method, f1, stderr=None, stride=0, corpus_fp=None, source="/a/tasks/squad.yaml", **extra):
-    """A QA record; `stride` stands for any task option that changes the task's configuration."""
-    return {"task": "squad", "method": method, "retriever": None, "model": "m", "n_docs": 0,
-            "settings": "", "corpus": None, "n_examples": 100,
-            "metrics": {"f1": f1, "n_questions": 100}, "higher_is_better": {"f1": True},
-            "stderr": {"f1": stderr},
-            "config": {"task": {"task": "squad", "config": {"name": "squad", "source": source},
-                                "stride": stride},
-                       "corpus": {"label": None, "fingerprint": corpus_fp}}, **extra}
+    """A QA record as an older raghub wrote it, with where its task's YAML lay; `stride` stands
+    for any task option that changes the task's configuration."""
+    return Record.from_dict({
+        "task": "squad", "method": method, "retriever": None, "model": "m", "n_docs": 0, "settings": "",
+        "corpus": None, "n_examples": 100, "metrics": {"f1": f1, "n_questions": 100},
+        "higher_is_better": {"f1": True}, "stderr": {"f1": stderr},
+        "config": {"task": {"task": "squad", "config": {"name": "squad", "source": source}, "stride": stride},
+                   "corpus": {"label": None, "fingerprint": corpus_fp}}, **extra})
 
 
 @pytest.mark.parametrize("cells, higher, winner", [
@@ -42,7 +44,7 @@ def test_values_show_their_standard_error_and_counts_are_never_bold():
     assert "| **0.4000 ± 0.0200** |" in table and "| 0.2000 ± 0.0100 |" in table
     assert "n_questions" not in table and "combined standard error" in table
     by_type = leaderboard_markdown(
-        [{**record(m, v, 0.01), "metrics": {"f1": v, "by_type": {"bridge": {"f1": v, "count": c}}}}
+        [record(m, v, 0.01, metrics={"f1": v, "by_type": {"bridge": {"f1": v, "count": c}}})
          for m, v, c in (("none", 0.2, 10), ("incontext", 0.4, 50))], by_type=True)
     bridge_table = by_type.split("### squad — bridge")[1]
     assert "**" not in bridge_table  # per-type values have no standard errors; counts never bold
@@ -75,8 +77,8 @@ def stored_identical_run(tmp_path):
     results = tmp_path / "results"
     (resolved,) = resolve_sweep({"task": "wikitext2", "method": "none", "limit": 1,
                                  "results_dir": str(results)})
-    append_record(results, {**record("none", 0.5), "task": "wikitext2", "config": resolved.config,
-                            "metrics": {"bits_per_byte": 1.25}, "finished_at": "yesterday"})
+    append_record(results, record("none", 0.5, task="wikitext2", config=resolved.config,
+                                  metrics={"bits_per_byte": 1.25}, finished_at="yesterday"))
     assert fingerprint(json.loads(json.dumps(resolved.config))) == fingerprint(resolved.config)
     return results
 

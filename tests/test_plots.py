@@ -4,13 +4,15 @@ import pytest
 from click.testing import CliRunner
 
 from raghub.cli import cli
+from raghub.record import Record
 from raghub.records import append_record
 
 
 def record(task, method, n_docs, value, stderr=None, metric="bits_per_byte", higher=False):
-    return {"task": task, "method": method, "retriever": "bm25" if n_docs else None, "model": "m",
-            "n_docs": n_docs, "settings": "", "corpus": None, "n_examples": 8,
-            "metrics": {metric: value}, "higher_is_better": {metric: higher}, "stderr": {metric: stderr}}
+    return Record.from_dict({"task": task, "method": method, "retriever": "bm25" if n_docs else None,
+                             "model": "m", "n_docs": n_docs, "settings": "", "corpus": None, "n_examples": 8,
+                             "metrics": {metric: value}, "higher_is_better": {metric: higher},
+                             "stderr": {metric: stderr}})
 
 
 @pytest.fixture

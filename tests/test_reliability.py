@@ -19,6 +19,7 @@ from raghub import Passage
 from raghub.cache import MANIFEST, Cache, file_sha256
 from raghub.plugins.retrievers.bm25 import RankBM25
 from raghub.plugins.tasks.language_modelling import article_of_lines, read_rows, text_lines
+from raghub.record import Record
 from raghub.records import RECORDS_FILE, append_record, read_records
 
 WIKITEXT = Path(os.environ["RAGHUB_DATA_DIR"]) / "wikitext"
@@ -30,9 +31,10 @@ WIKITEXT2_TEST_FILES = ["wikitext-2-raw-v1.test.rows.jsonl", "wikitext-2-raw-v1.
 
 
 def test_a_torn_last_line_loses_no_record_and_is_named_on_stderr(tmp_path, capsys):
-    first, lost, next_one = ({"task": "t", "method": name, "n_examples": 1, "metrics": {}} for name in ("first", "lost", "next"))
+    first, lost, next_one = (Record(id=name, task="t", method=name, n_examples=1, metrics={})
+                             for name in ("first", "lost", "next"))
     path = tmp_path / RECORDS_FILE
-    path.write_text(json.dumps(first) + "\n" + json.dumps(lost)[:12])  # a writer died mid-line
+    path.write_text(json.dumps(first.to_dict()) + "\n" + json.dumps(lost.to_dict())[:12])  # a writer died mid-line
     append_record(tmp_path, next_one)
     assert read_records(tmp_path) == [first, next_one]
     assert f"{path}, line 2" in capsys.readouterr().err

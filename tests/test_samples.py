@@ -1,6 +1,8 @@
 """Per-sample logs, `raghub samples` and `raghub compare`: runs of a stub model and method on
 the real HotpotQA task, hand-made records, and a real run killed with SIGKILL."""
 
+import errno
+import gzip
 import json
 import math
 import os
@@ -105,7 +107,8 @@ def test_a_run_logs_every_example_beside_its_record(stub_plugin, tmp_path):
     result = run_stub(tmp_path)
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
-    assert record["samples"] == f"samples/{record['id']}.jsonl"
+    assert record["samples"] == f"samples/{record['id']}.jsonl" and record["schema_version"] == 2
+    assert "source" not in record["config"]["task"]["config"]  # no path of this machine in the record
     lines = read_lines(tmp_path / record["samples"])
     assert len(lines) == len({line["id"] for line in lines}) == record["n_examples"] == 4
     assert list(lines[0]) == ["id", "question", "answers", "type", "prediction", "generation",
@@ -153,11 +156,13 @@ def test_the_resume_file_keeps_whole_sample_lines_only(tmp_path):
 
 # --- hand-made records and samples --------------------------------------------------------
 
-def store(results, record_id, task, family, higher, lines, **extra):
-    """Write one record and its samples log into `results`."""
+def store(results, record_id, task, family, higher, lines, suffix=".jsonl", **extra):
+    """Write one record and its samples log (gzipped when `suffix` ends in .gz) into `results`."""
     (results / "samples").mkdir(parents=True, exist_ok=True)
-    (results / "samples" / f"{record_id}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    record = {"id": record_id, "samples": f"samples/{record_id}.jsonl", "task": task, "family": family,
+    text = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    samples = f"samples/{record_id}{suffix}"
+    (results / samples).write_bytes(gzip.compress(text) if suffix.endswith(".gz") else text)
+    record = {"id": record_id, "samples": samples, "task": task, "family": family,
               "method": extra.get("method", "m"), "retriever": None, "n_docs": 0,
               "n_examples": len(lines), "metrics": {}, "higher_is_better": higher}
     with open(results / "records.jsonl", "a") as handle:
@@ -173,14 +178,17 @@ def qa_line(example_id, em, kind, prediction):
 QA_HIGHER = {"em": True, "f1": True}
 
 
-@pytest.fixture
-def qa_store(tmp_path):
+@pytest.fixture(params=[".jsonl", ".jsonl.gz"])
+def qa_store(tmp_path, request):
+    """Two QA runs' records and samples logs, the logs plain or gzipped."""
     store(tmp_path, "20260101-000000-aaaaaa", "toyqa", "qa", QA_HIGHER,
           [qa_line("q1", 1.0, "bridge", "gold"), qa_line("q2", 0.0, "bridge", "wrong-one"),
-           qa_line("q3", 1.0, "comparison", "gold"), qa_line("q4", 0.0, "comparison", "wrong-two")])
+           qa_line("q3", 1.0, "comparison", "gold"), qa_line("q4", 0.0, "comparison", "wrong-two")],
+          suffix=request.param)
     store(tmp_path, "20260101-000001-bbbbbb", "toyqa", "qa", QA_HIGHER,
           [qa_line("q1", 0.0, "bridge", "x"), qa_line("q2", 0.0, "bridge", "y"),
-           qa_line("q3", 1.0, "comparison", "gold"), qa_line("q9", 1.0, "comparison", "gold")])
+           qa_line("q3", 1.0, "comparison", "gold"), qa_line("q9", 1.0, "comparison", "gold")],
+          suffix=request.param)
     return tmp_path
 
 
@@ -206,6 +214,13 @@ def test_samples_keeps_the_wrong_answers_of_a_type(qa_store):
 def test_a_record_reference_that_is_not_one_record_is_one_line(qa_store, reference, message):
     shown = invoke("samples", reference, "--results-dir", qa_store)
     assert shown.exit_code == 2 and message in shown.output
+
+
+def test_a_damaged_samples_log_is_one_line(qa_store):
+    [log] = [path for path in (qa_store / "samples").iterdir() if path.name.startswith("20260101-000000")]
+    log.write_bytes(log.read_bytes()[:-9])  # cut short: a torn JSON line, or a gzip stream without its end
+    shown = invoke("samples", "20260101-000000", "--results-dir", qa_store)
+    assert shown.exit_code == 2 and "is damaged" in shown.output and len(shown.output.splitlines()) == 1
 
 
 def test_compare_pairs_shared_examples_by_hand(qa_store):
@@ -241,6 +256,65 @@ def test_compare_refuses_runs_of_different_tasks(qa_store):
     store(qa_store, "other", "othertask", "qa", QA_HIGHER, [qa_line("q1", 1.0, "bridge", "gold")])
     out = invoke("compare", "20260101-000000", "other", "--results-dir", qa_store)
     assert out.exit_code == 2 and "runs of different tasks" in out.output
+
+
+# --- the store's files stay inside it ------------------------------------------------------
+
+@pytest.mark.parametrize("samples", ["/etc/hostname", "../../../../etc/hostname", "samples/../../outside.jsonl"])
+def test_a_samples_path_leading_out_of_the_store_is_refused(qa_store, samples):
+    (qa_store.parent / "outside.jsonl").write_text(json.dumps(qa_line("q1", 1.0, "bridge", "secret")) + "\n")
+    record = {**json.loads((qa_store / "records.jsonl").read_text().splitlines()[0]), "id": "evil", "samples": samples}
+    with open(qa_store / "records.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    for command in (("samples", "evil"), ("compare", "evil", "20260101-000000")):
+        shown = invoke(*command, "--results-dir", qa_store)
+        assert shown.exit_code == 2 and "leads outside the results folder" in shown.output
+        assert "secret" not in shown.output and len(shown.output.strip().splitlines()) == 1
+
+
+def test_a_samples_log_linked_to_outside_the_store_is_refused(qa_store):
+    [log] = [path for path in (qa_store / "samples").iterdir() if path.name.startswith("20260101-000000")]
+    (qa_store.parent / "outside").write_bytes(log.read_bytes())
+    log.unlink()
+    log.symlink_to(qa_store.parent / "outside")
+    shown = invoke("samples", "20260101-000000", "--results-dir", qa_store)
+    assert shown.exit_code == 2 and "leads outside the results folder" in shown.output
+
+
+def test_a_records_file_linked_to_outside_the_store_is_not_appended_to(stub_plugin, tmp_path):
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    elsewhere.write_text("")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "records.jsonl").symlink_to(elsewhere)
+    result = run_stub(tmp_path / "results")
+    assert result.exit_code == 2 and "leads outside the results folder" in result.output
+    assert elsewhere.read_text() == "" and not (tmp_path / "results" / "samples").exists()
+
+
+@pytest.mark.parametrize("full_at", ["records.jsonl", "samples"])
+def test_a_full_disk_when_a_run_is_stored_is_one_line_and_leaves_the_store_as_it_was(stub_plugin, tmp_path,
+                                                                                   monkeypatch, full_at):
+    results = tmp_path / "results"
+    assert run_stub(results).exit_code == 0
+    before = {path: path.read_bytes() for path in results.rglob("*") if path.is_file()}
+    fsync = os.fsync
+
+    def full_disk(descriptor):  # the disk fills when the record (or the samples log) is flushed
+        if full_at in Path(os.readlink(f"/proc/self/fd/{descriptor}")).parts:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(descriptor)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "fsync", full_disk)
+        result = run_stub(results, "--force")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert result.output.strip().splitlines()[-1] == (  # after the progress bar: one line
+        f"Error: the record could not be stored in {results} (No space left on device); "
+        "the finished examples are kept: run the same command again to store it")
+    after = {path: path.read_bytes() for path in results.rglob("*") if path.is_file() and ".partial" not in path.parts}
+    assert after == before  # nothing torn, no samples log without its record
+    stored = run_stub(results, "--force")  # resumed from the kept examples
+    assert stored.exit_code == 0 and len((results / "records.jsonl").read_text().splitlines()) == 2
 
 
 # --- a real run killed with SIGKILL -------------------------------------------------------
