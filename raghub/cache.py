@@ -1,8 +1,9 @@
 """A fingerprinted on-disk cache for passages, indexes, retrievals and adapters.
 
 An entry is a folder `ROOT/<kind>/<fingerprint>/` holding the files a builder wrote and a
-`manifest.json` with each file's sha256, written last. An entry whose manifest is missing or
-whose files do not match it (an interrupted build, a corrupted file) is rebuilt.
+`manifest.json` with its key and each file's sha256, written last. An entry whose manifest is
+missing, holds another key (an entry moved or copied in), or whose files do not match it (an
+interrupted build, a corrupted file) is rebuilt.
 
 An entry is built in `<fingerprint>.partial-<pid>/` and renamed into place in one step, so
 processes building the same entry at once never see half an entry: the first to publish wins
@@ -99,10 +100,12 @@ class Cache:
         return self.root / kind / fingerprint(key)
 
     def is_valid(self, folder: Path) -> bool:
-        """True when the folder's manifest exists and every file matches its checksum."""
+        """True when the folder's manifest exists, was written for the key the folder is named
+        after (not another entry's, moved here), and every file matches its checksum."""
         try:
             manifest = json.loads((folder / MANIFEST).read_text())
-            return all(file_sha256(folder / name) == digest for name, digest in manifest["files"].items())
+            return fingerprint(manifest["key"]) == folder.name and all(
+                file_sha256(folder / name) == digest for name, digest in manifest["files"].items())
         except (OSError, ValueError, KeyError, TypeError):
             return False
 

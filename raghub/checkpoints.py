@@ -12,9 +12,9 @@ the plugins that load it (`--checkpoint DIR`), which may import only the core.
         trainer_state.pt       optimizer states, to resume
 
 A save is built in `step-N.partial/`, renamed to `step-N/`, and only then does
-`DIR/manifest.json` (replaced in one step) point to it; so a process killed at any moment
-leaves the previous save intact and loadable. Its manifest declares the parts it saved
-(`parts`); a save missing one of them is refused when read.
+`DIR/manifest.json` (replaced in one step) point to it; so a process killed at any moment, or
+a save that fails (a full disk: one line, exit 1), leaves the previous save intact and loadable.
+Its manifest declares the parts it saved (`parts`); a save missing one of them is refused when read.
 
 A method that declares `CHECKPOINT_OPTION` evaluates the checkpoint's generator: the runner
 loads the model with it (`with_trained_generator`), once per distinct checkpoint, so the
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from raghub.cache import fingerprint
-from raghub.errors import UsageError
+from raghub.errors import RunError, UsageError
 from raghub.options import Option
 
 #: `--checkpoint`: methods that evaluate a trained generator and the embedding retrievers
@@ -86,19 +86,28 @@ def read_checkpoint(path: str | Path, flag: str = "--checkpoint") -> Checkpoint:
 
 def write_checkpoint(output: Path, step: int, manifest: dict[str, Any],
                      save_parts: Callable[[Path], None]) -> Checkpoint:
-    """Save step `step` atomically (see the module docstring) and remove the older saves."""
+    """Save step `step` atomically (see the module docstring) and remove the older saves. A
+    save that cannot be written (a full disk) is a RunError; the previous save stays the latest."""
     name = f"step-{step:06d}"
     partial = output / f"{name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_parts(partial)
-    full = {**manifest, "step": step, "parts": sorted(part.name for part in partial.iterdir())}
-    (partial / MANIFEST).write_text(json.dumps({**full, "folder": ""}, indent=1), encoding="utf-8")
-    shutil.rmtree(output / name, ignore_errors=True)
-    partial.rename(output / name)
     pointer = output / f"{MANIFEST}.tmp"
-    pointer.write_text(json.dumps({**full, "folder": name}, indent=1), encoding="utf-8")
-    os.replace(pointer, output / MANIFEST)
+    full = {**manifest, "step": step}
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        save_parts(partial)
+        full = {**full, "parts": sorted(part.name for part in partial.iterdir())}
+        (partial / MANIFEST).write_text(json.dumps({**full, "folder": ""}, indent=1), encoding="utf-8")
+        shutil.rmtree(output / name, ignore_errors=True)
+        partial.rename(output / name)
+        pointer.write_text(json.dumps({**full, "folder": name}, indent=1), encoding="utf-8")
+        os.replace(pointer, output / MANIFEST)
+    except Exception as error:  # not only OSError: torch and safetensors raise their own on a full disk
+        shutil.rmtree(partial, ignore_errors=True)
+        pointer.unlink(missing_ok=True)
+        problem = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RunError(f"could not save step {step} in {output} ({problem}); the previous save is kept "
+                       "and the same command resumes from it") from error
     for old in output.glob("step-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)

@@ -2,8 +2,9 @@
 
 Every input is validated before the model loads (`resolve`), so bad input fails fast and
 writes nothing. Each example's line of the samples log (its stats, retrieved passages and what
-the task adds) is appended to a resume file as batches finish; an interrupted run, started
-again with the same settings, continues where it stopped. A finished run writes the lines, in
+the task adds) is appended to a resume file as its batch finishes, one checksummed line per
+batch; an interrupted run, started again with the same settings, continues where it stopped,
+and computes again any batch whose line is damaged. A finished run writes the lines, in
 example order, to `samples/<record id>.jsonl` beside its record.
 
 A command may sweep comma lists of tasks, methods and n_docs (`resolve_sweep`): every
@@ -389,25 +390,50 @@ def retrieve(task: Task, retriever: Retriever, examples: Sequence[Example], k: i
     return retrieved, label, corpus_fp
 
 
-#: the key, on the last line of each batch in a resume file, of the method counters it added
-COUNTERS_KEY = "method_counters"
+def _checksum(batch: dict[str, Any]) -> str:
+    """The checksum of a batch in a resume file, over its JSON escaped to ASCII (so that any
+    text, a lone surrogate included, can be hashed); reading keeps the order of keys."""
+    return fingerprint(json.dumps(batch))
 
 
-def _read_resume_file(path: Path) -> tuple[dict[str, dict[str, Any]], Counter[str]]:
+def _batch_line(lines: list[dict[str, Any]], counters: dict[str, int]) -> str:
+    """A finished batch's line in a resume file: its sample lines, the method counters it
+    added, and the checksum of both."""
+    batch = {"lines": lines, "counters": counters}
+    return json.dumps({**batch, "checksum": _checksum(batch)}) + "\n"
+
+
+def _verified_batch(line: bytes) -> dict[str, Any] | None:
+    """The batch a resume file's line holds, None when it is damaged (torn, not UTF-8 or not
+    JSON, edited: its checksum fails) or an older raghub's."""
+    try:
+        entry = json.loads(line)
+        batch = {"lines": entry["lines"], "counters": entry["counters"]}
+        return batch if entry["checksum"] == _checksum(batch) else None
+    except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
+def _read_resume_file(path: Path, report: bool = True) -> tuple[dict[str, dict[str, Any]], Counter[str]]:
     """The sample lines of the examples finished so far, by example id, from the shared resume
-    file and every rank's (a torn last line is dropped), and the method counters of their
-    batches."""
+    file and every rank's, and the method counters of their batches. A damaged batch is
+    dropped (named on stderr when `report`), so its examples are computed again."""
     done: dict[str, dict[str, Any]] = {}
     counters: Counter[str] = Counter()
     for file in distributed.resume_files(path):
-        for text in file.read_text(encoding="utf-8").splitlines() if file.exists() else ():
-            try:
-                line = json.loads(text)
-            except json.JSONDecodeError:
+        dropped = []
+        for number, line in enumerate(file.read_bytes().split(b"\n") if file.exists() else (), start=1):
+            if not line.strip():
                 continue
-            if "retrieved" in line:  # lines of an older raghub, without the samples log, are redone
-                counters.update(line.pop(COUNTERS_KEY, {}))
-                done[line["id"]] = line
+            batch = _verified_batch(line)
+            if batch is None:
+                dropped.append(number)
+                continue
+            counters.update(batch["counters"])
+            done.update((sample["id"], sample) for sample in batch["lines"])
+        if dropped and report:
+            notice(f"{file}: {len(dropped)} damaged batch{'es' * (len(dropped) > 1)} dropped (line "
+                   f"{', '.join(map(str, dropped))}); those examples are computed again")
     return done, counters
 
 
@@ -530,15 +556,12 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
                 raise UsageError(f"method '{method.name}' does not support {task.family} "
                                  f"tasks such as '{task.name}'") from None
             added = {key: value - before[key] for key, value in method.counters.items() if value != before[key]}
-            for position, (i, result) in enumerate(zip(batch, results), start=1):
-                line = _sample_line(task, examples[i], result, retrieved[i])
-                # the batch's counters ride on its last line: kept exactly when the batch is
-                on_disk = {**line, COUNTERS_KEY: added} if position == len(batch) and added else line
-                resume.write(json.dumps(on_disk) + "\n")
-                progress.advance(bar)
+            lines = [_sample_line(task, examples[i], result, retrieved[i]) for i, result in zip(batch, results)]
+            resume.write(_batch_line(lines, added))  # the counters are kept exactly when the batch is
             resume.flush()
+            progress.advance(bar, len(batch))
     distributed.barrier()  # every rank's lines are on disk
-    done, counters = _read_resume_file(resume_path)
+    done, counters = _read_resume_file(resume_path, report=False)  # damage was named by the first read
     method.counters.clear()
     method.counters.update(counters)
     return done

@@ -2,9 +2,10 @@
 inner-product index over them, each cached by fingerprint. They are two cache entries:
 changing only the index reuses the embeddings.
 
-The embeddings are encoded shard by shard into `<entry>.shards/` (a killed build restarts
-after its last finished shard), then assembled into one memory-mapped `.npy` (float32, or
-float16 to halve it), so a corpus larger than memory is embedded in bounded memory. Any FAISS
+The embeddings are encoded shard by shard into `<entry>.shards/<shard size>/` (a killed build
+restarts after its last finished shard of the same size), then assembled into one
+memory-mapped `.npy` (float32, or float16 to halve it), only when their rows are the corpus's
+passages, so a corpus larger than memory is embedded in bounded memory. Any FAISS
 `index_factory` string (`Flat`, `IVF4096,PQ64`, `HNSW32`, ...) can be built; an index that needs
 training trains on a sample. The index is built on the GPUs when FAISS has GPU support and
 sees one."""
@@ -27,7 +28,7 @@ from rich.text import Text
 
 from raghub import distributed
 from raghub.checkpoints import CHECKPOINT_OPTION, PASSAGE_ENCODER, Checkpoint, read_checkpoint
-from raghub.errors import UsageError
+from raghub.errors import RunError, UsageError
 from raghub.interfaces import Passage, Retriever
 from raghub.options import Option
 
@@ -192,8 +193,13 @@ class EmbeddingRetriever(Retriever):
 
         def build(folder: Path) -> None:
             rows = [np.load(file, mmap_mode="r") for file in self.embed_shards(passages, shards)]
+            total = sum(map(len, rows))
+            if total != len(passages):  # a damaged shard: never cache a matrix of other rows
+                shutil.rmtree(shards, ignore_errors=True)
+                raise RunError(f"{self.name}: the embedding shards in {shards} hold {total} rows for "
+                               f"{len(passages)} passages; they are removed: run again to embed the passages afresh")
             out = np.lib.format.open_memmap(folder / "embeddings.npy", mode="w+", dtype=rows[0].dtype,
-                                            shape=(sum(map(len, rows)), rows[0].shape[1]))
+                                            shape=(total, rows[0].shape[1]))
             start = 0
             for shard in rows:
                 out[start : start + len(shard)] = shard
@@ -206,14 +212,16 @@ class EmbeddingRetriever(Retriever):
         return embeddings
 
     def embed_shards(self, passages: Sequence[Passage], shards: Path, rank: int = 0, world_size: int = 1) -> list[Path]:
-        """Each shard of `embed_shard_size` passages encoded into `shards/`, skipping the shards
-        an earlier, killed build finished (each is renamed into place when complete). Of
-        several ranks, rank r encodes shards r, r + world_size, ...; returns every shard's file."""
-        shards.mkdir(parents=True, exist_ok=True)
+        """Each shard of `embed_shard_size` passages encoded into `shards/<size>/` (shards of
+        another size are another layout), skipping the shards an earlier, killed build finished
+        (each is renamed into place when complete). Of several ranks, rank r encodes shards r,
+        r + world_size, ...; returns every shard's file."""
         size, dtype = self.settings["embed_shard_size"], self.settings["embedding_dtype"]
+        layout = shards / str(size)
+        layout.mkdir(parents=True, exist_ok=True)
         step = self.settings["encode_batch_size"] * 8
         count = math.ceil(len(passages) / size)
-        files = [shards / f"{number:06d}.npy" for number in range(count)]
+        files = [layout / f"{number:06d}.npy" for number in range(count)]
         mine = range(rank, count, world_size)
         label = "embedding passages" + (f" (rank {rank} of {world_size})" if world_size > 1 else "")
         columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), PassagesPerSecond(), TimeRemainingColumn())

@@ -89,6 +89,23 @@ def test_orphaned_partial_builds_are_removed_and_live_ones_kept(tmp_path):
     assert not orphan.exists() and (live / "half.txt").exists()
 
 
+def test_an_entry_stored_under_another_key_is_refused_and_recomputed(tmp_path):
+    """Regression: swapping two `retrievals` entries made a --n-docs 2 run read the --n-docs 4
+    entry: an entry is used only when its manifest's key is the key asked for."""
+    cache = Cache(tmp_path)
+    two, four = ({"queries": "q", "k": k} for k in (2, 4))
+    for key in (two, four):
+        cache.json("retrievals", key, lambda key=key: list(range(key["k"])))
+    first, second = cache.entry_path("retrievals", two), cache.entry_path("retrievals", four)
+    first.rename(tmp_path / "aside")
+    second.rename(first)
+    (tmp_path / "aside").rename(second)
+    computed = []
+    assert cache.json("retrievals", two, lambda: computed.append(2) or [0, 1]) == [0, 1]
+    assert computed == [2]
+    assert json.loads((first / MANIFEST).read_text())["key"] == two
+
+
 # --------------------------------------------------------------------------- no pickle
 
 

@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,14 +145,47 @@ def test_an_interrupted_run_resumes_to_the_same_samples(stub_plugin, tmp_path):
     assert resumed["method_stats"] == uninterrupted["method_stats"] == {"questions_answered": 4}
 
 
-def test_the_resume_file_keeps_whole_sample_lines_only(tmp_path):
-    from raghub.runner import _read_resume_file
+def test_the_resume_file_keeps_verified_batches_only(tmp_path):
+    from raghub.runner import _batch_line, _read_resume_file
 
     path = tmp_path / "resume.jsonl"
     line = {"id": "w1", "nll": 1.0, "tokens": 2, "bytes": 3, "retrieved": []}
-    path.write_text(json.dumps(line) + "\n" + json.dumps({"id": "w0", "stats": {"nll": 1.0}})
-                    + "\n" + '{"id": "w2", "nl')  # an older raghub's line and a torn last line
-    assert _read_resume_file(path) == ({"w1": line}, {})
+    older = {"id": "w0", "nll": 1.0, "retrieved": [], "method_counters": {"calls": 1}}  # an older raghub's line
+    path.write_text(json.dumps(older) + "\n" + _batch_line([line], {"calls": 2}) + _batch_line([line], {})[:30])
+    assert _read_resume_file(path) == ({"w1": line}, {"calls": 2})
+
+
+def damaged(line: bytes, damage: str) -> bytes:
+    """A resume file's line with one kind of damage."""
+    if damage == "a non-UTF-8 byte":
+        return line.replace(b'"question": "', b'"question": "\xff', 1)
+    if damage == "an edited number":
+        return re.sub(rb'"em": ([01])\.0', lambda m: b'"em": %d.0' % (1 - int(m[1])), line, count=1)
+    return line[: len(line) // 2]  # a torn line
+
+
+@pytest.mark.parametrize("damage, where", [("a non-UTF-8 byte", 0), ("an edited number", 0), ("a torn line", -1)])
+def test_a_damaged_batch_in_the_resume_file_is_dropped_with_a_notice_and_computed_again(
+        stub_plugin, tmp_path, damage, where):
+    """Regression: a non-UTF-8 byte in the resume file crashed every rerun, and an edited number
+    flowed into the record. Each batch carries a checksum; one that fails it, wherever it is,
+    is dropped and its examples are computed again."""
+    uninterrupted = json.loads(run_stub(tmp_path / "a").stdout)
+    GoldIfRetrieved.budget = 3
+    assert run_stub(tmp_path / "b").exit_code == 1
+    [resume_file] = (tmp_path / "b" / ".partial").iterdir()
+    lines = resume_file.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 3  # three batches of one
+    lines[where] = damaged(lines[where], damage)
+    resume_file.write_bytes(b"".join(lines))
+    result = run_stub(tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    resumed = json.loads(result.stdout)
+    assert (read_lines(tmp_path / "b" / resumed["samples"])
+            == read_lines(tmp_path / "a" / uninterrupted["samples"]))
+    for key in ("metrics", "stderr", "method_stats"):
+        assert resumed[key] == uninterrupted[key]
+    assert f"{resume_file}: 1 damaged batch dropped (line {len(lines) if where else 1})" in result.stderr
 
 
 # --- hand-made records and samples --------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raghub import UsageError
+from raghub import RunError, UsageError
 from raghub import corpus as corpus_module
 from raghub.cache import Cache, fingerprint, fingerprint_items
 from raghub.corpus import CorpusFile, read_corpus
@@ -131,12 +131,12 @@ def test_a_dense_build_killed_with_sigkill_resumes_from_its_last_finished_shard(
     killed = subprocess.Popen(build("killed.log", 0.3), env=env, stderr=subprocess.DEVNULL)
     shards = tmp_path / "cache" / "dense-embeddings"
     deadline = time.monotonic() + 60
-    while len(list(shards.glob("*.shards/00000[0-9].npy"))) < 2 and killed.poll() is None:
+    while len(list(shards.glob("*.shards/10/00000[0-9].npy"))) < 2 and killed.poll() is None:
         assert time.monotonic() < deadline, "no shard was finished"
         time.sleep(0.02)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    finished = len(list(shards.glob("*.shards/00000[0-9].npy")))
+    finished = len(list(shards.glob("*.shards/10/00000[0-9].npy")))
     assert 2 <= finished < 8, "the kill did not come mid-build"
     subprocess.run(build("resumed.log", 0), env=env, check=True, stderr=subprocess.DEVNULL)
     embedded = sum(map(int, (tmp_path / "resumed.log").read_text().split()))
@@ -145,6 +145,50 @@ def test_a_dense_build_killed_with_sigkill_resumes_from_its_last_finished_shard(
     whole = FakeDense(Cache(tmp_path / "whole"), embed_shard_size=10).passage_embeddings(read_corpus(corpus), "psgs")
     assert np.array_equal(np.load(entry / "embeddings.npy"), whole)
     assert json.loads((entry / "manifest.json").read_text())["files"].keys() == {"embeddings.npy"}
+
+
+class Killed(Exception):
+    """Stands for the kill of a build."""
+
+
+def killed_after(shards, **settings):
+    """A dense retriever whose build stops after `shards` encoder calls (one per shard here)."""
+
+    class Dying(FakeDense):
+        def embed(self, texts, encoder=None):
+            nonlocal shards
+            if not shards:
+                raise Killed
+            shards -= 1
+            return fake_vectors(texts)
+
+    return Dying(**settings)
+
+
+def test_the_shards_of_a_killed_build_are_not_reused_at_another_shard_size(tmp_path):
+    """Regression: shards of 2 left by a killed build were assembled, at --embed-shard-size
+    1000, into 6 rows for 30 passages, and that matrix was cached."""
+    passages = read_corpus(write_psgs(tmp_path / "psgs.tsv", 30))
+    cache = Cache(tmp_path / "cache")
+    with pytest.raises(Killed):
+        killed_after(3, cache=cache, embed_shard_size=2).passage_embeddings(passages, "psgs")
+    assert len(list(cache.root.rglob("00000?.npy"))) == 3
+    embeddings = FakeDense(cache, embed_shard_size=1000).passage_embeddings(passages, "psgs")
+    assert np.array_equal(embeddings, fake_vectors([p.as_text() for p in passages]))
+
+
+def test_shards_that_do_not_add_up_to_the_corpus_are_refused_and_not_cached(tmp_path):
+    passages = read_corpus(write_psgs(tmp_path / "psgs.tsv", 30))
+    cache = Cache(tmp_path / "cache")
+    with pytest.raises(Killed):
+        killed_after(2, cache=cache, embed_shard_size=10).passage_embeddings(passages, "psgs")
+    [first, _] = sorted(cache.root.rglob("00000?.npy"))
+    np.save(first, fake_vectors(["a damaged shard"]))  # 1 row where 10 belong
+    with pytest.raises(RunError, match="hold 21 rows for 30 passages"):
+        FakeDense(cache, embed_shard_size=10).passage_embeddings(passages, "psgs")
+    assert not [folder for folder in (cache.root / "dense-embeddings").iterdir() if cache.is_valid(folder)]
+    embeddings = FakeDense(cache, embed_shard_size=10).passage_embeddings(passages, "psgs")  # embedded afresh
+    assert np.array_equal(embeddings, fake_vectors([p.as_text() for p in passages]))
 
 
 class Counting(FakeDense):

@@ -2,6 +2,7 @@
 the retriever, checkpoints that `raghub run --checkpoint` evaluates, resuming after SIGKILL, and
 the same loss trajectory with 1 and 2 DDP processes, all on tiny random models."""
 
+import errno
 import json
 import math
 import os
@@ -381,6 +382,31 @@ def test_another_configuration_in_the_same_output_is_refused(tiny, tmp_path, env
     assert CliRunner().invoke(cli, ["train", *train_args(tiny, output, "--steps", "1")]).exit_code == 0
     result = CliRunner().invoke(cli, ["train", *train_args(tiny, output, "--steps", "2", "--seed", "7")])
     assert result.exit_code == 2 and "holds a checkpoint of another training configuration" in result.output
+
+
+@pytest.mark.parametrize("error, shown", [
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "No space left on device"),
+    # how torch's own file writer reports a full disk
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), "unexpected pos"),
+])
+def test_a_full_disk_at_a_save_is_one_line_exit_1_and_keeps_the_previous_save(tiny, tmp_path, env, monkeypatch,
+                                                                              error, shown):
+    """Regression: ENOSPC while saving a checkpoint was a traceback."""
+    output = tmp_path / "out"
+    assert CliRunner().invoke(cli, ["train", *train_args(tiny, output, "--steps", "1")]).exit_code == 0
+    before = {path: path.read_bytes() for path in (output / "step-000001").rglob("*") if path.is_file()}
+
+    def full_disk(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    result = CliRunner().invoke(cli, ["train", *train_args(tiny, output, "--steps", "2")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception  # no traceback
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: could not save step 2 in {output}") and shown in last
+    assert read_checkpoint(output).manifest["step"] == 1
+    assert sorted(p.name for p in output.iterdir()) == [MANIFEST, "step-000001", TRAIN_LOG]
+    assert {path: path.read_bytes() for path in (output / "step-000001").rglob("*") if path.is_file()} == before
 
 
 def losses(output):
