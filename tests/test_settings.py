@@ -71,6 +71,10 @@ def request(**settings) -> RunRequest:
     ({"n_docs": 2.5}, "--n-docs must be an int, not 2.5"),
     ({"limit": True}, "--limit must be an int, not True"),
     ({"limit": float("inf")}, "--limit must be an int, not inf"),
+    # regression: a LoRA alpha of 0 trained adapters that change nothing, a negative one reversed them
+    ({"task": "squad", "method": "parametric", "lora_alpha": 0}, "--lora-alpha must be above 0, not 0.0"),
+    ({"task": "squad", "method": "rag-sequence", "temperature": float("inf")},
+     "--temperature must be a finite float, not inf"),
     ({"temperatur": 1.0}, "--temperatur is not an option of the selected task 'language-modelling', "
                           "method 'none'"),
     ({5: "x"}, "run.yaml: setting names must be strings, not 5"),
@@ -279,8 +283,11 @@ def test_option_convert_accepts(option, value, expected):
     (Option(int, None, ""), 2.5, "--some-value must be an int, not 2.5"),
     (Option(int, None, ""), True, "--some-value must be an int, not True"),
     (Option(int, None, ""), float("inf"), "--some-value must be an int, not inf"),
-    (Option(float, None, "", above=0), "nan", "--some-value must be a float, not 'nan'"),
-    (Option(float, None, ""), [1.0], "--some-value must be a float, not [1.0]"),
+    (Option(float, None, "", above=0), "nan", "--some-value must be a finite float, not 'nan'"),
+    # regression: infinity passed every bound (--learning-rate inf trained to NaN weights)
+    (Option(float, None, "", above=0), float("inf"), "--some-value must be a finite float, not inf"),
+    (Option(float, None, ""), "-inf", "--some-value must be a finite float, not '-inf'"),
+    (Option(float, None, ""), [1.0], "--some-value must be a finite float, not [1.0]"),
     (Option(str, "", ""), 5, "--some-value must be a string, not 5"),
     (Option(bool, False, ""), "maybe", "--some-value must be true or false, not 'maybe'"),
     (Option(("a", "b"), "a", ""), "c", "--some-value must be one of a, b, not 'c'"),
