@@ -126,6 +126,10 @@ QA_TASK = "name: mine\ninclude: _qa.yaml\ndata: {folder: squad, file: dev.json, 
     ("name: mine\ninclude: mytask.yaml\n", "mytask.yaml: 'include' of mytask.yaml is circular"),
     ("name: mine\ndata: {}\n", "mytask.yaml: the required key 'family' is missing"),
     ("name: mine\nfamily: [qa]\n", "mytask.yaml: 'family' must be a string, not ['qa']"),
+    # regression: a negative first ran the whole file but its last 299 questions
+    (QA_TASK + "sample: {first: -299}\n", "mytask.yaml: 'sample.first' must be at least 1, not -299"),
+    # regression: no words per passage was a traceback when the datastore was cut
+    (LM_TASK + "passages: {words: 0, min_words: 10}\n", "mytask.yaml: 'passages.words' must be at least 1, not 0"),
 ])
 def test_a_bad_task_file_is_one_line_naming_the_file_and_key(workdir, definition, message):
     Path("mytask.yaml").write_text(definition)
@@ -307,6 +311,7 @@ def test_option_convert_names_the_flag_it_is_given():
 
 
 SCHEMA = {"name": Field(str, required=True), "rate": Field(float), "count": Field(int),
+          "at_least_two": Field(int, at_least=2),
           "data": Field({"file": Field(str, required=True), "format": Field(("squad", "ircot"))})}
 
 
@@ -322,6 +327,8 @@ def test_check_schema_accepts_a_fitting_mapping():
     ({"name": "t", "data": {"file": "f", "format": "hotpot"}}, "t.yaml: 'data.format' must be one of squad, ircot"),
     ({"name": "t", "data": "f"}, "t.yaml: 'data' must be a mapping, not 'f'"),
     ({"name": "t", "count": True}, "t.yaml: 'count' must be an integer, not True"),
+    ({"name": "t", "data": {"file": "f"}, "at_least_two": 1}, "t.yaml: 'at_least_two' must be at least 2, not 1"),
+    ({"name": "t", "data": {"file": "f"}, "rate": float("nan")}, "t.yaml: 'rate' must be a finite float, not nan"),
     ({"data": {"file": "f"}}, "t.yaml: the required key 'name' is missing"),
     ({"name": "t", "nmae": "t"}, "t.yaml: unknown key 'nmae' (did you mean 'name'?)"),
 ])

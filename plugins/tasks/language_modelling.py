@@ -152,12 +152,14 @@ class LanguageModelling(Task):
                        "folder": Field(str, required=True),
                        "files": Field({"test": Field(list), "validation": Field(list), "train": Field(list)},
                                       required=True)}, required=True),
-        "passages": Field({"words": Field(int, required=True), "min_words": Field(int, required=True)},
-                          required=True),
-        "windows": Field({"context_len": Field(int, required=True), "pred_len": Field(int, required=True),
-                          "retrieved_max_length": Field(int, required=True)}, required=True),
-        "ralm": Field({"query_len": Field(int, required=True), "max_length": Field(int, required=True),
-                       "retrieved_max_length": Field(int, required=True)}, required=True),
+        "passages": Field({"words": Field(int, required=True, at_least=1),
+                           "min_words": Field(int, required=True, at_least=0)}, required=True),
+        "windows": Field({"context_len": Field(int, required=True, at_least=1),
+                          "pred_len": Field(int, required=True, at_least=1),
+                          "retrieved_max_length": Field(int, required=True, at_least=1)}, required=True),
+        "ralm": Field({"query_len": Field(int, required=True, at_least=1),
+                       "max_length": Field(int, required=True, at_least=1),
+                       "retrieved_max_length": Field(int, required=True, at_least=1)}, required=True),
     }
 
     def check(self) -> None:

@@ -80,11 +80,12 @@ class QATask(Task):
         "corpus_from": Field(list),
         "prompt": Field(TEMPLATE_STYLES),
         "few_shot": Field(list),
-        "max_new_tokens": Field(int),
-        "sample": Field({"first": Field(int), "per_type": Field(int)}),
+        "max_new_tokens": Field(int, at_least=1),
+        "sample": Field({"first": Field(int, at_least=1), "per_type": Field(int, at_least=1)}),
         # a split by article: the questions whose gold passage is in articles first..last
         # (0-based, in file order, inclusive); the corpus stays the whole file's
-        "articles": Field({"first": Field(int, required=True), "last": Field(int, required=True)}),
+        "articles": Field({"first": Field(int, required=True, at_least=0),
+                           "last": Field(int, required=True, at_least=0)}),
     }
 
     def check(self) -> None:
