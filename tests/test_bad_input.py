@@ -87,6 +87,8 @@ def lm(file, content, message, id):
     lm("test.jsonl", b"", "test.jsonl is empty", "empty-jsonl"),
     lm("test.jsonl", '{"text": " a \\n"}\n{"title": "b"}\n', "test.jsonl, line 2: no 'text' string",
        "row-without-text"),
+    lm("test.jsonl", '{"text": ""}\n{"text": " \\n"}\n', "test.jsonl holds no text: every row is empty",
+       "only-empty-rows"),
 ])
 def test_a_broken_data_file_is_one_line_naming_it(workdir, stub_model, template, format, file, content,
                                                  message):

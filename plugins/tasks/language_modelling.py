@@ -232,10 +232,20 @@ class LanguageModelling(Task):
             )
         return read_rows(found)
 
+    def _split_lines(self, split: str) -> list[str]:
+        """The non-empty lines of a split; a split without any is a UsageError naming its source."""
+        lines = text_lines(self._split_rows(split))
+        if not lines:
+            source = self.config["data"]
+            where = (self._split_file(split) if self.data_dir is not None
+                     else f"the hub's {source['hub']} ({source['config']}) {split} split")
+            raise UsageError(f"task {self.name}: {where} holds no text: every row is empty")
+        return lines
+
     @cached_property
     def lines(self) -> list[str]:
         """The evaluated split's non-empty lines."""
-        return text_lines(self._split_rows(self.settings["split"]))
+        return self._split_lines(self.settings["split"])
 
     @cached_property
     def datastore(self) -> str:
@@ -296,7 +306,7 @@ class LanguageModelling(Task):
             lines = self.lines
         else:
             label = f"{source['config']} train"
-            lines = text_lines(self._split_rows("train"))
+            lines = self._split_lines("train")
         passages = chunk_passages(lines, article_of_lines(lines), self.name,
                                   self.config["passages"]["words"], self.config["passages"]["min_words"])
         return passages, f"{label}, {self.config['passages']['words']}-word passages"
