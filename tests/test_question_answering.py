@@ -221,6 +221,14 @@ def test_popqa_tsv_and_flashrag_readers(tmp_path):
     assert (question.answers, question.type) == (["B"], "genre")
 
 
+def test_a_tsv_data_file_reads_a_field_longer_than_csvs_default_limit(tmp_path):
+    """Regression: a field over 128 KiB was a `_csv.Error` traceback."""
+    long = "Who " * 40_000 + "composed X?"
+    tsv = f"id\tquestion\tprop\tpossible_answers\n7\t{long}\tcomposer\t[\"Ann\"]\n"
+    (question,) = make_task(tmp_path, "popqa", "popQA.tsv", tsv).examples(ChatStub(), None)
+    assert (question.question, question.answers) == (long, ["Ann"])
+
+
 def test_cwq_official_reader_collects_aliases_and_type(tmp_path):
     rows = [{"ID": "c1", "question": "Q?", "compositionality_type": "conjunction",
              "answers": [{"answer": "Brazil", "aliases": ["Brasil"]}]}]

@@ -374,6 +374,13 @@ def test_a_tsv_corpus_reads_its_columns_by_the_header(tmp_path):
     assert passages(path) == [("p1", "One", "one\u2028more"), ("1", "", 'two, "quoted"')]
 
 
+def test_a_tsv_corpus_reads_a_field_longer_than_csvs_default_limit(tmp_path):
+    """Regression: a passage over 128 KiB was a `_csv.Error` traceback."""
+    long = "word " * 40_000
+    path = corpus_file(tmp_path, "c.tsv", f"id\ttext\n1\t{long}\n2\tshort\n")
+    assert [text for _, _, text in passages(path)] == [long, "short"]
+
+
 def test_a_text_corpus_has_one_passage_per_block_between_blank_lines(tmp_path):
     path = corpus_file(tmp_path, "c.txt", "  first line\nsecond\n\n\n  next\n \t\nlast\r\n")
     assert passages(path) == [("0", "", "  first line\nsecond"), ("1", "", "  next"), ("2", "", "last")]

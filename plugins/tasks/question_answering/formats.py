@@ -3,7 +3,6 @@ the question type, the gold passages when known) and the context `Passage`s it s
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -15,6 +14,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from raghub import Passage, Question, UsageError
 from raghub.cache import fingerprint
+from raghub.corpus import tsv_reader
 from raghub.settings import read_data_json, read_data_json_lines, read_data_text
 
 T = TypeVar("T")
@@ -77,7 +77,9 @@ def read_rows(path: Path) -> Any:
     if path.suffix == ".jsonl":
         return [row for _, row in read_data_json_lines(path)]
     if path.suffix == ".tsv":
-        return list(csv.DictReader(io.StringIO(read_data_text(path), newline=""), delimiter="\t"))
+        rows = tsv_reader(io.StringIO(read_data_text(path), newline=""))
+        header = next(rows)
+        return [dict(zip(header, values)) for values in rows if values]
     data = read_data_json(path)
     if isinstance(data, dict) and "data" in data:
         try:
