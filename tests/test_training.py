@@ -257,7 +257,6 @@ def test_train_writes_a_checkpoint_that_run_evaluates(tiny, tmp_path, env):
     (["--passage-encoder", "x"], "--passage-encoder: retriever 'dense' has no such option"),
     (["--retriever", "bm25"], "retriever 'bm25' has no trainable encoders"),
     (["--lora-targets", "nosuch"], "--lora-targets nosuch:"),
-    (["--grad-accum", "0"], "Invalid value for '--grad-accum'"),
     (["--mixed-precision", "fp8"], "Invalid value for '--mixed-precision'"),
 ])
 def test_bad_training_settings_are_one_line_exit_2_and_write_nothing(tiny, tmp_path, env, extra, message):
@@ -266,6 +265,26 @@ def test_bad_training_settings_are_one_line_exit_2_and_write_nothing(tiny, tmp_p
     output = tmp_path / "out"
     result = CliRunner().invoke(cli, ["train", *train_args(tiny, output, "--steps", "1"), *extra])
     assert result.exit_code == 2 and message in result.output, result.output
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "nan"], "--learning-rate must be a finite float, not nan"),
+    (["--lr", "-1"], "--learning-rate must be at least 0, not -1.0"),
+    (["--retriever-learning-rate", "inf"], "--retriever-learning-rate must be a finite float, not inf"),
+    (["--lora-alpha", "0"], "--lora-alpha must be above 0, not 0.0"),
+    (["--penalty", "length=-1"], "--penalty length must be at least 0, not -1.0"),
+    (["--penalty", "repetition=nan"], "--penalty repetition must be a finite float, not 'nan'"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1, not 0"),
+])
+def test_non_finite_or_nonsensical_training_numbers_are_one_line_before_anything_loads(
+        tmp_path, monkeypatch, extra, message):
+    """Regression: NaN, negative or infinite learning rates, alphas and penalty weights were
+    taken, and trained to NaN weights (or, for the penalties, failed after the models loaded)."""
+    monkeypatch.setattr(Trainer, "__init__", lambda *a, **k: pytest.fail("the trainer started"))
+    output = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["train", "--task", "squad-train", "--output", str(output), *extra])
+    assert result.exit_code == 2 and result.output.splitlines() == [f"Error: {message}"], result.output
     assert not output.exists()
 
 
