@@ -5,6 +5,7 @@ the same loss trajectory with 1 and 2 DDP processes, all on tiny random models."
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,9 +21,10 @@ from transformers import BertConfig, BertModel, BertTokenizerFast, LlamaConfig, 
 
 from raghub.checkpoints import GENERATOR, MANIFEST, QUERY_ENCODER, TRAIN_LOG, read_checkpoint
 from raghub.cli import cli
+from raghub.errors import RunError, UsageError
 from raghub.plugin_manager import registry
 from raghub.plugins.training.rag.penalties import keyword_mass, length_penalty, repetition_unlikelihood
-from raghub.plugins.training.rag.trainer import TrainConfig, Trainer
+from raghub.plugins.training.rag.trainer import TrainConfig, Trainer, keep_log_until
 
 ROOT = Path(__file__).parents[1]
 PYTHON_BIN = Path(sys.executable).parent
@@ -286,6 +288,39 @@ def test_non_finite_or_nonsensical_training_numbers_are_one_line_before_anything
     result = CliRunner().invoke(cli, ["train", "--task", "squad-train", "--output", str(output), *extra])
     assert result.exit_code == 2 and result.output.splitlines() == [f"Error: {message}"], result.output
     assert not output.exists()
+
+
+def test_a_step_whose_loss_is_not_finite_stops_training_without_saving_or_logging_it(tiny, tmp_path, env):
+    """Regression: a NaN loss was logged and its weights saved as the next checkpoint."""
+    train = Trainer(replace(trainer_config(tiny, tmp_path / "out"), steps=3, save_every=1), registry())
+    run_step = train.run_step
+
+    def nan_at_step_2(step):
+        loss, parts = run_step(step)
+        return (loss * math.nan if step == 2 else loss), parts
+
+    train.run_step = nan_at_step_2
+    with pytest.raises(RunError, match=r"^step 2: the loss is nan, so training stops; .* keeps its last checkpoint"):
+        train.train()
+    assert read_checkpoint(tmp_path / "out").manifest["step"] == 1
+    assert len(losses(tmp_path / "out")) == 1
+
+
+def test_a_torn_last_line_of_the_training_log_does_not_block_the_resume(tiny, tmp_path, env):
+    """Regression: a kill in the middle of writing a log line made every resume a JSONDecodeError."""
+    output = tmp_path / "out"
+    Trainer(replace(trainer_config(tiny, output), steps=2, save_every=2), registry()).train()
+    with open(output / TRAIN_LOG, "a") as log:
+        log.write('{"step": 3, "phase": "jo')
+    Trainer(replace(trainer_config(tiny, output), steps=3, save_every=2), registry()).train()
+    assert [json.loads(line)["step"] for line in (output / TRAIN_LOG).read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_damaged_line_before_the_last_of_the_training_log_is_one_line_naming_it(tmp_path):
+    log = tmp_path / TRAIN_LOG
+    log.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(log))}, line 2: not JSON"):
+        keep_log_until(log, 2)
 
 
 def test_another_configuration_in_the_same_output_is_refused(tiny, tmp_path, env):
