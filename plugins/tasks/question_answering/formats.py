@@ -1,5 +1,7 @@
-"""Dataset format readers: each turns a QA data file's rows into `Question`s (all gold aliases,
-the question type, the gold passages when known) and the context `Passage`s it ships."""
+"""Dataset format readers: each turns one row of a QA data file into a `Question` (all gold
+aliases as a list of texts, the question type, the gold passages when known) and the context
+`Passage`s it ships; `read_questions` reads a file's rows with them, naming the row of any
+error, and refuses a repeated question id."""
 
 from __future__ import annotations
 
