@@ -25,7 +25,7 @@ from raghub.cache import Cache
 from raghub import PromptTemplate, Question, load_model
 from raghub.plugins.methods.parametric.augmentation import Augmentation, QAPair, training_texts
 from raghub.plugins.methods.parametric.method import Parametric
-from raghub.plugins.tasks.question_answering.formats import read_rows, read_squad
+from raghub.plugins.tasks.question_answering.formats import read_questions, read_rows
 
 SQUAD_FILE = "squad/dev-v1.1.rebuilt-from-explorer-html.json"
 
@@ -56,7 +56,8 @@ def main() -> None:
     args = parser.parse_args()
 
     data_dir = Path(os.environ.get("RAGHUB_DATA_DIR", "../shared/data"))
-    paragraphs = list({p.id: p for p in read_squad(read_rows(data_dir / SQUAD_FILE)).passages}.values())
+    squad = read_questions("squad", read_rows(data_dir / SQUAD_FILE), SQUAD_FILE)
+    paragraphs = list({p.id: p for p in squad.passages}.values())
     passages = paragraphs[: args.passages]
     model = load_model(None)
     question = Question(id="q", query="", question="", template=PromptTemplate(

@@ -17,12 +17,15 @@ import csv
 import json
 from array import array
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO, Iterable, Iterator, Sequence
 
 from raghub.errors import UsageError
 from raghub.interfaces import Passage
 
 STRUCTURED_SUFFIXES = (".jsonl", ".tsv")
+#: the longest .tsv field read: csv's default, 128 KiB, is shorter than some passages; this
+#: one (2 GiB) fits the C long csv keeps it in on every platform
+TSV_FIELD_LIMIT = 2**31 - 1
 #: structured corpus files larger than this are read from disk on demand rather than held
 STREAM_ABOVE_BYTES = 256 << 20
 FORMATS_HELP = ("a .jsonl of {\"id\", \"title\", \"text\"} objects, a .tsv with id, title, text "
@@ -49,6 +52,12 @@ def _jsonl_rows(path: Path, handle: BinaryIO) -> Iterator[tuple[int, dict[str, A
             yield offset, row
 
 
+def tsv_reader(lines: Iterable[str]) -> Iterator[list[str]]:
+    """`csv.reader` over tab-separated lines, reading fields up to `TSV_FIELD_LIMIT` long."""
+    csv.field_size_limit(TSV_FIELD_LIMIT)
+    return csv.reader(lines, delimiter="\t")
+
+
 def _tsv_rows(handle: BinaryIO, header: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     """The rows after the header, as dicts by its names; a quoted field may span lines."""
     started: list[int] = []  # offsets of the lines the csv reader took since the last row
@@ -58,7 +67,7 @@ def _tsv_rows(handle: BinaryIO, header: Sequence[str]) -> Iterator[tuple[int, di
             started.append(offset)
             yield line
 
-    for values in csv.reader(text(), delimiter="\t"):
+    for values in tsv_reader(text()):
         if values:  # csv.DictReader skips blank lines too
             yield started[0], dict(zip(header, values))
         started.clear()
@@ -93,7 +102,7 @@ class CorpusFile(Sequence[Passage]):
         self.header: list[str] = []
         with open(path, "rb") as handle:
             if path.suffix == ".tsv":
-                self.header = next(csv.reader([handle.readline().decode("utf-8")], delimiter="\t"), [])
+                self.header = next(tsv_reader([handle.readline().decode("utf-8")]), [])
             for position, (offset, row) in enumerate(self._rows(handle)):
                 _passage(path, position, row)
                 self.offsets.append(offset)

@@ -3,6 +3,7 @@ the command line and one from a `--config` file are converted and bounded the sa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -71,16 +72,16 @@ class Option:
         return converted
 
     def _number(self, flag: str, value: Any) -> Any:
-        """An int or float from a number or its text; a bool, a fractional int or NaN (which passes
-        every bound) is refused."""
-        wanted = f"{'an' if self.type is int else 'a'} {self.type.__name__}"
+        """An int or float from a number or its text; a bool, a fractional int or a float that is
+        not finite (NaN passes every bound, infinity is no setting) is refused."""
+        wanted = "an int" if self.type is int else "a finite float"
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise UsageError(f"{flag} must be {wanted}, not {value!r}")
         try:
             converted = self.type(value)
         except (TypeError, ValueError, OverflowError):  # int(inf) overflows
             raise UsageError(f"{flag} must be {wanted}, not {value!r}") from None
-        if converted != converted or (self.type is int and isinstance(value, float) and value != converted):
+        if not math.isfinite(converted) or (self.type is int and isinstance(value, float) and value != converted):
             raise UsageError(f"{flag} must be {wanted}, not {value!r}")
         return converted
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raghub.errors import UsageError
+from raghub.options import Option
 
 _TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
                list: "a list", dict: "a mapping"}
@@ -16,10 +17,12 @@ _TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "tru
 @dataclass(frozen=True)
 class Field:
     """One key: `kind` is a type, a tuple of allowed strings, or a nested schema (a dict of
-    Fields, for a mapping section)."""
+    Fields, for a mapping section); a number may be bounded below by `at_least` (and a float
+    must be finite), checked as an `Option`'s bounds are."""
 
     kind: Any
     required: bool = False
+    at_least: float | None = None
 
     def check(self, value: Any, where: str, key: str) -> None:
         if isinstance(self.kind, dict):
@@ -32,6 +35,8 @@ class Field:
         elif (isinstance(value, bool) and self.kind is not bool) or not isinstance(
                 value, (int, float) if self.kind is float else self.kind):
             raise UsageError(f"{where}: '{key}' must be {_TYPE_WORDS.get(self.kind, self.kind)}, not {value!r}")
+        elif self.kind in (int, float):
+            Option(self.kind, None, "", at_least=self.at_least).convert(key, value, f"{where}: '{key}'")
 
 
 def check_schema(mapping: dict[str, Any], schema: dict[str, Field], where: str, prefix: str = "") -> None:

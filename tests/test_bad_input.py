@@ -79,7 +79,12 @@ def lm(file, content, message, id):
     qa("squad", "dev.json", '{"version": "1.1"}', "dev.json has no 'data'", "squad-without-data"),
     qa("squad", "dev.json", "[1, 2]", "dev.json is not squad data", "numbers-as-squad"),
     qa("flashrag", "dev.jsonl", '{"id": 1, "question": "q"}\n',
-       "dev.jsonl is not flashrag data: a row has no 'golden_answers'", "row-without-answers"),
+       "dev.jsonl is not flashrag data: row 1 has no 'golden_answers'", "row-without-answers"),
+    qa("flashrag", "dev.jsonl", '{"id": 1, "question": "q", "golden_answers": []}\n',
+       "dev.jsonl, row 1: 'golden_answers' holds no answer", "empty-answer-list"),
+    qa("squad", "dev.jsonl", "".join(json.dumps({"id": "x", "title": "T", "context": "c", "question": "q",
+                                                 "answers": {"text": ["a"]}}) + "\n" for _ in range(2)),
+       "dev.jsonl: rows 1 and 2 have the same id 'x'", "duplicate-ids"),
     lm("test.jsonl", '{"text": " a \\n"}\n{"te', "test.jsonl, line 2: not JSON", "truncated-jsonl"),
     lm("test.jsonl", b'{"text": "caf\xe9"}\n', "test.jsonl is not UTF-8 text", "latin-1-jsonl"),
     lm("test.raw", b"caf\xe9\n", "test.raw is not UTF-8 text", "latin-1-raw"),
@@ -87,6 +92,8 @@ def lm(file, content, message, id):
     lm("test.jsonl", b"", "test.jsonl is empty", "empty-jsonl"),
     lm("test.jsonl", '{"text": " a \\n"}\n{"title": "b"}\n', "test.jsonl, line 2: no 'text' string",
        "row-without-text"),
+    lm("test.jsonl", '{"text": ""}\n{"text": " \\n"}\n', "test.jsonl holds no text: every row is empty",
+       "only-empty-rows"),
 ])
 def test_a_broken_data_file_is_one_line_naming_it(workdir, stub_model, template, format, file, content,
                                                  message):

@@ -221,11 +221,75 @@ def test_popqa_tsv_and_flashrag_readers(tmp_path):
     assert (question.answers, question.type) == (["B"], "genre")
 
 
+def test_a_tsv_data_file_reads_a_field_longer_than_csvs_default_limit(tmp_path):
+    """Regression: a field over 128 KiB was a `_csv.Error` traceback."""
+    long = "Who " * 40_000 + "composed X?"
+    tsv = f"id\tquestion\tprop\tpossible_answers\n7\t{long}\tcomposer\t[\"Ann\"]\n"
+    (question,) = make_task(tmp_path, "popqa", "popQA.tsv", tsv).examples(ChatStub(), None)
+    assert (question.question, question.answers) == (long, ["Ann"])
+
+
 def test_cwq_official_reader_collects_aliases_and_type(tmp_path):
     rows = [{"ID": "c1", "question": "Q?", "compositionality_type": "conjunction",
              "answers": [{"answer": "Brazil", "aliases": ["Brasil"]}]}]
     (question,) = make_task(tmp_path, "cwq", "dev.json", json.dumps(rows)).examples(ChatStub(), None)
     assert (question.answers, question.type) == (["Brazil", "Brasil"], "conjunction")
+
+
+def answer_rows(fmt, answer):
+    """Two rows of `fmt`, the second with `answer` as its answer field's value."""
+    def row(qid, value):
+        return {
+            "squad": {"id": qid, "title": "T", "context": "c", "question": "Q?", "answers": {"text": value}},
+            "hotpotqa": hotpot_row(qid, "Q?", value, "bridge", ["X"], ["X"]),
+            "ircot": {"question_id": qid, "question_text": "Q?", "answers_objects": [{"spans": value}],
+                      "contexts": []},
+            "popqa": {"id": qid, "question": "Q?", "prop": "p", "possible_answers": json.dumps(value)},
+            "flashrag": {"id": qid, "question": "Q?", "golden_answers": value},
+            "aliases": {"test_id": qid, "question": "Q?", "answer": value},
+            "cwq": {"ID": qid, "question": "Q?", "answers": [{"answer": value, "aliases": value}]},
+        }[fmt]
+    return "\n".join(json.dumps(r) for r in (row("q1", ["A"]), row("q2", answer)))
+
+
+FIELD_OF = {"squad": "answers.text", "hotpotqa": "answer", "ircot": "answers_objects.spans",
+            "popqa": "possible_answers", "flashrag": "golden_answers", "aliases": "answer",
+            "cwq": "answers.answer / answers.aliases"}
+
+
+@pytest.mark.parametrize("fmt", FIELD_OF)
+def test_an_answer_given_as_a_string_or_a_number_is_one_answer_in_every_format(tmp_path, fmt):
+    """Regression: a string answer was iterated into its letters (EM 0 for the right answer),
+    and a number crashed the scoring after generation."""
+    for given, expected in (("Paris", ["Paris"]), ([75001, "Paris"], ["75001", "Paris"])):
+        task = make_task(tmp_path, fmt, "dev.jsonl", answer_rows(fmt, given))
+        question = task.examples(ChatStub(), None)[1]
+        assert question.answers == expected
+        assert question_stats(question, expected[0], [])["em"] == 1.0
+
+
+@pytest.mark.parametrize("fmt", FIELD_OF)
+@pytest.mark.parametrize("answer, problem", [
+    ([], "holds no answer"), ([""], "holds no answer"),
+    (None, "must be a text or a list of texts, not None"),
+    ({"text": "Paris"}, "must be a text or a list of texts, not {'text': 'Paris'}"),
+    ([["Paris"]], "must be a text or a list of texts, not [['Paris']]"),
+], ids=["empty-list", "empty-text", "null", "object", "nested-list"])
+def test_an_answer_field_without_an_answer_is_one_line_naming_the_file_row_and_field(tmp_path, fmt, answer, problem):
+    """Regression: an empty answer list was silently scored 0, and null or an object ended in a
+    traceback or a guess at the format."""
+    task = make_task(tmp_path, fmt, "dev.jsonl", answer_rows(fmt, answer))
+    with pytest.raises(UsageError) as refused:
+        task.examples(ChatStub(), None)
+    assert str(refused.value) == f"{tmp_path / 'data' / 'toy' / 'dev.jsonl'}, row 2: '{FIELD_OF[fmt]}' {problem}"
+
+
+def test_two_questions_with_the_same_id_are_refused_naming_both_rows(tmp_path):
+    """Regression: the second question's result silently replaced the first's."""
+    rows = [{"id": qid, "question": "Q?", "golden_answers": ["A"]} for qid in ("a", "b", "a")]
+    task = make_task(tmp_path, "flashrag", "dev.jsonl", "\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(UsageError, match=r"dev\.jsonl: rows 1 and 3 have the same id 'a'"):
+        task.examples(ChatStub(), None)
 
 
 def test_missing_data_file_names_it_and_where_to_get_it(tmp_path):

@@ -71,6 +71,10 @@ def request(**settings) -> RunRequest:
     ({"n_docs": 2.5}, "--n-docs must be an int, not 2.5"),
     ({"limit": True}, "--limit must be an int, not True"),
     ({"limit": float("inf")}, "--limit must be an int, not inf"),
+    # regression: a LoRA alpha of 0 trained adapters that change nothing, a negative one reversed them
+    ({"task": "squad", "method": "parametric", "lora_alpha": 0}, "--lora-alpha must be above 0, not 0.0"),
+    ({"task": "squad", "method": "rag-sequence", "temperature": float("inf")},
+     "--temperature must be a finite float, not inf"),
     ({"temperatur": 1.0}, "--temperatur is not an option of the selected task 'language-modelling', "
                           "method 'none'"),
     ({5: "x"}, "run.yaml: setting names must be strings, not 5"),
@@ -122,6 +126,10 @@ QA_TASK = "name: mine\ninclude: _qa.yaml\ndata: {folder: squad, file: dev.json, 
     ("name: mine\ninclude: mytask.yaml\n", "mytask.yaml: 'include' of mytask.yaml is circular"),
     ("name: mine\ndata: {}\n", "mytask.yaml: the required key 'family' is missing"),
     ("name: mine\nfamily: [qa]\n", "mytask.yaml: 'family' must be a string, not ['qa']"),
+    # regression: a negative first ran the whole file but its last 299 questions
+    (QA_TASK + "sample: {first: -299}\n", "mytask.yaml: 'sample.first' must be at least 1, not -299"),
+    # regression: no words per passage was a traceback when the datastore was cut
+    (LM_TASK + "passages: {words: 0, min_words: 10}\n", "mytask.yaml: 'passages.words' must be at least 1, not 0"),
 ])
 def test_a_bad_task_file_is_one_line_naming_the_file_and_key(workdir, definition, message):
     Path("mytask.yaml").write_text(definition)
@@ -279,8 +287,11 @@ def test_option_convert_accepts(option, value, expected):
     (Option(int, None, ""), 2.5, "--some-value must be an int, not 2.5"),
     (Option(int, None, ""), True, "--some-value must be an int, not True"),
     (Option(int, None, ""), float("inf"), "--some-value must be an int, not inf"),
-    (Option(float, None, "", above=0), "nan", "--some-value must be a float, not 'nan'"),
-    (Option(float, None, ""), [1.0], "--some-value must be a float, not [1.0]"),
+    (Option(float, None, "", above=0), "nan", "--some-value must be a finite float, not 'nan'"),
+    # regression: infinity passed every bound (--learning-rate inf trained to NaN weights)
+    (Option(float, None, "", above=0), float("inf"), "--some-value must be a finite float, not inf"),
+    (Option(float, None, ""), "-inf", "--some-value must be a finite float, not '-inf'"),
+    (Option(float, None, ""), [1.0], "--some-value must be a finite float, not [1.0]"),
     (Option(str, "", ""), 5, "--some-value must be a string, not 5"),
     (Option(bool, False, ""), "maybe", "--some-value must be true or false, not 'maybe'"),
     (Option(("a", "b"), "a", ""), "c", "--some-value must be one of a, b, not 'c'"),
@@ -300,6 +311,7 @@ def test_option_convert_names_the_flag_it_is_given():
 
 
 SCHEMA = {"name": Field(str, required=True), "rate": Field(float), "count": Field(int),
+          "at_least_two": Field(int, at_least=2),
           "data": Field({"file": Field(str, required=True), "format": Field(("squad", "ircot"))})}
 
 
@@ -315,6 +327,8 @@ def test_check_schema_accepts_a_fitting_mapping():
     ({"name": "t", "data": {"file": "f", "format": "hotpot"}}, "t.yaml: 'data.format' must be one of squad, ircot"),
     ({"name": "t", "data": "f"}, "t.yaml: 'data' must be a mapping, not 'f'"),
     ({"name": "t", "count": True}, "t.yaml: 'count' must be an integer, not True"),
+    ({"name": "t", "data": {"file": "f"}, "at_least_two": 1}, "t.yaml: 'at_least_two' must be at least 2, not 1"),
+    ({"name": "t", "data": {"file": "f"}, "rate": float("nan")}, "t.yaml: 'rate' must be a finite float, not nan"),
     ({"data": {"file": "f"}}, "t.yaml: the required key 'name' is missing"),
     ({"name": "t", "nmae": "t"}, "t.yaml: unknown key 'nmae' (did you mean 'name'?)"),
 ])
@@ -358,6 +372,13 @@ def test_a_tsv_corpus_reads_its_columns_by_the_header(tmp_path):
     path = corpus_file(tmp_path, "c.tsv",
                        "text\tid\ttitle\none\u2028more\tp1\tOne\n\"two, \"\"quoted\"\"\"\t\t\n")
     assert passages(path) == [("p1", "One", "one\u2028more"), ("1", "", 'two, "quoted"')]
+
+
+def test_a_tsv_corpus_reads_a_field_longer_than_csvs_default_limit(tmp_path):
+    """Regression: a passage over 128 KiB was a `_csv.Error` traceback."""
+    long = "word " * 40_000
+    path = corpus_file(tmp_path, "c.tsv", f"id\ttext\n1\t{long}\n2\tshort\n")
+    assert [text for _, _, text in passages(path)] == [long, "short"]
 
 
 def test_a_text_corpus_has_one_passage_per_block_between_blank_lines(tmp_path):

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import re
 import signal
 import subprocess
 import sys
@@ -20,14 +21,14 @@ from click.testing import CliRunner
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, BertTokenizerFast, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from raghub import UsageError
 from raghub.cache import fingerprint
 from raghub.checkpoints import GENERATOR, MANIFEST, QUERY_ENCODER, TRAIN_LOG, read_checkpoint
 from raghub.cli import cli
+from raghub.errors import RunError, UsageError
 from raghub.plugin_manager import registry
 from raghub.plugins.models.huggingface import HuggingFaceCausal
 from raghub.plugins.training.rag.penalties import keyword_mass, length_penalty, repetition_unlikelihood
-from raghub.plugins.training.rag.trainer import TrainConfig, Trainer
+from raghub.plugins.training.rag.trainer import TrainConfig, Trainer, keep_log_until
 
 ROOT = Path(__file__).parents[1]
 PYTHON_BIN = Path(sys.executable).parent
@@ -365,7 +366,6 @@ def test_a_manifest_without_its_identity_is_refused(trained, tmp_path, damage):
     (["--passage-encoder", "x"], "--passage-encoder: retriever 'dense' has no such option"),
     (["--retriever", "bm25"], "retriever 'bm25' has no trainable encoders"),
     (["--lora-targets", "nosuch"], "--lora-targets nosuch:"),
-    (["--grad-accum", "0"], "Invalid value for '--grad-accum'"),
     (["--mixed-precision", "fp8"], "Invalid value for '--mixed-precision'"),
 ])
 def test_bad_training_settings_are_one_line_exit_2_and_write_nothing(tiny, tmp_path, env, extra, message):
@@ -375,6 +375,59 @@ def test_bad_training_settings_are_one_line_exit_2_and_write_nothing(tiny, tmp_p
     result = CliRunner().invoke(cli, ["train", *train_args(tiny, output, "--steps", "1"), *extra])
     assert result.exit_code == 2 and message in result.output, result.output
     assert not output.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "nan"], "--learning-rate must be a finite float, not nan"),
+    (["--lr", "-1"], "--learning-rate must be at least 0, not -1.0"),
+    (["--retriever-learning-rate", "inf"], "--retriever-learning-rate must be a finite float, not inf"),
+    (["--lora-alpha", "0"], "--lora-alpha must be above 0, not 0.0"),
+    (["--penalty", "length=-1"], "--penalty length must be at least 0, not -1.0"),
+    (["--penalty", "repetition=nan"], "--penalty repetition must be a finite float, not 'nan'"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1, not 0"),
+])
+def test_non_finite_or_nonsensical_training_numbers_are_one_line_before_anything_loads(
+        tmp_path, monkeypatch, extra, message):
+    """Regression: NaN, negative or infinite learning rates, alphas and penalty weights were
+    taken, and trained to NaN weights (or, for the penalties, failed after the models loaded)."""
+    monkeypatch.setattr(Trainer, "__init__", lambda *a, **k: pytest.fail("the trainer started"))
+    output = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["train", "--task", "squad-train", "--output", str(output), *extra])
+    assert result.exit_code == 2 and result.output.splitlines() == [f"Error: {message}"], result.output
+    assert not output.exists()
+
+
+def test_a_step_whose_loss_is_not_finite_stops_training_without_saving_or_logging_it(tiny, tmp_path, env):
+    """Regression: a NaN loss was logged and its weights saved as the next checkpoint."""
+    train = Trainer(replace(trainer_config(tiny, tmp_path / "out"), steps=3, save_every=1), registry())
+    run_step = train.run_step
+
+    def nan_at_step_2(step):
+        loss, parts = run_step(step)
+        return (loss * math.nan if step == 2 else loss), parts
+
+    train.run_step = nan_at_step_2
+    with pytest.raises(RunError, match=r"^step 2: the loss is nan, so training stops; .* keeps its last checkpoint"):
+        train.train()
+    assert read_checkpoint(tmp_path / "out").manifest["step"] == 1
+    assert len(losses(tmp_path / "out")) == 1
+
+
+def test_a_torn_last_line_of_the_training_log_does_not_block_the_resume(tiny, tmp_path, env):
+    """Regression: a kill in the middle of writing a log line made every resume a JSONDecodeError."""
+    output = tmp_path / "out"
+    Trainer(replace(trainer_config(tiny, output), steps=2, save_every=2), registry()).train()
+    with open(output / TRAIN_LOG, "a") as log:
+        log.write('{"step": 3, "phase": "jo')
+    Trainer(replace(trainer_config(tiny, output), steps=3, save_every=2), registry()).train()
+    assert [json.loads(line)["step"] for line in (output / TRAIN_LOG).read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_damaged_line_before_the_last_of_the_training_log_is_one_line_naming_it(tmp_path):
+    log = tmp_path / TRAIN_LOG
+    log.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(log))}, line 2: not JSON"):
+        keep_log_until(log, 2)
 
 
 def test_another_configuration_in_the_same_output_is_refused(tiny, tmp_path, env):

@@ -152,12 +152,14 @@ class LanguageModelling(Task):
                        "folder": Field(str, required=True),
                        "files": Field({"test": Field(list), "validation": Field(list), "train": Field(list)},
                                       required=True)}, required=True),
-        "passages": Field({"words": Field(int, required=True), "min_words": Field(int, required=True)},
-                          required=True),
-        "windows": Field({"context_len": Field(int, required=True), "pred_len": Field(int, required=True),
-                          "retrieved_max_length": Field(int, required=True)}, required=True),
-        "ralm": Field({"query_len": Field(int, required=True), "max_length": Field(int, required=True),
-                       "retrieved_max_length": Field(int, required=True)}, required=True),
+        "passages": Field({"words": Field(int, required=True, at_least=1),
+                           "min_words": Field(int, required=True, at_least=0)}, required=True),
+        "windows": Field({"context_len": Field(int, required=True, at_least=1),
+                          "pred_len": Field(int, required=True, at_least=1),
+                          "retrieved_max_length": Field(int, required=True, at_least=1)}, required=True),
+        "ralm": Field({"query_len": Field(int, required=True, at_least=1),
+                       "max_length": Field(int, required=True, at_least=1),
+                       "retrieved_max_length": Field(int, required=True, at_least=1)}, required=True),
     }
 
     def check(self) -> None:
@@ -230,10 +232,20 @@ class LanguageModelling(Task):
             )
         return read_rows(found)
 
+    def _split_lines(self, split: str) -> list[str]:
+        """The non-empty lines of a split; a split without any is a UsageError naming its source."""
+        lines = text_lines(self._split_rows(split))
+        if not lines:
+            source = self.config["data"]
+            where = (self._split_file(split) if self.data_dir is not None
+                     else f"the hub's {source['hub']} ({source['config']}) {split} split")
+            raise UsageError(f"task {self.name}: {where} holds no text: every row is empty")
+        return lines
+
     @cached_property
     def lines(self) -> list[str]:
         """The evaluated split's non-empty lines."""
-        return text_lines(self._split_rows(self.settings["split"]))
+        return self._split_lines(self.settings["split"])
 
     @cached_property
     def datastore(self) -> str:
@@ -294,7 +306,7 @@ class LanguageModelling(Task):
             lines = self.lines
         else:
             label = f"{source['config']} train"
-            lines = text_lines(self._split_rows("train"))
+            lines = self._split_lines("train")
         passages = chunk_passages(lines, article_of_lines(lines), self.name,
                                   self.config["passages"]["words"], self.config["passages"]["min_words"])
         return passages, f"{label}, {self.config['passages']['words']}-word passages"

@@ -48,7 +48,7 @@ class Parametric(Method):
                                "prag: PRAG's chat prompts asking for JSON; fewshot: plain completions "
                                "after a worked example, for models too small to write the JSON"),
         "lora_rank": Option(int, 2, "LoRA rank r of each passage's adapter", at_least=1),
-        "lora_alpha": Option(float, 32.0, "LoRA alpha (the update is scaled by alpha / r)"),
+        "lora_alpha": Option(float, 32.0, "LoRA alpha (the update is scaled by alpha / r)", above=0),
         "lora_targets": Option(str, "gate_proj,up_proj,down_proj", "comma-separated layer names the adapters modify"),
         "learning_rate": Option(float, 3e-4, "AdamW learning rate of adapter training", above=0),
         "epochs": Option(int, 1, "passes over each passage's five training examples (batch 1)", at_least=1),

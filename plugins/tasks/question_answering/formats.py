@@ -1,27 +1,37 @@
-"""Dataset format readers: each turns a QA data file's rows into `Question`s (all gold aliases,
-the question type, the gold passages when known) and the context `Passage`s it ships."""
+"""Dataset format readers: each turns one row of a QA data file into a `Question` (all gold
+aliases as a list of texts, the question type, the gold passages when known) and the context
+`Passage`s it ships; `read_questions` reads a file's rows with them, naming the row of any
+error, and refuses a repeated question id."""
 
 from __future__ import annotations
 
-import csv
 import io
 import json
+import math
+import reprlib
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 from raghub import Passage, Question, UsageError
 from raghub.cache import fingerprint
+from raghub.corpus import tsv_reader
 from raghub.settings import read_data_json, read_data_json_lines, read_data_text
+
+T = TypeVar("T")
 
 
 @dataclass
 class Loaded:
-    """What a format reader returns: the questions, and the context passages (duplicates kept)."""
+    """What a data file holds: the questions, and the context passages (duplicates kept)."""
 
     questions: list[Question]
     passages: list[Passage]
+
+
+#: what a format's reader makes of one row: its question and the context passages it ships
+Read = tuple[Question, list[Passage]]
 
 
 def make_passage(title: str, text: str) -> Passage:
@@ -34,20 +44,53 @@ def unique(values: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(v for v in values if v))
 
 
-def _as_list(value: Any) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
+def is_finite_number(value: Any) -> bool:
+    """An int or a finite float, not a bool (pandas fills a missing cell with NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class BadRow(ValueError):
+    """What is wrong with one row of a data file (the reader adds the file and row)."""
+
+
+def _texts(field: str, value: Any) -> list[str]:
+    """A text or a list of texts as a list; a number is written out (an id-like answer such as
+    75001), anything else (null, NaN, a mapping, a nested list, true / false) is a `BadRow`."""
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(item, str) or is_finite_number(item) for item in items):
+        raise BadRow(f"'{field}' must be a text or a list of texts, not {reprlib.repr(value)}")
+    return [str(item) for item in items]
+
+
+def answer_list(field: str, *values: Any) -> list[str]:
+    """A question's gold answers from the `values` of its answer field (each a text or a list of
+    texts): every non-empty text once. None left (an empty list, only empty texts) is a `BadRow`,
+    since the question could never be answered right."""
+    answers = unique(chain.from_iterable(_texts(field, value) for value in values))
+    if not answers:
+        raise BadRow(f"'{field}' holds no answer")
+    return answers
 
 
 def read_rows(path: Path) -> Any:
     """A data file's rows: JSONL lines, a JSON list, a pandas column-oriented JSON object
-    (turned into rows), SQuAD's nested JSON (kept whole), or TSV rows with a header. A file
-    that is truncated, not UTF-8, empty or neither layout is a UsageError naming it."""
+    (turned into rows), SQuAD's nested JSON (flattened into rows), or TSV rows with a header.
+    A file that is truncated, not UTF-8, empty or neither layout is a UsageError naming it."""
     if path.suffix == ".jsonl":
         return [row for _, row in read_data_json_lines(path)]
     if path.suffix == ".tsv":
-        return list(csv.DictReader(io.StringIO(read_data_text(path), newline=""), delimiter="\t"))
+        rows = tsv_reader(io.StringIO(read_data_text(path), newline=""))
+        header = next(rows)
+        return [dict(zip(header, values)) for values in rows if values]
     data = read_data_json(path)
-    if isinstance(data, dict) and "data" not in data:  # pandas `to_json()` column layout
+    if isinstance(data, dict) and "data" in data:
+        try:
+            return squad_rows(data)
+        except KeyError as error:
+            raise UsageError(f"{path} is not SQuAD's nested layout: an entry has no {error}") from None
+        except (TypeError, AttributeError):
+            raise UsageError(f"{path} is not SQuAD's nested layout (data → paragraphs → qas)") from None
+    if isinstance(data, dict):  # pandas `to_json()` column layout
         import pandas
 
         try:
@@ -69,18 +112,50 @@ def squad_rows(official: dict) -> list[dict]:
     ]
 
 
-def read_squad(rows: Any) -> Loaded:
-    """SQuAD v1.1: the official nested JSON or the hub's flat rows; gold = the question's paragraph."""
-    if isinstance(rows, dict):
-        rows = squad_rows(rows)
+def each_row(rows: Any, where: str, format_name: str, read: Callable[[Any], T]) -> list[T]:
+    """`read` applied to every row; a row without a field `read` needs, of another shape, or
+    with a field it refuses is a UsageError naming `where`, the row (1-based) and the field."""
+    if not isinstance(rows, list):
+        raise UsageError(f"{where} is not {format_name} data: it holds no list of rows; check the "
+                         "task YAML's data.format")
+    results = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            results.append(read(row))
+        except BadRow as error:
+            raise UsageError(f"{where}, row {number}: {error}") from None
+        except KeyError as error:
+            raise UsageError(f"{where} is not {format_name} data: row {number} has no {error}; check "
+                             "the task YAML's data.format") from None
+        except (TypeError, AttributeError, ValueError) as error:
+            raise UsageError(f"{where} is not {format_name} data: row {number} ({error}); check the "
+                             "task YAML's data.format") from None
+    return results
+
+
+def read_questions(format_name: str, rows: Any, where: str) -> Loaded:
+    """The questions and context passages of a format's rows (`where` names their file); two
+    questions with the same id, whose results would replace each other, are a UsageError."""
+    read = FORMATS[format_name]
     questions, passages = [], []
-    for row in rows:
-        passage = make_passage(row["title"].replace("_", " "), row["context"])
-        passages.append(passage)
-        questions.append(Question(id=row["id"], query=row["question"], question=row["question"],
-                                  answers=unique(row["answers"]["text"]),
-                                  gold_passage_ids=[passage.id]))
+    first_row: dict[str, int] = {}
+    for number, (question, own) in enumerate(each_row(rows, where, format_name, read), start=1):
+        if question.id in first_row:
+            raise UsageError(f"{where}: rows {first_row[question.id]} and {number} have the same id "
+                             f"{question.id!r}; each question needs its own")
+        first_row[question.id] = number
+        questions.append(question)
+        passages += own
     return Loaded(questions, passages)
+
+
+def read_squad(row: dict) -> Read:
+    """SQuAD v1.1 (the hub's flat rows, or the official nested JSON flattened by `read_rows`);
+    gold = the question's paragraph."""
+    passage = make_passage(row["title"].replace("_", " "), row["context"])
+    return Question(id=row["id"], query=row["question"], question=row["question"],
+                    answers=answer_list("answers.text", row["answers"]["text"]),
+                    gold_passage_ids=[passage.id]), [passage]
 
 
 def _title_sentence_pairs(table: Any, second: str) -> list[tuple[str, Any]]:
@@ -90,73 +165,65 @@ def _title_sentence_pairs(table: Any, second: str) -> list[tuple[str, Any]]:
     return [(title, x) for title, x in table]
 
 
-def read_hotpotqa(rows: Any) -> Loaded:
+def read_hotpotqa(row: dict) -> Read:
     """The official HotpotQA layout, shared by 2WikiMultihopQA (`_id`/`_1`, `question`,
     `answer`, `type`, `context`, `supporting_facts`); gold = the supporting facts' titles."""
-    questions, passages = [], []
-    for row in rows:
-        context = _title_sentence_pairs(row["context"], "sentences")
-        passages += [make_passage(title, " ".join(s.strip() for s in sentences))
-                     for title, sentences in context]
-        supporting = _title_sentence_pairs(row["supporting_facts"], "sent_id")
-        questions.append(Question(
-            id=str(row.get("_id") or row.get("_1") or row["id"]), query=row["question"],
-            question=row["question"], answers=unique(_as_list(row["answer"])),
-            type=row.get("type", ""), gold_titles=unique(title for title, _ in supporting)))
-    return Loaded(questions, passages)
+    passages = [make_passage(title, " ".join(s.strip() for s in sentences))
+                for title, sentences in _title_sentence_pairs(row["context"], "sentences")]
+    supporting = _title_sentence_pairs(row["supporting_facts"], "sent_id")
+    return Question(
+        id=str(row.get("_id") or row.get("_1") or row["id"]), query=row["question"],
+        question=row["question"], answers=answer_list("answer", row["answer"]),
+        type=row.get("type", ""), gold_titles=unique(title for title, _ in supporting)), passages
 
 
-def read_ircot(rows: Any) -> Loaded:
+def read_ircot(row: dict) -> Read:
     """IRCoT's processed HotpotQA (`question_id`, `question_text`, `answers_objects[].spans`,
     `contexts[]` with `is_supporting`); gold = the supporting contexts' titles."""
-    questions, passages = [], []
-    for row in rows:
-        passages += [make_passage(c["title"], c["paragraph_text"]) for c in row["contexts"]]
-        answers = chain.from_iterable(a["spans"] for a in row["answers_objects"])
-        questions.append(Question(
-            id=row["question_id"], query=row["question_text"], question=row["question_text"],
-            answers=unique(answers),
-            gold_titles=unique(c["title"] for c in row["contexts"] if c["is_supporting"])))
-    return Loaded(questions, passages)
+    return Question(
+        id=row["question_id"], query=row["question_text"], question=row["question_text"],
+        answers=answer_list("answers_objects.spans", *(a["spans"] for a in row["answers_objects"])),
+        gold_titles=unique(c["title"] for c in row["contexts"] if c["is_supporting"]),
+    ), [make_passage(c["title"], c["paragraph_text"]) for c in row["contexts"]]
 
 
-def read_popqa(rows: Any) -> Loaded:
-    """PopQA's official TSV / hub rows: `possible_answers` is a JSON list; type = relation."""
-    return Loaded([
-        Question(id=str(row["id"]), query=row["question"], question=row["question"],
-                 answers=unique(json.loads(row["possible_answers"])), type=row["prop"])
-        for row in rows], [])
+def read_popqa(row: dict) -> Read:
+    """PopQA's official TSV / hub rows: `possible_answers` is a JSON list (as text); type = relation."""
+    possible = row["possible_answers"]
+    if isinstance(possible, str):
+        try:
+            possible = json.loads(possible)
+        except json.JSONDecodeError:
+            raise BadRow(f"'possible_answers' is not a JSON list of texts: {reprlib.repr(possible)}") from None
+    return Question(id=str(row["id"]), query=row["question"], question=row["question"],
+                    answers=answer_list("possible_answers", possible), type=row["prop"]), []
 
 
-def read_flashrag(rows: Any) -> Loaded:
+def read_flashrag(row: dict) -> Read:
     """FlashRAG's JSONL (`id`, `question`, `golden_answers`, `metadata.prop` for PopQA)."""
-    return Loaded([
-        Question(id=str(row["id"]), query=row["question"], question=row["question"],
-                 answers=unique(row["golden_answers"]),
-                 type=row.get("metadata", {}).get("prop", ""))
-        for row in rows], [])
+    return Question(id=str(row["id"]), query=row["question"], question=row["question"],
+                    answers=answer_list("golden_answers", row["golden_answers"]),
+                    type=row.get("metadata", {}).get("prop", "")), []
 
 
-def read_aliases(rows: Any) -> Loaded:
+def read_aliases(row: dict) -> Read:
     """Parametric RAG's alias lists `[{test_id, question, answer: str | [aliases]}]` (CWQ,
     and 2Wiki's alias side file)."""
-    return Loaded([
-        Question(id=str(row["test_id"]), query=row["question"], question=row["question"],
-                 answers=unique(_as_list(row["answer"])))
-        for row in rows], [])
+    return Question(id=str(row["test_id"]), query=row["question"], question=row["question"],
+                    answers=answer_list("answer", row["answer"])), []
 
 
-def read_cwq(rows: Any) -> Loaded:
+def read_cwq(row: dict) -> Read:
     """ComplexWebQuestions' official JSON (`ID`, `question`, `answers[{answer, aliases}]`,
     `compositionality_type`)."""
-    return Loaded([
-        Question(id=row["ID"], query=row["question"], question=row["question"],
-                 answers=unique(chain.from_iterable([a["answer"], *a["aliases"]] for a in row["answers"])),
-                 type=row.get("compositionality_type", ""))
-        for row in rows], [])
+    texts = chain.from_iterable((a["answer"], a["aliases"]) for a in row["answers"])
+    return Question(id=row["ID"], query=row["question"], question=row["question"],
+                    answers=answer_list("answers.answer / answers.aliases", *texts),
+                    type=row.get("compositionality_type", "")), []
 
 
-FORMATS: dict[str, Callable[[Any], Loaded]] = {
+#: each format's reader of one row: the row's question and the context passages it ships
+FORMATS: dict[str, Callable[[dict], Read]] = {
     "squad": read_squad,
     "hotpotqa": read_hotpotqa,
     "ircot": read_ircot,

@@ -24,7 +24,7 @@ from raghub.families.qa import TEMPLATE_STYLES
 from raghub.metrics import best_over_aliases, exact_match, f1, mean
 from raghub.settings import data_path
 
-from .formats import FORMATS, Loaded, read_aliases, read_rows, unique
+from .formats import FORMATS, Loaded, Read, each_row, read_aliases, read_questions, read_rows, unique
 
 
 T = TypeVar("T")
@@ -80,11 +80,12 @@ class QATask(Task):
         "corpus_from": Field(list),
         "prompt": Field(TEMPLATE_STYLES),
         "few_shot": Field(list),
-        "max_new_tokens": Field(int),
-        "sample": Field({"first": Field(int), "per_type": Field(int)}),
+        "max_new_tokens": Field(int, at_least=1),
+        "sample": Field({"first": Field(int, at_least=1), "per_type": Field(int, at_least=1)}),
         # a split by article: the questions whose gold passage is in articles first..last
         # (0-based, in file order, inclusive); the corpus stays the whole file's
-        "articles": Field({"first": Field(int, required=True), "last": Field(int, required=True)}),
+        "articles": Field({"first": Field(int, required=True, at_least=0),
+                           "last": Field(int, required=True, at_least=0)}),
     }
 
     def check(self) -> None:
@@ -99,18 +100,10 @@ class QATask(Task):
         return data_path(self.data_dir, data["folder"], data[name_key],
                          source=self.config.get("source", f"task {self.name}"))
 
-    def _read(self, name_key: str, reader: Callable[[Any], T], format_name: str) -> T:
-        """`reader` applied to the rows of the data file `name_key` names; a row without a field
-        the reader needs (or of another shape) is a UsageError naming the file and format."""
+    def _read(self, name_key: str, format_name: str, read: Callable[[Any], T]) -> list[T]:
+        """`read` applied to each row of the data file `name_key` names (see `each_row`)."""
         path = self._data_file(name_key)
-        try:
-            return reader(read_rows(path))
-        except KeyError as error:
-            raise UsageError(f"{path} is not {format_name} data: a row has no {error}; check the task "
-                             "YAML's data.format") from None
-        except (TypeError, AttributeError) as error:
-            raise UsageError(f"{path} is not {format_name} data ({error}); check the task YAML's "
-                             "data.format") from None
+        return each_row(read_rows(path), str(path), format_name, read)
 
     @cached_property
     def loaded(self) -> Loaded:
@@ -122,19 +115,18 @@ class QATask(Task):
         if not path.is_file():
             raise UsageError(f"task {self.name} needs {path} ({data.get('get', 'see the task YAML')}); "
                              "set RAGHUB_DATA_DIR to the folder holding it")
-        loaded = self._read("file", FORMATS[data["format"]], data["format"])
+        loaded = read_questions(data["format"], read_rows(path), str(path))
         if data.get("aliases_file") and self._data_file("aliases_file").is_file():
-            self._add_aliases(loaded.questions, self._read("aliases_file", read_aliases, "aliases"))
+            self._add_aliases(loaded.questions, self._read("aliases_file", "aliases", read_aliases))
         if data.get("types_file") and self._data_file("types_file").is_file():
-            type_of = self._read("types_file", lambda rows: {row["question"]: row["type"] for row in rows},
-                                 "question-types")
+            type_of = dict(self._read("types_file", "question-types", lambda row: (row["question"], row["type"])))
             loaded.questions = [replace(q, type=type_of.get(q.question, q.type)) for q in loaded.questions]
         return loaded
 
     @staticmethod
-    def _add_aliases(questions: list[Question], alias_source: Loaded) -> None:
+    def _add_aliases(questions: list[Question], alias_rows: Sequence[Read]) -> None:
         """Extend each question's answers with the aliases listed for the same question text."""
-        aliases = {q.question: q.answers for q in alias_source.questions}
+        aliases = {q.question: q.answers for q, _ in alias_rows}
         for question in questions:
             question.answers = unique([*question.answers, *aliases.get(question.question, [])])
 
@@ -145,7 +137,7 @@ class QATask(Task):
             raise UsageError(f"task {self.name} has no hub source: set RAGHUB_DATA_DIR to a folder "
                              f"with {data['folder']}/{data['file']} ({data.get('get', '')})")
         rows = load_hub_dataset(self.name, hub["path"], hub.get("name"), hub["split"])
-        return FORMATS[hub["format"]](list(rows))
+        return read_questions(hub["format"], list(rows), f"{hub['path']} ({hub['split']} split)")
 
     def examples(self, model, limit: int | None) -> list[Question]:
         """The sample the YAML names (first N of the file, or first N per question type,

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .config import MINIMUM, MIXED_PRECISION, TrainConfig
+from .config import MIXED_PRECISION, TrainConfig, setting_type
 
 #: more flags for a setting, as the DPR + T5 script spells them
 ALIASES = {"learning_rate": ["--lr"]}
@@ -75,9 +75,7 @@ def add_train_command(cli: click.Group) -> None:
     command = click.command("train", cls=TrainCommand)(train)
     for spec in fields(TrainConfig):
         flags = ["--" + spec.name.replace("_", "-"), *ALIASES.get(spec.name, [])]
-        kind: Any = {"int": int, "float": float, "bool": bool}.get(str(spec.type).split(" |")[0], str)
-        if spec.name in MINIMUM:
-            kind = click.IntRange(min=MINIMUM[spec.name])
+        kind: Any = setting_type(spec)  # TrainConfig checks the bounds
         if spec.name == "mixed_precision":
             kind = click.Choice(MIXED_PRECISION)
         required = spec.name in ("task", "output")

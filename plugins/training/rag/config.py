@@ -3,9 +3,10 @@ when raghub starts)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import Field, asdict, dataclass, fields
+from typing import Any
 
-from raghub import UsageError
+from raghub import Option, UsageError
 from raghub.cache import fingerprint
 from raghub.settings import parse_key_values
 
@@ -13,11 +14,23 @@ from raghub.settings import parse_key_values
 PENALTIES = ("repetition", "keyword", "length")
 #: `--mixed-precision` choices: none, or the generator's forward pass under bfloat16 autocast
 MIXED_PRECISION = ("no", "bf16")
-#: the least value of each integer setting
-MINIMUM = {"n_docs": 1, "steps": 1, "batch_size": 1, "warmup_steps": 0, "grad_accum": 1, "lora_rank": 0,
-           "alternate": 0, "repetition_ngram": 1, "refresh_every": 0, "save_every": 1, "limit": 1}
+#: the bounds of each numeric setting (as `Option` takes them; a float must also be finite)
+BOUNDS: dict[str, dict[str, float]] = {
+    **{name: {"at_least": 1} for name in ("n_docs", "steps", "batch_size", "grad_accum", "repetition_ngram",
+                                          "save_every", "limit")},
+    **{name: {"at_least": 0} for name in ("warmup_steps", "lora_rank", "alternate", "refresh_every",
+                                          "learning_rate", "retriever_learning_rate")},
+    "lora_alpha": {"above": 0},
+}
+#: a penalty's weight: a negative one would reward the behaviour it penalises
+PENALTY_WEIGHT = Option(float, None, "weight of a penalty", at_least=0)
 #: settings that do not change what a step computes: left out of the training fingerprint
 NOT_FINGERPRINTED = ("steps", "save_every", "output", "data_dir")
+
+
+def setting_type(spec: Field) -> Any:
+    """The type of a `TrainConfig` field (int, float, bool or str; `int | None` is int)."""
+    return {"int": int, "float": float, "bool": bool}.get(str(spec.type).split(" |")[0], str)
 
 
 @dataclass
@@ -53,6 +66,15 @@ class TrainConfig:
     limit: int | None = None
     data_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        """Every numeric setting within its `BOUNDS` and finite, and the penalties known and
+        weighted alike, or a UsageError naming the flag, before anything loads."""
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if spec.name in BOUNDS and value is not None:
+                Option(setting_type(spec), None, "", **BOUNDS[spec.name]).convert(spec.name, value)
+        self.penalty_weights()
+
     def fingerprint(self) -> str:
         return fingerprint({k: v for k, v in asdict(self).items() if k not in NOT_FINGERPRINTED})
 
@@ -66,7 +88,4 @@ class TrainConfig:
         unknown = sorted(weights.keys() - set(PENALTIES))
         if unknown:
             raise UsageError(f"--penalty: unknown penalty {', '.join(unknown)} (known: {', '.join(PENALTIES)})")
-        try:
-            return {name: float(value) for name, value in weights.items()}
-        except ValueError:
-            raise UsageError(f"--penalty takes name=weight pairs with numeric weights, not {self.penalty!r}") from None
+        return {name: PENALTY_WEIGHT.convert(name, value, f"--penalty {name}") for name, value in weights.items()}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import time
@@ -34,7 +35,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from raghub import Question, UsageError
+from raghub import Question, RunError, UsageError
 from raghub.cache import Cache, cache_root
 from raghub.checkpoints import (GENERATOR, MANIFEST, TRAIN_LOG, TRAINER_STATE, load_trained_generator, read_checkpoint,
                                 write_checkpoint)
@@ -44,6 +45,27 @@ from raghub.runner import task_corpus, task_family
 
 from .config import TrainConfig
 from .penalties import keyword_mass, length_penalty, repetition_unlikelihood
+
+
+def keep_log_until(log: Path, step: int) -> None:
+    """Keep the training log's lines up to `step` (later ones were computed after the last save and
+    are repeated now); a last line torn by a kill mid-write is dropped with them."""
+    if not log.exists():
+        return
+    lines = log.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise UsageError(f"{log}, line {number}: not JSON; remove the line to resume") from None
+        if entry["step"] <= step:
+            kept.append(line)
+    log.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 class RagModel(torch.nn.Module):
@@ -272,14 +294,6 @@ class Trainer:
             write_checkpoint(self.output, self.step, self.manifest(), parts)
         barrier()
 
-    def _log_lines_until(self, step: int) -> None:
-        """Drop the log lines of steps after `step` (computed after the last save, and repeated now)."""
-        log = self.output / TRAIN_LOG
-        if log.exists():
-            kept = [line for line in log.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= step]
-            log.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
     def run_step(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimizer step over `grad_accum` batches; returns the mean loss and parts."""
         phase, accumulate = self.phase(step), self.config.grad_accum
@@ -308,7 +322,7 @@ class Trainer:
             self.output.mkdir(parents=True, exist_ok=True)
             for partial in self.output.glob("step-*.partial"):  # a save that a kill interrupted
                 shutil.rmtree(partial, ignore_errors=True)
-            self._log_lines_until(self.step)
+            keep_log_until(self.output / TRAIN_LOG, self.step)
         entry: dict[str, Any] = {}
         progress = Progress(TextColumn("train {task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[speed]:.2f} steps/s"),
@@ -329,6 +343,9 @@ class Trainer:
                          **{name: mean_over_ranks(value) for name, value in parts.items()},
                          "seconds": round(seconds, 4),
                          "examples_per_s": round(config.batch_size * config.grad_accum / seconds, 3)}
+                if not math.isfinite(entry["loss"]):  # its weights are not saved, nor the step logged
+                    raise RunError(f"step {step}: the loss is {entry['loss']}, so training stops; {self.output} "
+                                   "keeps its last checkpoint, if any (try a lower --learning-rate)")
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
                 progress.update(bar, advance=1, loss=entry["loss"], speed=1 / seconds)
