@@ -131,7 +131,8 @@ def _print_record(record: dict[str, Any], results_dir: Path) -> None:
               help="YAML file of settings (any option of this command); flags override it.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print each record as one line of JSON on stdout, nothing else.")
-@click.option("--force", is_flag=True, help="Run again even when an identical run is stored.")
+@click.option("--force", is_flag=True,
+              help="Run again even when an identical run is stored, recomputing everything it had cached.")
 @_with_run_options
 def run(config_file: str | None, as_json: bool, force: bool, **given: Any) -> None:
     """Run a method on a task and store one result record; comma lists of --task, --method and

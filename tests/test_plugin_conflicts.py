@@ -1,13 +1,16 @@
 """Plugins that collide or fail half-way: nothing a failing plugin registered stays, an
 override is flagged, a record names the plugins behind it, two distributions may share an
-entry-point name."""
+entry-point name; and what identifies a plugin's code."""
 
+import importlib.metadata
 from types import SimpleNamespace
+
+import pytest
 
 from plugin_packages import run_raghub
 from raghub import Method, ModelBackend, Option, Task, hookimpl
 from raghub.models import choose_backend
-from raghub.plugin_manager import registry
+from raghub.plugin_manager import _installed_from_a_build, _source_digest, code_identity, registry
 
 
 class HalfTask(Task):
@@ -86,3 +89,47 @@ def test_two_distributions_with_one_entry_point_name_are_both_loaded(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "first" in out.stdout and "second" in out.stdout
     assert "plugin name 'shared' is used by" in out.stderr
+
+
+class Editable(Method):
+    name = "editable-method"
+
+
+def test_a_plugin_registered_at_run_time_is_identified_by_its_source(add_plugin):
+    """Its identity is the source of the module that defines its hooks: this file."""
+    add_plugin(SimpleNamespace(register_methods=hookimpl(lambda register: register(Editable))))
+    assert code_identity("method", "editable-method") == {"source": _source_digest((__name__,))}
+    assert _source_digest((__name__,)) != _source_digest(())
+
+
+def test_a_local_plugin_modules_code_is_its_whole_top_level_package(tmp_path, monkeypatch, add_plugin):
+    """An edit to a module the plugin's entry module imports (not the entry module) counts."""
+    package = tmp_path / "raghub_test_package"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "retrievers.py").write_text("from raghub import Method\n\n"
+                                           "class Packaged(Method):\n    name = 'packaged'\n")
+    (package / "hooks.py").write_text("from raghub import hookimpl\n"
+                                      "from raghub_test_package.retrievers import Packaged\n\n"
+                                      "@hookimpl\ndef register_methods(register):\n    register(Packaged)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    add_plugin(importlib.import_module("raghub_test_package.hooks"))
+    before = code_identity("method", "packaged")
+    (package / "retrievers.py").write_text((package / "retrievers.py").read_text() + "# edited\n")
+    _source_digest.cache_clear()  # the hash is kept for the process; a new process reads the edit
+    assert code_identity("method", "packaged") != before
+
+
+@pytest.mark.parametrize("files, installed", [
+    ({"RECORD": "m.py,sha256=x,1\n"}, True),  # put in place by an installer from a built package
+    ({}, False),  # a folder on the path with metadata, as a local module
+    ({"RECORD": "m.py,sha256=x,1\n",
+      "direct_url.json": '{"url": "file:///src/m", "dir_info": {"editable": true}}'}, False),
+])
+def test_only_a_distribution_installed_from_a_build_is_identified_by_its_version(tmp_path, files, installed):
+    info = tmp_path / "m-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: m\nVersion: 1.0\n")
+    for name, text in files.items():
+        (info / name).write_text(text)
+    assert _installed_from_a_build(importlib.metadata.PathDistribution(info)) is installed
