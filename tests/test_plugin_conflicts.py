@@ -1,13 +1,14 @@
 """Plugins that collide or fail half-way: nothing a failing plugin registered stays, an
 override is flagged, a record names the plugins behind it, two distributions may share an
-entry-point name; and what identifies a plugin's code."""
+entry-point name, two plugins' options of one name are shown apart and refused together; and
+what identifies a plugin's code."""
 
 import importlib.metadata
 from types import SimpleNamespace
 
 import pytest
 
-from plugin_packages import run_raghub
+from plugin_packages import run_raghub, write_distribution
 from raghub import Method, ModelBackend, Option, Task, hookimpl
 from raghub.models import choose_backend
 from raghub.plugin_manager import _installed_from_a_build, _source_digest, code_identity, registry
@@ -89,6 +90,46 @@ def test_two_distributions_with_one_entry_point_name_are_both_loaded(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "first" in out.stdout and "second" in out.stdout
     assert "plugin name 'shared' is used by" in out.stderr
+
+
+#: a retriever whose `--seed` means something else than the parametric method's (default 42)
+SEEDED_RETRIEVER = """
+    from raghub import Option, Retriever, hookimpl
+
+    class Seeded(Retriever):
+        name = "seeded"
+        options = {"seed": Option(int, 0, "seed of the seeded retriever's draws")}
+
+        def index(self, passages, corpus_fingerprint):
+            pass
+
+        def search(self, queries, k):
+            return [[] for _ in queries]
+
+    @hookimpl
+    def register_retrievers(register):
+        register(Seeded)
+"""
+
+
+def test_help_shows_each_plugins_own_declaration_of_a_shared_option_name(tmp_path):
+    """Regression: the retriever's --seed was shown with the parametric method's help and default."""
+    write_distribution(tmp_path, "seeded", SEEDED_RETRIEVER)
+    out = run_raghub(tmp_path, "run", "--help")
+    assert out.returncode == 0, out.stderr
+    seed_help = " ".join(out.stdout.split("--seed ")[1].split("\n  --")[0].split())
+    assert "seed of the seeded retriever's draws [retriever seeded; default: 0]" in seed_help
+    assert "augmentation sampling [method parametric; default: 42]" in seed_help
+
+
+def test_two_selected_plugins_declaring_an_option_apart_are_refused_in_one_line(tmp_path):
+    write_distribution(tmp_path, "seeded", SEEDED_RETRIEVER)
+    out = run_raghub(tmp_path, "run", "--task", "squad", "--method", "parametric", "--retriever", "seeded",
+                     "--seed", "3", "--results-dir", str(tmp_path / "results"))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert ("--seed means different things to the method 'parametric' and the retriever 'seeded'"
+            in out.stderr)
+    assert not (tmp_path / "results").exists()
 
 
 class Editable(Method):
