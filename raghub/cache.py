@@ -8,6 +8,10 @@ interrupted build, a corrupted file) is rebuilt.
 An entry is built in `<fingerprint>.partial-<pid>/` and renamed into place in one step, so
 processes building the same entry at once never see half an entry: the first to publish wins
 and the others load its entry. A partial folder whose process has died is removed.
+
+A plugin's entries are keyed by its code too (`Cache.scoped`), so changing the code builds them
+again; a cache that counts entries built before a time as missing (`stale_before`) rebuilds
+everything a run reads (`raghub run --force`).
 """
 
 from __future__ import annotations
@@ -91,18 +95,29 @@ def remove_orphaned_scratch(kind_folder: Path) -> None:
 
 
 class Cache:
-    """Folders of files keyed by the fingerprint of everything they depend on."""
+    """Folders of files keyed by the fingerprint of everything they depend on: the key, and the
+    `scope` (the code of the plugin that reads them) when there is one. With `stale_before`
+    (seconds since the epoch), an entry built earlier counts as missing and is built again."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, scope: Any = None, stale_before: float | None = None):
         self.root = Path(root)
+        self.scope = scope
+        self.stale_before = stale_before
+
+    def scoped(self, scope: Any) -> "Cache":
+        """This cache with every key also keyed by `scope`."""
+        return Cache(self.root, scope, self.stale_before)
 
     def entry_path(self, kind: str, key: Any) -> Path:
-        return self.root / kind / fingerprint(key)
+        return self.root / kind / fingerprint(key if self.scope is None else {"key": key, "scope": self.scope})
 
     def is_valid(self, folder: Path) -> bool:
         """True when the folder's manifest exists, was written for the key the folder is named
-        after (not another entry's, moved here), and every file matches its checksum."""
+        after (not another entry's, moved here) no earlier than `stale_before`, and every file
+        matches its checksum."""
         try:
+            if self.stale_before is not None and (folder / MANIFEST).stat().st_mtime < self.stale_before:
+                return False
             manifest = json.loads((folder / MANIFEST).read_text())
             return fingerprint(manifest["key"]) == folder.name and all(
                 file_sha256(folder / name) == digest for name, digest in manifest["files"].items())
@@ -129,7 +144,8 @@ class Cache:
         try:
             build(partial)
             files = {p.name: file_sha256(p) for p in sorted(partial.iterdir()) if p.is_file()}
-            (partial / MANIFEST).write_text(json.dumps({"key": key, "files": files}, default=str))
+            manifest = {"key": key, "scope": self.scope, "files": files}
+            (partial / MANIFEST).write_text(json.dumps(manifest, default=str))
             self.publish(partial, folder)
         finally:  # left when the build failed or another process published first
             shutil.rmtree(partial, ignore_errors=True)

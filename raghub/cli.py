@@ -60,29 +60,43 @@ def cli(ctx: click.Context) -> None:
     ctx.obj = registry()
 
 
-def _declared_options() -> dict[str, tuple[Option, list[str]]]:
-    """Every option a registered task family, method or retriever declares, with its owners."""
+def _declared_options() -> dict[str, list[tuple[Option, list[str]]]]:
+    """Every option a registered task family, method or retriever declares: per name, each
+    distinct declaration with the plugins that declare it so."""
     found = registry()
-    declared: dict[str, tuple[Option, list[str]]] = {}
+    declared: dict[str, list[tuple[Option, list[str]]]] = {}
     plugins = [*(("task family", c.family, c) for c in found.task_families.values()),
                *(("method", c.name, c) for c in found.methods.values()),
                *(("retriever", c.name, c) for c in found.retrievers.values())]
     for kind, name, cls in plugins:
         for key, option in cls.options.items():
-            declared.setdefault(key, (option, []))[1].append(f"{kind} {name}")
+            declarations = declared.setdefault(key, [])
+            owners = next((owners for declared_as, owners in declarations if declared_as == option), None)
+            if owners is None:
+                declarations.append((option, owners := []))
+            owners.append(f"{kind} {name}")
     return declared
 
 
-def _with_options(command, options: dict[str, tuple[Option, list[str]]]):
-    """Add a flag per option; values stay as given, for `RunRequest` to convert."""
-    for key, (option, owners) in sorted(options.items(), reverse=True):
-        where = f"{', '.join(owners)}; " if owners else ""
-        default = f"default: {option.default}" if option.default not in (None, "") else ""
-        help_text = f"{option.help} [{where}{default}]" if where or default else option.help
-        if option.type is bool:
+def _option_help(option: Option, owners: list[str]) -> str:
+    """One declaration's help, with who declares it and its default, e.g. 'seed [method x; default: 42]'."""
+    notes = [", ".join(owners)] if owners else []
+    if option.default not in (None, ""):
+        notes.append(f"default: {option.default}")
+    return f"{option.help} [{'; '.join(notes)}]" if notes else option.help
+
+
+def _with_options(command, options: dict[str, list[tuple[Option, list[str]]]]):
+    """Add a flag per option name, its help naming each plugin's declaration apart (two plugins
+    may mean different things by one name); values stay as given, for `RunRequest` to convert."""
+    for key, declarations in sorted(options.items(), reverse=True):
+        help_text = " | ".join(_option_help(option, owners) for option, owners in declarations)
+        option = declarations[0][0]
+        if all(declared.type is bool for declared, _ in declarations):
             decorator = click.option(f"--{dashed(key)}", key, is_flag=True, default=None, help=help_text)
         else:  # choices are checked by Option.convert too, for one-line errors like a config's
-            choices = f"[{'|'.join(option.type)}]" if isinstance(option.type, tuple) else None
+            one_choice_list = len(declarations) == 1 and isinstance(option.type, tuple)
+            choices = f"[{'|'.join(option.type)}]" if one_choice_list else None
             decorator = click.option(f"--{dashed(key)}", key, metavar=choices, default=None, help=help_text,
                                      envvar="RAGHUB_DATA_DIR" if key == "data_dir" else None)
         command = decorator(command)
@@ -91,7 +105,7 @@ def _with_options(command, options: dict[str, tuple[Option, list[str]]]):
 
 def _with_run_options(command):
     """The core settings' flags, then every plugin option's."""
-    return _with_options(command, {**{key: (option, []) for key, option in CORE_OPTIONS.items()},
+    return _with_options(command, {**{key: [(option, [])] for key, option in CORE_OPTIONS.items()},
                                    **_declared_options()})
 
 
@@ -133,7 +147,8 @@ def _print_record(record: Record, results_dir: Path) -> None:
               help="YAML file of settings (any option of this command); flags override it.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print each record as one line of JSON on stdout, nothing else.")
-@click.option("--force", is_flag=True, help="Run again even when an identical run is stored.")
+@click.option("--force", is_flag=True,
+              help="Run again even when an identical run is stored, recomputing everything it had cached.")
 @_with_run_options
 def run(config_file: str | None, as_json: bool, force: bool, **given: Any) -> None:
     """Run a method on a task and store one result record; comma lists of --task, --method and

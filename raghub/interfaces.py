@@ -103,7 +103,10 @@ class Retriever(Plugin, ABC):
         self.settings = self.resolve_options(options)
 
     def fingerprint(self) -> dict[str, Any]:
-        """Everything that changes this retriever's results (used as a cache key)."""
+        """Everything besides its code that changes this retriever's results (part of the key of
+        its cached indexes and results, and of a run's config): its name and options. The
+        runner keys them by the plugin's code too (its distribution's version, or a hash of its
+        source); override to add what neither says, e.g. the checksum of a file an option names."""
         return {"retriever": self.name, **self.settings}
 
     def prepare(self, passages: Sequence[Passage], corpus_fingerprint: str) -> None:
@@ -261,6 +264,8 @@ class Registry:
     origins: dict[tuple[str, str], str] = field(default_factory=dict)
     #: (kind, name) -> the origin whose registration a later plugin replaced
     overrides: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: (kind, name) -> the name of the plugin that registered it, as the plugin manager knows it
+    providers: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def origin(self, kind: str, name: str) -> str:
         """Where a registered name came from, with the origin it replaced, if any."""

@@ -5,20 +5,27 @@ group.
 third-party plugins load. A plugin that fails to import, implements a hook that does not exist
 (a misspelled name), raises inside a hook, or declares an option that shadows a core setting is
 named on stderr and skipped; the other plugins keep working.
+
+`code_identity` says which code a registered name runs, so that cached results and stored runs
+made by other code are not reused.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import json
 import os
 import sys
-from functools import lru_cache
+import types
+from functools import cache, lru_cache
+from pathlib import Path
 from typing import Any, Callable
 
 import pluggy
 
 from raghub import hookspecs
+from raghub.cache import file_sha256, fingerprint
 from raghub.errors import UsageError
 from raghub.interfaces import Registry
 from raghub.settings import RESERVED_NAMES
@@ -52,6 +59,8 @@ pm.add_hookspecs(hookspecs)
 failed_plugins: dict[str, str] = {}
 #: plugin name -> 'built-in' or 'distribution version', for each plugin loaded from a package
 _origins: dict[str, str] = {}
+#: plugin name -> the distribution of its entry point
+_distributions: dict[str, importlib.metadata.Distribution] = {}
 _loaded = False
 
 
@@ -97,6 +106,8 @@ def load_plugins() -> None:
             name = f"{entry_point.name} ({distribution})"
             print(f"raghub: plugin name {entry_point.name!r} is used by {_origins[entry_point.name]} "
                   f"and {distribution}; the second is listed as {name!r}", file=sys.stderr)
+        if entry_point.dist:
+            _distributions[name] = entry_point.dist
         try:
             module = entry_point.load()
         except (Exception, SystemExit) as error:  # a broken plugin must not stop the others
@@ -108,6 +119,56 @@ def load_plugins() -> None:
 def origin_of(plugin_name: str) -> str:
     """'built-in' or 'distribution version' for a registered plugin name."""
     return _origins.get(plugin_name, "registered at run time")
+
+
+def code_identity(kind: str, name: str) -> dict[str, str]:
+    """What identifies the code behind a registered name (e.g. "retriever", "bm25"): the name,
+    version and installed-files record of its plugin's distribution when an installer put it in
+    place from a built package; else (a built-in, a local module, an editable install, a plugin
+    registered at run time) a hash of its source files. Computed once per process."""
+    plugin_name = registry().providers[(kind, name)]
+    distribution = _distributions.get(plugin_name)
+    if distribution is not None and _installed_from_a_build(distribution):
+        return _distribution_identity(distribution)
+    built_in = origin_of(plugin_name) == BUILTIN
+    return {"source": _source_digest(_source_modules(pm.get_plugin(plugin_name), built_in))}
+
+
+def _installed_from_a_build(distribution: importlib.metadata.Distribution) -> bool:
+    """Whether an installer put the distribution in place (it wrote RECORD), not as an editable
+    link to its source folder."""
+    direct_url = json.loads(distribution.read_text("direct_url.json") or "{}")
+    return distribution.read_text("RECORD") is not None and not direct_url.get("dir_info", {}).get("editable")
+
+
+@cache
+def _distribution_identity(distribution: importlib.metadata.Distribution) -> dict[str, str]:
+    """The distribution's name and version, and a hash of RECORD (every installed file's
+    checksum): a rebuilt package of an unchanged version is told apart too."""
+    return {"distribution": distribution.name, "version": distribution.version,
+            "record": fingerprint(distribution.read_text("RECORD"))}
+
+
+def _source_modules(plugin: Any, built_in: bool) -> tuple[str, ...]:
+    """The modules whose source is a plugin's code: a built-in's own module (or package); the
+    top-level package of any other plugin module, which holds the code it imports of its own;
+    for an object registered at run time, the modules of its hooks."""
+    if isinstance(plugin, types.ModuleType):
+        return (plugin.__name__ if built_in else plugin.__name__.partition(".")[0],)
+    return tuple(sorted({impl.function.__module__ for caller in pm.get_hookcallers(plugin) or []
+                         for impl in caller.get_hookimpls() if impl.plugin is plugin}))
+
+
+@cache
+def _source_digest(module_names: tuple[str, ...]) -> str:
+    """A hash of the modules' source: every .py file of a package, a module's file."""
+    files: list[Path] = []
+    for module in map(sys.modules.__getitem__, module_names):
+        if hasattr(module, "__path__"):
+            files += sorted(path for folder in module.__path__ for path in Path(folder).rglob("*.py"))
+        elif getattr(module, "__file__", None):
+            files.append(Path(module.__file__))
+    return fingerprint([file_sha256(file) for file in files])
 
 
 def call_hook(hook_name: str, arguments: Callable[[str], dict[str, Any]]) -> list[str]:
@@ -134,6 +195,7 @@ def _collect() -> tuple[Registry, list[str]]:
         if (kind, name) in found.origins and found.origins[(kind, name)] != origin:
             found.overrides[(kind, name)] = found.origins[(kind, name)]
         found.origins[(kind, name)] = origin
+        found.providers[(kind, name)] = plugin_name
 
     def keyed(table: dict, kind: str, key_attr: str, options_are_flags: bool = True) -> Callable[[Any, str], None]:
         def add(cls: Any, plugin_name: str) -> None:

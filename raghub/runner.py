@@ -42,7 +42,7 @@ from raghub.errors import UsageError
 from raghub.interfaces import COMMON_TASK_KEYS, Example, Method, Passage, Plugin, Registry, Retrieved, Retriever, Task
 from raghub.models import LanguageModel, ModelBackend, choose_backend
 from raghub.options import dashed
-from raghub.plugin_manager import registry
+from raghub.plugin_manager import code_identity, registry
 from raghub.record import Record
 from raghub.records import append_record, check_store, read_records, samples_file
 from raghub.schema import check_schema
@@ -117,6 +117,14 @@ class ResolvedRun:
         return ", ".join(sorted(set(parts)))
 
     @functools.cached_property
+    def code(self) -> dict[str, dict[str, str] | None]:
+        """What identifies the code of each plugin the run uses (`code_identity`)."""
+        return {"task family": code_identity("task family", self.task.family),
+                "method": code_identity("method", self.method_class.name),
+                "retriever": code_identity("retriever", self.retriever_class.name) if self.retriever_class else None,
+                "model backend": code_identity("model backend", self.backend.name)}
+
+    @functools.cached_property
     def config(self) -> dict[str, Any]:
         """Everything the run's results depend on, known before the model loads (`model` is the
         --model spec; None: the embedded default). Its fingerprint names the resume file and
@@ -136,7 +144,7 @@ class ResolvedRun:
             "retriever": retriever, "corpus": corpus,
             "n_docs": self.n_docs, "limit": request.limit, "model": request.model,
             "model_backend": {"name": self.backend.name, **self.backend.settings},
-            "batch_size": request.batch_size, "dtype": request.dtype,
+            "batch_size": request.batch_size, "dtype": request.dtype, "code": self.code,
         }
 
 
@@ -310,9 +318,12 @@ def _stored_record(results_dir: Path, config_fingerprint: str) -> Record | None:
 
 def run_sweep(runs: Sequence[ResolvedRun], force: bool = False) -> Iterator[Record]:
     """The record of each resolved run, in order, as each finishes: an identical earlier run's
-    stored record (said on stderr; `force` runs it again), else a new run's. Each distinct model
-    (with the trained generator of a checkpoint, or without) loads once. Under a launcher every rank runs the sweep, and only rank 0 yields records."""
+    stored record (said on stderr; `force` runs it again, rebuilding whatever it had cached),
+    else a new run's. Each distinct model (with the trained generator of a checkpoint, or
+    without) loads once. Under a launcher every rank runs the sweep, and only rank 0 yields
+    records."""
     models: dict[str, LanguageModel] = {}
+    cache = Cache(cache_root(), stale_before=time.time() if force else None)
     main = distributed.ranks().is_main
     stderr.quiet = not main
     for resolved in runs:
@@ -331,7 +342,7 @@ def run_sweep(runs: Sequence[ResolvedRun], force: bool = False) -> Iterator[Reco
                                 generator_identity(resolved.checkpoint))
         if model_key not in models:
             models[model_key] = _load_model(resolved)
-        record = execute(resolved, models[model_key])
+        record = execute(resolved, models[model_key], cache)
         if main:
             yield record
 
@@ -355,7 +366,8 @@ def task_corpus(task: Task) -> tuple[Sequence[Passage], str, str]:
 def retrieve(task: Task, retriever: Retriever, examples: Sequence[Example], k: int,
              cache: Cache) -> tuple[list[list[Retrieved]], str, str]:
     """Top-k passages per example (none for an empty query), never from the example's own
-    `exclude_group`; results are cached by corpus, retriever, queries and k. Under several
+    `exclude_group`; results are cached in `cache` (which `execute` keys by the retriever's
+    code) by corpus, retriever fingerprint, queries and k. Under several
     ranks, each does its share of `prepare`, then rank 0 indexes and retrieves first.
     A k above the corpus size is cut to it, with a notice.
     Returns (retrieved, corpus label, corpus fingerprint)."""
@@ -473,18 +485,20 @@ def _plugin_origins(task: Task, method: Method, retriever: Retriever | None) -> 
             "retriever": found.origin("retriever", retriever.name) if retriever else None}
 
 
-def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> Record | None:
+def execute(resolved: ResolvedRun, model: LanguageModel | None = None,
+            cache: Cache | None = None) -> Record | None:
     """Run a resolved request to completion (on `model` when it is already loaded) and append
-    its record to the results store. Under a launcher each rank evaluates its share, and rank 0
-    alone writes and returns the record (the others return None)."""
+    its record to the results store. The method and the retriever each cache their work in
+    `cache` (default: the cache folder) keyed by their code. Under a launcher each rank
+    evaluates its share, and rank 0 alone writes and returns the record (the others return None)."""
     request = resolved.request
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
-    cache = Cache(cache_root())
+    cache = cache or Cache(cache_root())
     if model is None:
         model = _load_model(resolved)
     task = resolved.task
-    method = resolved.method_class(model, cache, **resolved.plugin_options["method"])
+    method = resolved.method_class(model, cache.scoped(resolved.code["method"]), **resolved.plugin_options["method"])
     try:
         examples = task.examples(model, request.limit)
         if not examples:
@@ -492,9 +506,10 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> Record
         retrieved: list[list[Retrieved]] = [[] for _ in examples]
         corpus_label, retriever = None, None
         if resolved.retriever_class is not None:
-            retriever = resolved.retriever_class(cache, **resolved.plugin_options["retriever"])
+            retriever_cache = cache.scoped(resolved.code["retriever"])
+            retriever = resolved.retriever_class(retriever_cache, **resolved.plugin_options["retriever"])
             with stderr.status(f"retrieving top-{resolved.n_docs} with {retriever.name}"):
-                retrieved, corpus_label, _ = retrieve(task, retriever, examples, resolved.n_docs, cache)
+                retrieved, corpus_label, _ = retrieve(task, retriever, examples, resolved.n_docs, retriever_cache)
         # the weights' content is known once loaded: a resumed run never mixes two models
         config = {**resolved.config, **{key: getattr(model, attribute) for key, attribute in LOADED.items()}}
         resume_path = Path(request.results_dir) / ".partial" / f"{fingerprint(config)}.jsonl"

@@ -6,6 +6,7 @@ points). For in-process tests: a `LanguageModel` that needs no weights."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,10 +19,11 @@ RAGHUB = Path(sys.executable).with_name("raghub")
 THIRD_PARTY_PLUGIN = Path(__file__).parent / "third_party_plugin"
 
 
-def write_distribution(folder: Path, name: str, module_source: str) -> None:
-    """Distribution `name` 0.1 whose `raghub` entry point `name` is the module
-    `raghub_test_<name>`, holding `module_source`."""
-    module = f"raghub_test_{name}"
+def write_distribution(folder: Path, name: str, module_source: str, module: str | None = None) -> None:
+    """Distribution `name` 0.1 whose `raghub` entry point `name` is the module `module`
+    (default `raghub_test_<name>`), holding `module_source`. No installer wrote it (it has no
+    RECORD): raghub treats it as a local module."""
+    module = module or f"raghub_test_{name}"
     dist_info = folder / f"{name}-0.1.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
@@ -29,14 +31,54 @@ def write_distribution(folder: Path, name: str, module_source: str) -> None:
     (folder / f"{module}.py").write_text(textwrap.dedent(module_source))
 
 
-def install_third_party_plugin(target: Path, scratch: Path) -> None:
+def install_third_party_plugin(target: Path, scratch: Path, version: str | None = None) -> None:
     """pip-install tests/third_party_plugin into `target` (built from a copy in `scratch`,
-    since the build leaves files beside the sources)."""
+    since the build leaves files beside the sources), as `version` when given."""
     source = scratch / "third_party_plugin"
     shutil.copytree(THIRD_PARTY_PLUGIN, source, ignore=shutil.ignore_patterns("__pycache__", "build",
                                                                              "*.egg-info"))
+    if version:
+        project = source / "pyproject.toml"
+        project.write_text(re.sub(r'^version = ".*"$', f'version = "{version}"', project.read_text(), flags=re.M))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(source)], check=True)
+
+
+#: a distribution's module: the model backend `echo`, whose model answers "echo" to every
+#: prompt, so that a `raghub run` in a subprocess needs no weights (`--model echo`)
+ECHO_BACKEND = """
+    from raghub import Generation, LanguageModel, ModelBackend, hookimpl
+
+    class Tokenizer:
+        pad_token_id, eos_token = 0, "<end>"
+
+        def __len__(self):
+            return 1000
+
+    class Echo(LanguageModel):
+        device, dtype = "cpu", "float32"
+
+        def sequence_logprobs(self, sequences, starts):
+            raise NotImplementedError
+
+        def generate(self, prompts, max_new_tokens):
+            return [Generation("echo", []) for _ in prompts]
+
+    class EchoBackend(ModelBackend):
+        name = "echo"
+        handles_description = "echo: a model that answers 'echo'"
+
+        @classmethod
+        def handles(cls, spec):
+            return spec == "echo"
+
+        def load(self, spec, device, dtype, batch_size):
+            return Echo(Tokenizer(), "echo", batch_size)
+
+    @hookimpl
+    def register_models(register):
+        register(EchoBackend)
+"""
 
 
 def run_raghub(site: Path, *args: str, load: str | None = None) -> subprocess.CompletedProcess:

@@ -1,6 +1,6 @@
 """Third-party plugins as users install them: hostile ones are named and skipped, never fatal;
 the plugin guide's package (tests/third_party_plugin) installs, runs on the real tasks, and is
-exactly what README.md shows."""
+exactly what README.md shows; a change to its code is never answered from the cache."""
 
 import importlib.util
 import json
@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 import raghub
-from plugin_packages import (THIRD_PARTY_PLUGIN, RecordingModel, install_third_party_plugin, run_raghub,
-                             write_distribution)
+from plugin_packages import (ECHO_BACKEND, THIRD_PARTY_PLUGIN, RecordingModel, install_third_party_plugin,
+                             run_raghub, write_distribution)
 from raghub import Passage, PromptTemplate, Question, Retrieved, answer_questions
+from raghub.records import read_samples
 from raghub.plugin_manager import DEFAULT_PLUGINS
 
 README = Path(__file__).parents[1] / "README.md"
@@ -183,14 +184,29 @@ def test_the_plugin_guide_names_the_whole_public_api():
 def test_the_plugin_module_uses_only_the_public_api():
     source = (THIRD_PARTY_PLUGIN / "raghub_uniform.py").read_text(encoding="utf-8")
     imports = re.findall(r"^\s*(?:from (\S+) import|import (\S+))", source, re.MULTILINE)
-    assert {a or b for a, b in imports} <= {"raghub", "math", "torch"}
+    assert {a or b for a, b in imports} <= {"raghub", "math", "random", "torch"}
+
+
+def test_random_draws_k_distinct_passages_the_same_for_a_query_and_seed():
+    passages = [Passage(str(n), f"passage {n}") for n in range(10)]
+    retriever = plugin_module().RandomPassages(cache=None)
+    retriever.index(passages, "corpus")
+    first, again = retriever.search(["Who?", "Where?"], 4), retriever.search(["Who?", "Where?"], 4)
+    assert first == again and first[0] != first[1]
+    assert all(len({p for p, _ in hits}) == 4 and all(0 <= p < 10 for p, _ in hits) for hits in first)
+    reseeded = plugin_module().RandomPassages(cache=None, draw_seed=1)
+    reseeded.index(passages, "corpus")
+    assert reseeded.search(["Who?"], 4) != first[:1]
+    assert len(retriever.search(["Who?"], 50)[0]) == 10
 
 
 @pytest.fixture(scope="module")
 def guide_site(tmp_path_factory):
-    """A PYTHONPATH folder with tests/third_party_plugin pip-installed into it."""
+    """A PYTHONPATH folder with tests/third_party_plugin pip-installed into it, and the `echo`
+    model backend."""
     site = tmp_path_factory.mktemp("guide-site")
     install_third_party_plugin(site, tmp_path_factory.mktemp("guide-src"))
+    write_distribution(site, "echo", ECHO_BACKEND)
     return site
 
 
@@ -200,6 +216,8 @@ def test_the_installed_package_registers_both_methods(guide_site):
     rows = [line for line in out.stdout.splitlines() if "raghub-uniform 0.1.0" in line]
     assert [row.split()[1] for row in rows] == ["top1", "uniform"]
     assert "--passage-words" in out.stdout
+    retrievers = run_raghub(guide_site, "retrievers")
+    assert "random" in retrievers.stdout and "--draw-seed" in retrievers.stdout
     bad = run_raghub(guide_site, "run", "--task", "squad", "--method", "top1", "--passage-words", "-1")
     assert bad.returncode == 2 and "--passage-words must be at least 0, not -1" in bad.stderr
 
@@ -232,3 +250,72 @@ def test_uniform_runs_on_wikitext2(guide_site, tmp_path):
     record = run_record(guide_site, tmp_path, "--task", "wikitext2", "--method", "uniform", "--limit", "1")
     assert record["method"] == "uniform" and record["retriever"] is None
     assert record["metrics"]["ppl"] == pytest.approx(49152, rel=1e-4)  # SmolLM2's vocabulary size
+
+
+# --- a change to the plugin's code is never answered from the cache -------------------------
+
+#: a run of the plugin's retriever that needs no model weights
+RANDOM_TOP1 = ("--task", "squad", "--method", "top1", "--retriever", "random", "--model", "echo", "--limit", "3")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty RAGHUB_CACHE for the test's runs."""
+    monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def local_site(tmp_path):
+    """A PYTHONPATH folder holding the plugin's module as a local module (no installer put it
+    there), and the `echo` model backend."""
+    site = tmp_path / "local-site"
+    site.mkdir()
+    write_distribution(site, "raghub-uniform", (THIRD_PARTY_PLUGIN / "raghub_uniform.py").read_text(encoding="utf-8"),
+                       module="raghub_uniform")
+    write_distribution(site, "echo", ECHO_BACKEND)
+    return site
+
+
+def retrieved_counts(results_dir, record):
+    """How many passages each example of a stored run retrieved."""
+    return [len(line["retrieved"]) for line in read_samples(results_dir, record)]
+
+
+def retrieval_entries(cache):
+    """The cached retrieval results: one folder each."""
+    return sorted(folder.name for folder in (cache / "retrievals").iterdir() if "." not in folder.name)
+
+
+def test_editing_the_local_plugins_source_recomputes_its_retrieval(local_site, cache, tmp_path):
+    """Regression: the next run reused the stored record, and `--force` the cached passages."""
+    first = run_record(local_site, tmp_path, *RANDOM_TOP1)
+    assert retrieved_counts(tmp_path, first) == [4, 4, 4]
+    module = local_site / "raghub_uniform.py"
+    module.write_text(module.read_text(encoding="utf-8")
+                      + "\nRandomPassages.search = lambda self, queries, k: [[(0, 0.0)] for _ in queries]\n",
+                      encoding="utf-8")
+    edited = run_record(local_site, tmp_path, *RANDOM_TOP1)
+    assert edited["id"] != first["id"] and retrieved_counts(tmp_path, edited) == [1, 1, 1]
+    assert len(retrieval_entries(cache)) == 2
+
+
+def test_force_recomputes_the_cached_retrieval(local_site, cache, tmp_path):
+    first = run_record(local_site, tmp_path, *RANDOM_TOP1)
+    (entry,) = retrieval_entries(cache)
+    written = (cache / "retrievals" / entry / "manifest.json").stat().st_mtime_ns
+    forced = run_record(local_site, tmp_path, *RANDOM_TOP1, "--force")
+    assert forced["id"] != first["id"] and retrieval_entries(cache) == [entry]
+    assert (cache / "retrievals" / entry / "manifest.json").stat().st_mtime_ns > written
+
+
+def test_a_new_version_of_the_installed_plugin_recomputes_its_retrieval(guide_site, cache, tmp_path):
+    """Regression: after an upgrade from 0.1.0 to 0.2.0 the run stored under 0.1.0 was reused."""
+    first = run_record(guide_site, tmp_path, *RANDOM_TOP1)
+    upgraded = tmp_path / "upgraded-site"
+    install_third_party_plugin(upgraded, tmp_path / "upgraded-src", version="0.2.0")
+    write_distribution(upgraded, "echo", ECHO_BACKEND)
+    second = run_record(upgraded, tmp_path, *RANDOM_TOP1)
+    assert first["plugins"]["retriever"] == "raghub-uniform 0.1.0"
+    assert second["id"] != first["id"] and second["plugins"]["retriever"] == "raghub-uniform 0.2.0"
+    assert len(retrieval_entries(cache)) == 2

@@ -4,13 +4,16 @@
   of a model that knows nothing.
 - `top1` (question answering): standard RAG with only the best retrieved passage in the
   prompt, optionally cut to its first `--passage-words` words.
+- `random` (a retriever): k passages drawn at random for each query, the floor that a
+  retriever must beat.
 
 torch is imported where it is used, so that `raghub --help` and `raghub plugins` stay fast.
 """
 
 import math
+import random
 
-from raghub import Method, Option, Passage, hookimpl
+from raghub import Method, Option, Passage, Retriever, hookimpl
 
 
 class Uniform(Method):
@@ -50,7 +53,30 @@ class Top1(Method):
         return Passage(passage.id, text, passage.title, passage.group)
 
 
+class RandomPassages(Retriever):
+    name = "random"
+    description = "k passages drawn at random for each query: the floor a retriever must beat"
+    options = {"draw_seed": Option(int, 0, "seed of the random retriever's draws")}
+
+    def index(self, passages, corpus_fingerprint):
+        """Nothing to build: the draws need only the number of passages."""
+        self.size = len(passages)
+
+    def search(self, queries, k):
+        """k distinct passages per query, scored 0; the same query and seed draw the same."""
+        draws = []
+        for query in queries:
+            rng = random.Random(f"{self.settings['draw_seed']} {query}")
+            draws.append([(position, 0.0) for position in rng.sample(range(self.size), min(k, self.size))])
+        return draws
+
+
 @hookimpl
 def register_methods(register):
     register(Uniform)
     register(Top1)
+
+
+@hookimpl
+def register_retrievers(register):
+    register(RandomPassages)
