@@ -262,20 +262,26 @@ def _progress() -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), console=stderr)
 
 
-def _sweep_values(value: Any) -> list[Any]:
-    """The values of a swept setting: a YAML list, a comma list, or one value."""
+def _sweep_values(key: str, value: Any) -> list[Any]:
+    """The values of a swept setting: a YAML list, a comma list, or one value; a list with an
+    empty entry (`--task squad,`) is a UsageError."""
     if isinstance(value, (list, tuple)):
-        return list(value)
-    if isinstance(value, str) and "," in value:
-        return [part.strip() for part in value.split(",")]
-    return [value]
+        values = list(value)
+    elif isinstance(value, str) and "," in value:
+        values = [part.strip() for part in value.split(",")]
+    else:
+        return [value]
+    if any(part is None or part == "" for part in values):
+        raise UsageError(f"--{dashed(key)} {value!r}: the list has an empty {'value' if key == 'n_docs' else 'name'}; "
+                         "remove the extra comma")
+    return values
 
 
 def resolve_sweep(settings: dict[str, Any]) -> list[ResolvedRun]:
     """One resolved run per combination of the swept settings' values (tasks, then methods, then
     n_docs), all validated before any model loads; combinations that are the same run (a
     closed-book method at several n_docs) are kept once."""
-    swept = {key: _sweep_values(settings[key]) for key in SWEPT_SETTINGS if settings.get(key) is not None}
+    swept = {key: _sweep_values(key, settings[key]) for key in SWEPT_SETTINGS if settings.get(key) is not None}
     runs: dict[str, ResolvedRun] = {}
     built_tasks: dict[str, Task] = {}
     for values in itertools.product(*swept.values()):

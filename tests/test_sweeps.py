@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from raghub.cli import cli
+from raghub.errors import UsageError
 from raghub.plugins.models.huggingface import HuggingFaceCausal
 from raghub.runner import resolve_sweep
 
@@ -37,12 +38,20 @@ def test_a_config_file_may_list_the_swept_values(tmp_path):
     (["--method", "none,ensemble", "--n-docs", "0,2"], "--n-docs must be a positive integer for method 'ensemble', not 0"),
     (["--method", "none,ensembel"], "unknown method 'ensembel'"),
     (["--method", "none", "--task", "wikitext2,squad", "--stride", "4"], "--stride is not an option of the selected"),
+    (["--method", "none", "--task", "wikitext2,"], "--task 'wikitext2,': the list has an empty name"),
+    (["--method", "none,,ensemble"], "--method 'none,,ensemble': the list has an empty name"),
+    (["--method", "ensemble", "--n-docs", "2, "], "--n-docs '2, ': the list has an empty value"),
 ])
 def test_a_bad_combination_fails_before_any_model_loads(tmp_path, monkeypatch, args, message):
     monkeypatch.setattr(HuggingFaceCausal, "load", lambda *a, **k: pytest.fail("model loaded"))
     result = invoke("run", "--task", "wikitext2", *args, "--limit", "1", "--results-dir", str(tmp_path))
     assert result.exit_code == 2, result.output
     assert message in result.output and not (tmp_path / "records.jsonl").exists()
+
+
+def test_a_config_list_with_an_empty_entry_is_refused():
+    with pytest.raises(UsageError, match=r"--task \['wikitext2', None\]: the list has an empty name"):
+        resolve_sweep({"task": ["wikitext2", None], "method": "none"})
 
 
 def test_n_docs_is_said_to_be_ignored_only_when_no_method_retrieves(capsys):
