@@ -71,6 +71,11 @@ def _declared_options() -> dict[str, tuple[Option, list[str]]]:
     return declared
 
 
+#: how `--help` names the value an option of each type takes (the flags keep their text, for
+#: `Option.convert` to check like a config file's)
+HELP_TYPES = {int: "INTEGER", float: "FLOAT", str: "TEXT"}
+
+
 def _with_options(command, options: dict[str, tuple[Option, list[str]]]):
     """Add a flag per option; values stay as given, for `RunRequest` to convert."""
     for key, (option, owners) in sorted(options.items(), reverse=True):
@@ -79,9 +84,10 @@ def _with_options(command, options: dict[str, tuple[Option, list[str]]]):
         help_text = f"{option.help} [{where}{default}]" if where or default else option.help
         if option.type is bool:
             decorator = click.option(f"--{dashed(key)}", key, is_flag=True, default=None, help=help_text)
-        else:  # choices are checked by Option.convert too, for one-line errors like a config's
-            choices = f"[{'|'.join(option.type)}]" if isinstance(option.type, tuple) else None
-            decorator = click.option(f"--{dashed(key)}", key, metavar=choices, default=None, help=help_text,
+        else:  # choices and numbers are checked by Option.convert, for one-line errors like a config's
+            metavar = (f"[{'|'.join(option.type)}]" if isinstance(option.type, tuple)
+                       else HELP_TYPES.get(option.type, "TEXT"))
+            decorator = click.option(f"--{dashed(key)}", key, metavar=metavar, default=None, help=help_text,
                                      envvar="RAGHUB_DATA_DIR" if key == "data_dir" else None)
         command = decorator(command)
     return command
