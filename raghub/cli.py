@@ -8,6 +8,7 @@ and `--config` keys are converted by the same declarations. Plugins may add whol
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 from pathlib import Path
@@ -100,12 +101,18 @@ def _with_run_options(command):
 
 
 def _run_settings(config_file: str | None, given: dict[str, Any]) -> dict[str, Any]:
-    """The `--config` file's settings overlaid with the flags given."""
+    """The `--config` file's settings overlaid with the flags given. A setting that neither
+    raghub nor any installed plugin declares is a UsageError naming the file and the key."""
     settings: dict[str, Any] = {}
+    known = [*CORE_OPTIONS, *_declared_options()]
     if config_file:
         for key, value in read_yaml_mapping(config_file).items():
             if not isinstance(key, str):
                 raise UsageError(f"{config_file}: setting names must be strings, not {key!r}")
+            if key.replace("-", "_") not in known:
+                close = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise UsageError(f"{config_file}: unknown setting '{key}'{hint}; see `raghub run --help`")
             settings[key.replace("-", "_")] = value
     settings.update({key: value for key, value in given.items() if value is not None})
     return settings

@@ -71,8 +71,10 @@ def request(**settings) -> RunRequest:
     ({"n_docs": 2.5}, "--n-docs must be an int, not 2.5"),
     ({"limit": True}, "--limit must be an int, not True"),
     ({"limit": float("inf")}, "--limit must be an int, not inf"),
-    ({"temperatur": 1.0}, "--temperatur is not an option of the selected task 'language-modelling', "
-                          "method 'none'"),
+    ({"temperatur": 1.0}, "run.yaml: unknown setting 'temperatur' (did you mean 'temperature'?)"),
+    ({"n-dcos": 3}, "run.yaml: unknown setting 'n-dcos' (did you mean 'n_docs'?)"),
+    ({"temperature": 1.0}, "--temperature is not an option of the selected task 'language-modelling', "
+                           "method 'none'"),
     ({5: "x"}, "run.yaml: setting names must be strings, not 5"),
 ])
 def test_a_bad_config_setting_exits_2_before_the_model_loads(workdir, setting, message):
