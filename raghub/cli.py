@@ -139,6 +139,19 @@ def _print_record(record: dict[str, Any], results_dir: Path) -> None:
                   style="dim", soft_wrap=True, markup=False, highlight=False)
 
 
+def _existing_results_dir(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A results folder to read: a UsageError (one line, exit 2) when it does not exist."""
+    if not Path(value).is_dir():
+        raise UsageError(f"--results-dir {value} is not a folder of results; give the folder "
+                         "`raghub run --results-dir` stored into")
+    return value
+
+
+#: where the commands that read stored results look
+RESULTS_DIR_OPTION = click.option("--results-dir", default="results", show_default=True,
+                                  callback=_existing_results_dir)
+
+
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(),  # read_yaml_mapping checks it
               help="YAML file of settings (any option of this command); flags override it.")
@@ -160,7 +173,7 @@ def run(config_file: str | None, as_json: bool, force: bool, **given: Any) -> No
 
 
 @cli.command()
-@click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
+@RESULTS_DIR_OPTION
 @click.option("--task", "tasks", multiple=True, help="Only this task (repeat for several).")
 @click.option("--by-type", is_flag=True, help="Add per-question-type tables where records have them.")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the markdown to this file.")
@@ -181,7 +194,7 @@ def leaderboard(results_dir: str, tasks: tuple[str, ...], by_type: bool, output:
 
 
 @cli.command()
-@click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
+@RESULTS_DIR_OPTION
 @click.option("--kind", type=click.Choice(KINDS), default="lines", show_default=True,
               help="lines: the metric against n_docs per method for one task; bars: the metric per "
                    "task (dataset) and method.")
@@ -260,10 +273,6 @@ def models(found) -> None:
 
 
 # --- inspecting results ------------------------------------------------------------------------
-
-RESULTS_DIR_OPTION = click.option("--results-dir", type=click.Path(file_okay=False), default="results",
-                                  show_default=True)
-
 
 def _stored_run(results_dir: str, reference: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A record (by id, the start of one, or `latest`) and its samples log."""

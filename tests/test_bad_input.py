@@ -190,6 +190,14 @@ def test_the_leaderboard_skips_and_names_json_lines_that_are_not_records(tmp_pat
         assert f"records.jsonl, line {line}: skipped, not a record" in result.stderr
 
 
+@pytest.mark.parametrize("command", [["leaderboard"], ["plot"], ["samples", "latest"],
+                                     ["compare", "latest", "latest"]])
+def test_a_results_dir_that_does_not_exist_is_one_line_exit_2(tmp_path, command):
+    missing = tmp_path / "nonexistent"
+    result = CliRunner().invoke(cli, [*command, "--results-dir", str(missing)])
+    assert_one_line_exit_2(result, f"--results-dir {missing} is not a folder of results", missing)
+
+
 def test_a_leaderboard_output_in_a_missing_folder_is_one_line_exit_2(tmp_path):
     (tmp_path / "records.jsonl").write_text(json.dumps(RECORD) + "\n")
     output = tmp_path / "missing" / "dir" / "table.md"
