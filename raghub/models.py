@@ -126,6 +126,10 @@ class ModelBackend(Plugin, ABC):
     def handles(cls, spec: str | None) -> bool:
         """Whether this backend loads `spec` (None: the embedded default)."""
 
+    def check(self, spec: str | None) -> None:
+        """A UsageError when `spec` can be seen not to load without loading it (a named file or
+        folder that is not there); the runner calls it before any model loads."""
+
     @abstractmethod
     def load(self, spec: str | None, device: str | None, dtype: str, batch_size: int) -> LanguageModel:
         """The loaded model; UsageError when `spec` cannot be found or read. `dtype` "auto"

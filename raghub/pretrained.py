@@ -137,12 +137,28 @@ class PretrainedBackend(ModelBackend):
     #: the LanguageModel the loaded weights are wrapped in
     model_class: ClassVar[type[PretrainedLM]] = PretrainedLM
 
-    def location(self, spec: str | None) -> tuple[str, str]:
-        """(name for the record, what `from_pretrained` loads)."""
+    def check(self, spec: str | None) -> None:
+        """`spec` is a model folder (with a config.json) or, when no such path exists, has the
+        form of a hub id."""
+        if spec is None:
+            raise UsageError(f"model backend '{self.name}' needs --model: a model folder or a hub id")
         path = Path(spec).expanduser()
-        if path.exists() and not (path / "config.json").exists():
-            raise UsageError(f"model folder {spec} has no config.json; give a model folder, "
-                             "a .gguf file or a hub id")
+        if path.exists():
+            if not (path / "config.json").exists():
+                raise UsageError(f"model folder {spec} has no config.json; give a model folder, "
+                                 "a .gguf file or a hub id")
+            return
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(spec)
+        except HFValidationError:
+            raise UsageError(f"model folder {spec} does not exist (and it is not a hub id); give a "
+                             "model folder, a .gguf file or a hub id") from None
+
+    def location(self, spec: str | None) -> tuple[str, str]:
+        """(name for the record, what `from_pretrained` loads), for a `spec` that passed `check`."""
+        path = Path(spec).expanduser()
         return spec, str(path) if path.exists() else spec
 
     @staticmethod
@@ -157,6 +173,7 @@ class PretrainedBackend(ModelBackend):
         import torch
         import transformers
 
+        self.check(spec)
         name, location = self.location(spec)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = native_dtype(device) if dtype == "auto" else dtype

@@ -196,6 +196,13 @@ def _check_results_dir(results_dir: Path) -> None:
                          "folder you can write to") from None
 
 
+def _check_data_dir(data_dir: str) -> None:
+    """`--data-dir` (or RAGHUB_DATA_DIR) is a folder."""
+    if not Path(data_dir).is_dir():
+        raise UsageError(f"--data-dir {data_dir} is not a folder (it may come from RAGHUB_DATA_DIR); give "
+                         "the folder holding the tasks' data, or leave it out")
+
+
 def _check_device(device: str) -> None:
     """`--device` names a torch device this machine has (imports torch: only when it is given)."""
     import torch
@@ -239,6 +246,8 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
                              f"not {n_docs!r}")
     options = _split_options(request.options, {"task": task_class, "method": method_class,
                                                "retriever": retriever_class})
+    if request.data_dir is not None:
+        _check_data_dir(request.data_dir)
     built_tasks = {} if built_tasks is None else built_tasks
     task_key = fingerprint(definition, request.data_dir, options["task"])
     if task_key not in built_tasks:
@@ -247,6 +256,7 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
         built_tasks[task_key].check()
     task = built_tasks[task_key]
     backend = choose_backend(found, request.model, request.model_backend, request.model_args)
+    backend.check(request.model)
     if task_class.needs_causal_lm and not backend.causal:
         raise UsageError(f"task '{definition['name']}' scores text token by token, which needs a "
                          f"causal (decoder-only) model; model backend '{backend.name}' loads "

@@ -98,6 +98,18 @@ def test_a_broken_data_file_is_one_line_naming_it(workdir, stub_model, template,
     assert_one_line_exit_2(result, message, workdir / "results")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--data-dir", "nonexistent"], "--data-dir nonexistent is not a folder"),
+    (["--model", "/nonexistent/folder"], "model folder /nonexistent/folder does not exist (and it is not a hub id)"),
+    (["--model", "./missing-folder"], "model folder ./missing-folder does not exist (and it is not a hub id)"),
+    (["--model", "missing.gguf"], "model file not found: missing.gguf"),
+    (["--model-backend", "hf-causal"], "model backend 'hf-causal' needs --model"),
+])
+def test_a_missing_data_dir_or_model_is_refused_before_the_model_loads(workdir, model_never_loads, args, message):
+    result = run("--task", "squad", "--method", "none", "--limit", "1", *args)
+    assert_one_line_exit_2(result, message, workdir / "results")
+
+
 # --- 3. a corrupt .gguf model file ---------------------------------------------------------
 
 @pytest.mark.parametrize("corruption", ["random bytes", "truncated copy"])
