@@ -6,12 +6,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
-from bad_input import assert_one_line_exit_2, model_never_loads, replace_model_loading  # noqa: F401
+from bad_input import assert_one_line_exit_2, model_never_loads  # noqa: F401
 from raghub import Example, Passage, Retriever, Task
 from raghub.cache import Cache
 from raghub.cli import cli
@@ -54,12 +53,6 @@ def test_a_task_data_path_outside_the_data_dir_is_refused_before_the_model_loads
 
 # --- 2. truncated, non-UTF-8, empty or misshapen dataset files ---------------------------
 
-@pytest.fixture
-def stub_model(monkeypatch):
-    """Every backend 'loads' a stand-in: the data files are read only after the model loads."""
-    replace_model_loading(monkeypatch, lambda *a, **k: SimpleNamespace(name="stub"))
-
-
 def qa(format, file, content, message, id):
     return pytest.param(QA_TASK, format, file, content, message, id=f"qa-{id}")
 
@@ -88,8 +81,8 @@ def lm(file, content, message, id):
     lm("test.jsonl", '{"text": " a \\n"}\n{"title": "b"}\n', "test.jsonl, line 2: no 'text' string",
        "row-without-text"),
 ])
-def test_a_broken_data_file_is_one_line_naming_it(workdir, stub_model, template, format, file, content,
-                                                 message):
+def test_a_broken_data_file_is_one_line_naming_it_before_the_model_loads(workdir, model_never_loads, template,
+                                                                        format, file, content, message):
     folder = workdir / "data" / "set"
     folder.mkdir(parents=True)
     (folder / file).write_bytes(content if isinstance(content, bytes) else content.encode())

@@ -143,7 +143,8 @@ def test_included_keys_are_defaults_that_the_including_file_overrides(tmp_path):
 
 
 def test_a_task_file_resolves_with_its_included_defaults(workdir):
-    Path("mytask.yaml").write_text(QA_TASK + "max_new_tokens: 4\n")
+    Path("mytask.yaml").write_text(QA_TASK.replace("dev.json", "dev-v1.1.rebuilt-from-explorer-html.json")
+                                   + "max_new_tokens: 4\n")  # resolving reads the data file
     config = resolve(request(task="mytask.yaml")).task.config
     assert config["max_new_tokens"] == 4  # its own
     assert config["prompt"] == "completion" and len(config["few_shot"]) == 3  # from _qa.yaml

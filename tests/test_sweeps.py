@@ -2,6 +2,9 @@
 validated before any model loads, each model loaded once."""
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -10,6 +13,8 @@ from raghub.cli import cli
 from raghub.errors import UsageError
 from raghub.plugins.models.huggingface import HuggingFaceCausal
 from raghub.runner import resolve_sweep
+
+DATA = Path(os.environ["RAGHUB_DATA_DIR"])  # set by conftest.py
 
 
 def invoke(*args):
@@ -47,6 +52,18 @@ def test_a_bad_combination_fails_before_any_model_loads(tmp_path, monkeypatch, a
     result = invoke("run", "--task", "wikitext2", *args, "--limit", "1", "--results-dir", str(tmp_path))
     assert result.exit_code == 2, result.output
     assert message in result.output and not (tmp_path / "records.jsonl").exists()
+
+
+def test_a_broken_data_file_of_a_later_task_stops_the_sweep_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(HuggingFaceCausal, "load", lambda *a, **k: pytest.fail("model loaded"))
+    shutil.copytree(DATA / "popqa", tmp_path / "data" / "popqa")
+    (tmp_path / "data" / "squad").mkdir()
+    (tmp_path / "data" / "squad" / "dev-v1.1.rebuilt-from-explorer-html.json").write_text('{"data": [{"ti')
+    result = invoke("run", "--task", "popqa,squad", "--method", "none", "--limit", "1",
+                    "--data-dir", str(tmp_path / "data"), "--results-dir", str(tmp_path / "results"))
+    assert result.exit_code == 2, result.output
+    assert "dev-v1.1.rebuilt-from-explorer-html.json, line 1: not JSON" in result.output
+    assert not (tmp_path / "results").exists()
 
 
 def test_a_config_list_with_an_empty_entry_is_refused():

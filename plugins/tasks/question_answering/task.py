@@ -88,11 +88,14 @@ class QATask(Task):
     }
 
     def check(self) -> None:
-        """Every data file the YAML names lies inside the data directory."""
+        """Every data file the YAML names lies inside the data directory, and the questions are
+        read (once, kept for the run), so that a missing or broken file stops a sweep before any
+        of its runs starts."""
         if self.data_dir is not None:
             for key in DATA_FILE_KEYS:
                 if key in self.config["data"]:
                     self._data_file(key)
+            self.loaded  # noqa: B018 (read for its errors)
 
     def _data_file(self, name_key: str) -> Path:
         data = self.config["data"]
