@@ -21,6 +21,8 @@ BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 CPUINFO = Path("/proc/cpuinfo")
 #: the backend options that `from_pretrained` takes
 LOADER_OPTIONS = ("revision", "trust_remote_code", "attn_implementation")
+#: the config keys in which transformers models state how many positions they take
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
 def cpu_flags() -> set[str]:
@@ -91,6 +93,22 @@ class PretrainedLM(LanguageModel):
     @property
     def dtype(self) -> str:
         return str(self.hf_model.dtype).removeprefix("torch.")
+
+    def stated_length(self) -> int | None:
+        """The fewest tokens the config (its positions) and the tokenizer (`model_max_length`)
+        say the model takes; None when neither says."""
+        from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+        config = self.hf_model.config
+        stated = [getattr(config, key) for key in POSITION_KEYS if isinstance(getattr(config, key, None), int)]
+        if self.tokenizer.model_max_length < VERY_LARGE_INTEGER:  # transformers' "not stated"
+            stated.append(self.tokenizer.model_max_length)
+        return min(stated, default=None)
+
+    def max_input_tokens(self, new_tokens: int = 0) -> int | None:
+        """The stated length less `new_tokens`: a decoder's input and what follows share its positions."""
+        length = self.stated_length()
+        return None if length is None else length - new_tokens
 
     def hardware(self) -> dict[str, Any]:
         import os

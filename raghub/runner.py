@@ -474,6 +474,7 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> dict[s
         model = _load_model(resolved)
     task = resolved.task
     method = resolved.method_class(model, cache, **resolved.plugin_options["method"])
+    model.counters = method.counters  # what fitting inputs into the model leaves out counts for this run
     try:
         examples = task.examples(model, request.limit)
         if not examples:
@@ -506,7 +507,7 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> dict[s
             "higher_is_better": higher_is_better,
             "stderr": {name: standard_errors.get(name) for name in higher_is_better},
             "totals": task.totals(lines),
-            "method_stats": method.run_stats(), "config": config,
+            "method_stats": method.record_stats(), "config": config,
             "plugins": _plugin_origins(task, method, retriever),
             "raghub_version": raghub.__version__, "git_commit": _git_commit(),
             "started_at": started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),

@@ -162,7 +162,7 @@ class QATask(Task):
         ordered = questions[: limit or sample.get("first")]
         style = self.config.get("prompt", "chat")
         template = PromptTemplate(
-            style=style, chat=model.chat_prompt if style == "chat" else None,
+            style=style, chat=model.chat_prompt if style == "chat" else None, model=model,
             few_shot=tuple((shot["question"], shot["answer"]) for shot in self.config.get("few_shot", [])))
         max_new_tokens = self.config.get("max_new_tokens", 32)
         return [replace(q, template=template, max_new_tokens=max_new_tokens) for q in ordered]
