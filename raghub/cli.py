@@ -104,8 +104,8 @@ def _run_settings(config_file: str | None, given: dict[str, Any]) -> dict[str, A
     """The `--config` file's settings overlaid with the flags given. A setting that neither
     raghub nor any installed plugin declares is a UsageError naming the file and the key."""
     settings: dict[str, Any] = {}
-    known = [*CORE_OPTIONS, *_declared_options()]
     if config_file:
+        known = [*CORE_OPTIONS, *_declared_options()]
         for key, value in read_yaml_mapping(config_file).items():
             if not isinstance(key, str):
                 raise UsageError(f"{config_file}: setting names must be strings, not {key!r}")
