@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from raghub.distributed import notice
 from raghub.errors import RaghubError, RunError, UsageError
-from raghub.families.lm import Window, passage_ids, passage_logprobs, score_after_prefixes
+from raghub.families.lm import Window, passage_ids, passage_logprobs, passages_prefix, score_after_prefixes
 from raghub.families.qa import Answer, PromptTemplate, Question, answer_continuation, answer_questions, generate_for
 from raghub.hookspecs import hookimpl
 from raghub.interfaces import Augmenter, Example, Method, Passage, Retrieved, Retriever, Task
@@ -31,5 +31,6 @@ __all__ = [
     "Objective", "Option", "Passage", "PromptTemplate", "Question", "RaghubError", "Retrieved", "Retriever",
     "RunError", "Task", "UsageError", "Window", "answer_continuation", "answer_questions", "generate_for",
     "hookimpl", "load_model", "lsr_kl", "mixture_logprobs", "notice", "passage_ids", "passage_logprobs",
-    "rag_sequence_logprob", "rag_sequence_token_logprobs", "rag_token_logprob", "score_after_prefixes",
+    "passages_prefix", "rag_sequence_logprob", "rag_sequence_token_logprobs", "rag_token_logprob",
+    "score_after_prefixes",
 ]

@@ -8,6 +8,7 @@ and `--config` keys are converted by the same declarations. Plugins may add whol
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 from pathlib import Path
@@ -78,6 +79,11 @@ def _declared_options() -> dict[str, list[tuple[Option, list[str]]]]:
     return declared
 
 
+#: how `--help` names the value an option of each type takes (the flags keep their text, for
+#: `Option.convert` to check like a config file's)
+HELP_TYPES = {int: "INTEGER", float: "FLOAT", str: "TEXT"}
+
+
 def _option_help(option: Option, owners: list[str]) -> str:
     """One declaration's help, with who declares it and its default, e.g. 'seed [method x; default: 42]'."""
     notes = [", ".join(owners)] if owners else []
@@ -94,10 +100,11 @@ def _with_options(command, options: dict[str, list[tuple[Option, list[str]]]]):
         option = declarations[0][0]
         if all(declared.type is bool for declared, _ in declarations):
             decorator = click.option(f"--{dashed(key)}", key, is_flag=True, default=None, help=help_text)
-        else:  # choices are checked by Option.convert too, for one-line errors like a config's
-            one_choice_list = len(declarations) == 1 and isinstance(option.type, tuple)
-            choices = f"[{'|'.join(option.type)}]" if one_choice_list else None
-            decorator = click.option(f"--{dashed(key)}", key, metavar=choices, default=None, help=help_text,
+        else:  # choices and numbers are checked by Option.convert, for one-line errors like a config's
+            one_kind = len(declarations) == 1 or all(declared.type == option.type for declared, _ in declarations)
+            metavar = (f"[{'|'.join(option.type)}]" if isinstance(option.type, tuple) and len(declarations) == 1
+                       else HELP_TYPES.get(option.type, "TEXT") if one_kind else "VALUE")
+            decorator = click.option(f"--{dashed(key)}", key, metavar=metavar, default=None, help=help_text,
                                      envvar="RAGHUB_DATA_DIR" if key == "data_dir" else None)
         command = decorator(command)
     return command
@@ -110,12 +117,18 @@ def _with_run_options(command):
 
 
 def _run_settings(config_file: str | None, given: dict[str, Any]) -> dict[str, Any]:
-    """The `--config` file's settings overlaid with the flags given."""
+    """The `--config` file's settings overlaid with the flags given. A setting that neither
+    raghub nor any installed plugin declares is a UsageError naming the file and the key."""
     settings: dict[str, Any] = {}
     if config_file:
+        known = [*CORE_OPTIONS, *_declared_options()]
         for key, value in read_yaml_mapping(config_file).items():
             if not isinstance(key, str):
                 raise UsageError(f"{config_file}: setting names must be strings, not {key!r}")
+            if key.replace("-", "_") not in known:
+                close = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise UsageError(f"{config_file}: unknown setting '{key}'{hint}; see `raghub run --help`")
             settings[key.replace("-", "_")] = value
     settings.update({key: value for key, value in given.items() if value is not None})
     return settings
@@ -142,6 +155,19 @@ def _print_record(record: Record, results_dir: Path) -> None:
                   style="dim", soft_wrap=True, markup=False, highlight=False)
 
 
+def _existing_results_dir(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A results folder to read: a UsageError (one line, exit 2) when it does not exist."""
+    if not Path(value).is_dir():
+        raise UsageError(f"--results-dir {value} is not a folder of results; give the folder "
+                         "`raghub run --results-dir` stored into")
+    return value
+
+
+#: where the commands that read stored results look
+RESULTS_DIR_OPTION = click.option("--results-dir", default="results", show_default=True,
+                                  callback=_existing_results_dir)
+
+
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(),  # read_yaml_mapping checks it
               help="YAML file of settings (any option of this command); flags override it.")
@@ -164,15 +190,13 @@ def run(config_file: str | None, as_json: bool, force: bool, **given: Any) -> No
 
 
 @cli.command()
-@click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
+@RESULTS_DIR_OPTION
 @click.option("--task", "tasks", multiple=True, help="Only this task (repeat for several).")
 @click.option("--by-type", is_flag=True, help="Add per-question-type tables where records have them.")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the markdown to this file.")
 def leaderboard(results_dir: str, tasks: tuple[str, ...], by_type: bool, output: str | None) -> None:
     """A markdown table of every stored result; a best value is bold only when it beats the
     runner-up by more than their combined standard error."""
-    if not Path(results_dir).is_dir():
-        raise UsageError(f"--results-dir {results_dir} is not a folder")
     records = read_records(results_dir)
     markdown = leaderboard_markdown(records, tasks=tasks, by_type=by_type)
     if output:
@@ -187,7 +211,7 @@ def leaderboard(results_dir: str, tasks: tuple[str, ...], by_type: bool, output:
 
 
 @cli.command()
-@click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
+@RESULTS_DIR_OPTION
 @click.option("--kind", type=click.Choice(KINDS), default="lines", show_default=True,
               help="lines: the metric against n_docs per method for one task; bars: the metric per "
                    "task (dataset) and method.")
@@ -266,10 +290,6 @@ def models(found) -> None:
 
 
 # --- inspecting results ------------------------------------------------------------------------
-
-RESULTS_DIR_OPTION = click.option("--results-dir", type=click.Path(file_okay=False), default="results",
-                                  show_default=True)
-
 
 def _stored_run(results_dir: str, reference: str) -> tuple[Record, list[dict[str, Any]]]:
     """A record (by id, the start of one, or `latest`) and its samples log."""

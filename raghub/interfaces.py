@@ -122,6 +122,11 @@ class Retriever(Plugin, ABC):
         """For each query, up to k (passage position, raw score) pairs, best first."""
 
 
+#: a count the core keeps among every run's method counters (`LanguageModel.drop_passages`):
+#: retrieved passages left out, lowest-ranked first, of inputs too long for the model
+PASSAGES_DROPPED = "passages_dropped_for_length"
+
+
 class Method(Plugin):
     """A RAG method (the papers' "augmenter"): turns the model and the retrieved passages into
     what a task scores. `needs_retrieval` is False for closed-book methods; the runner then
@@ -152,6 +157,12 @@ class Method(Plugin):
     def run_stats(self) -> dict[str, Any]:
         """Method-specific numbers for the record, computed from `counters` (default: them)."""
         return dict(self.counters)
+
+    def record_stats(self) -> dict[str, Any]:
+        """The record's `method_stats`: `run_stats`, and the passages left out of inputs too long
+        for the model when there were any (`PASSAGES_DROPPED`), whatever `run_stats` returns."""
+        dropped = self.counters[PASSAGES_DROPPED]
+        return {**self.run_stats(), **({PASSAGES_DROPPED: dropped} if dropped else {})}
 
     def close(self) -> None:
         """Release processes or connections the method opened."""

@@ -8,11 +8,13 @@ folder, a file, or None for the embedded default) into a `LanguageModel`. Method
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
+from raghub.distributed import notice
 from raghub.errors import UsageError
-from raghub.interfaces import Plugin, Registry
+from raghub.interfaces import PASSAGES_DROPPED, Plugin, Registry
 
 
 @dataclass
@@ -45,6 +47,8 @@ class LanguageModel(ABC):
         self.name = name
         self.batch_size = batch_size
         self.fingerprint = fingerprint or name
+        #: the counts of the run using the model (the runner shares its method's `counters`)
+        self.counters: Counter[str] = Counter()
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
@@ -58,6 +62,22 @@ class LanguageModel(ABC):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def max_input_tokens(self, new_tokens: int = 0) -> int | None:
+        """The most tokens (as `encode` counts them) an input may have and leave room for
+        `new_tokens` more (generated after it, or scored in the same sequence); None when the
+        model states no limit (the default)."""
+        return None
+
+    def drop_passages(self, count: int, why: str) -> None:
+        """Counts `count` retrieved passages left out of an input too long for the model in the
+        run's `PASSAGES_DROPPED`, saying `why` on stderr the first time in the run."""
+        if not count:
+            return
+        if not self.counters[PASSAGES_DROPPED]:
+            notice(f"{why}: the lowest-ranked passages are left out of each input too long for the "
+                   f"model (the record's method_stats counts them as {PASSAGES_DROPPED})")
+        self.counters[PASSAGES_DROPPED] += count
 
     def chat_prompt(self, user_message: str) -> str:
         """`user_message` wrapped in the model's chat template, ready for the reply."""
@@ -125,6 +145,10 @@ class ModelBackend(Plugin, ABC):
     @abstractmethod
     def handles(cls, spec: str | None) -> bool:
         """Whether this backend loads `spec` (None: the embedded default)."""
+
+    def check(self, spec: str | None) -> None:
+        """A UsageError when `spec` can be seen not to load without loading it (a named file or
+        folder that is not there); the runner calls it before any model loads."""
 
     @abstractmethod
     def load(self, spec: str | None, device: str | None, dtype: str, batch_size: int) -> LanguageModel:

@@ -21,6 +21,8 @@ BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 CPUINFO = Path("/proc/cpuinfo")
 #: the backend options that `from_pretrained` takes
 LOADER_OPTIONS = ("revision", "trust_remote_code", "attn_implementation")
+#: the config keys in which transformers models state how many positions they take
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
 def cpu_flags() -> set[str]:
@@ -92,6 +94,22 @@ class PretrainedLM(LanguageModel):
     def dtype(self) -> str:
         return str(self.hf_model.dtype).removeprefix("torch.")
 
+    def stated_length(self) -> int | None:
+        """The fewest tokens the config (its positions) and the tokenizer (`model_max_length`)
+        say the model takes; None when neither says."""
+        from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+        config = self.hf_model.config
+        stated = [getattr(config, key) for key in POSITION_KEYS if isinstance(getattr(config, key, None), int)]
+        if self.tokenizer.model_max_length < VERY_LARGE_INTEGER:  # transformers' "not stated"
+            stated.append(self.tokenizer.model_max_length)
+        return min(stated, default=None)
+
+    def max_input_tokens(self, new_tokens: int = 0) -> int | None:
+        """The stated length less `new_tokens`: a decoder's input and what follows share its positions."""
+        length = self.stated_length()
+        return None if length is None else length - new_tokens
+
     def hardware(self) -> dict[str, Any]:
         import os
         import platform
@@ -137,12 +155,28 @@ class PretrainedBackend(ModelBackend):
     #: the LanguageModel the loaded weights are wrapped in
     model_class: ClassVar[type[PretrainedLM]] = PretrainedLM
 
-    def location(self, spec: str | None) -> tuple[str, str]:
-        """(name for the record, what `from_pretrained` loads)."""
+    def check(self, spec: str | None) -> None:
+        """`spec` is a model folder (with a config.json) or, when no such path exists, has the
+        form of a hub id."""
+        if spec is None:
+            raise UsageError(f"model backend '{self.name}' needs --model: a model folder or a hub id")
         path = Path(spec).expanduser()
-        if path.exists() and not (path / "config.json").exists():
-            raise UsageError(f"model folder {spec} has no config.json; give a model folder, "
-                             "a .gguf file or a hub id")
+        if path.exists():
+            if not (path / "config.json").exists():
+                raise UsageError(f"model folder {spec} has no config.json; give a model folder, "
+                                 "a .gguf file or a hub id")
+            return
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(spec)
+        except HFValidationError:
+            raise UsageError(f"model folder {spec} does not exist (and it is not a hub id); give a "
+                             "model folder, a .gguf file or a hub id") from None
+
+    def location(self, spec: str | None) -> tuple[str, str]:
+        """(name for the record, what `from_pretrained` loads), for a `spec` that passed `check`."""
+        path = Path(spec).expanduser()
         return spec, str(path) if path.exists() else spec
 
     @staticmethod
@@ -157,6 +191,7 @@ class PretrainedBackend(ModelBackend):
         import torch
         import transformers
 
+        self.check(spec)
         name, location = self.location(spec)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = native_dtype(device) if dtype == "auto" else dtype

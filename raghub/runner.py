@@ -212,6 +212,13 @@ def _check_results_dir(results_dir: Path) -> None:
     check_store(results_dir)
 
 
+def _check_data_dir(data_dir: str) -> None:
+    """`--data-dir` (or RAGHUB_DATA_DIR) is a folder."""
+    if not Path(data_dir).is_dir():
+        raise UsageError(f"--data-dir {data_dir} is not a folder (it may come from RAGHUB_DATA_DIR); give "
+                         "the folder holding the tasks' data, or leave it out")
+
+
 def _check_device(device: str) -> None:
     """`--device` names a torch device this machine has (imports torch: only when it is given)."""
     import torch
@@ -255,6 +262,8 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
                              f"not {n_docs!r}")
     options = _split_options(request.options, {"task": task_class, "method": method_class,
                                                "retriever": retriever_class})
+    if request.data_dir is not None:
+        _check_data_dir(request.data_dir)
     built_tasks = {} if built_tasks is None else built_tasks
     task_key = fingerprint(definition, request.data_dir, options["task"])
     if task_key not in built_tasks:
@@ -263,6 +272,7 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
         built_tasks[task_key].check()
     task = built_tasks[task_key]
     backend = choose_backend(found, request.model, request.model_backend, request.model_args)
+    backend.check(request.model)
     if task_class.needs_causal_lm and not backend.causal:
         raise UsageError(f"task '{definition['name']}' scores text token by token, which needs a "
                          f"causal (decoder-only) model; model backend '{backend.name}' loads "
@@ -279,20 +289,26 @@ def _progress() -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), console=stderr)
 
 
-def _sweep_values(value: Any) -> list[Any]:
-    """The values of a swept setting: a YAML list, a comma list, or one value."""
+def _sweep_values(key: str, value: Any) -> list[Any]:
+    """The values of a swept setting: a YAML list, a comma list, or one value; a list with an
+    empty entry (`--task squad,`) is a UsageError."""
     if isinstance(value, (list, tuple)):
-        return list(value)
-    if isinstance(value, str) and "," in value:
-        return [part.strip() for part in value.split(",")]
-    return [value]
+        values = list(value)
+    elif isinstance(value, str) and "," in value:
+        values = [part.strip() for part in value.split(",")]
+    else:
+        return [value]
+    if any(part is None or part == "" for part in values):
+        raise UsageError(f"--{dashed(key)} {value!r}: the list has an empty {'value' if key == 'n_docs' else 'name'}; "
+                         "remove the extra comma")
+    return values
 
 
 def resolve_sweep(settings: dict[str, Any]) -> list[ResolvedRun]:
     """One resolved run per combination of the swept settings' values (tasks, then methods, then
     n_docs), all validated before any model loads; combinations that are the same run (a
     closed-book method at several n_docs) are kept once."""
-    swept = {key: _sweep_values(settings[key]) for key in SWEPT_SETTINGS if settings.get(key) is not None}
+    swept = {key: _sweep_values(key, settings[key]) for key in SWEPT_SETTINGS if settings.get(key) is not None}
     runs: dict[str, ResolvedRun] = {}
     built_tasks: dict[str, Task] = {}
     for values in itertools.product(*swept.values()):
@@ -499,6 +515,7 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None,
         model = _load_model(resolved)
     task = resolved.task
     method = resolved.method_class(model, cache.scoped(resolved.code["method"]), **resolved.plugin_options["method"])
+    model.counters = method.counters  # what fitting inputs into the model leaves out counts for this run
     try:
         examples = task.examples(model, request.limit)
         if not examples:
@@ -532,7 +549,7 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None,
             higher_is_better=higher_is_better,
             stderr={name: standard_errors.get(name) for name in higher_is_better},
             totals=task.totals(lines),
-            method_stats={**method.run_stats(), **checkpoint_stats(resolved.checkpoint)}, config=config,
+            method_stats={**method.record_stats(), **checkpoint_stats(resolved.checkpoint)}, config=config,
             plugins=_plugin_origins(task, method, retriever),
             raghub_version=raghub.__version__, git_commit=_git_commit(),
             started_at=started.isoformat(), finished_at=datetime.now(timezone.utc).isoformat(),

@@ -13,7 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from raghub import Generation, LanguageModel
+from raghub import Generation, LanguageModel, ModelBackend
 
 RAGHUB = Path(sys.executable).with_name("raghub")
 THIRD_PARTY_PLUGIN = Path(__file__).parent / "third_party_plugin"
@@ -116,3 +116,38 @@ class RecordingModel(LanguageModel):
     def generate(self, prompts, max_new_tokens):
         self.calls.append((list(prompts), max_new_tokens))
         return [Generation(f"Answer: {len(p)}\nmore text", []) for p in prompts]
+
+
+class ShortModel(RecordingModel):
+    """A `RecordingModel` of one token per character that takes `length` tokens; it gives every
+    scored token ln p = -0.5 and remembers each scored sequence."""
+
+    def __init__(self, length: int, name: str = "short"):
+        super().__init__(name)
+        self.length = length
+        self.scored: list[list[int]] = []
+
+    def encode(self, text):
+        return [ord(char) for char in text]
+
+    def max_input_tokens(self, new_tokens=0):
+        return self.length - new_tokens
+
+    def sequence_logprobs(self, sequences, starts):
+        import torch
+
+        self.scored += [list(sequence) for sequence in sequences]
+        return [torch.full((len(sequence) - start,), -0.5) for sequence, start in zip(sequences, starts)]
+
+
+class ShortBackend(ModelBackend):
+    """Loads `--model short:N`, a `ShortModel` that takes N tokens."""
+
+    name = "short"
+
+    @classmethod
+    def handles(cls, spec):
+        return spec is not None and spec.startswith("short:")
+
+    def load(self, spec, device, dtype, batch_size):
+        return ShortModel(int(spec.removeprefix("short:")))

@@ -6,12 +6,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
-from bad_input import assert_one_line_exit_2, model_never_loads, replace_model_loading  # noqa: F401
+from bad_input import assert_one_line_exit_2, model_never_loads  # noqa: F401
 from raghub import Example, Passage, Retriever, Task
 from raghub.cache import Cache
 from raghub.cli import cli
@@ -54,12 +53,6 @@ def test_a_task_data_path_outside_the_data_dir_is_refused_before_the_model_loads
 
 # --- 2. truncated, non-UTF-8, empty or misshapen dataset files ---------------------------
 
-@pytest.fixture
-def stub_model(monkeypatch):
-    """Every backend 'loads' a stand-in: the data files are read only after the model loads."""
-    replace_model_loading(monkeypatch, lambda *a, **k: SimpleNamespace(name="stub"))
-
-
 def qa(format, file, content, message, id):
     return pytest.param(QA_TASK, format, file, content, message, id=f"qa-{id}")
 
@@ -95,13 +88,25 @@ def lm(file, content, message, id):
     lm("test.jsonl", '{"text": ""}\n{"text": " \\n"}\n', "test.jsonl holds no text: every row is empty",
        "only-empty-rows"),
 ])
-def test_a_broken_data_file_is_one_line_naming_it(workdir, stub_model, template, format, file, content,
-                                                 message):
+def test_a_broken_data_file_is_one_line_naming_it_before_the_model_loads(workdir, model_never_loads, template,
+                                                                        format, file, content, message):
     folder = workdir / "data" / "set"
     folder.mkdir(parents=True)
     (folder / file).write_bytes(content if isinstance(content, bytes) else content.encode())
     Path("mytask.yaml").write_text(template.format(folder="set", file=file, format=format))
     result = run("--task", "mytask.yaml", "--method", "none", "--data-dir", "data")
+    assert_one_line_exit_2(result, message, workdir / "results")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data-dir", "nonexistent"], "--data-dir nonexistent is not a folder"),
+    (["--model", "/nonexistent/folder"], "model folder /nonexistent/folder does not exist (and it is not a hub id)"),
+    (["--model", "./missing-folder"], "model folder ./missing-folder does not exist (and it is not a hub id)"),
+    (["--model", "missing.gguf"], "model file not found: missing.gguf"),
+    (["--model-backend", "hf-causal"], "model backend 'hf-causal' needs --model"),
+])
+def test_a_missing_data_dir_or_model_is_refused_before_the_model_loads(workdir, model_never_loads, args, message):
+    result = run("--task", "squad", "--method", "none", "--limit", "1", *args)
     assert_one_line_exit_2(result, message, workdir / "results")
 
 
@@ -195,6 +200,14 @@ def test_the_leaderboard_skips_and_names_json_lines_that_are_not_records(tmp_pat
     assert "| m |" in result.stdout
     for line in (2, 3, 4):
         assert f"records.jsonl, line {line}: skipped, not a record" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["leaderboard"], ["plot"], ["samples", "latest"],
+                                     ["compare", "latest", "latest"]])
+def test_a_results_dir_that_does_not_exist_is_one_line_exit_2(tmp_path, command):
+    missing = tmp_path / "nonexistent"
+    result = CliRunner().invoke(cli, [*command, "--results-dir", str(missing)])
+    assert_one_line_exit_2(result, f"--results-dir {missing} is not a folder of results", missing)
 
 
 def test_a_leaderboard_output_in_a_missing_folder_is_one_line_exit_2(tmp_path):

@@ -61,6 +61,14 @@ def test_an_option_out_of_range_fails_before_the_model_loads(tmp_path, model_nev
     assert_one_line_exit_2(result, message, tmp_path / "results")
 
 
+@pytest.mark.parametrize("flag, value_type", [("--limit", "INTEGER"), ("--n-docs", "INTEGER"),
+                                              ("--temperature", "FLOAT"), ("--model", "TEXT")])
+def test_run_help_shows_the_type_of_each_option_value(flag, value_type):
+    shown = invoke("run", "--help")
+    assert shown.exit_code == 0
+    assert f"{flag} {value_type} " in shown.output
+
+
 def test_malformed_config_names_file_and_line(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("task: wikitext2\nmethod: none\nlimit: [8\n")

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from raghub import Method, Passage, Retrieved, UsageError, mixture_logprobs
+from plugin_packages import ShortModel
+from raghub import Method, Passage, Retrieved, RunError, UsageError, Window, mixture_logprobs, score_after_prefixes
+from raghub.interfaces import PASSAGES_DROPPED
 from raghub.plugins.methods.ensemble import Ensemble
 from raghub.plugins.methods.incontext import InContext
 from raghub.plugins.methods.none import ClosedBook
@@ -174,6 +176,40 @@ def test_a_hub_failure_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match=r"hub could not provide none \(toy, test\): Couldn't reach .*"
                                          r"set RAGHUB_DATA_DIR"):
         task.lines
+
+
+# --- windows and passages longer than the model takes -------------------------------------
+
+def window(context: int = 3, targets: int = 5) -> Window:
+    return Window(id="w", query="q", context_ids=[99] * context, target_ids=[98] * targets, retrieved_max_length=8)
+
+
+def ranked_passages(count: int) -> list[Retrieved]:
+    """`count` passages that each become 8 tokens (7 characters and a newline), best first."""
+    return [Retrieved(Passage(f"p{rank}", str(rank) * 20), -float(rank)) for rank in range(1, count + 1)]
+
+
+def test_passages_that_would_not_fit_the_model_are_left_out_lowest_ranked_first_and_counted(capsys):
+    model = ShortModel(length=30)  # the window's 8 tokens leave room for two passages of 8
+    InContext(model, None).score_windows([window(), window()], [ranked_passages(4), ranked_passages(2)])
+    assert model.scored == [[ord(c) for c in "1111111\n2222222\n"] + [99] * 3 + [98] * 5] * 2
+    assert model.counters[PASSAGES_DROPPED] == 2
+    notices = capsys.readouterr().err.splitlines()
+    assert len(notices) == 1 and "window w: its 4 passages and its tokens are more than the 30 short takes" in notices[0]
+
+
+def test_an_ensemble_passage_that_would_not_fit_is_left_out_and_counted():
+    model = ShortModel(length=15)  # the window's 8 tokens leave room for 7: no passage of 8
+    Ensemble(model, None).score_windows([window()], [ranked_passages(2)])
+    assert model.scored == [[99] * 3 + [98] * 5] * 2
+    assert model.counters[PASSAGES_DROPPED] == 2
+
+
+def test_a_window_or_prefix_longer_than_the_model_takes_is_one_line():
+    with pytest.raises(RunError, match="window w: its 12 tokens of context and targets are more than the 10 short takes"):
+        ClosedBook(ShortModel(length=10), None).score_windows([window(4, 8)], [[]])
+    with pytest.raises(RunError, match="window w: the 3 tokens put before it leave it no room within the 10 tokens"):
+        score_after_prefixes(ShortModel(length=10), [window()], [[1, 2, 3]])
 
 
 @pytest.mark.real_model

@@ -5,11 +5,16 @@ import math
 
 import pandas
 import pytest
+from click.testing import CliRunner
 
-from raghub import Passage, PromptTemplate, Question, Retrieved, UsageError
+from plugin_packages import ShortBackend, ShortModel
+from raghub import Passage, PromptTemplate, Question, Retrieved, RunError, UsageError, hookimpl
 from raghub.cache import Cache
+from raghub.cli import cli
 from raghub.families.qa import extract_answer
-from raghub.interfaces import Registry
+from raghub.interfaces import PASSAGES_DROPPED, Registry
+from raghub.plugins.methods.ensemble import Ensemble
+from raghub.plugins.methods.incontext import InContext
 from raghub.plugins.methods.ensemble import replug_answer_scores, replug_vote
 from raghub.plugins.tasks.question_answering.formats import make_passage
 from raghub.plugins.tasks.question_answering.task import QATask, aggregate_stats, deduplicate, interleave_by_type, question_stats
@@ -58,6 +63,70 @@ def test_chat_template_wraps_instruction_and_question():
     template = PromptTemplate(style="chat", chat=ChatStub.chat_prompt)
     prompt = Question(id="1", query="q", question="Where?", template=template).prompt([])
     assert prompt == f"<user>{PromptTemplate.INSTRUCTION}\n\nQuestion: Where?</user><assistant>"
+
+
+# ------------------------------------------------------------------ prompts longer than the model takes
+
+def ranked_passages(count: int) -> list[Retrieved]:
+    """`count` passages of 40 characters, best first."""
+    return [Retrieved(Passage(id=f"p{rank}", text=str(rank % 10) * 40), -float(rank)) for rank in range(1, count + 1)]
+
+
+def questions_for(model: ShortModel, count: int = 2) -> list[Question]:
+    template = PromptTemplate(style="completion", model=model)
+    return [Question(id=f"q{i}", query="q", question=f"Question {i}?", template=template, max_new_tokens=8)
+            for i in range(count)]
+
+
+def test_passages_that_would_not_fit_the_model_are_left_out_lowest_ranked_first_and_counted(capsys):
+    model = ShortModel(length=300)
+    questions, docs = questions_for(model), ranked_passages(10)
+    InContext(model, None).answer(questions, [docs, docs[:2]])
+    ((crowded, roomy), _), = model.calls
+    kept = crowded.count("Passage ")
+    assert 0 < kept < 10
+    assert crowded == questions[0].template.render("Question 0?", [r.passage for r in docs[:kept]])
+    assert len(crowded) <= 300 - 8 < len(questions[0].template.render("Question 0?", [r.passage for r in docs[:kept + 1]]))
+    assert roomy.count("Passage ") == 2
+    assert model.counters[PASSAGES_DROPPED] == 10 - kept
+    notices = capsys.readouterr().err.splitlines()
+    assert len(notices) == 1 and "question q0: its prompt with 10 passages is longer than the 292 tokens" in notices[0]
+
+
+def test_each_ensemble_prompt_is_fitted_alone():
+    model = ShortModel(length=120)  # room for one 40-character passage, not two
+    (question,) = questions_for(model, 1)
+    Ensemble(model, None).answer([question], [ranked_passages(3)])
+    ((prompts, _),) = model.calls
+    assert [prompt.count("Passage ") for prompt in prompts] == [1, 1, 1]
+    assert model.counters[PASSAGES_DROPPED] == 0
+
+
+def test_a_question_too_long_for_the_model_without_passages_is_one_line():
+    model = ShortModel(length=30)
+    with pytest.raises(RunError, match="question q0: its prompt is longer than the 22 tokens short leaves "
+                                       "beside 8 answer tokens even without passages"):
+        InContext(model, None).answer(questions_for(model, 1), [ranked_passages(2)])
+
+
+class ShortModels:
+    @hookimpl
+    def register_models(self, register):
+        register(ShortBackend)
+
+
+def test_squad_with_more_passages_than_the_model_takes_says_so_and_counts_them(add_plugin, tmp_path, monkeypatch):
+    """`--n-docs 60` on SQuAD: the prompt outgrew the model, which was not checked (the embedded
+    model ran past its 8192 positions, for minutes)."""
+    monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
+    add_plugin(ShortModels())
+    result = CliRunner().invoke(cli, ["run", "--task", "squad", "--method", "incontext", "--n-docs", "60",
+                                      "--limit", "2", "--model", "short:2000", "--json",
+                                      "--results-dir", str(tmp_path / "results")])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert 0 < record["method_stats"][PASSAGES_DROPPED] < 2 * 60
+    assert result.stderr.count(PASSAGES_DROPPED) == 1
 
 
 # ------------------------------------------------------------------ REPLUG answer vote

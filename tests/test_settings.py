@@ -75,8 +75,10 @@ def request(**settings) -> RunRequest:
     ({"task": "squad", "method": "parametric", "lora_alpha": 0}, "--lora-alpha must be above 0, not 0.0"),
     ({"task": "squad", "method": "rag-sequence", "temperature": float("inf")},
      "--temperature must be a finite float, not inf"),
-    ({"temperatur": 1.0}, "--temperatur is not an option of the selected task 'language-modelling', "
-                          "method 'none'"),
+    ({"temperatur": 1.0}, "run.yaml: unknown setting 'temperatur' (did you mean 'temperature'?)"),
+    ({"n-dcos": 3}, "run.yaml: unknown setting 'n-dcos' (did you mean 'n_docs'?)"),
+    ({"temperature": 1.0}, "--temperature is not an option of the selected task 'language-modelling', "
+                           "method 'none'"),
     ({5: "x"}, "run.yaml: setting names must be strings, not 5"),
 ])
 def test_a_bad_config_setting_exits_2_before_the_model_loads(workdir, setting, message):
@@ -149,7 +151,8 @@ def test_included_keys_are_defaults_that_the_including_file_overrides(tmp_path):
 
 
 def test_a_task_file_resolves_with_its_included_defaults(workdir):
-    Path("mytask.yaml").write_text(QA_TASK + "max_new_tokens: 4\n")
+    Path("mytask.yaml").write_text(QA_TASK.replace("dev.json", "dev-v1.1.rebuilt-from-explorer-html.json")
+                                   + "max_new_tokens: 4\n")  # resolving reads the data file
     config = resolve(request(task="mytask.yaml")).task.config
     assert config["max_new_tokens"] == 4  # its own
     assert config["prompt"] == "completion" and len(config["few_shot"]) == 3  # from _qa.yaml

@@ -2,13 +2,19 @@
 validated before any model loads, each model loaded once."""
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from raghub.cli import cli
+from raghub.errors import UsageError
 from raghub.plugins.models.huggingface import HuggingFaceCausal
 from raghub.runner import resolve_sweep
+
+DATA = Path(os.environ["RAGHUB_DATA_DIR"])  # set by conftest.py
 
 
 def invoke(*args):
@@ -37,12 +43,32 @@ def test_a_config_file_may_list_the_swept_values(tmp_path):
     (["--method", "none,ensemble", "--n-docs", "0,2"], "--n-docs must be a positive integer for method 'ensemble', not 0"),
     (["--method", "none,ensembel"], "unknown method 'ensembel'"),
     (["--method", "none", "--task", "wikitext2,squad", "--stride", "4"], "--stride is not an option of the selected"),
+    (["--method", "none", "--task", "wikitext2,"], "--task 'wikitext2,': the list has an empty name"),
+    (["--method", "none,,ensemble"], "--method 'none,,ensemble': the list has an empty name"),
+    (["--method", "ensemble", "--n-docs", "2, "], "--n-docs '2, ': the list has an empty value"),
 ])
 def test_a_bad_combination_fails_before_any_model_loads(tmp_path, monkeypatch, args, message):
     monkeypatch.setattr(HuggingFaceCausal, "load", lambda *a, **k: pytest.fail("model loaded"))
     result = invoke("run", "--task", "wikitext2", *args, "--limit", "1", "--results-dir", str(tmp_path))
     assert result.exit_code == 2, result.output
     assert message in result.output and not (tmp_path / "records.jsonl").exists()
+
+
+def test_a_broken_data_file_of_a_later_task_stops_the_sweep_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(HuggingFaceCausal, "load", lambda *a, **k: pytest.fail("model loaded"))
+    shutil.copytree(DATA / "popqa", tmp_path / "data" / "popqa")
+    (tmp_path / "data" / "squad").mkdir()
+    (tmp_path / "data" / "squad" / "dev-v1.1.rebuilt-from-explorer-html.json").write_text('{"data": [{"ti')
+    result = invoke("run", "--task", "popqa,squad", "--method", "none", "--limit", "1",
+                    "--data-dir", str(tmp_path / "data"), "--results-dir", str(tmp_path / "results"))
+    assert result.exit_code == 2, result.output
+    assert "dev-v1.1.rebuilt-from-explorer-html.json, line 1: not JSON" in result.output
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_config_list_with_an_empty_entry_is_refused():
+    with pytest.raises(UsageError, match=r"--task \['wikitext2', None\]: the list has an empty name"):
+        resolve_sweep({"task": ["wikitext2", None], "method": "none"})
 
 
 def test_n_docs_is_said_to_be_ignored_only_when_no_method_retrieves(capsys):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from raghub import Method, answer_questions, hookimpl, passage_ids, score_after_prefixes
+from raghub import Method, answer_questions, hookimpl, passages_prefix, score_after_prefixes
 
 
 class InContext(Method):
@@ -12,9 +12,9 @@ class InContext(Method):
 
     def score_windows(self, windows, retrieved):
         """The top-k passages, best first, each cut to the window's `retrieved_max_length`,
-        joined before the context (DRAGON's "k_concat"; In-Context RALM with k = 1)."""
-        prefixes = [[token for r in docs for token in passage_ids(self.model, r.passage, w.retrieved_max_length)]
-                    for w, docs in zip(windows, retrieved)]
+        joined before the context (DRAGON's "k_concat"; In-Context RALM with k = 1), as many as
+        fit the model (`passages_prefix`)."""
+        prefixes = [passages_prefix(self.model, w, docs) for w, docs in zip(windows, retrieved)]
         return score_after_prefixes(self.model, windows, prefixes)
 
     def answer(self, questions, retrieved):

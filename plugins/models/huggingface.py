@@ -307,13 +307,16 @@ class GGUF(HuggingFaceCausal):
     def handles(cls, spec: str | None) -> bool:
         return spec is None or spec.endswith(".gguf")
 
+    def check(self, spec: str | None) -> None:
+        """`spec` names a file (None: the embedded model)."""
+        if spec is not None and not Path(spec).expanduser().is_file():
+            raise UsageError(f"model file not found: {spec}")
+
     def location(self, spec: str | None) -> tuple[str, str]:
         if spec is None:
             gguf = wheel_folder(DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_WHEEL) / DEFAULT_MODEL_FILE
             return DEFAULT_MODEL_NAME, str(dequantised_gguf(gguf))
         path = Path(spec).expanduser()
-        if not path.is_file():
-            raise UsageError(f"model file not found: {spec}")
         return path.stem, str(dequantised_gguf(path.resolve()))
 
 

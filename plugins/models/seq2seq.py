@@ -21,8 +21,9 @@ class Seq2SeqLM(PretrainedLM):
     """An encoder-decoder model. Besides the `LanguageModel` interface, methods that combine
     encoder outputs themselves (Fusion-in-Decoder) use `encoder_states` and
     `generate_from_states`;
-    `hf_model` is the transformers model. Prompts longer than the tokenizer's limit lose their
-    beginning, so the question at their end is kept."""
+    `hf_model` is the transformers model. A task's prompts are fitted to the tokenizer's limit
+    (`max_input_tokens`); any other prompt longer than it loses its beginning, so the question
+    at its end is kept."""
 
     def __init__(self, hf_model, tokenizer, name: str, batch_size: int = 8, fingerprint: str = ""):
         super().__init__(hf_model, tokenizer, name, batch_size, fingerprint)
@@ -32,6 +33,12 @@ class Seq2SeqLM(PretrainedLM):
         """The message in the chat template, or as it is when the tokenizer has none (T5 and
         BART have none)."""
         return super().chat_prompt(user_message) if self.tokenizer.chat_template else user_message
+
+    def max_input_tokens(self, new_tokens: int = 0) -> int | None:
+        """The encoder's stated length less its special tokens; the decoder's output (the
+        `new_tokens`) has positions of its own."""
+        length = self.stated_length()
+        return None if length is None else length - self.tokenizer.num_special_tokens_to_add()
 
     def sequence_logprobs(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[Any]:
         raise UsageError(f"model {self.name!r} is an encoder-decoder model: it scores an answer "

@@ -163,13 +163,15 @@ class LanguageModelling(Task):
     }
 
     def check(self) -> None:
-        """The windows' protocol (e.g. --stride against ralm.max_length) fits, and every file the
-        YAML names lies inside the data directory: each raises a UsageError otherwise. The
-        datastore is chosen here, before the model loads."""
+        """The windows' protocol (e.g. --stride against ralm.max_length) fits, every file the
+        YAML names lies inside the data directory, and the evaluated split is there and reads
+        (once, kept for the run): each raises a UsageError otherwise. The datastore is chosen
+        here, before the model loads."""
         assert self.protocol and self.datastore
         if self.data_dir is not None:
             for split in self.config["data"]["files"]:
                 self._split_files(split)
+            self.lines  # noqa: B018 (read for its errors)
 
     # ---- protocol
 

@@ -1,14 +1,20 @@
 """The question-answering contract: a task hands methods `Question`s, each knowing how to
 render its prompt (with or without passages) and how to read an answer out of a generation; a
 method returns one answer string per question (`Method.answer`), which may be an `Answer` (a
-string that also carries the raw generation, for the samples log)."""
+string that also carries the raw generation, for the samples log).
+
+A prompt holds only the passages that fit the model: when the template knows its model, the
+lowest-ranked passages are left out until the prompt leaves room for the answer (`fit_passages`),
+counted in the run's method_stats and said once on stderr."""
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from raghub.errors import RunError
 from raghub.interfaces import Example, Passage, Retrieved
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -24,12 +30,14 @@ class PromptTemplate:
 
     `style` is "chat" (the instruction and question in the model's chat template, for instruct
     models) or "completion" (plain text ending in "Answer:"); `few_shot` holds optional
-    `{question, answer}` demonstrations placed first (before any passages).
+    `{question, answer}` demonstrations placed first (before any passages); `model`, when
+    given, is the model the prompts are for, whose length they are fitted to (`fit_passages`).
     """
 
     style: str = "chat"
     few_shot: tuple[tuple[str, str], ...] = ()
     chat: Callable[[str], str] | None = None
+    model: LanguageModel | None = field(default=None, repr=False, compare=False)
 
     INSTRUCTION = "Answer the question with a short phrase of a few words, and nothing else."
 
@@ -74,8 +82,9 @@ class Question(Example):
     template: PromptTemplate = field(default_factory=PromptTemplate, repr=False, compare=False)
 
     def prompt(self, passages: Sequence[Passage]) -> str:
-        """The full model input in the task's template, passages included when given."""
-        return self.template.render(self.question, passages)
+        """The full model input in the task's template, with the passages (best first) that fit
+        the template's model (`fit_passages`)."""
+        return self.template.render(self.question, fit_passages(self, passages))
 
     def extract(self, generated_text: str) -> str:
         """The answer from a generation."""
@@ -100,6 +109,32 @@ class Question(Example):
         hits = sum(i in ids for i in self.gold_passage_ids)
         hits += sum(t in titles for t in self.gold_titles)
         return hits / n_gold
+
+
+def fit_passages(question: Question, passages: Sequence[Passage]) -> Sequence[Passage]:
+    """The most passages, best first, whose prompt leaves the template's model room for the
+    question's `max_new_tokens`: the lowest-ranked are left out and counted
+    (`LanguageModel.drop_passages`). All of them when the template has no model or the model
+    states no length; a RunError when the prompt does not fit even without passages."""
+    model = question.template.model
+    room = model.max_input_tokens(question.max_new_tokens) if model is not None else None
+    if room is None:
+        return passages
+
+    def too_long(count: int) -> bool:
+        return len(model.encode(question.template.render(question.question, passages[:count]))) > room
+
+    if not too_long(len(passages)):
+        return passages
+    if too_long(0):
+        raise RunError(f"question {question.id}: its prompt is longer than the {room} tokens {model.name} "
+                       f"leaves beside {question.max_new_tokens} answer tokens even without passages; "
+                       "shorten the task's few_shot or use a model that takes longer inputs")
+    kept = bisect.bisect_left(range(len(passages) + 1), True, key=too_long) - 1  # the prompts only grow
+    model.drop_passages(len(passages) - kept, f"question {question.id}: its prompt with {len(passages)} "
+                                              f"passages is longer than the {room} tokens {model.name} "
+                                              "leaves for it")
+    return passages[:kept]
 
 
 def answer_continuation(prompt: str, answer: str) -> str:

@@ -89,11 +89,14 @@ class QATask(Task):
     }
 
     def check(self) -> None:
-        """Every data file the YAML names lies inside the data directory."""
+        """Every data file the YAML names lies inside the data directory, and the questions are
+        read (once, kept for the run), so that a missing or broken file stops a sweep before any
+        of its runs starts."""
         if self.data_dir is not None:
             for key in DATA_FILE_KEYS:
                 if key in self.config["data"]:
                     self._data_file(key)
+            self.loaded  # noqa: B018 (read for its errors)
 
     def _data_file(self, name_key: str) -> Path:
         data = self.config["data"]
@@ -151,7 +154,7 @@ class QATask(Task):
         ordered = questions[: limit or sample.get("first")]
         style = self.config.get("prompt", "chat")
         template = PromptTemplate(
-            style=style, chat=model.chat_prompt if style == "chat" else None,
+            style=style, chat=model.chat_prompt if style == "chat" else None, model=model,
             few_shot=tuple((shot["question"], shot["answer"]) for shot in self.config.get("few_shot", [])))
         max_new_tokens = self.config.get("max_new_tokens", 32)
         return [replace(q, template=template, max_new_tokens=max_new_tokens) for q in ordered]
