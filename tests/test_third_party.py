@@ -16,8 +16,9 @@ import raghub
 from plugin_packages import (ECHO_BACKEND, THIRD_PARTY_PLUGIN, RecordingModel, install_third_party_plugin,
                              run_raghub, write_distribution)
 from raghub import Passage, PromptTemplate, Question, Retrieved, answer_questions
-from raghub.records import read_samples
 from raghub.plugin_manager import DEFAULT_PLUGINS
+from raghub.record import Record
+from raghub.records import read_samples
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -234,7 +235,7 @@ def test_the_installed_package_leaves_torch_unimported_until_a_run(guide_site):
 def run_record(site, results_dir, *args):
     out = run_raghub(site, "run", *args, "--json", "--results-dir", str(results_dir))
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    return Record.from_dict(json.loads(out.stdout))
 
 
 @pytest.mark.real_model
@@ -296,7 +297,7 @@ def test_editing_the_local_plugins_source_recomputes_its_retrieval(local_site, c
                       + "\nRandomPassages.search = lambda self, queries, k: [[(0, 0.0)] for _ in queries]\n",
                       encoding="utf-8")
     edited = run_record(local_site, tmp_path, *RANDOM_TOP1)
-    assert edited["id"] != first["id"] and retrieved_counts(tmp_path, edited) == [1, 1, 1]
+    assert edited.id != first.id and retrieved_counts(tmp_path, edited) == [1, 1, 1]
     assert len(retrieval_entries(cache)) == 2
 
 
@@ -305,7 +306,7 @@ def test_force_recomputes_the_cached_retrieval(local_site, cache, tmp_path):
     (entry,) = retrieval_entries(cache)
     written = (cache / "retrievals" / entry / "manifest.json").stat().st_mtime_ns
     forced = run_record(local_site, tmp_path, *RANDOM_TOP1, "--force")
-    assert forced["id"] != first["id"] and retrieval_entries(cache) == [entry]
+    assert forced.id != first.id and retrieval_entries(cache) == [entry]
     assert (cache / "retrievals" / entry / "manifest.json").stat().st_mtime_ns > written
 
 
@@ -316,6 +317,6 @@ def test_a_new_version_of_the_installed_plugin_recomputes_its_retrieval(guide_si
     install_third_party_plugin(upgraded, tmp_path / "upgraded-src", version="0.2.0")
     write_distribution(upgraded, "echo", ECHO_BACKEND)
     second = run_record(upgraded, tmp_path, *RANDOM_TOP1)
-    assert first["plugins"]["retriever"] == "raghub-uniform 0.1.0"
-    assert second["id"] != first["id"] and second["plugins"]["retriever"] == "raghub-uniform 0.2.0"
+    assert first.plugins["retriever"] == "raghub-uniform 0.1.0"
+    assert second.id != first.id and second.plugins["retriever"] == "raghub-uniform 0.2.0"
     assert len(retrieval_entries(cache)) == 2

@@ -6,8 +6,8 @@ import errno
 import json
 import math
 import os
-import shutil
 import re
+import shutil
 import signal
 import subprocess
 import sys
