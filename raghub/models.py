@@ -3,16 +3,36 @@
 A `ModelBackend` (registered through `register_models`) turns a `--model` spec (a hub id, a
 folder, a file, or None for the embedded default) into a `LanguageModel`. Methods use only the
 `LanguageModel` interface: tokenising, scoring token log-probs after a prefix, generating.
+
+What a backend's models can do beyond tokenising is declared as capabilities
+(`ModelBackend.provides`, names in `CAPABILITIES`); task families, methods and the trainer
+declare what they require, and the pair is checked before the model loads.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 from raghub.errors import UsageError
 from raghub.interfaces import Plugin, Registry
+
+
+#: capability name -> what a model that provides it offers
+CAPABILITIES = {
+    "generate": "greedy generation (`generate`, `generate_line`)",
+    "sequence_logprobs": "ln p of each token of a text after the tokens before it (`sequence_logprobs`): "
+                         "a decoder-only model",
+    "continuation_logprobs": "ln p of a continuation given a prompt (`continuation_logprobs`)",
+    "encoder_states": "an encoder-decoder's encoder outputs and decoding from them (`encoder_states`, "
+                      "`generate_from_states`)",
+    "answer_scores": "answer log-probs with gradients, for training (`answer_scores`)",
+    "weights": "the transformers model itself in this process (`hf_model`), to train, merge an adapter into "
+               "or run step by step",
+}
+#: what a backend that declares nothing provides: the abstract `LanguageModel` interface
+BASE_CAPABILITIES = frozenset({"generate", "sequence_logprobs", "continuation_logprobs"})
 
 
 @dataclass
@@ -114,9 +134,9 @@ class ModelBackend(Plugin, ABC):
 
     #: one line for `raghub models`: which specs this backend loads
     handles_description: ClassVar[str] = ""
-    #: whether its models score text token by token (`sequence_logprobs`): False for an
-    #: encoder-decoder backend, which the runner then refuses for tasks that need it
-    causal: ClassVar[bool] = True
+    #: the capabilities (`CAPABILITIES`) its models have; a backend that declares none has the
+    #: abstract `LanguageModel` interface's
+    provides: ClassVar[frozenset[str]] = BASE_CAPABILITIES
 
     def __init__(self, **options: Any) -> None:
         self.settings = self.resolve_options(options)
@@ -130,6 +150,14 @@ class ModelBackend(Plugin, ABC):
     def load(self, spec: str | None, device: str | None, dtype: str, batch_size: int) -> LanguageModel:
         """The loaded model; UsageError when `spec` cannot be found or read. `dtype` "auto"
         asks the backend for what the hardware computes natively."""
+
+    def check_provides(self, required: Iterable[str], needed_by: str) -> None:
+        """UsageError in one line when its models lack a capability that `needed_by` requires."""
+        missing = sorted(set(required) - self.provides)
+        if missing:
+            needs = "; ".join(f"{name} ({CAPABILITIES[name]})" if name in CAPABILITIES else name for name in missing)
+            raise UsageError(f"{needed_by} needs a model that provides {needs}; model backend '{self.name}' "
+                             f"provides only {', '.join(sorted(self.provides)) or 'nothing'}")
 
 
 def choose_backend(found: Registry, spec: str | None, backend_name: str | None = None,

@@ -226,6 +226,10 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
     if request.method not in found.methods:
         raise _unknown("method", request.method, list(found.methods), "methods")
     method_class = found.methods[request.method]
+    if not method_class.supports(task_class):
+        supported = f" (it supports: {', '.join(sorted(method_class.families))})" if method_class.families else ""
+        raise UsageError(f"method '{request.method}' does not support {task_class.family} tasks such as "
+                         f"'{definition['name']}'{supported}")
     retriever_class = None
     n_docs = 0
     if method_class.needs_retrieval:
@@ -247,10 +251,8 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
         built_tasks[task_key].check()
     task = built_tasks[task_key]
     backend = choose_backend(found, request.model, request.model_backend, request.model_args)
-    if task_class.needs_causal_lm and not backend.causal:
-        raise UsageError(f"task '{definition['name']}' scores text token by token, which needs a "
-                         f"causal (decoder-only) model; model backend '{backend.name}' loads "
-                         "encoder-decoder models")
+    backend.check_provides(task_class.requires, f"task '{definition['name']}' ({task_class.family})")
+    backend.check_provides(method_class.requires, f"method '{request.method}'")
     _check_results_dir(Path(request.results_dir))
     if request.device is not None:
         _check_device(request.device)
@@ -522,12 +524,7 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
                                 completed=len(examples) - len(todo))
         for batch in batches:
             before = Counter(method.counters)
-            try:
-                results = task.evaluate(method, [examples[i] for i in batch],
-                                        [retrieved[i] for i in batch])
-            except NotImplementedError:
-                raise UsageError(f"method '{method.name}' does not support {task.family} "
-                                 f"tasks such as '{task.name}'") from None
+            results = task.evaluate(method, [examples[i] for i in batch], [retrieved[i] for i in batch])
             added = {key: value - before[key] for key, value in method.counters.items() if value != before[key]}
             for position, (i, result) in enumerate(zip(batch, results), start=1):
                 line = _sample_line(task, examples[i], result, retrieved[i])

@@ -19,7 +19,7 @@ from raghub import LanguageModel, Method, Option, Passage, Retrieved, UsageError
 from raghub.cache import Cache
 
 from .mixing import combine_sides, deal_alternately, resolve_draft
-from .server import AUTHKEY_VARIABLE, CloudLost, start_cloud
+from .server import AUTHKEY_VARIABLE, SIDE_REQUIRES, CloudLost, start_cloud
 from .wire import (COMPRESSIONS, MODES, TOKEN_OFFSET, BadMessage, Channel, Message, PeerLost, WireCounters,
                    flatten_prompts, unpack_distribution)
 
@@ -56,6 +56,8 @@ class DeviceCloud(Method):
     description = ("DRAGON: device and cloud processes each mix their own documents' "
                    "distributions; the device aggregates them per token")
     needs_retrieval = True
+    families = frozenset({"language-modelling", "qa"})
+    requires = SIDE_REQUIRES
     options = {
         "mode": Option(MODES, "synchronised", "synchronised: one round trip per token; "
                        "speculative: each side drafts ahead and rolls back on rejection"),

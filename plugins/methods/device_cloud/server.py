@@ -35,6 +35,9 @@ from .wire import (SPECULATION_DEPTH, BadMessage, Channel, Message, PeerLost, pa
 AUTHKEY_VARIABLE = "RAGHUB_CLOUD_AUTHKEY"
 LISTENING = "raghub cloud listening on"
 HANDSHAKE_TIMEOUT_S = 10.0
+#: what each side, the device's and the cloud's, needs of its model: a decoder-only model's
+#: weights, run token by token with a KV cache per document (`DocumentSide`)
+SIDE_REQUIRES = frozenset({"weights", "sequence_logprobs"})
 
 
 class CloudLost(RunError):
@@ -212,8 +215,8 @@ def _is_loopback(host: str) -> bool:
 
 def serve_cloud(found: Registry, host: str, port: int, model_spec: str | None,
                 corpus_path: str | None, retriever_name: str, once: bool) -> None:
-    """Check the address and the secret, load the model (and corpus), listen, print the
-    address (and a secret it made), serve."""
+    """Check the address, the secret and the model's backend, load the model (and corpus),
+    listen, print the address (and a secret it made), serve."""
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be from 0 to 65535, not {port}")
     secret = os.environ.get(AUTHKEY_VARIABLE)
@@ -223,8 +226,10 @@ def serve_cloud(found: Registry, host: str, port: int, model_spec: str | None,
     if corpus_path and retriever_name not in found.retrievers:
         raise UsageError(f"unknown retriever '{retriever_name}' for the cloud corpus "
                          f"(known: {', '.join(sorted(found.retrievers))})")
+    backend = choose_backend(found, model_spec)
+    backend.check_provides(SIDE_REQUIRES, "the device-cloud cloud")
     corpus = read_corpus(corpus_path) if corpus_path else None
-    model = choose_backend(found, model_spec).load(model_spec, None, "float32", 8)
+    model = backend.load(model_spec, None, "float32", 8)
     server = CloudServer(model, corpus, found.retrievers[retriever_name] if corpus else None)
     try:
         listener = Listener((host, port), backlog=16)
