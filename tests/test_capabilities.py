@@ -124,3 +124,9 @@ def test_a_backend_that_declares_nothing_provides_the_language_model_interface(t
                     "--results-dir", tmp_path / "results")
     assert result.exit_code == 0, result.output
     assert toy_loads == [("tiny.toy", "auto")]
+
+
+def test_raghub_train_with_a_backend_lacking_weights_is_refused_before_loading(toy_loads, tmp_path):
+    result = invoke("train", "--task", "squad-train", "--output", tmp_path / "out", "--model", "tiny.toy")
+    assert_one_line_exit_2(result, "raghub train needs a model that provides answer_scores", tmp_path / "out")
+    assert "weights (the transformers model itself" in result.output and toy_loads == []
