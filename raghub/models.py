@@ -35,6 +35,22 @@ CAPABILITIES = {
 BASE_CAPABILITIES = frozenset({"generate", "sequence_logprobs", "continuation_logprobs"})
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """What loads a model, as `raghub run` takes it; a loaded model keeps its own
+    (`LanguageModel.loaded_from`), so another process can load the same model."""
+
+    model: str | None = None
+    backend: str | None = None
+    model_args: str = ""
+    dtype: str = "auto"
+
+    def flags(self) -> list[str]:
+        """The spec as `--model`, `--model-backend`, `--model-args` and `--dtype` flags."""
+        given = {"--model": self.model, "--model-backend": self.backend, "--model-args": self.model_args}
+        return [part for flag, value in given.items() if value for part in (flag, value)] + ["--dtype", self.dtype]
+
+
 @dataclass
 class Generation:
     """A generated continuation and the log-probability of each generated token."""
@@ -59,6 +75,9 @@ class LanguageModel(ABC):
     """A language model and its (Hugging Face style) tokenizer, with batched scoring and
     greedy generation. `name` is what records show; `fingerprint` identifies the weights and
     tokenizer by content (a run's resume key and its record carry it), the name when empty."""
+
+    #: the spec it was loaded from (set by `ModelBackend.load_from_spec`); None when made directly
+    loaded_from: ModelSpec | None = None
 
     def __init__(self, tokenizer: Any, name: str, batch_size: int = 8, fingerprint: str = ""):
         self.tokenizer = tokenizer
@@ -151,6 +170,12 @@ class ModelBackend(Plugin, ABC):
         """The loaded model; UsageError when `spec` cannot be found or read. `dtype` "auto"
         asks the backend for what the hardware computes natively."""
 
+    def load_from_spec(self, spec: ModelSpec, device: str | None, batch_size: int) -> LanguageModel:
+        """`load` of `spec`, the model keeping the spec (with this backend's name) as `loaded_from`."""
+        model = self.load(spec.model, device, spec.dtype, batch_size)
+        model.loaded_from = ModelSpec(spec.model, self.name, spec.model_args, spec.dtype)
+        return model
+
     def check_provides(self, required: Iterable[str], needed_by: str) -> None:
         """UsageError in one line when its models lack a capability that `needed_by` requires."""
         missing = sorted(set(required) - self.provides)
@@ -182,4 +207,5 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str = 
     """A model loaded by the registered backends, as `raghub run --model SPEC` loads it."""
     from raghub.plugin_manager import registry
 
-    return choose_backend(registry(), spec, backend, model_args).load(spec, device, dtype, batch_size)
+    return choose_backend(registry(), spec, backend, model_args).load_from_spec(
+        ModelSpec(spec, backend, model_args, dtype), device, batch_size)

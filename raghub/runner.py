@@ -38,7 +38,7 @@ from raghub.distributed import notice
 from raghub.cache import Cache, cache_root, fingerprint, fingerprint_items
 from raghub.errors import UsageError
 from raghub.interfaces import COMMON_TASK_KEYS, Example, Method, Passage, Plugin, Registry, Retrieved, Retriever, Task
-from raghub.models import LanguageModel, ModelBackend, choose_backend
+from raghub.models import LanguageModel, ModelBackend, ModelSpec, choose_backend
 from raghub.options import dashed
 from raghub.plugin_manager import registry
 from raghub.records import SAMPLES_FOLDER, append_record, read_records
@@ -331,8 +331,8 @@ def run_sweep(runs: Sequence[ResolvedRun], force: bool = False) -> Iterator[dict
 def _load_model(resolved: ResolvedRun) -> LanguageModel:
     """The run's model, on this rank's device."""
     request = resolved.request
-    return resolved.backend.load(request.model, distributed.device(request.device), request.dtype,
-                                 request.batch_size)
+    spec = ModelSpec(request.model, request.model_backend, request.model_args, request.dtype)
+    return resolved.backend.load_from_spec(spec, distributed.device(request.device), request.batch_size)
 
 
 @functools.lru_cache(maxsize=4)

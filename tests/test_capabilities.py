@@ -11,7 +11,10 @@ from click.testing import CliRunner
 from bad_input import assert_one_line_exit_2, model_never_loads  # noqa: F401 (model_never_loads: a fixture)
 from raghub import Method, UsageError
 from raghub.cli import cli
+from raghub.models import ModelSpec
 from raghub.plugin_manager import registry
+from raghub.plugins.methods.device_cloud import method as device_cloud_method
+from raghub.plugins.methods.device_cloud.method import DeviceCloud
 from raghub.plugins.tasks.language_modelling import LanguageModelling
 from raghub.plugins.tasks.question_answering.task import QATask
 from test_hooks import WORDS_TASK, Toy, Words, registering
@@ -130,3 +133,57 @@ def test_raghub_train_with_a_backend_lacking_weights_is_refused_before_loading(t
     result = invoke("train", "--task", "squad-train", "--output", tmp_path / "out", "--model", "tiny.toy")
     assert_one_line_exit_2(result, "raghub train needs a model that provides answer_scores", tmp_path / "out")
     assert "weights (the transformers model itself" in result.output and toy_loads == []
+
+
+# --- device-cloud's cloud: the run's whole model spec ----------------------------------------
+
+class SteppableToy(Toy):
+    """A toy backend that claims what device-cloud's sides need."""
+
+    name = "steppable-toy"
+    provides = frozenset({"generate", "sequence_logprobs", "weights"})
+
+
+def test_device_cloud_starts_its_cloud_with_the_runs_whole_model_spec(tmp_path, monkeypatch):
+    model = Toy().load_from_spec(ModelSpec("tiny.toy", None, "width=3", "auto"), "cpu", 8)
+    spawned = []
+    monkeypatch.setattr(device_cloud_method, "start_cloud",
+                        lambda arguments, timeout_s, environment: spawned.append(arguments) or (None, "address"))
+    DeviceCloud(model, None)._spawn_cloud()
+    arguments = spawned[0]
+    assert arguments[:9] == ["--once", "--model", "tiny.toy", "--model-backend", "toy", "--model-args", "width=3",
+                             "--dtype", "float32"]  # the dtype the model runs in, for --dtype auto
+
+
+def test_device_cloud_without_a_loaded_from_spec_asks_for_a_cloud_address():
+    model = Toy().load("tiny.toy", "cpu", "float32", 8)
+    with pytest.raises(UsageError, match="give --cloud-address"):
+        DeviceCloud(model, None)._spawn_cloud()
+
+
+@pytest.fixture
+def cloud_loads(add_plugin, monkeypatch):
+    """`toy` and `steppable-toy` registered; each load is recorded as (backend, its settings,
+    spec, dtype) and ends `raghub cloud serve` with exit 2 instead of serving."""
+    add_plugin(registering("register_models", Toy, SteppableToy))
+    loads = []
+
+    def load(self, spec, device, dtype, batch_size):
+        loads.append((self.name, self.settings, spec, dtype))
+        raise UsageError("loaded")
+
+    monkeypatch.setattr(Toy, "load", load)
+    return loads
+
+
+def test_the_cloud_loads_the_model_spec_it_is_given(cloud_loads):
+    result = invoke("cloud", "serve", "--port", 0, "--model", "tiny.toy", "--model-backend", "steppable-toy",
+                    "--model-args", "width=3", "--dtype", "bfloat16")
+    assert result.exit_code == 2 and "loaded" in result.output
+    assert cloud_loads == [("steppable-toy", {"width": 3}, "tiny.toy", "bfloat16")]
+
+
+def test_the_cloud_refuses_a_backend_lacking_what_a_side_needs_before_loading(cloud_loads):
+    result = invoke("cloud", "serve", "--port", 0, "--model", "tiny.toy", "--model-backend", "toy")
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1
+    assert "the device-cloud cloud needs a model that provides weights" in result.output and cloud_loads == []
