@@ -10,8 +10,9 @@ A run is data flowing through them (see `raghub.runner`):
 
 Each task family calls the method entry point of its contract (`raghub.families`):
 `score_windows` for language modelling (`Window`s), `answer` for QA (`Question`s). A method
-that does not support a family leaves that entry point unimplemented, which the runner reports
-as a clear error.
+declares the families it supports (`Method.families`), and task families and methods declare
+the model capabilities they require (`requires`, see `raghub.models.CAPABILITIES`); the runner
+checks both before anything loads.
 """
 
 from __future__ import annotations
@@ -133,6 +134,21 @@ class Method(Plugin):
     retrieves nothing."""
 
     needs_retrieval: ClassVar[bool] = True
+    #: the task families (`Task.family`) it runs; None (a plugin that declares none): every
+    #: family whose entry point (`Task.entry_point`) it overrides, and families that name none
+    families: ClassVar[frozenset[str] | None] = None
+    #: the model capabilities it needs beyond its task family's `requires`
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def supports(cls, task_class: type[Task]) -> bool:
+        """Whether it runs tasks of `task_class`'s family (see `families`)."""
+        if cls.families is not None:
+            return task_class.family in cls.families
+        if not task_class.entry_point:
+            return True
+        own = getattr(cls, task_class.entry_point, None)
+        return own is not None and own is not getattr(Method, task_class.entry_point, None)
 
     def __init__(self, model: LanguageModel, cache: Cache, **options: Any) -> None:
         self.model = model
@@ -181,9 +197,10 @@ class Task(Plugin, ABC):
     higher_is_better: ClassVar[dict[str, bool]] = {}
     #: the task YAML's family-specific keys (beyond name, family, description, ...)
     definition_schema: ClassVar[dict[str, Field]] = {}
-    #: whether the family scores text token by token (`LanguageModel.sequence_logprobs`), which
-    #: an encoder-decoder model cannot: the runner refuses such a pair before loading
-    needs_causal_lm: ClassVar[bool] = False
+    #: the `Method` entry point its `evaluate` calls ('': not declared)
+    entry_point: ClassVar[str] = ""
+    #: the model capabilities (`raghub.models.CAPABILITIES`) every method of the family needs
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, name: str, config: dict[str, Any], data_dir: str | None,
                  registry: Registry | None = None, **options: Any):

@@ -3,6 +3,10 @@
 A `ModelBackend` (registered through `register_models`) turns a `--model` spec (a hub id, a
 folder, a file, or None for the embedded default) into a `LanguageModel`. Methods use only the
 `LanguageModel` interface: tokenising, scoring token log-probs after a prefix, generating.
+
+What a backend's models can do beyond tokenising is declared as capabilities
+(`ModelBackend.provides`, names in `CAPABILITIES`); task families, methods and the trainer
+declare what they require, and the pair is checked before the model loads.
 """
 
 from __future__ import annotations
@@ -10,11 +14,43 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 from raghub.distributed import notice
 from raghub.errors import UsageError
 from raghub.interfaces import PASSAGES_DROPPED, Plugin, Registry
+
+
+#: capability name -> what a model that provides it offers
+CAPABILITIES = {
+    "generate": "greedy generation (`generate`, `generate_line`)",
+    "sequence_logprobs": "ln p of each token of a text after the tokens before it (`sequence_logprobs`): "
+                         "a decoder-only model",
+    "continuation_logprobs": "ln p of a continuation given a prompt (`continuation_logprobs`)",
+    "encoder_states": "an encoder-decoder's encoder outputs and decoding from them (`encoder_states`, "
+                      "`generate_from_states`)",
+    "answer_scores": "answer log-probs with gradients, for training (`answer_scores`)",
+    "weights": "the transformers model itself in this process (`hf_model`), to train, merge an adapter into "
+               "or run step by step",
+}
+#: what a backend that declares nothing provides: the abstract `LanguageModel` interface
+BASE_CAPABILITIES = frozenset({"generate", "sequence_logprobs", "continuation_logprobs"})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What loads a model, as `raghub run` takes it; a loaded model keeps its own
+    (`LanguageModel.loaded_from`), so another process can load the same model."""
+
+    model: str | None = None
+    backend: str | None = None
+    model_args: str = ""
+    dtype: str = "auto"
+
+    def flags(self) -> list[str]:
+        """The spec as `--model`, `--model-backend`, `--model-args` and `--dtype` flags."""
+        given = {"--model": self.model, "--model-backend": self.backend, "--model-args": self.model_args}
+        return [part for flag, value in given.items() if value for part in (flag, value)] + ["--dtype", self.dtype]
 
 
 @dataclass
@@ -41,6 +77,9 @@ class LanguageModel(ABC):
     """A language model and its (Hugging Face style) tokenizer, with batched scoring and
     greedy generation. `name` is what records show; `fingerprint` identifies the weights and
     tokenizer by content (a run's resume key and its record carry it), the name when empty."""
+
+    #: the spec it was loaded from (set by `ModelBackend.load_from_spec`); None when made directly
+    loaded_from: ModelSpec | None = None
 
     def __init__(self, tokenizer: Any, name: str, batch_size: int = 8, fingerprint: str = ""):
         self.tokenizer = tokenizer
@@ -134,9 +173,9 @@ class ModelBackend(Plugin, ABC):
 
     #: one line for `raghub models`: which specs this backend loads
     handles_description: ClassVar[str] = ""
-    #: whether its models score text token by token (`sequence_logprobs`): False for an
-    #: encoder-decoder backend, which the runner then refuses for tasks that need it
-    causal: ClassVar[bool] = True
+    #: the capabilities (`CAPABILITIES`) its models have; a backend that declares none has the
+    #: abstract `LanguageModel` interface's
+    provides: ClassVar[frozenset[str]] = BASE_CAPABILITIES
 
     def __init__(self, **options: Any) -> None:
         self.settings = self.resolve_options(options)
@@ -154,6 +193,20 @@ class ModelBackend(Plugin, ABC):
     def load(self, spec: str | None, device: str | None, dtype: str, batch_size: int) -> LanguageModel:
         """The loaded model; UsageError when `spec` cannot be found or read. `dtype` "auto"
         asks the backend for what the hardware computes natively."""
+
+    def load_from_spec(self, spec: ModelSpec, device: str | None, batch_size: int) -> LanguageModel:
+        """`load` of `spec`, the model keeping the spec (with this backend's name) as `loaded_from`."""
+        model = self.load(spec.model, device, spec.dtype, batch_size)
+        model.loaded_from = ModelSpec(spec.model, self.name, spec.model_args, spec.dtype)
+        return model
+
+    def check_provides(self, required: Iterable[str], needed_by: str) -> None:
+        """UsageError in one line when its models lack a capability that `needed_by` requires."""
+        missing = sorted(set(required) - self.provides)
+        if missing:
+            needs = "; ".join(f"{name} ({CAPABILITIES[name]})" if name in CAPABILITIES else name for name in missing)
+            raise UsageError(f"{needed_by} needs a model that provides {needs}; model backend '{self.name}' "
+                             f"provides only {', '.join(sorted(self.provides)) or 'nothing'}")
 
 
 def choose_backend(found: Registry, spec: str | None, backend_name: str | None = None,
@@ -178,4 +231,5 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str = 
     """A model loaded by the registered backends, as `raghub run --model SPEC` loads it."""
     from raghub.plugin_manager import registry
 
-    return choose_backend(registry(), spec, backend, model_args).load(spec, device, dtype, batch_size)
+    return choose_backend(registry(), spec, backend, model_args).load_from_spec(
+        ModelSpec(spec, backend, model_args, dtype), device, batch_size)

@@ -80,7 +80,8 @@ def use_cpu_attention(hf_model) -> None:
 
 
 class PretrainedLM(LanguageModel):
-    """A transformers model `hf_model` (a torch module, put in eval mode) and its tokenizer."""
+    """A transformers model `hf_model` (a torch module, put in eval mode: what a backend that
+    provides `weights` gives) and its tokenizer."""
 
     def __init__(self, hf_model, tokenizer, name: str, batch_size: int = 8, fingerprint: str = ""):
         super().__init__(tokenizer, name, batch_size, fingerprint)

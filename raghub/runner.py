@@ -40,7 +40,7 @@ from raghub.cache import Cache, cache_root, fingerprint, fingerprint_items
 from raghub.checkpoints import Checkpoint, checkpoint_stats, generator_checkpoint, generator_identity, with_trained_generator
 from raghub.errors import UsageError
 from raghub.interfaces import COMMON_TASK_KEYS, Example, Method, Passage, Plugin, Registry, Retrieved, Retriever, Task
-from raghub.models import LanguageModel, ModelBackend, choose_backend
+from raghub.models import LanguageModel, ModelBackend, ModelSpec, choose_backend
 from raghub.options import dashed
 from raghub.plugin_manager import code_identity, registry
 from raghub.record import Record
@@ -249,6 +249,10 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
     if request.method not in found.methods:
         raise _unknown("method", request.method, list(found.methods), "methods")
     method_class = found.methods[request.method]
+    if not method_class.supports(task_class):
+        supported = f" (it supports: {', '.join(sorted(method_class.families))})" if method_class.families else ""
+        raise UsageError(f"method '{request.method}' does not support {task_class.family} tasks such as "
+                         f"'{definition['name']}'{supported}")
     retriever_class = None
     n_docs = 0
     if method_class.needs_retrieval:
@@ -273,11 +277,11 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
     task = built_tasks[task_key]
     backend = choose_backend(found, request.model, request.model_backend, request.model_args)
     backend.check(request.model)
-    if task_class.needs_causal_lm and not backend.causal:
-        raise UsageError(f"task '{definition['name']}' scores text token by token, which needs a "
-                         f"causal (decoder-only) model; model backend '{backend.name}' loads "
-                         "encoder-decoder models")
+    backend.check_provides(task_class.requires, f"task '{definition['name']}' ({task_class.family})")
+    backend.check_provides(method_class.requires, f"method '{request.method}'")
     checkpoint = generator_checkpoint(method_class, options["method"])
+    if checkpoint is not None:
+        backend.check_provides({"weights"}, f"--checkpoint {checkpoint.folder.parent} (a trained generator)")
     _check_results_dir(Path(request.results_dir))
     if request.device is not None:
         _check_device(request.device)
@@ -367,8 +371,9 @@ def _load_model(resolved: ResolvedRun) -> LanguageModel:
     """The run's model, on this rank's device, with the checkpoint's generator when the method
     evaluates one."""
     request = resolved.request
-    return with_trained_generator(resolved.backend.load(request.model, distributed.device(request.device),
-                                                        request.dtype, request.batch_size), resolved.checkpoint)
+    spec = ModelSpec(request.model, request.model_backend, request.model_args, request.dtype)
+    return with_trained_generator(resolved.backend.load_from_spec(spec, distributed.device(request.device),
+                                                                  request.batch_size), resolved.checkpoint)
 
 
 @functools.lru_cache(maxsize=4)
@@ -581,12 +586,7 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
                                 completed=len(examples) - len(todo))
         for batch in batches:
             before = Counter(method.counters)
-            try:
-                results = task.evaluate(method, [examples[i] for i in batch],
-                                        [retrieved[i] for i in batch])
-            except NotImplementedError:
-                raise UsageError(f"method '{method.name}' does not support {task.family} "
-                                 f"tasks such as '{task.name}'") from None
+            results = task.evaluate(method, [examples[i] for i in batch], [retrieved[i] for i in batch])
             added = {key: value - before[key] for key, value in method.counters.items() if value != before[key]}
             lines = [_sample_line(task, examples[i], result, retrieved[i]) for i, result in zip(batch, results)]
             resume.write(_batch_line(lines, added))  # the counters are kept exactly when the batch is

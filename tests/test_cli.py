@@ -51,13 +51,14 @@ def test_a_model_that_cannot_be_found_is_one_line_exit_2_and_writes_nothing(tmp_
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "ensemble", "--temperature", "0"], "--temperature must be above 0, not 0.0"),
-    (["--method", "ensemble", "--retriever", "bm25", "--b", "1.5"], "--b must be at most 1, not 1.5"),
-    (["--method", "parametric", "--lora-rank", "0"], "--lora-rank must be at least 1, not 0"),
-    (["--method", "none", "--stride", "-4"], "--stride must be at least 0, not -4"),
+    (["--task", "wikitext2", "--method", "ensemble", "--temperature", "0"], "--temperature must be above 0, not 0.0"),
+    (["--task", "wikitext2", "--method", "ensemble", "--retriever", "bm25", "--b", "1.5"],
+     "--b must be at most 1, not 1.5"),
+    (["--task", "squad", "--method", "parametric", "--lora-rank", "0"], "--lora-rank must be at least 1, not 0"),
+    (["--task", "wikitext2", "--method", "none", "--stride", "-4"], "--stride must be at least 0, not -4"),
 ])
 def test_an_option_out_of_range_fails_before_the_model_loads(tmp_path, model_never_loads, args, message):
-    result = invoke("run", "--task", "wikitext2", *args, "--results-dir", str(tmp_path / "results"))
+    result = invoke("run", *args, "--results-dir", str(tmp_path / "results"))
     assert_one_line_exit_2(result, message, tmp_path / "results")
 
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
-from raghub import Passage, PromptTemplate, Question, Retrieved, UsageError
+from raghub import Passage, PromptTemplate, Question, Retrieved
 from raghub.cache import Cache
 from raghub.cli import cli
 from raghub.models import choose_backend
@@ -24,6 +24,7 @@ from raghub.plugins.methods.ensemble import Ensemble
 from raghub.plugins.methods.fid import FusionInDecoder
 from raghub.plugins.models.huggingface import HuggingFaceCausal
 from raghub.plugins.models.seq2seq import HuggingFaceSeq2Seq
+from bad_input import assert_one_line_exit_2, model_never_loads  # noqa: F401 (model_never_loads: a fixture)
 from test_models import cache_dir, save_tiny_model  # noqa: F401 (cache_dir: a fixture)
 
 WORDS = "Passage Question Answer : the tower is in Paris France river Nile Egypt where which city".split()
@@ -103,7 +104,8 @@ def test_an_encoder_decoder_folder_goes_to_hf_seq2seq_and_only_there(t5_folder, 
     assert isinstance(choose_backend(found, str(tmp_path / "llama")), HuggingFaceCausal)
     assert isinstance(choose_backend(found, "google-t5/t5-small"), HuggingFaceCausal)  # a hub id: by name only
     assert isinstance(choose_backend(found, "google-t5/t5-small", "hf-seq2seq"), HuggingFaceSeq2Seq)
-    assert HuggingFaceSeq2Seq.causal is False and HuggingFaceCausal.causal is True
+    assert "sequence_logprobs" not in HuggingFaceSeq2Seq.provides and "encoder_states" in HuggingFaceSeq2Seq.provides
+    assert "sequence_logprobs" in HuggingFaceCausal.provides and "encoder_states" not in HuggingFaceCausal.provides
 
 
 def test_answer_scoring_equals_a_direct_forward_pass(t5):
@@ -168,12 +170,13 @@ def test_fid_equals_decoding_the_concatenated_encoder_states(t5, cache_dir):
         assert ids and answer == q.extract(t5.decode(ids))
 
 
-def test_fid_refuses_a_causal_model_in_one_line(tmp_path, cache_dir):
+def test_fid_with_a_causal_model_is_exit_2_before_loading(tmp_path, cache_dir, model_never_loads):
     save_tiny_model(tmp_path / "llama", seed=0)
-    causal = HuggingFaceCausal().load(str(tmp_path / "llama"), "cpu", "float32", 2)
-    with pytest.raises(UsageError, match="method 'fid' needs an encoder-decoder model") as refused:
-        FusionInDecoder(causal, Cache(cache_dir))
-    assert "\n" not in str(refused.value)
+    result = CliRunner().invoke(cli, ["run", "--task", "squad", "--method", "fid", "--model", str(tmp_path / "llama"),
+                                      "--results-dir", str(tmp_path / "results")])
+    assert_one_line_exit_2(result, "method 'fid' needs a model that provides encoder_states (an encoder-decoder's "
+                                   "encoder outputs", tmp_path / "results")
+    assert "model backend 'hf-causal' provides only" in result.output
 
 
 def test_a_chat_template_free_tokenizer_gets_the_plain_message(t5):
@@ -187,10 +190,8 @@ def test_language_modelling_with_a_seq2seq_model_is_exit_2_before_loading(t5_fol
     model = [str(t5_folder) if arg == "FOLDER" else arg for arg in model_args]
     result = CliRunner().invoke(cli, ["run", "--task", "wikitext2", "--method", "none", "--model", *model,
                                       "--results-dir", str(tmp_path / "results")])
-    assert result.exit_code == 2, result.output
-    assert len(result.output.splitlines()) == 1
-    assert "task 'wikitext2' scores text token by token, which needs a causal" in result.output
-    assert not (tmp_path / "results").exists()
+    assert_one_line_exit_2(result, "task 'wikitext2' (language-modelling) needs a model that provides "
+                                   "sequence_logprobs", tmp_path / "results")
 
 
 @pytest.mark.parametrize("method", ["none", "incontext", "ensemble"])

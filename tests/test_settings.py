@@ -216,6 +216,7 @@ class StrideAsText(Method):
 
     name = "stride-as-text"
     needs_retrieval = False
+    families = frozenset({"language-modelling"})
     options = {"stride": Option(str, "wide", "a different setting of the same name")}
 
 
@@ -224,6 +225,7 @@ class StrideToo(Method):
 
     name = "stride-too"
     needs_retrieval = False
+    families = frozenset({"language-modelling"})
     options = {"stride": Option(int, 0, "the task's setting", at_least=0)}
 
 

@@ -62,6 +62,8 @@ class Ensemble(Method):
     name = "ensemble"
     description = "REPLUG / DRAGON output ensemble: one pass per passage, outputs mixed by retrieval weight"
     needs_retrieval = True
+    families = frozenset({"language-modelling", "qa"})
+    requires = frozenset()
     options = {
         "temperature": Option(float, 1.0, "passage weights are softmax(score / temperature)", above=0),
         "score_norm": Option(("none", "zscore"), "none",

@@ -1,12 +1,12 @@
 """`fid`: Fusion-in-Decoder (Izacard & Grave, 2021): each (question, passage) pair is encoded on
 its own, the encoder outputs of a question's K pairs are concatenated along the sequence axis,
-and the decoder reads all of them in one greedy pass. It needs an encoder-decoder model
-(`hf-seq2seq`); `--checkpoint DIR` evaluates a generator `raghub train` trained (the runner
-loads it into the model)."""
+and the decoder reads all of them in one greedy pass. It requires an encoder-decoder model
+(`encoder_states`: `hf-seq2seq`); `--checkpoint DIR` evaluates a generator `raghub train`
+trained (the runner loads it into the model)."""
 
 from __future__ import annotations
 
-from raghub import Method, UsageError, hookimpl
+from raghub import Method, hookimpl
 from raghub.checkpoints import CHECKPOINT_OPTION
 
 
@@ -14,12 +14,11 @@ class FusionInDecoder(Method):
     name = "fid"
     description = "Fusion-in-Decoder: passages encoded apart, decoded together (encoder-decoder models)"
     needs_retrieval = True
+    families = frozenset({"qa"})
+    requires = frozenset({"encoder_states"})
     options = {"checkpoint": CHECKPOINT_OPTION}
 
     def __init__(self, model, cache, **options):
-        if not hasattr(model, "generate_from_states"):
-            raise UsageError(f"method 'fid' needs an encoder-decoder model (a T5 / BART folder, or "
-                             f"--model-backend hf-seq2seq); {model.name!r} is not one")
         super().__init__(model, cache, **options)
 
     def fused_states(self, prompt_lists):

@@ -9,6 +9,8 @@ class InContext(Method):
     name = "incontext"
     description = "In-Context RALM / standard RAG: retrieved passages prepended to the prompt"
     needs_retrieval = True
+    families = frozenset({"language-modelling", "qa"})
+    requires = frozenset()
 
     def score_windows(self, windows, retrieved):
         """The top-k passages, best first, each cut to the window's `retrieved_max_length`,

@@ -9,6 +9,8 @@ class ClosedBook(Method):
     name = "none"
     description = "closed book: the model alone, no retrieval"
     needs_retrieval = False
+    families = frozenset({"language-modelling", "qa"})
+    requires = frozenset()
 
     def score_windows(self, windows, retrieved):
         """Each window's targets given its own preceding context only."""

@@ -35,6 +35,8 @@ class RagSequence(Method):
     name = "rag-sequence"
     description = "RAG-sequence: the target marginalised over the passages at the sequence level"
     needs_retrieval = True
+    families = frozenset({"language-modelling", "qa"})
+    requires = frozenset({"continuation_logprobs"})  # scoring candidate answers
     options = {
         "temperature": Option(float, 1.0, "passage weights are softmax(score / temperature)", above=0),
         "checkpoint": CHECKPOINT_OPTION,

@@ -257,6 +257,7 @@ class HuggingFaceCausal(PretrainedBackend):
     handles_description = "a hub id or a local model folder (not an encoder-decoder one)"
     auto_class = "AutoModelForCausalLM"
     model_class = TransformersLM
+    provides = frozenset({"generate", "sequence_logprobs", "continuation_logprobs", "answer_scores", "weights"})
     options = {
         **PretrainedBackend.options,
         "token_budget": Option(int, None, "padded tokens per forward pass (default: 4096 on a CPU, "

@@ -3,8 +3,8 @@ config.json says `is_encoder_decoder: true`, or from a hub id with `--model-back
 
 The prompt is the encoder's input and the answer the decoder's output: `continuation_logprobs`
 scores an answer given a prompt and `generate` decodes greedily, so the QA methods run
-unchanged. An encoder-decoder model does not score text token by token (`sequence_logprobs`);
-the runner refuses it for language-modelling tasks before loading (`causal = False`).
+unchanged. An encoder-decoder model does not score text token by token: the backend does not
+provide `sequence_logprobs`, so the runner refuses it for language-modelling tasks before loading.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class HuggingFaceSeq2Seq(PretrainedBackend):
                            "--model-backend hf-seq2seq")
     auto_class = "AutoModelForSeq2SeqLM"
     model_class = Seq2SeqLM
-    causal = False
+    provides = frozenset({"generate", "continuation_logprobs", "encoder_states", "answer_scores", "weights"})
 
     @classmethod
     def handles(cls, spec: str | None) -> bool:

@@ -128,7 +128,8 @@ class LanguageModelling(Task):
     family = "language-modelling"
     description = "language modelling: nats per token, perplexity and bits per byte"
     higher_is_better = {"nats_per_token": False, "ppl": False, "bits_per_byte": False}
-    needs_causal_lm = True
+    entry_point = "score_windows"
+    requires = frozenset({"sequence_logprobs"})
     options = {
         "split": Option(("test", "validation"), "test", "the split to evaluate"),
         "datastore": Option(("auto", "train", "heldout-articles"), "auto",

@@ -19,7 +19,7 @@ from raghub import LanguageModel, Method, Option, Passage, Retrieved, UsageError
 from raghub.cache import Cache
 
 from .mixing import combine_sides, deal_alternately, resolve_draft
-from .server import AUTHKEY_VARIABLE, CloudLost, start_cloud
+from .server import AUTHKEY_VARIABLE, SIDE_REQUIRES, CloudLost, start_cloud
 from .wire import (COMPRESSIONS, MODES, TOKEN_OFFSET, BadMessage, Channel, Message, PeerLost, WireCounters,
                    flatten_prompts, unpack_distribution)
 
@@ -56,6 +56,8 @@ class DeviceCloud(Method):
     description = ("DRAGON: device and cloud processes each mix their own documents' "
                    "distributions; the device aggregates them per token")
     needs_retrieval = True
+    families = frozenset({"language-modelling", "qa"})
+    requires = SIDE_REQUIRES
     options = {
         "mode": Option(MODES, "synchronised", "synchronised: one round trip per token; "
                        "speculative: each side drafts ahead and rolls back on rejection"),
@@ -134,8 +136,12 @@ class DeviceCloud(Method):
             self.counters[key] += value - getattr(before, key)
 
     def _spawn_cloud(self) -> str:
-        """Start `raghub cloud serve --once` with this model and a fresh secret; its address."""
-        arguments = ["--once", "--model", self.model.hf_model.name_or_path,
+        """Start `raghub cloud serve --once` with the spec this model was loaded from (in the
+        dtype it runs in) and a fresh secret; its address."""
+        if self.model.loaded_from is None:
+            raise UsageError(f"device-cloud starts its cloud from the spec model {self.model.name!r} was "
+                             "loaded from, and it has none; give --cloud-address")
+        arguments = ["--once", *replace(self.model.loaded_from, dtype=self.model.dtype).flags(),
                      "--threads", str(max(1, (os.cpu_count() or 2) // 2))]  # shares this machine
         if self.settings["cloud_corpus"]:
             arguments += ["--corpus", self.settings["cloud_corpus"],

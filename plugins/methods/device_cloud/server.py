@@ -27,7 +27,8 @@ from raghub import LanguageModel, Passage, Retriever, RunError, UsageError, pass
 from raghub.cache import Cache, cache_root, fingerprint
 from raghub.corpus import read_corpus
 from raghub.interfaces import Registry
-from raghub.models import choose_backend
+from raghub.models import ModelSpec, choose_backend
+from raghub.settings import CORE_OPTIONS
 
 from .wire import (SPECULATION_DEPTH, BadMessage, Channel, Message, PeerLost, pack_distribution,
                    unflatten_prompts)
@@ -35,6 +36,9 @@ from .wire import (SPECULATION_DEPTH, BadMessage, Channel, Message, PeerLost, pa
 AUTHKEY_VARIABLE = "RAGHUB_CLOUD_AUTHKEY"
 LISTENING = "raghub cloud listening on"
 HANDSHAKE_TIMEOUT_S = 10.0
+#: what each side, the device's and the cloud's, needs of its model: a decoder-only model's
+#: weights, run token by token with a KV cache per document (`DocumentSide`)
+SIDE_REQUIRES = frozenset({"weights", "sequence_logprobs"})
 
 
 class CloudLost(RunError):
@@ -210,10 +214,10 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def serve_cloud(found: Registry, host: str, port: int, model_spec: str | None,
+def serve_cloud(found: Registry, host: str, port: int, spec: ModelSpec,
                 corpus_path: str | None, retriever_name: str, once: bool) -> None:
-    """Check the address and the secret, load the model (and corpus), listen, print the
-    address (and a secret it made), serve."""
+    """Check the address, the secret and the model's backend, load the model (and corpus),
+    listen, print the address (and a secret it made), serve."""
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be from 0 to 65535, not {port}")
     secret = os.environ.get(AUTHKEY_VARIABLE)
@@ -223,8 +227,10 @@ def serve_cloud(found: Registry, host: str, port: int, model_spec: str | None,
     if corpus_path and retriever_name not in found.retrievers:
         raise UsageError(f"unknown retriever '{retriever_name}' for the cloud corpus "
                          f"(known: {', '.join(sorted(found.retrievers))})")
+    backend = choose_backend(found, spec.model, spec.backend, spec.model_args)
+    backend.check_provides(SIDE_REQUIRES, "the device-cloud cloud")
     corpus = read_corpus(corpus_path) if corpus_path else None
-    model = choose_backend(found, model_spec).load(model_spec, None, "float32", 8)
+    model = backend.load_from_spec(spec, None, 8)
     server = CloudServer(model, corpus, found.retrievers[retriever_name] if corpus else None)
     try:
         listener = Listener((host, port), backlog=16)
@@ -272,6 +278,10 @@ def cloud_commands():
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", type=int, default=7860, show_default=True, help="port to listen on (0: any free port)")
 @click.option("--model", "model_spec", default=None, help="the same model the device runs (default: embedded)")
+@click.option("--model-backend", default=None, help="the device's model backend (default: the first that loads --model)")
+@click.option("--model-args", default="", help="the device's backend options as key=value,...")
+@click.option("--dtype", type=click.Choice(CORE_OPTIONS["dtype"].type), default="float32", show_default=True,
+              help="the weights' dtype (the device's)")
 @click.option("--corpus", "corpus_path", default=None,
               help="the cloud's own passages (.jsonl or blank-line-separated text); "
                    "without it the device sends the cloud's share of each ranked list")
@@ -280,7 +290,8 @@ def cloud_commands():
 @click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 @click.option("--once", is_flag=True, help="exit when the first device disconnects")
 @click.pass_obj
-def serve_command(found, host, port, model_spec, corpus_path, retriever_name, threads, once):
+def serve_command(found, host, port, model_spec, model_backend, model_args, dtype, corpus_path, retriever_name,
+                  threads, once):
     """Serve distributions to `raghub run --method device-cloud --cloud-address HOST:PORT`.
 
     Both sides read the shared secret from RAGHUB_CLOUD_AUTHKEY. Without it, a cloud on
@@ -289,4 +300,5 @@ def serve_command(found, host, port, model_spec, corpus_path, retriever_name, th
         import torch
 
         torch.set_num_threads(threads)
-    serve_cloud(found, host, port, model_spec, corpus_path, retriever_name, once)
+    serve_cloud(found, host, port, ModelSpec(model_spec, model_backend, model_args, dtype), corpus_path,
+                retriever_name, once)

@@ -42,6 +42,8 @@ class Parametric(Method):
     name = "parametric"
     description = "Parametric RAG: each passage becomes a LoRA adapter; the top-k adapters are summed"
     needs_retrieval = True
+    families = frozenset({"qa"})
+    requires = frozenset({"weights", "sequence_logprobs"})  # LoRA training of a decoder-only model
     options = {
         "combine": Option(bool, False, "also put the passages in the prompt (PRAG's 'combine')"),
         "augmentation": Option(tuple(AUGMENTATION_STYLES), "prag",
@@ -68,9 +70,6 @@ class Parametric(Method):
         from .training import LoraSettings
 
         super().__init__(model, cache, **options)
-        if not hasattr(model, "hf_model"):
-            raise UsageError(f"parametric trains LoRA adapters with peft, which needs a transformers "
-                             f"model; model {model.name} is not one")
         if self.settings["parallel_adapters"] is None:
             self.settings["parallel_adapters"] = 8 if self.model.device.type == "cuda" else 1
         self.lora = LoraSettings(

@@ -66,6 +66,8 @@ class QATask(Task):
     family = "qa"
     description = "open-domain question answering: EM / F1 over aliases, retrieval recall@k"
     higher_is_better = {"em": True, "f1": True, "recall@k": True}  # every recall@{k} key
+    entry_point = "answer"
+    requires = frozenset({"generate"})
     options = {
         "corpus": Option(str, "", "a corpus file (.jsonl / .tsv of id, title, text, e.g. DPR's "
                                   "psgs_w100.tsv, or blank-line-separated text) replacing the "

@@ -1,8 +1,8 @@
 """The training loop of `raghub train`: a retriever's query encoder (and optionally its passage
 encoder) and a generator (a LoRA adapter, or every weight with `lora_rank` 0), trained on a QA
 task's questions through an objective. The retriever is any whose encoders are trainable
-(`EmbeddingRetriever.trainable_encoders`: `dense`, `dpr`); the generator any model backend with
-`answer_scores` (causal LMs and encoder-decoders).
+(`EmbeddingRetriever.trainable_encoders`: `dense`, `dpr`); the generator any model backend that
+provides `answer_scores` and `weights` (causal LMs and encoder-decoders), checked before loading.
 
 Per step, for each question of the global batch: the query encoder embeds it (with gradients);
 the top-K passages are found against the passage embeddings (frozen: query-side training, no
@@ -145,11 +145,17 @@ class Trainer:
     """Builds the models from a `TrainConfig`, resumes from the output folder's last save,
     trains, logs and saves."""
 
+    #: what it needs of the generator: answer scores with gradients, and the weights themselves
+    #: (`hf_model`), which it wraps in a LoRA adapter or trains in full
+    requires = frozenset({"answer_scores", "weights"})
+
     def __init__(self, config: TrainConfig, found: Any):
         self.config = config
         self.ranks = ranks(backend="gloo")  # training runs on the CPU, even beside a GPU
         if config.batch_size % self.ranks.world_size:
             raise UsageError(f"--batch-size {config.batch_size} must be a multiple of the {self.ranks.world_size} processes")
+        backend = choose_backend(found, config.model)
+        backend.check_provides(self.requires, "raghub train")
         self.objective = self._objective(found)
         if config.retriever not in found.retrievers:
             raise UsageError(f"unknown retriever '{config.retriever}'; see `raghub retrievers`")
@@ -168,9 +174,7 @@ class Trainer:
                                          **({"checkpoint": str(self.output)} if self.resumed else {}))
         definition, task_class = task_family(config.task, found)
         self.task = task_class(definition["name"], definition, config.data_dir, registry=found)
-        self.lm = choose_backend(found, config.model).load(config.model, "cpu", "float32", config.batch_size)
-        if not hasattr(self.lm, "hf_model"):
-            raise UsageError(f"raghub train needs a transformers model; {self.lm.name} is not one")
+        self.lm = backend.load(config.model, "cpu", "float32", config.batch_size)
         self.questions = [q for q in self.task.examples(self.lm, config.limit) if isinstance(q, Question) and q.answers]
         if not self.questions:
             raise UsageError(f"task '{config.task}' has no questions with answers to train on")
