@@ -38,12 +38,12 @@ from raghub.distributed import notice
 from raghub.cache import Cache, cache_root, fingerprint, fingerprint_items
 from raghub.checkpoints import Checkpoint, checkpoint_stats, generator_checkpoint, generator_identity, with_trained_generator
 from raghub.errors import UsageError
-from raghub.interfaces import COMMON_TASK_KEYS, Example, Method, Passage, Plugin, Registry, Retrieved, Retriever, Task
+from raghub.interfaces import (Example, Method, Passage, Plugin, Registry, Retrieved, Retriever, Task,
+                               check_name_and_family)
 from raghub.models import LanguageModel, ModelBackend, choose_backend
 from raghub.options import dashed
 from raghub.plugin_manager import registry
 from raghub.records import SAMPLES_FOLDER, append_record, read_records
-from raghub.schema import check_schema
 from raghub.settings import CORE_OPTIONS, read_task_definition
 
 DEFAULT_RETRIEVER = "bm25"
@@ -175,10 +175,7 @@ def task_family(spec: str, found: Registry) -> tuple[dict[str, Any], type[Task]]
         definition = found.tasks[spec]
     else:
         raise _unknown("task", spec, list(found.tasks), "tasks")
-    # the two keys that choose the family's schema, checked before it is looked up
-    check_schema({key: definition[key] for key in ("name", "family") if key in definition},
-                 {key: COMMON_TASK_KEYS[key] for key in ("name", "family")},
-                 definition.get("source", spec))
+    check_name_and_family(definition, definition.get("source", spec))
     if definition["family"] not in found.task_families:
         raise UsageError(f"task '{definition['name']}' needs the task family "
                          f"'{definition['family']}', which no installed plugin provides")

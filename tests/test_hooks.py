@@ -12,9 +12,9 @@ from plugin_packages import RecordingModel
 from raghub import (Example, Field, Method, ModelBackend, Objective, Option, Passage, Retriever, Task,
                     UsageError, hookimpl)
 from raghub import hookspecs as hookspecs_module
-from raghub.cli import cli
+from raghub.cli import _add_plugin_commands, cli
 from raghub.models import choose_backend
-from raghub.plugin_manager import call_hook, registry
+from raghub.plugin_manager import registry
 
 RUN_TIME = "registered at run time"
 
@@ -189,7 +189,7 @@ class HelloCommand:
 def test_hook_register_commands(add_plugin):
     add_plugin(HelloCommand())
     add_plugin(registering("register_methods", Copy))
-    call_hook("register_commands", lambda _plugin: {"cli": cli})
+    _add_plugin_commands()
     try:
         result = invoke("hello")
         assert "hello" in invoke("--help").output
