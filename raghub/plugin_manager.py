@@ -23,7 +23,7 @@ from typing import Any, Callable
 import pluggy
 
 from raghub import hookspecs
-from raghub.errors import UsageError
+from raghub.errors import RunError, UsageError
 from raghub.interfaces import Method, Registry, Retriever, Task, check_name_and_family
 from raghub.models import ModelBackend
 from raghub.objectives import Objective
@@ -167,6 +167,16 @@ def check_declarations(cls: Any, kind: str, key_attr: str) -> None:
                                                      for key, value in declared.items()):
             raise UsageError(f"its {kind} '{name}' declares {attribute} {declared!r}, which must map "
                              f"names to {value_type.__name__} values")
+
+
+def returned_wrong(plugin: Any, what: str) -> RunError:
+    """The error for a plugin (a method, retriever or task) that returned what its contract
+    forbids, naming it and where it came from: "method 'top1' (raghub-top1 0.1.0) returned WHAT"."""
+    kind = next(kind for kind, (base, _) in DECLARATIONS.items() if isinstance(plugin, base))
+    name = plugin.family if isinstance(plugin, Task) else plugin.name
+    found = registry()
+    origin = found.origin(kind, name) if (kind, name) in found.origins else "not registered"
+    return RunError(f"{kind} '{name}' ({origin}) returned {what}")
 
 
 def _collect() -> tuple[Registry, list[str]]:

@@ -17,6 +17,7 @@ import difflib
 import functools
 import itertools
 import json
+import numbers
 import re
 import secrets
 import subprocess
@@ -37,12 +38,12 @@ from raghub import allocator, distributed
 from raghub.distributed import notice
 from raghub.cache import Cache, cache_root, fingerprint, fingerprint_items
 from raghub.checkpoints import Checkpoint, checkpoint_stats, generator_checkpoint, generator_identity, with_trained_generator
-from raghub.errors import UsageError
+from raghub.errors import UsageError, amount
 from raghub.interfaces import (Example, Method, Passage, Plugin, Registry, Retrieved, Retriever, Task,
                                check_name_and_family)
 from raghub.models import LanguageModel, ModelBackend, choose_backend
 from raghub.options import dashed
-from raghub.plugin_manager import registry
+from raghub.plugin_manager import registry, returned_wrong
 from raghub.records import SAMPLES_FOLDER, append_record, read_records
 from raghub.settings import CORE_OPTIONS, read_task_definition
 
@@ -369,6 +370,7 @@ def retrieve(task: Task, retriever: Retriever, examples: Sequence[Example], k: i
 
     def search() -> list[list[tuple[int, float]]]:
         hits = retriever.search([examples[i].query for i in positions], fetch) if positions else []
+        hits = _checked_hits(retriever, hits, [examples[i].id for i in positions], len(passages))
         kept = [[(p, s) for p, s in found if passages[p].group != examples[i].exclude_group
                  or not passages[p].group][:k] for i, found in zip(positions, hits)]
         return kept
@@ -382,6 +384,49 @@ def retrieve(task: Task, retriever: Retriever, examples: Sequence[Example], k: i
     for i, found in zip(positions, hits):
         retrieved[i] = [Retrieved(passages[p], float(score)) for p, score in found]
     return retrieved, label, corpus_fp
+
+
+def _checked_hits(retriever: Retriever, hits: Any, example_ids: Sequence[str],
+                  n_passages: int) -> list[list[tuple[int, float]]]:
+    """What `retriever.search` returned for the queries of `example_ids`, as (position, score)
+    lists; a RunError naming the retriever's plugin unless each position is in the corpus."""
+    if not isinstance(hits, (list, tuple)):
+        raise returned_wrong(retriever, f"{hits!r}; it must return one list of (position, score) pairs per query")
+    if len(hits) != len(example_ids):
+        raise returned_wrong(retriever, f"{amount(len(hits), 'result list')} for "
+                                        f"{amount(len(example_ids), 'query', 'queries')}")
+    checked = []
+    for example_id, found in zip(example_ids, hits):
+        if not isinstance(found, (list, tuple)) or not all(isinstance(hit, (list, tuple)) and len(hit) == 2
+                                                           for hit in found):
+            raise returned_wrong(retriever, f"{found!r} for the query of {example_id}; it must be a list of "
+                                            "(position, score) pairs")
+        for position, score in found:
+            if not isinstance(position, numbers.Integral) or isinstance(position, bool) \
+                    or not 0 <= position < n_passages:
+                raise returned_wrong(retriever, f"position {position!r} for the query of {example_id}, and the "
+                                                f"corpus has {amount(n_passages, 'passage')} (0 to {n_passages - 1})")
+            if not isinstance(score, numbers.Real) or isinstance(score, bool):
+                raise returned_wrong(retriever, f"score {score!r} for the query of {example_id}; a score is a number")
+        checked.append([(int(position), float(score)) for position, score in found])
+    return checked
+
+
+def _checked_stats(task: Task, examples: Sequence[Example], results: Any) -> list[dict[str, Any]]:
+    """What `task.evaluate` returned for a batch: one JSON-able stats dict per example, else a
+    RunError naming the task family's plugin."""
+    if not isinstance(results, (list, tuple)) or len(results) != len(examples):
+        returned = amount(len(results), "stats dict") if isinstance(results, (list, tuple)) else repr(results)
+        raise returned_wrong(task, f"{returned} for {amount(len(examples), 'example')}")
+    for example, stats in zip(examples, results):
+        if not isinstance(stats, dict):
+            raise returned_wrong(task, f"{stats!r} for example {example.id}; it must return one dict of stats "
+                                       "per example")
+        try:
+            json.dumps(stats)
+        except (TypeError, ValueError) as error:
+            raise returned_wrong(task, f"stats for example {example.id} that are not JSON: {error}") from None
+    return list(results)
 
 
 #: the key, on the last line of each batch in a resume file, of the method counters it added
@@ -533,6 +578,7 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
             except NotImplementedError:
                 raise UsageError(f"method '{method.name}' does not support {task.family} "
                                  f"tasks such as '{task.name}'") from None
+            results = _checked_stats(task, [examples[i] for i in batch], results)
             added = {key: value - before[key] for key, value in method.counters.items() if value != before[key]}
             for position, (i, result) in enumerate(zip(batch, results), start=1):
                 line = _sample_line(task, examples[i], result, retrieved[i])

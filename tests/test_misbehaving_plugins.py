@@ -1,6 +1,7 @@
 """Plugins that misbehave are named in one line and never crash the harness or corrupt its
 output: a bad declaration skips its plugin (every command still works), a plugin's prints never
-reach `--json`'s stdout, and a plugin cannot replace a raghub command."""
+reach `--json`'s stdout, a plugin cannot replace a raghub command, and what a method, retriever
+or task returns is checked where it comes back (exit 1, the finished batches kept)."""
 
 import json
 from pathlib import Path
@@ -10,8 +11,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from plugin_packages import run_raghub, write_distribution
-from raghub import Method, Task, hookimpl
+from plugin_packages import RecordingModel, run_raghub, write_distribution
+from raghub import Method, ModelBackend, Retriever, RunError, Task, Window, hookimpl
 from raghub.cli import _add_plugin_commands, cli
 from raghub.plugin_manager import failed_plugins, pm, registry
 
@@ -257,3 +258,181 @@ def test_a_plugin_command_named_like_a_raghub_command_is_refused(add_plugin, tmp
     assert thief in listing.output and "leaderboard" in listing.output
     board = invoke("leaderboard", "--results-dir", str(tmp_path))
     assert "not the leaderboard" not in board.output
+
+
+# --- what a method, retriever or task returns ------------------------------------------------
+
+class Recording(ModelBackend):
+    name = "recording"
+
+    @classmethod
+    def handles(cls, spec):
+        return spec == "recording"
+
+    def load(self, spec, device, dtype, batch_size):
+        return RecordingModel(spec, batch_size)
+
+
+class Flaky(Method):
+    """Answers 'Paris'; while `broken`, its second batch gets `wrong` instead."""
+
+    name = "flaky"
+    needs_retrieval = False
+    broken, wrong, asked = True, None, []
+
+    def answer(self, questions, retrieved):
+        Flaky.asked.append([q.id for q in questions])
+        if Flaky.broken and len(Flaky.asked) == 2:
+            return Flaky.wrong(questions)
+        return ["Paris" for _ in questions]
+
+
+@pytest.fixture
+def qa_run(add_plugin, tmp_path, monkeypatch):
+    """`raghub run` of the tiny QA task (four questions, batches of two) on the recording model,
+    with a method (and retriever) the test registers."""
+    monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
+    add_plugin(registering("register_models", Recording))
+    task = tiny_qa_task(tmp_path)
+
+    def run(*args):
+        return invoke("run", "--task", str(task), "--data-dir", str(tmp_path), "--model", "recording",
+                      "--batch-size", "2", "--results-dir", str(tmp_path / "results"), *args)
+    return run
+
+
+@pytest.mark.parametrize("wrong, said", [
+    (lambda questions: ["Paris"], "returned 1 answer for 2 questions"),
+    (lambda questions: None, "returned None; it must return one string per question"),
+    (lambda questions: [None, "Paris"], "returned None for question q2; it must return one string per question"),
+    (lambda questions: ["Paris", 75001], "returned 75001 for question q3; it must return one string per question"),
+], ids=["count", "none", "none-answer", "not-a-string"])
+def test_a_method_returning_wrong_answers_is_named_and_the_finished_batch_kept(add_plugin, qa_run, tmp_path,
+                                                                               wrong, said):
+    """Regression: a traceback inside the QA task (or a silently short run)."""
+    Flaky.broken, Flaky.wrong, Flaky.asked = True, staticmethod(wrong), []
+    add_plugin(registering("register_methods", Flaky))
+    failed = qa_run("--method", "flaky")
+    assert failed.exit_code == 1
+    assert failed.output.strip().splitlines()[-1:] == [f"Error: method 'flaky' ({RUN_TIME}) {said}"]
+    resume = next((tmp_path / "results" / ".partial").glob("*.jsonl"))
+    assert [json.loads(line)["id"] for line in resume.read_text().splitlines()] == ["q0", "q1"]
+    Flaky.broken, Flaky.asked = False, []
+    fixed = qa_run("--method", "flaky", "--json")
+    assert fixed.exit_code == 0, fixed.output
+    assert json.loads(fixed.stdout)["metrics"]["em"] == 1.0
+    assert Flaky.asked == [["q2", "q3"]]  # the finished batch was not asked again
+
+
+class Wild(Retriever):
+    """Returns `hits(number of passages)` for every query."""
+
+    name = "wild"
+    hits = None
+
+    def index(self, passages, corpus_fingerprint):
+        self.n_passages = len(passages)
+
+    def search(self, queries, k):
+        return [Wild.hits(self.n_passages) for _ in queries]
+
+
+class Copy(Method):
+    name = "copy-first"
+
+    def answer(self, questions, retrieved):
+        return [hits[0].passage.text for hits in retrieved]
+
+
+@pytest.mark.parametrize("hits, said", [
+    (lambda n: [(n, 1.0)], "returned position 4 for the query of q0, and the corpus has 4 passages (0 to 3)"),
+    (lambda n: [(-1, 1.0)], "returned position -1 for the query of q0, and the corpus has 4 passages (0 to 3)"),
+    (lambda n: [("0", 1.0)], "returned position '0' for the query of q0, and the corpus has 4 passages (0 to 3)"),
+    (lambda n: [(0, "high")], "returned score 'high' for the query of q0; a score is a number"),
+    (lambda n: (0, 1.0), "returned (0, 1.0) for the query of q0; it must be a list of (position, score) pairs"),
+], ids=["past-the-end", "negative", "not-an-int", "score-not-a-number", "not-a-list"])
+def test_a_retriever_returning_a_bad_hit_is_named(add_plugin, qa_run, hits, said):
+    """Regression: an IndexError traceback, or (for -1) silently the corpus's last passage."""
+    Wild.hits = staticmethod(hits)
+    add_plugin(registering("register_retrievers", Wild))
+    add_plugin(registering("register_methods", Copy))
+    failed = qa_run("--method", "copy-first", "--retriever", "wild", "--n-docs", "1")
+    assert failed.exit_code == 1
+    assert failed.output.strip().splitlines()[-1:] == [f"Error: retriever 'wild' ({RUN_TIME}) {said}"]
+
+
+def test_a_retriever_returning_too_few_lists_is_named(add_plugin, qa_run):
+    """Regression: the questions past the lists returned silently had no passages."""
+    class Short(Wild):
+        name = "short"
+
+        def search(self, queries, k):
+            return [[(0, 1.0)]]
+
+    add_plugin(registering("register_retrievers", Short))
+    add_plugin(registering("register_methods", Copy))
+    failed = qa_run("--method", "copy-first", "--retriever", "short", "--n-docs", "1")
+    assert failed.exit_code == 1
+    assert failed.output.strip().splitlines()[-1:] == [
+        f"Error: retriever 'short' ({RUN_TIME}) returned 1 result list for 4 queries"]
+
+
+class Forgetful(Task):
+    """A QA-like family whose evaluate drops the last example's stats."""
+
+    family = "forgetful"
+
+    def examples(self, model, limit):
+        from raghub import Example
+
+        return [Example(id=f"e{n}", query="") for n in range(3)]
+
+    def corpus(self):
+        return [], ""
+
+    def evaluate(self, method, examples, retrieved):
+        return [{"score": 1.0} for _ in examples][:-1]
+
+    def aggregate(self, stats):
+        return {"score": 1.0}
+
+
+def test_a_task_family_returning_too_few_stats_is_named(add_plugin, tmp_path, monkeypatch):
+    """Regression: a KeyError traceback after the whole run."""
+    monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
+    add_plugin(registering("register_models", Recording))
+    add_plugin(registering("register_task_families", Forgetful))
+    add_plugin(registering("register_tasks", {"name": "forgetful", "family": "forgetful"}))
+    add_plugin(registering("register_methods", Flaky))
+    failed = invoke("run", "--task", "forgetful", "--method", "flaky", "--model", "recording",
+                    "--results-dir", str(tmp_path / "results"))
+    assert failed.exit_code == 1
+    assert failed.output.strip().splitlines()[-1:] == [
+        f"Error: task family 'forgetful' ({RUN_TIME}) returned 2 stats dicts for 3 examples"]
+
+
+class Scorer(Method):
+    name = "scorer"
+    scores = None
+
+    def score_windows(self, windows, retrieved):
+        return Scorer.scores(windows)
+
+
+@pytest.mark.parametrize("scores, said", [
+    (lambda windows: [], "returned 0 log-prob tensors for 1 window"),
+    (lambda windows: [[-1.0, -1.0]], "returned [-1.0, -1.0] for window w0; it must return a 1-D tensor "
+                                     "of ln p per target token"),
+    (lambda windows: [__import__("torch").zeros(3)], "returned 3 log-probs for window w0, which has 2 "
+                                                      "target tokens"),
+], ids=["count", "not-a-tensor", "length"])
+def test_a_method_returning_wrong_log_probs_is_named(add_plugin, scores, said):
+    """Regression: a traceback inside the language-modelling task."""
+    Scorer.scores = staticmethod(scores)
+    add_plugin(registering("register_methods", Scorer))
+    found = registry()
+    task = found.task_families["language-modelling"]("wikitext2", found.tasks["wikitext2"], None)
+    window = Window(id="w0", query="", context_ids=[1], target_ids=[2, 3], retrieved_max_length=8)
+    with pytest.raises(RunError) as raised:
+        task.evaluate(Scorer(RecordingModel(), cache=None), [window], [[]])
+    assert str(raised.value) == f"method 'scorer' ({RUN_TIME}) {said}"

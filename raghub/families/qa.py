@@ -1,7 +1,8 @@
 """The question-answering contract: a task hands methods `Question`s, each knowing how to
 render its prompt (with or without passages) and how to read an answer out of a generation; a
 method returns one answer string per question (`Method.answer`), which may be an `Answer` (a
-string that also carries the raw generation, for the samples log)."""
+string that also carries the raw generation, for the samples log). A task asks through
+`answers_from`, which checks that contract."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from raghub.interfaces import Example, Passage, Retrieved
+from raghub.errors import amount
+from raghub.interfaces import Example, Method, Passage, Retrieved
+from raghub.plugin_manager import returned_wrong
 
 if TYPE_CHECKING:  # pragma: no cover
     from raghub.models import Generation, LanguageModel
@@ -100,6 +103,22 @@ class Question(Example):
         hits = sum(i in ids for i in self.gold_passage_ids)
         hits += sum(t in titles for t in self.gold_titles)
         return hits / n_gold
+
+
+def answers_from(method: Method, questions: Sequence[Question],
+                 retrieved: Sequence[Sequence[Retrieved]]) -> list[str]:
+    """`method.answer` for the questions: one string per question, else a RunError naming the
+    method's plugin and what it returned."""
+    answers = method.answer(questions, retrieved)
+    if not isinstance(answers, (list, tuple)):
+        raise returned_wrong(method, f"{answers!r}; it must return one string per question")
+    if len(answers) != len(questions):
+        raise returned_wrong(method, f"{amount(len(answers), 'answer')} for {amount(len(questions), 'question')}")
+    for question, answer in zip(questions, answers):
+        if not isinstance(answer, str):
+            raise returned_wrong(method, f"{answer!r} for question {question.id}; it must return one string "
+                                         "per question")
+    return list(answers)
 
 
 def answer_continuation(prompt: str, answer: str) -> str:
