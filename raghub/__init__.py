@@ -4,6 +4,9 @@ The public API a plugin is written against::
 
     from raghub import hookimpl, Method, Retriever, Task, Option, Passage, Retrieved
     from raghub import Window, Question, Answer, LanguageModel, ModelBackend, UsageError
+
+A task family asks a method through its family's checked contract (`answers_from`,
+`logprobs_from`); `read_task_definition` reads a task YAML as `register_tasks` takes it.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -21,6 +24,7 @@ from raghub.objectives import (Objective, lsr_kl, rag_sequence_logprob, rag_sequ
                                rag_token_logprob)
 from raghub.options import Option
 from raghub.schema import Field
+from raghub.settings import read_task_definition
 
 try:
     __version__ = version("raghub")
@@ -33,5 +37,5 @@ __all__ = [
     "RunError", "Task", "UsageError", "Window", "answer_continuation", "answer_questions", "answers_from",
     "generate_for", "hookimpl", "load_model", "logprobs_from", "lsr_kl", "mixture_logprobs", "notice",
     "passage_ids", "passage_logprobs", "rag_sequence_logprob", "rag_sequence_token_logprobs", "rag_token_logprob",
-    "score_after_prefixes",
+    "read_task_definition", "score_after_prefixes",
 ]

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from plugin_packages import RecordingModel
 from raghub import (Example, Field, Method, ModelBackend, Objective, Option, Passage, Retriever, Task,
-                    UsageError, hookimpl)
+                    UsageError, hookimpl, read_task_definition)
 from raghub import hookspecs as hookspecs_module
 from raghub.cli import _add_plugin_commands, cli
 from raghub.models import choose_backend
@@ -116,6 +116,16 @@ def test_hook_register_tasks(add_plugin, capsys):
     assert f"plugin '{broken}' is skipped: its register_tasks failed: UsageError: a task " \
            f"definition lacks 'family'" in capsys.readouterr().err
     assert "three-words" in invoke("tasks").output
+
+
+def test_a_task_definition_read_by_the_public_reader_registers(add_plugin, tmp_path):
+    """`read_task_definition` (public) gives what `register_tasks` takes, `include:` merged."""
+    (tmp_path / "_words.yaml").write_text("family: words\nwords: [alpha, beta]\n")
+    (tmp_path / "two-words.yaml").write_text("name: two-words\ninclude: _words.yaml\n")
+    add_plugin(registering("register_task_families", Words))
+    add_plugin(registering("register_tasks", read_task_definition(tmp_path / "two-words.yaml")))
+    assert registry().tasks["two-words"] == {"name": "two-words", "family": "words", "words": ["alpha", "beta"],
+                                             "source": str(tmp_path / "two-words.yaml")}
 
 
 def test_hook_register_methods(add_plugin):
