@@ -36,7 +36,8 @@ def logprobs_from(method: Method, windows: Sequence[Window],
     if not isinstance(logprobs, (list, tuple)):
         raise returned_wrong(method, f"{logprobs!r}; it must return one tensor per window")
     if len(logprobs) != len(windows):
-        raise returned_wrong(method, f"{amount(len(logprobs), 'log-prob tensor')} for {amount(len(windows), 'window')}")
+        raise returned_wrong(method, f"{amount(len(logprobs), 'log-prob tensor')} for "
+                                     f"{amount(len(windows), 'window')}")
     for window, scores in zip(windows, logprobs):
         if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
             raise returned_wrong(method, f"{scores!r} for window {window.id}; it must return a 1-D tensor of "
