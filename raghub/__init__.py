@@ -4,14 +4,18 @@ The public API a plugin is written against::
 
     from raghub import hookimpl, Method, Retriever, Task, Option, Passage, Retrieved
     from raghub import Window, Question, Answer, LanguageModel, ModelBackend, UsageError
+
+A task family asks a method through its family's checked contract (`answers_from`,
+`logprobs_from`); `read_task_definition` reads a task YAML as `register_tasks` takes it.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
 from raghub.distributed import notice
 from raghub.errors import RaghubError, RunError, UsageError
-from raghub.families.lm import Window, passage_ids, passage_logprobs, passages_prefix, score_after_prefixes
-from raghub.families.qa import Answer, PromptTemplate, Question, answer_continuation, answer_questions, generate_for
+from raghub.families.lm import Window, logprobs_from, passage_ids, passage_logprobs, passages_prefix, score_after_prefixes
+from raghub.families.qa import (Answer, PromptTemplate, Question, answer_continuation, answer_questions, answers_from,
+                                generate_for)
 from raghub.hookspecs import hookimpl
 from raghub.interfaces import Augmenter, Example, Method, Passage, Retrieved, Retriever, Task
 from raghub.mixture import mixture_logprobs
@@ -20,6 +24,7 @@ from raghub.objectives import (Objective, lsr_kl, rag_sequence_logprob, rag_sequ
                                rag_token_logprob)
 from raghub.options import Option
 from raghub.schema import Field
+from raghub.settings import read_task_definition
 
 try:
     __version__ = version("raghub")
@@ -29,8 +34,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = [
     "Answer", "AnswerScores", "Augmenter", "Example", "Field", "Generation", "LanguageModel", "Method", "ModelBackend",
     "Objective", "Option", "Passage", "PromptTemplate", "Question", "RaghubError", "Retrieved", "Retriever",
-    "RunError", "Task", "UsageError", "Window", "answer_continuation", "answer_questions", "generate_for",
-    "hookimpl", "load_model", "lsr_kl", "mixture_logprobs", "notice", "passage_ids", "passage_logprobs",
-    "passages_prefix", "rag_sequence_logprob", "rag_sequence_token_logprobs", "rag_token_logprob",
-    "score_after_prefixes",
+    "RunError", "Task", "UsageError", "Window", "answer_continuation", "answer_questions", "answers_from",
+    "generate_for", "hookimpl", "load_model", "logprobs_from", "lsr_kl", "mixture_logprobs", "notice",
+    "passage_ids", "passage_logprobs", "passages_prefix", "rag_sequence_logprob", "rag_sequence_token_logprobs", "rag_token_logprob",
+    "read_task_definition", "score_after_prefixes",
 ]

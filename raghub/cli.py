@@ -8,11 +8,13 @@ and `--config` keys are converted by the same declarations. Plugins may add whol
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, TextIO
 
 import click
 from rich.console import Console
@@ -23,7 +25,7 @@ from raghub import allocator
 from raghub.errors import RaghubError, UsageError
 from raghub.options import Option, dashed
 from raghub.plots import KINDS, plot as draw_plot
-from raghub.plugin_manager import call_hook, failed_plugins, plugin_summaries, registry
+from raghub.plugin_manager import call_hook, failed_plugins, plugin_summaries, pm, registry
 from raghub.leaderboard import leaderboard_markdown
 from raghub.record import Record
 from raghub.records import find_record, read_records, read_samples
@@ -39,7 +41,24 @@ class BadInput(click.ClickException):
 
 
 class RaghubGroup(click.Group):
-    """Turns raghub's errors into one line and their exit code, and Ctrl-C into exit 130."""
+    """Turns raghub's errors into one line and their exit code, and Ctrl-C into exit 130. A
+    command may be added again by whoever added it (raghub, or the plugin of `adding_for`),
+    never replaced by another."""
+
+    #: the plugin whose register_commands hook is adding commands now (None: raghub itself)
+    adding_for: str | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: command name -> the plugin that added it (None: raghub)
+        self.added_by: dict[str, str | None] = {}
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        name = name or cmd.name
+        if name in self.commands and self.added_by.get(name) != self.adding_for:
+            raise UsageError(f"its command '{name}' would replace `raghub {name}`; it needs another name")
+        super().add_command(cmd, name)
+        self.added_by[name] = self.adding_for
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -182,11 +201,37 @@ def run(config_file: str | None, as_json: bool, force: bool, **given: Any) -> No
     from raghub.runner import resolve_sweep, run_sweep
 
     runs = resolve_sweep(_run_settings(config_file, given))
-    for record, resolved in zip(run_sweep(runs, force=force), runs):
-        if as_json:
-            click.echo(json.dumps(record.to_dict(), sort_keys=True))
-        else:
+    if not as_json:
+        for record, resolved in zip(run_sweep(runs, force=force), runs):
             _print_record(record, resolved.request.results_dir)
+        return
+    with _stdout_for_records_only() as records:
+        for record in run_sweep(runs, force=force):
+            click.echo(json.dumps(record.to_dict(), sort_keys=True), file=records)
+
+
+@contextlib.contextmanager
+def _stdout_for_records_only() -> Iterator[TextIO]:
+    """Meanwhile, whatever else writes to stdout (a plugin's print, a C library, a child process)
+    goes to stderr; yields the stream the records go to."""
+    records = sys.stdout
+    try:
+        descriptors = records.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stdout (tests): Python's writes only
+        with contextlib.redirect_stdout(sys.stderr):
+            yield records
+        return
+    records.flush()
+    saved = os.dup(descriptors[0])
+    os.dup2(descriptors[1], descriptors[0])
+    try:
+        with open(saved, "w", encoding=records.encoding, closefd=False) as stream, \
+                contextlib.redirect_stdout(sys.stderr):
+            yield stream
+    finally:
+        records.flush()  # what was buffered for stdout meanwhile still goes to stderr
+        os.dup2(saved, descriptors[0])
+        os.close(saved)
 
 
 @cli.command()
@@ -380,4 +425,22 @@ def compare(found, reference_a: str, reference_b: str, as_json: bool, results_di
     console.print(table)
 
 
-call_hook("register_commands", lambda _plugin: {"cli": cli})
+def _add_plugin_commands() -> None:
+    """Each plugin's commands. One whose command would replace another (raghub's or an earlier
+    plugin's) is skipped like a plugin whose hook fails: named, unregistered, and the commands
+    it added removed."""
+    def arguments(plugin: str) -> dict[str, Any]:
+        cli.adding_for = plugin
+        return {"cli": cli}
+
+    failed = call_hook("register_commands", arguments)
+    cli.adding_for = None
+    for plugin in failed:
+        pm.unregister(name=plugin)
+        for name in [name for name, by in cli.added_by.items() if by == plugin]:
+            del cli.commands[name], cli.added_by[name]
+    if failed:
+        registry.cache_clear()
+
+
+_add_plugin_commands()

@@ -20,3 +20,8 @@ class UsageError(RaghubError):
 
 class RunError(RaghubError):
     """A run that started well could not finish: one line, exit code 1."""
+
+
+def amount(count: int, noun: str, plural: str = "") -> str:
+    """'1 answer', '2 answers' (`plural` when adding an s is wrong): a count in a message."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"

@@ -19,8 +19,12 @@ def register_task_families(register):
 
 @hookspec
 def register_tasks(register):
-    """Register task definitions: `register(definition)`, a dict as read from a task YAML
-    (at least `name` and `family`; `raghub.settings.read_task_definition` reads one)."""
+    """Register task definitions: `register(definition)`, a dict as a task YAML holds it, which
+    `raghub.read_task_definition(path)` reads (following `include:`). Its `name` and `family`
+    (the `Task.family` that runs it) are required strings; `description`, `retriever`, `n_docs`,
+    `version` and `source` (the file it was read from, which errors name) are optional for every
+    family, and the rest are the keys of the family's `Task.definition_schema`, checked when the
+    task is run."""
 
 
 @hookspec

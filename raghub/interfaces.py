@@ -278,6 +278,13 @@ COMMON_TASK_KEYS = {
 }
 
 
+def check_name_and_family(definition: dict[str, Any], where: str) -> None:
+    """A task definition's `name` and `family`, the keys that choose its family's schema,
+    checked before the family is looked up."""
+    check_schema({key: definition[key] for key in ("name", "family") if key in definition},
+                 {key: COMMON_TASK_KEYS[key] for key in ("name", "family")}, where)
+
+
 @dataclass
 class Registry:
     """What the plugins registered, by kind, with where each came from."""

@@ -3,8 +3,11 @@ group.
 
 `RAGHUB_LOAD_PLUGINS` (comma-separated entry-point names; empty for none) limits which
 third-party plugins load. A plugin that fails to import, implements a hook that does not exist
-(a misspelled name), raises inside a hook, or declares an option that shadows a core setting is
-named on stderr and skipped; the other plugins keep working.
+(a misspelled name), raises inside a hook or returns a value from one, registers what its hook
+does not take (`check_declarations`: a class of another base, an empty name, options that are
+not `Option`s, ...) or declares an option that shadows a core setting is named on stderr and
+skipped; the other plugins keep working. What a plugin prints while it loads and registers goes
+to stderr: stdout is the commands' output.
 
 `code_identity` says which code a registered name runs, so that cached results and stored runs
 made by other code are not reused.
@@ -12,6 +15,7 @@ made by other code are not reused.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import json
@@ -26,8 +30,12 @@ import pluggy
 
 from raghub import hookspecs
 from raghub.cache import file_sha256, fingerprint
-from raghub.errors import UsageError
-from raghub.interfaces import Registry
+from raghub.errors import RunError, UsageError
+from raghub.interfaces import Method, Registry, Retriever, Task, check_name_and_family
+from raghub.models import ModelBackend
+from raghub.objectives import Objective
+from raghub.options import Option
+from raghub.schema import Field
 from raghub.settings import RESERVED_NAMES
 
 #: the built-in plugins, registered through the same hooks as third-party ones
@@ -109,7 +117,8 @@ def load_plugins() -> None:
         if entry_point.dist:
             _distributions[name] = entry_point.dist
         try:
-            module = entry_point.load()
+            with contextlib.redirect_stdout(sys.stderr):
+                module = entry_point.load()
         except (Exception, SystemExit) as error:  # a broken plugin must not stop the others
             report_failure(name, f"failed to load: {type(error).__name__}: {error}")
             continue
@@ -179,11 +188,56 @@ def call_hook(hook_name: str, arguments: Callable[[str], dict[str, Any]]) -> lis
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
         given = arguments(impl.plugin_name)
         try:
-            impl.function(**{name: given[name] for name in impl.argnames})
+            with contextlib.redirect_stdout(sys.stderr):
+                returned = impl.function(**{name: given[name] for name in impl.argnames})
+            if returned is not None:
+                raise UsageError(f"it returned {returned!r}; a hook registers through its "
+                                 f"argument ({', '.join(impl.argnames)}) and returns nothing")
         except (Exception, SystemExit) as error:
             report_failure(impl.plugin_name, f"its {hook_name} failed: {type(error).__name__}: {error}")
             failed.append(impl.plugin_name)
     return failed
+
+
+#: per kind of plugin class: its base class and its declared mappings (attribute -> the type of
+#: each value), checked when it is registered
+DECLARATIONS: dict[str, tuple[type, dict[str, type]]] = {
+    "task family": (Task, {"options": Option, "higher_is_better": bool, "definition_schema": Field}),
+    "method": (Method, {"options": Option}),
+    "retriever": (Retriever, {"options": Option}),
+    "model backend": (ModelBackend, {"options": Option}),
+    "objective": (Objective, {"options": Option}),
+}
+
+
+def check_declarations(cls: Any, kind: str, key_attr: str) -> None:
+    """UsageError unless `cls` is a subclass of the kind's base whose name (`key_attr`) and
+    description are strings, the name not empty, and whose declared mappings map names to values
+    of their type."""
+    base, mappings = DECLARATIONS[kind]
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise UsageError(f"it registered {cls!r} as a {kind}, which must be a subclass of raghub.{base.__name__}")
+    name = getattr(cls, key_attr)
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"its {kind} {cls.__name__} has {key_attr} {name!r}; it must be a non-empty string")
+    if not isinstance(cls.description, str):
+        raise UsageError(f"its {kind} '{name}' has description {cls.description!r}; it must be a string")
+    for attribute, value_type in mappings.items():
+        declared = getattr(cls, attribute)
+        if not isinstance(declared, dict) or not all(isinstance(key, str) and isinstance(value, value_type)
+                                                     for key, value in declared.items()):
+            raise UsageError(f"its {kind} '{name}' declares {attribute} {declared!r}, which must map "
+                             f"names to {value_type.__name__} values")
+
+
+def returned_wrong(plugin: Any, what: str) -> RunError:
+    """The error for a plugin (a method, retriever or task) that returned what its contract
+    forbids, naming it and where it came from: "method 'top1' (raghub-top1 0.1.0) returned WHAT"."""
+    kind = next(kind for kind, (base, _) in DECLARATIONS.items() if isinstance(plugin, base))
+    name = plugin.family if isinstance(plugin, Task) else plugin.name
+    found = registry()
+    origin = found.origin(kind, name) if (kind, name) in found.origins else "not registered"
+    return RunError(f"{kind} '{name}' ({origin}) returned {what}")
 
 
 def _collect() -> tuple[Registry, list[str]]:
@@ -199,6 +253,7 @@ def _collect() -> tuple[Registry, list[str]]:
 
     def keyed(table: dict, kind: str, key_attr: str, options_are_flags: bool = True) -> Callable[[Any, str], None]:
         def add(cls: Any, plugin_name: str) -> None:
+            check_declarations(cls, kind, key_attr)
             name = getattr(cls, key_attr)
             shadowed = sorted(set(getattr(cls, "options", {})) & RESERVED_NAMES) if options_are_flags else []
             if shadowed:
@@ -209,9 +264,13 @@ def _collect() -> tuple[Registry, list[str]]:
         return add
 
     def add_task(definition: dict, plugin_name: str) -> None:
+        if not isinstance(definition, dict):
+            raise UsageError(f"it registered {definition!r} as a task definition, which must be a dict "
+                             "(as raghub.read_task_definition returns)")
         for key in ("name", "family"):
             if key not in definition:
                 raise UsageError(f"a task definition lacks '{key}'")
+        check_name_and_family(definition, definition.get("source", "a task definition"))
         found.tasks[definition["name"]] = definition
         note_origin("task", definition["name"], plugin_name)
 

@@ -18,10 +18,10 @@ import difflib
 import functools
 import itertools
 import json
+import numbers
 import re
 import secrets
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -38,14 +38,14 @@ from raghub import allocator, distributed
 from raghub.distributed import notice
 from raghub.cache import Cache, cache_root, fingerprint, fingerprint_items
 from raghub.checkpoints import Checkpoint, checkpoint_stats, generator_checkpoint, generator_identity, with_trained_generator
-from raghub.errors import UsageError
-from raghub.interfaces import COMMON_TASK_KEYS, Example, Method, Passage, Plugin, Registry, Retrieved, Retriever, Task
+from raghub.errors import UsageError, amount
+from raghub.interfaces import (Example, Method, Passage, Plugin, Registry, Retrieved, Retriever, Task,
+                               check_name_and_family)
 from raghub.models import LanguageModel, ModelBackend, ModelSpec, choose_backend
 from raghub.options import dashed
-from raghub.plugin_manager import code_identity, registry
+from raghub.plugin_manager import code_identity, registry, returned_wrong
 from raghub.record import Record
 from raghub.records import append_record, check_store, read_records, samples_file
-from raghub.schema import check_schema
 from raghub.settings import CORE_OPTIONS, read_task_definition
 
 DEFAULT_RETRIEVER = "bm25"
@@ -185,10 +185,7 @@ def task_family(spec: str, found: Registry) -> tuple[dict[str, Any], type[Task]]
         definition = found.tasks[spec]
     else:
         raise _unknown("task", spec, list(found.tasks), "tasks")
-    # the two keys that choose the family's schema, checked before it is looked up
-    check_schema({key: definition[key] for key in ("name", "family") if key in definition},
-                 {key: COMMON_TASK_KEYS[key] for key in ("name", "family")},
-                 definition.get("source", spec))
+    check_name_and_family(definition, definition.get("source", spec))
     if definition["family"] not in found.task_families:
         raise UsageError(f"task '{definition['name']}' needs the task family "
                          f"'{definition['family']}', which no installed plugin provides")
@@ -408,6 +405,7 @@ def retrieve(task: Task, retriever: Retriever, examples: Sequence[Example], k: i
 
     def search() -> list[list[tuple[int, float]]]:
         hits = retriever.search([examples[i].query for i in positions], fetch) if positions else []
+        hits = _checked_hits(retriever, hits, [examples[i].id for i in positions], len(passages))
         kept = [[(p, s) for p, s in found if passages[p].group != examples[i].exclude_group
                  or not passages[p].group][:k] for i, found in zip(positions, hits)]
         return kept
@@ -427,6 +425,50 @@ def _checksum(batch: dict[str, Any]) -> str:
     """The checksum of a batch in a resume file, over its JSON escaped to ASCII (so that any
     text, a lone surrogate included, can be hashed); reading keeps the order of keys."""
     return fingerprint(json.dumps(batch))
+
+
+def _checked_hits(retriever: Retriever, hits: Any, example_ids: Sequence[str],
+                  n_passages: int) -> list[list[tuple[int, float]]]:
+    """What `retriever.search` returned for the queries of `example_ids`, as (position, score)
+    lists; a RunError naming the retriever's plugin unless each position is in the corpus."""
+    if not isinstance(hits, (list, tuple)):
+        raise returned_wrong(retriever, f"{hits!r}; it must return one list of (position, score) pairs per query")
+    if len(hits) != len(example_ids):
+        raise returned_wrong(retriever, f"{amount(len(hits), 'result list')} for "
+                                        f"{amount(len(example_ids), 'query', 'queries')}")
+    checked = []
+    for example_id, found in zip(example_ids, hits):
+        if not isinstance(found, (list, tuple)) or not all(isinstance(hit, (list, tuple)) and len(hit) == 2
+                                                           for hit in found):
+            raise returned_wrong(retriever, f"{found!r} for the query of {example_id}; it must be a list of "
+                                            "(position, score) pairs")
+        for position, score in found:
+            if not isinstance(position, numbers.Integral) or isinstance(position, bool) \
+                    or not 0 <= position < n_passages:
+                raise returned_wrong(retriever, f"position {position!r} for the query of {example_id}, and the "
+                                                f"corpus has {amount(n_passages, 'passage')} (0 to {n_passages - 1})")
+            if not isinstance(score, numbers.Real) or isinstance(score, bool):
+                raise returned_wrong(retriever, f"score {score!r} for the query of {example_id}; a score is a number")
+        checked.append([(int(position), float(score)) for position, score in found])
+    return checked
+
+
+def _checked_stats(task: Task, examples: Sequence[Example], results: Any) -> list[dict[str, Any]]:
+    """What `task.evaluate` returned for a batch: one JSON-able stats dict per example, else a
+    RunError naming the task family's plugin."""
+    if not isinstance(results, (list, tuple)) or len(results) != len(examples):
+        returned = amount(len(results), "stats dict") if isinstance(results, (list, tuple)) else repr(results)
+        raise returned_wrong(task, f"{returned} for {amount(len(examples), 'example')}")
+    for example, stats in zip(examples, results):
+        if not isinstance(stats, dict):
+            raise returned_wrong(task, f"{stats!r} for example {example.id}; it must return one dict of stats "
+                                       "per example")
+        try:
+            json.dumps(stats)
+        except (TypeError, ValueError) as error:
+            raise returned_wrong(task, f"stats for example {example.id} that are not JSON: {error}") from None
+    return list(results)
+
 
 
 def _batch_line(lines: list[dict[str, Any]], counters: dict[str, int]) -> str:
@@ -587,6 +629,7 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
         for batch in batches:
             before = Counter(method.counters)
             results = task.evaluate(method, [examples[i] for i in batch], [retrieved[i] for i in batch])
+            results = _checked_stats(task, [examples[i] for i in batch], results)
             added = {key: value - before[key] for key, value in method.counters.items() if value != before[key]}
             lines = [_sample_line(task, examples[i], result, retrieved[i]) for i, result in zip(batch, results)]
             resume.write(_batch_line(lines, added))  # the counters are kept exactly when the batch is

@@ -10,11 +10,11 @@ from click.testing import CliRunner
 
 from plugin_packages import RecordingModel
 from raghub import (Example, Field, Method, ModelBackend, Objective, Option, Passage, Retriever, Task,
-                    UsageError, hookimpl)
+                    UsageError, hookimpl, read_task_definition)
 from raghub import hookspecs as hookspecs_module
-from raghub.cli import cli
+from raghub.cli import _add_plugin_commands, cli
 from raghub.models import choose_backend
-from raghub.plugin_manager import call_hook, registry
+from raghub.plugin_manager import registry
 
 RUN_TIME = "registered at run time"
 
@@ -118,6 +118,16 @@ def test_hook_register_tasks(add_plugin, capsys):
     assert "three-words" in invoke("tasks").output
 
 
+def test_a_task_definition_read_by_the_public_reader_registers(add_plugin, tmp_path):
+    """`read_task_definition` (public) gives what `register_tasks` takes, `include:` merged."""
+    (tmp_path / "_words.yaml").write_text("family: words\nwords: [alpha, beta]\n")
+    (tmp_path / "two-words.yaml").write_text("name: two-words\ninclude: _words.yaml\n")
+    add_plugin(registering("register_task_families", Words))
+    add_plugin(registering("register_tasks", read_task_definition(tmp_path / "two-words.yaml")))
+    assert registry().tasks["two-words"] == {"name": "two-words", "family": "words", "words": ["alpha", "beta"],
+                                             "source": str(tmp_path / "two-words.yaml")}
+
+
 def test_hook_register_methods(add_plugin):
     add_plugin(registering("register_methods", Copy))
     assert registry().methods["copy"] is Copy
@@ -189,7 +199,7 @@ class HelloCommand:
 def test_hook_register_commands(add_plugin):
     add_plugin(HelloCommand())
     add_plugin(registering("register_methods", Copy))
-    call_hook("register_commands", lambda _plugin: {"cli": cli})
+    _add_plugin_commands()
     try:
         result = invoke("hello")
         assert "hello" in invoke("--help").output

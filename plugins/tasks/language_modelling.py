@@ -29,7 +29,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any, Sequence
 
-from raghub import Field, Option, Passage, Retrieved, Task, UsageError, Window, hookimpl, notice
+from raghub import Field, Option, Passage, Retrieved, Task, UsageError, Window, hookimpl, logprobs_from, notice
 from raghub.corpus import STRUCTURED_SUFFIXES, read_corpus
 from raghub.data import load_hub_dataset
 from raghub.metrics import bits_per_byte, nats_per_token, perplexity, perplexity_standard_error
@@ -319,15 +319,9 @@ class LanguageModelling(Task):
     def evaluate(self, method, examples: Sequence[Window],
                  retrieved: Sequence[Sequence[Retrieved]]) -> list[dict[str, Any]]:
         retrieved = [docs if window.query else [] for window, docs in zip(examples, retrieved)]
-        logprobs = method.score_windows(examples, retrieved)
-        stats = []
-        for window, scores in zip(examples, logprobs):
-            if len(scores) != len(window.target_ids):
-                raise RuntimeError(f"{method.name} scored {len(scores)} tokens of window "
-                                   f"{window.id}, which has {len(window.target_ids)}")
-            stats.append({"nll": -float(scores.double().sum()), "tokens": len(window.target_ids),
-                          "bytes": window.n_bytes})
-        return stats
+        logprobs = logprobs_from(method, examples, retrieved)
+        return [{"nll": -float(scores.double().sum()), "tokens": len(window.target_ids), "bytes": window.n_bytes}
+                for window, scores in zip(examples, logprobs)]
 
     def totals(self, stats: Sequence[dict[str, Any]]) -> dict[str, float]:
         return {key: sum(s[key] for s in stats) for key in ("nll", "tokens", "bytes")}

@@ -1,5 +1,6 @@
 """The language-modelling contract: a task hands methods `Window`s; a method returns ln p of
-each window's target tokens (`Method.score_windows`).
+each window's target tokens (`Method.score_windows`). A task asks through `logprobs_from`,
+which checks that contract.
 
 What a method puts before a window must fit the model with it: `passages_prefix` leaves out the
 lowest-ranked passages until it does (counted in the run's method_stats and said once on
@@ -11,8 +12,9 @@ from dataclasses import dataclass
 from itertools import accumulate, takewhile
 from typing import TYPE_CHECKING, Any, Sequence
 
-from raghub.errors import RunError
-from raghub.interfaces import Example, Passage, Retrieved
+from raghub.errors import RunError, amount
+from raghub.interfaces import Example, Method, Passage, Retrieved
+from raghub.plugin_manager import returned_wrong
 
 if TYPE_CHECKING:  # pragma: no cover
     from raghub.models import LanguageModel
@@ -28,6 +30,28 @@ class Window(Example):
     target_ids: list[int]
     retrieved_max_length: int
     n_bytes: int = 0  #: UTF-8 bytes of the scored span
+
+
+def logprobs_from(method: Method, windows: Sequence[Window],
+                  retrieved: Sequence[Sequence[Retrieved]]) -> list[Any]:
+    """`method.score_windows` for the windows: per window a 1-D tensor of ln p, one per target
+    token, else a RunError naming the method's plugin and what it returned."""
+    import torch
+
+    logprobs = method.score_windows(windows, retrieved)
+    if not isinstance(logprobs, (list, tuple)):
+        raise returned_wrong(method, f"{logprobs!r}; it must return one tensor per window")
+    if len(logprobs) != len(windows):
+        raise returned_wrong(method, f"{amount(len(logprobs), 'log-prob tensor')} for "
+                                     f"{amount(len(windows), 'window')}")
+    for window, scores in zip(windows, logprobs):
+        if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
+            raise returned_wrong(method, f"{scores!r} for window {window.id}; it must return a 1-D tensor of "
+                                         "ln p per target token")
+        if len(scores) != len(window.target_ids):
+            raise returned_wrong(method, f"{amount(len(scores), 'log-prob')} for window {window.id}, which has "
+                                         f"{amount(len(window.target_ids), 'target token')}")
+    return list(logprobs)
 
 
 def passage_ids(model: LanguageModel, passage: Passage, max_length: int) -> list[int]:

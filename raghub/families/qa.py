@@ -1,7 +1,8 @@
 """The question-answering contract: a task hands methods `Question`s, each knowing how to
 render its prompt (with or without passages) and how to read an answer out of a generation; a
 method returns one answer string per question (`Method.answer`), which may be an `Answer` (a
-string that also carries the raw generation, for the samples log).
+string that also carries the raw generation, for the samples log). A task asks through
+`answers_from`, which checks that contract.
 
 A prompt holds only the passages that fit the model: when the template knows its model, the
 lowest-ranked passages are left out until the prompt leaves room for the answer (`fit_passages`),
@@ -14,8 +15,9 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from raghub.errors import RunError
-from raghub.interfaces import Example, Passage, Retrieved
+from raghub.errors import RunError, amount
+from raghub.interfaces import Example, Method, Passage, Retrieved
+from raghub.plugin_manager import returned_wrong
 
 if TYPE_CHECKING:  # pragma: no cover
     from raghub.models import Generation, LanguageModel
@@ -135,6 +137,22 @@ def fit_passages(question: Question, passages: Sequence[Passage]) -> Sequence[Pa
                                               f"passages is longer than the {room} tokens {model.name} "
                                               "leaves for it")
     return passages[:kept]
+
+
+def answers_from(method: Method, questions: Sequence[Question],
+                 retrieved: Sequence[Sequence[Retrieved]]) -> list[str]:
+    """`method.answer` for the questions: one string per question, else a RunError naming the
+    method's plugin and what it returned."""
+    answers = method.answer(questions, retrieved)
+    if not isinstance(answers, (list, tuple)):
+        raise returned_wrong(method, f"{answers!r}; it must return one string per question")
+    if len(answers) != len(questions):
+        raise returned_wrong(method, f"{amount(len(answers), 'answer')} for {amount(len(questions), 'question')}")
+    for question, answer in zip(questions, answers):
+        if not isinstance(answer, str):
+            raise returned_wrong(method, f"{answer!r} for question {question.id}; it must return one string "
+                                         "per question")
+    return list(answers)
 
 
 def answer_continuation(prompt: str, answer: str) -> str:

@@ -17,7 +17,8 @@ from itertools import chain, zip_longest
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-from raghub import Answer, Field, Option, Passage, PromptTemplate, Question, Retrieved, Task, UsageError
+from raghub import (Answer, Field, Option, Passage, PromptTemplate, Question, Retrieved, Task, UsageError,
+                    answers_from)
 from raghub.corpus import read_corpus
 from raghub.data import load_hub_dataset
 from raghub.families.qa import TEMPLATE_STYLES
@@ -189,7 +190,7 @@ class QATask(Task):
                  retrieved: Sequence[Sequence[Retrieved]]) -> list[dict[str, Any]]:
         """Each question's stats; in a user's --corpus the task's gold passage ids mean
         nothing, so recall counts only gold titles there (none: no recall)."""
-        predictions = method.answer(examples, retrieved)
+        predictions = answers_from(method, examples, retrieved)
         if self.settings["corpus"]:
             examples = [replace(q, gold_passage_ids=[]) for q in examples]
         return [question_stats(q, prediction, docs)
