@@ -316,7 +316,8 @@ def test_a_method_returning_wrong_answers_is_named_and_the_finished_batch_kept(a
     assert failed.exit_code == 1
     assert failed.output.strip().splitlines()[-1:] == [f"Error: method 'flaky' ({RUN_TIME}) {said}"]
     resume = next((tmp_path / "results" / ".partial").glob("*.jsonl"))
-    assert [json.loads(line)["id"] for line in resume.read_text().splitlines()] == ["q0", "q1"]
+    assert [sample["id"] for batch in resume.read_text().splitlines()
+            for sample in json.loads(batch)["lines"]] == ["q0", "q1"]
     Flaky.broken, Flaky.asked = False, []
     fixed = qa_run("--method", "flaky", "--json")
     assert fixed.exit_code == 0, fixed.output
