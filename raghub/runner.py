@@ -35,13 +35,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import raghub
 from raghub import allocator, distributed
 from raghub.distributed import notice
-from raghub.cache import Cache, cache_root, fingerprint, fingerprint_items
+from raghub.cache import Cache, cache_root, fingerprint
 from raghub.errors import UsageError
-from raghub.interfaces import COMMON_TASK_KEYS, Example, Method, Passage, Plugin, Registry, Retrieved, Retriever, Task
+from raghub.interfaces import COMMON_TASK_KEYS, Example, Method, Plugin, Registry, Retrieved, Retriever, Task
 from raghub.models import LanguageModel, ModelBackend, choose_backend
 from raghub.options import dashed
 from raghub.plugin_manager import registry
 from raghub.records import SAMPLES_FOLDER, append_record, read_records
+from raghub.retrieval import Retrieval, task_corpus
 from raghub.schema import check_schema
 from raghub.settings import CORE_OPTIONS, read_task_definition
 
@@ -333,52 +334,6 @@ def _load_model(resolved: ResolvedRun) -> LanguageModel:
                                  request.batch_size)
 
 
-@functools.lru_cache(maxsize=4)
-def task_corpus(task: Task) -> tuple[Sequence[Passage], str, str]:
-    """The task's retrieval corpus, its label and its fingerprint, built once per task object
-    (a streamed corpus file is hashed in one pass, without holding its passages)."""
-    passages, label = task.corpus()
-    return passages, label, fingerprint_items((p.id, p.title, p.text, p.group) for p in passages)
-
-
-def retrieve(task: Task, retriever: Retriever, examples: Sequence[Example], k: int,
-             cache: Cache) -> tuple[list[list[Retrieved]], str, str]:
-    """Top-k passages per example (none for an empty query), never from the example's own
-    `exclude_group`; results are cached by corpus, retriever, queries and k. Under several
-    ranks, each does its share of `prepare`, then rank 0 indexes and retrieves first.
-    A k above the corpus size is cut to it, with a notice.
-    Returns (retrieved, corpus label, corpus fingerprint)."""
-    passages, label, corpus_fp = task_corpus(task)
-    if k > len(passages):
-        notice(f"--n-docs {k} is more than the corpus's {len(passages)} passages; retrieving {len(passages)}")
-        k = len(passages)
-    retriever.prepare(passages, corpus_fp)
-    distributed.barrier()  # every rank's share of the index's work is done
-    excluded = {e.exclude_group for e in examples if e.exclude_group}
-    group_sizes: dict[str, int] = {}
-    for passage in passages if excluded else ():  # a pass over the corpus only when groups matter
-        if passage.group in excluded:
-            group_sizes[passage.group] = group_sizes.get(passage.group, 0) + 1
-    fetch = min(len(passages), k + max(group_sizes.values(), default=0))
-    positions = [i for i, e in enumerate(examples) if e.query.strip()]
-
-    def search() -> list[list[tuple[int, float]]]:
-        hits = retriever.search([examples[i].query for i in positions], fetch) if positions else []
-        kept = [[(p, s) for p, s in found if passages[p].group != examples[i].exclude_group
-                 or not passages[p].group][:k] for i, found in zip(positions, hits)]
-        return kept
-
-    key = {"corpus": corpus_fp, "retriever": retriever.fingerprint(), "k": k,
-           "queries": fingerprint([(e.query, e.exclude_group) for e in examples])}
-    with distributed.main_first():  # rank 0 builds the index and retrieves; the others read the cache
-        retriever.index(passages, corpus_fp)
-        hits = cache.json("retrievals", key, search)
-    retrieved: list[list[Retrieved]] = [[] for _ in examples]
-    for i, found in zip(positions, hits):
-        retrieved[i] = [Retrieved(passages[p], float(score)) for p, score in found]
-    return retrieved, label, corpus_fp
-
-
 #: the key, on the last line of each batch in a resume file, of the method counters it added
 COUNTERS_KEY = "method_counters"
 
@@ -466,8 +421,12 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> dict[s
         corpus_label, retriever = None, None
         if resolved.retriever_class is not None:
             retriever = resolved.retriever_class(cache, **resolved.plugin_options["retriever"])
-            with stderr.status(f"retrieving top-{resolved.n_docs} with {retriever.name}"):
-                retrieved, corpus_label, _ = retrieve(task, retriever, examples, resolved.n_docs, cache)
+            retrieval = Retrieval(task, retriever, cache)
+            n_docs = retrieval.clamp(resolved.n_docs)
+            with stderr.status(f"retrieving top-{n_docs} with {retriever.name}"):
+                retrieval.open()
+                retrieved = retrieval.first_stage(examples, n_docs)
+            corpus_label = retrieval.corpus_label
         # the weights' content is known once loaded: a resumed run never mixes two models
         config = {**resolved.config, **{key: getattr(model, attribute) for key, attribute in LOADED.items()}}
         resume_path = Path(request.results_dir) / ".partial" / f"{fingerprint(config)}.jsonl"
