@@ -8,7 +8,7 @@ folder, a file, or None for the embedded default) into a `LanguageModel`. Method
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 from raghub.errors import UsageError
@@ -17,10 +17,12 @@ from raghub.interfaces import Plugin, Registry
 
 @dataclass
 class Generation:
-    """A generated continuation and the log-probability of each generated token."""
+    """A generated continuation, the log-probability of each generated token and, where the
+    backend gives them, the tokens' ids (decoded one by one, what each token wrote)."""
 
     text: str
     token_logprobs: list[float]
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass

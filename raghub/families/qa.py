@@ -35,11 +35,38 @@ class PromptTemplate:
 
     def render(self, question: str, passages: Sequence[Passage]) -> str:
         blocks = [f"Question: {q}\nAnswer: {a}" for q, a in self.few_shot]
-        blocks += [f"Passage {n}: {p.as_text()}" for n, p in enumerate(passages, 1)]
+        blocks += [*passage_blocks(passages), f"Question: {question}"]
+        return self.frame(self.INSTRUCTION, blocks, "" if self.style == "chat" else "Answer:")
+
+    def frame(self, instruction: str, blocks: Sequence[str], reply: str) -> str:
+        """A prompt of this template's style from a method's own parts: in "completion", the
+        `blocks` (demonstrations, passages, the question) separated by blank lines, then `reply`
+        on the next line; in "chat", the `instruction` and the blocks as the user's message in
+        the model's chat template, the assistant's reply starting with `reply`. The model
+        continues `reply`."""
         if self.style == "chat":
-            body = "\n\n".join([self.INSTRUCTION, *blocks, f"Question: {question}"])
-            return self.chat(body) if self.chat else body
-        return "\n\n".join([*blocks, f"Question: {question}\nAnswer:"])
+            body = "\n\n".join([instruction, *blocks])
+            return (self.chat(body) if self.chat else body) + reply
+        return "\n\n".join(blocks) + (f"\n{reply}" if reply else "")
+
+
+def passage_blocks(passages: Sequence[Passage]) -> list[str]:
+    """Passages as prompt blocks: "Passage 1: title\ntext", ..."""
+    return [f"Passage {n}: {p.as_text()}" for n, p in enumerate(passages, 1)]
+
+
+#: the end of a sentence: a full stop, ! or ? after a lower-case letter, a digit or a closing
+#: mark (not an initial such as "U.S." or "F."), followed by a space or the end; or a line end
+_SENTENCE_END = re.compile(r"(?<=[a-z0-9)\]\"'%])[.!?](?=\s|$)|\n")
+
+
+def first_sentence(text: str) -> str:
+    """`text` up to the end of its first sentence (a line end ends one too), leading space kept;
+    all of it when no sentence ends."""
+    match = _SENTENCE_END.search(text.lstrip())
+    if match is None:
+        return text
+    return text[: len(text) - len(text.lstrip()) + match.end()].rstrip("\n")
 
 
 class Answer(str):
