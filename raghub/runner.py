@@ -45,6 +45,7 @@ from raghub.records import SAMPLES_FOLDER, append_record, read_records
 from raghub.retrieval import Retrieval, task_corpus
 from raghub.schema import check_schema
 from raghub.settings import CORE_OPTIONS, read_task_definition
+from raghub.worklog import passage_fields, work_means
 
 DEFAULT_RETRIEVER = "bm25"
 #: config keys known once the model loads -> the model attribute: the weights' content and the
@@ -227,6 +228,9 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
     if request.method not in found.methods:
         raise _unknown("method", request.method, list(found.methods), "methods")
     method_class = found.methods[request.method]
+    if not method_class.first_stage and not method_class.needs_retrieval:
+        raise UsageError(f"method '{request.method}' asks for its own passages (first_stage = False) but "
+                         "declares needs_retrieval = False, so the run would have no retriever")
     retriever_class = None
     n_docs = 0
     if method_class.needs_retrieval:
@@ -356,13 +360,11 @@ def _read_resume_file(path: Path) -> tuple[dict[str, dict[str, Any]], Counter[st
     return done, counters
 
 
-def _sample_line(task: Task, example: Example, stats: dict[str, Any],
-                retrieved: Sequence[Retrieved]) -> dict[str, Any]:
-    """The example's line of the samples log: its id, stats and retrieved passages (id, title,
-    score, rank), with the fields its task adds."""
-    passages = [{"id": hit.passage.id, "title": hit.passage.title, "score": hit.score, "rank": rank}
-                for rank, hit in enumerate(retrieved, start=1)]
-    return task.sample_log(example, {"id": example.id, **stats, "retrieved": passages})
+def _sample_line(task: Task, example: Example, stats: dict[str, Any], retrieved: Sequence[Retrieved],
+                 work: dict[str, Any]) -> dict[str, Any]:
+    """The example's line of the samples log: its id, stats, first-stage passages (id, title,
+    score, rank) and what the method logged of its work, with the fields its task adds."""
+    return task.sample_log(example, {"id": example.id, **stats, "retrieved": passage_fields(retrieved), **work})
 
 
 def _write_samples(results_dir: Path, record_id: str, lines: Sequence[dict[str, Any]]) -> str:
@@ -425,7 +427,9 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> dict[s
             n_docs = retrieval.clamp(resolved.n_docs)
             with stderr.status(f"retrieving top-{n_docs} with {retriever.name}"):
                 retrieval.open()
-                retrieved = retrieval.first_stage(examples, n_docs)
+                if method.first_stage:
+                    retrieved = retrieval.first_stage(examples, n_docs)
+            method.bind_retrieval(retrieval, n_docs)
             corpus_label = retrieval.corpus_label
         # the weights' content is known once loaded: a resumed run never mixes two models
         config = {**resolved.config, **{key: getattr(model, attribute) for key, attribute in LOADED.items()}}
@@ -449,7 +453,7 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None) -> dict[s
             "higher_is_better": higher_is_better,
             "stderr": {name: standard_errors.get(name) for name in higher_is_better},
             "totals": task.totals(lines),
-            "method_stats": method.run_stats(), "config": config,
+            "method_stats": {**method.run_stats(), **work_means(lines)}, "config": config,
             "plugins": _plugin_origins(task, method, retriever),
             "raghub_version": raghub.__version__, "git_commit": _git_commit(),
             "started_at": started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
@@ -489,7 +493,7 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
                                  f"tasks such as '{task.name}'") from None
             added = {key: value - before[key] for key, value in method.counters.items() if value != before[key]}
             for position, (i, result) in enumerate(zip(batch, results), start=1):
-                line = _sample_line(task, examples[i], result, retrieved[i])
+                line = _sample_line(task, examples[i], result, retrieved[i], method.work.take(examples[i].id))
                 # the batch's counters ride on its last line: kept exactly when the batch is
                 on_disk = {**line, COUNTERS_KEY: added} if position == len(batch) and added else line
                 resume.write(json.dumps(on_disk) + "\n")
