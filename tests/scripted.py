@@ -172,7 +172,7 @@ class ScriptedRuns:
 
     def run(self, method: str, *args, results: str = "results") -> tuple[dict, list[dict]]:
         out = self.invoke(method, *args, results=results)
-        assert out.exit_code == 0, out.output
+        assert out.exit_code == 0, (out.output, out.exception)
         record = json.loads(out.stdout)
         lines = (self.folder / results / record["samples"]).read_text().splitlines()
         return record, [json.loads(line) for line in lines]

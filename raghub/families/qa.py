@@ -69,6 +69,13 @@ def first_sentence(text: str) -> str:
     return text[: len(text) - len(text.lstrip()) + match.end()].rstrip("\n")
 
 
+def answer_after(text: str, mark: str) -> str | None:
+    """What the first line of `text` holding `mark` (e.g. "So the answer is:") says after it,
+    without the full stop that ends it; None when no line holds the mark."""
+    line = next((line for line in text.splitlines() if mark in line), None)
+    return None if line is None else line.split(mark, 1)[1].strip().removesuffix(".").strip()
+
+
 class Answer(str):
     """An answer string that also carries the raw generation it was read from; methods may
     return these instead of plain strings so that the samples log shows the generation."""

@@ -1,0 +1,90 @@
+"""The methods that retrieve while they work, each on the two-question task with a scripted
+model: its exact retrieval queries and final answers, derived by hand from the script and the
+overlap retriever (a passage scores the words of four letters or more it shares with the
+query; equal scores in corpus order: Alpha Film, Bea Mann, Ulm, Gamma River, Delta River,
+Einstein)."""
+
+import pytest
+
+from raghub import PromptTemplate, answer_after, first_sentence
+from scripted import BRIDGE, COMPARISON, Overlap, ScriptedBackend, ScriptedModel, scripted, tail, titles  # noqa: F401
+
+
+def scripted_replies(replies):
+    """A reply function: the reply for the prompt's tail (after its last "Question: "); an
+    unexpected prompt fails the test, naming its tail."""
+    def reply(prompt):
+        assert tail(prompt) in replies, f"no reply scripted for {tail(prompt)!r}"
+        return replies[tail(prompt)]
+    return reply
+
+
+def asked(lines):
+    """Each example's queries, from its samples-log trace."""
+    return [[call["query"] for call in line.get("retrievals", [])] for line in lines]
+
+
+# --- the helpers the methods share ----------------------------------------------------------
+
+@pytest.mark.parametrize("text, sentence", [
+    (" Ulm is in Germany. So the answer is: Ulm.", " Ulm is in Germany."),
+    ("Born in the U.S. in 1990. Next", "Born in the U.S. in 1990."),
+    (" a line\nthe next", " a line"),
+    ("no end", "no end"),
+])
+def test_first_sentence_ends_at_a_full_stop_after_a_word_or_at_a_line_end(text, sentence):
+    assert first_sentence(text) == sentence
+
+
+def test_answer_after_reads_the_line_that_holds_the_mark():
+    assert answer_after("Ulm is a city.\nSo the answer is: Ulm.\nmore", "So the answer is:") == "Ulm"
+    assert answer_after("no answer here", "So the answer is:") is None
+
+
+def test_frame_gives_a_methods_prompt_in_the_tasks_style():
+    blocks = ["Question: demo?\nThought: d.", "Question: Where?"]
+    completion = PromptTemplate(style="completion").frame("Think.", blocks, "Thought:")
+    assert completion == "Question: demo?\nThought: d.\n\nQuestion: Where?\nThought:"
+    chat = PromptTemplate(style="chat", chat=lambda body: f"<user>{body}</user>").frame("Think.", blocks, "Thought:")
+    assert chat == "<user>Think.\n\nQuestion: demo?\nThought: d.\n\nQuestion: Where?</user>Thought:"
+
+
+# --- ircot ----------------------------------------------------------------------------------
+
+IRCOT_SCRIPT = {
+    f"{BRIDGE}\nThought:": " The director is Bea Mann, a German director.\n",
+    f"{BRIDGE}\nThought: The director is Bea Mann, a German director.": " So the answer is: Ulm.\n",
+    f"{COMPARISON}\nThought:": " The Gamma River is 500 km long. The Delta River is 300 km long.\n",
+    f"{COMPARISON}\nThought: The Gamma River is 500 km long.": " The Delta River is 300 km long.\n",
+    f"{COMPARISON}\nThought: The Gamma River is 500 km long. The Delta River is 300 km long.": " Both are rivers.\n",
+    f"{COMPARISON}\nAnswer:": " Gamma River\n",  # the reader, after a chain without an answer
+}
+
+
+def test_ircot_queries_each_new_sentence_and_reads_the_answer_line(scripted):
+    ScriptedBackend.model = ScriptedModel(scripted_replies(IRCOT_SCRIPT))
+    record, lines = scripted.run("ircot", "--n-docs", 1, "--max-steps", 3)
+    # first stage (top 1): Alpha Film (2 shared words, before Bea Mann's 2); Gamma River.
+    # "The director is Bea Mann, a German director." -> Bea Mann (director, mann, german): new.
+    # "The Gamma River is 500 km long." -> Gamma River again; "The Delta River ..." -> Delta River: new.
+    # The comparison's third sentence states no answer and is the last step: no retrieval after it.
+    assert asked(lines) == [["The director is Bea Mann, a German director."],
+                            ["The Gamma River is 500 km long.", "The Delta River is 300 km long."]]
+    assert Overlap.asked == [BRIDGE, COMPARISON, "The director is Bea Mann, a German director.",
+                             "The Gamma River is 500 km long.", "The Delta River is 300 km long."]
+    assert [line["prediction"] for line in lines] == ["Ulm", "Gamma River"]
+    assert lines[0]["generation"] == "Thought: The director is Bea Mann, a German director. So the answer is: Ulm."
+    assert lines[1]["generation"].endswith("Both are rivers.\nReader: Gamma River\n")
+    prompts = ScriptedBackend.model.prompts
+    assert titles(prompts[2]) == ["Alpha Film", "Bea Mann"]  # the bridge's second step
+    assert titles(prompts[-1]) == ["Gamma River", "Delta River"]  # the reader's
+    # tokens: 9 + 6 for the bridge; 15 + 8 + 4 and the reader's 3 for the comparison
+    assert [line["generated_tokens"] for line in lines] == [15, 30]
+    assert record["method_stats"] == {"answer_line_rate": 0.5, "retrieval_calls_per_example": 1.5,
+                                      "generated_tokens_per_example": 22.5}
+
+
+def test_ircot_gathers_at_most_max_passages(scripted):
+    ScriptedBackend.model = ScriptedModel(scripted_replies(IRCOT_SCRIPT))
+    scripted.run("ircot", "--n-docs", 1, "--max-steps", 3, "--max-passages", 1)
+    assert all(len(titles(prompt)) == 1 for prompt in ScriptedBackend.model.prompts)
