@@ -36,6 +36,7 @@ DEFAULT_PLUGINS = (
     "raghub.plugins.methods.device_cloud",
     "raghub.plugins.methods.rag_sequence",
     "raghub.plugins.methods.ircot",
+    "raghub.plugins.methods.iter_retgen",
     "raghub.plugins.retrievers.bm25",
     "raghub.plugins.retrievers.dense",
     "raghub.plugins.retrievers.dpr",

@@ -88,3 +88,31 @@ def test_ircot_gathers_at_most_max_passages(scripted):
     ScriptedBackend.model = ScriptedModel(scripted_replies(IRCOT_SCRIPT))
     scripted.run("ircot", "--n-docs", 1, "--max-steps", 3, "--max-passages", 1)
     assert all(len(titles(prompt)) == 1 for prompt in ScriptedBackend.model.prompts)
+
+
+# --- iter-retgen ----------------------------------------------------------------------------
+
+def replies_by_first_passage(replies):
+    """A reply function: the reply for the title of the prompt's first passage."""
+    return lambda prompt: replies[titles(prompt)[0]]
+
+
+def test_iter_retgen_asks_with_the_question_and_the_last_generation(scripted):
+    replies = {"Alpha Film": " German director\n", "Bea Mann": " Ulm\n", "Gamma River": " Gamma River\n"}
+    ScriptedBackend.model = ScriptedModel(replies_by_first_passage(replies))
+    record, lines = scripted.run("iter-retgen", "--n-docs", 1, "--iterations", 2)
+    # round 1 reads the first stage: Alpha Film, Gamma River. The bridge's round-2 query adds
+    # "German director": Bea Mann shares director, born, german (3), Alpha Film alpha, film (2)
+    assert asked(lines) == [[f"{BRIDGE} German director"], [f"{COMPARISON} Gamma River"]]
+    assert [titles(prompt) for prompt in ScriptedBackend.model.prompts] == [
+        ["Alpha Film"], ["Gamma River"], ["Bea Mann"], ["Gamma River"]]
+    assert [line["prediction"] for line in lines] == ["Ulm", "Gamma River"]
+    assert record["method_stats"]["retrieval_calls_per_example"] == 1
+
+
+def test_iter_retgen_with_one_iteration_is_standard_rag(scripted):
+    replies = {"Alpha Film": " German director\n", "Gamma River": " Gamma River\n"}
+    ScriptedBackend.model = ScriptedModel(replies_by_first_passage(replies))
+    _, lines = scripted.run("iter-retgen", "--n-docs", 1, "--iterations", 1)
+    assert asked(lines) == [[], []] and Overlap.asked == [BRIDGE, COMPARISON]
+    assert [line["prediction"] for line in lines] == ["German director", "Gamma River"]
