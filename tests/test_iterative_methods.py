@@ -116,3 +116,34 @@ def test_iter_retgen_with_one_iteration_is_standard_rag(scripted):
     _, lines = scripted.run("iter-retgen", "--n-docs", 1, "--iterations", 1)
     assert asked(lines) == [[], []] and Overlap.asked == [BRIDGE, COMPARISON]
     assert [line["prediction"] for line in lines] == ["German director", "Gamma River"]
+
+
+# --- adaptive -------------------------------------------------------------------------------
+
+def adaptive_reply(prompt):
+    """Closed book: unsure of the bridge (mean ln p (-2.0 - 0.1) / 2 = -1.05), sure of the
+    comparison (-0.35 / 3); with passages: Ulm."""
+    if titles(prompt):
+        return " Ulm\n"
+    if BRIDGE in tail(prompt):
+        return [(" Paris", -2.0), ("\n", -0.1)]
+    return [(" Gamma", -0.2), (" River", -0.1), ("\n", -0.05)]
+
+
+def test_adaptive_retrieves_only_for_the_unsure_answer(scripted):
+    ScriptedBackend.model = ScriptedModel(adaptive_reply)
+    record, lines = scripted.run("adaptive", "--n-docs", 2)  # threshold 0.4: ln 0.4 = -0.92
+    assert Overlap.asked == [BRIDGE]  # no first stage
+    assert asked(lines) == [[BRIDGE], []]
+    assert titles(ScriptedBackend.model.prompts[-1]) == ["Alpha Film", "Bea Mann"]
+    assert [line["prediction"] for line in lines] == ["Ulm", "Gamma River"]
+    assert record["method_stats"] == {"retrieved_fraction": 0.5, "retrieval_calls_per_example": 0.5,
+                                      "generated_tokens_per_example": 3.5}  # (2 + 2) and 3
+
+
+def test_adaptive_below_the_answers_confidence_retrieves_nothing(scripted):
+    ScriptedBackend.model = ScriptedModel(adaptive_reply)
+    record, lines = scripted.run("adaptive", "--n-docs", 2, "--threshold", 0.3)  # ln 0.3 = -1.20 < -1.05
+    assert Overlap.asked == [] and asked(lines) == [[], []]
+    assert [line["prediction"] for line in lines] == ["Paris", "Gamma River"]
+    assert record["method_stats"]["retrieved_fraction"] == 0
