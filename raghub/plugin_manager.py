@@ -38,6 +38,7 @@ DEFAULT_PLUGINS = (
     "raghub.plugins.methods.ircot",
     "raghub.plugins.methods.iter_retgen",
     "raghub.plugins.methods.adaptive",
+    "raghub.plugins.methods.flare",
     "raghub.plugins.retrievers.bm25",
     "raghub.plugins.retrievers.dense",
     "raghub.plugins.retrievers.dpr",

@@ -29,11 +29,17 @@ def asked(lines):
 @pytest.mark.parametrize("text, sentence", [
     (" Ulm is in Germany. So the answer is: Ulm.", " Ulm is in Germany."),
     ("Born in the U.S. in 1990. Next", "Born in the U.S. in 1990."),
-    (" a line\nthe next", " a line"),
+    (" a line \nthe next", " a line"),
     ("no end", "no end"),
 ])
 def test_first_sentence_ends_at_a_full_stop_after_a_word_or_at_a_line_end(text, sentence):
     assert first_sentence(text) == sentence
+
+
+def test_first_sentence_takes_a_line_that_states_the_answer_whole():
+    assert first_sentence(" So the answer is: St. Louis. More\nnext", "So the answer is:") == \
+        " So the answer is: St. Louis. More"
+    assert first_sentence(" So the answer is: St. Louis. More") == " So the answer is: St."
 
 
 def test_answer_after_reads_the_line_that_holds_the_mark():
@@ -147,3 +153,63 @@ def test_adaptive_below_the_answers_confidence_retrieves_nothing(scripted):
     assert Overlap.asked == [] and asked(lines) == [[], []]
     assert [line["prediction"] for line in lines] == ["Paris", "Gamma River"]
     assert record["method_stats"]["retrieved_fraction"] == 0
+
+
+# --- flare ----------------------------------------------------------------------------------
+
+def flare_replies(replies):
+    """A reply function: the reply for the prompt's tail and the titles of its passages."""
+    def reply(prompt):
+        key = (tail(prompt), tuple(titles(prompt)))
+        assert key in replies, f"no reply scripted for {key!r}"
+        return replies[key]
+    return reply
+
+
+SURE, UNSURE = -0.1, -2.0  # ln p; the default threshold 0.4 is ln p = -0.92
+FLARE_SCRIPT = {
+    # the bridge: "Tom" and "Hanks." are unlikely; " He" lies past the sentence's end
+    (f"{BRIDGE}\nAnswer:", ()): [(" Alpha", SURE), (" Film", SURE), (" was", SURE), (" directed", SURE),
+                                  (" by", SURE), (" Tom", UNSURE), (" Hanks.", -1.5), (" He", UNSURE), ("\n", SURE)],
+    (f"{BRIDGE}\nAnswer:", ("Alpha Film",)): " Alpha Film was directed by Bea Mann. Bea\n",
+    (f"{BRIDGE}\nAnswer: Alpha Film was directed by Bea Mann.", ()): " Bea Mann was born in Ulm.\n",
+    (f"{BRIDGE}\nAnswer: Alpha Film was directed by Bea Mann. Bea Mann was born in Ulm.", ()):
+        " So the answer is: Ulm.\n",
+    # the comparison: "500" is unlikely
+    (f"{COMPARISON}\nAnswer:", ()): [(" The", SURE), (" Gamma", SURE), (" River", SURE), (" is", SURE),
+                                      (" 500", -1.2), (" km", SURE), (" long.", SURE), ("\n", SURE)],
+    (f"{COMPARISON}\nAnswer:", ("Gamma River",)): " The Gamma River is 500 km long.\n",
+    (f"{COMPARISON}\nAnswer: The Gamma River is 500 km long.", ()): " So the answer is: Gamma River.\n",
+}
+
+
+def test_flare_retrieves_with_the_unsure_sentence_masked_and_writes_it_again(scripted):
+    ScriptedBackend.model = ScriptedModel(flare_replies(FLARE_SCRIPT))
+    record, lines = scripted.run("flare", "--n-docs", 1)
+    # "Alpha Film was directed by" -> Alpha Film (alpha, film, directed); "The Gamma River is km
+    # long." -> Gamma River (gamma, river, long); both in one call, no first stage
+    assert Overlap.asked == ["Alpha Film was directed by", "The Gamma River is km long."]
+    assert asked(lines) == [["Alpha Film was directed by"], ["The Gamma River is km long."]]
+    assert [line["prediction"] for line in lines] == ["Ulm", "Gamma River"]
+    assert lines[0]["generation"] == ("Answer: Alpha Film was directed by Bea Mann. Bea Mann was born in Ulm. "
+                                      "So the answer is: Ulm.")
+    assert record["method_stats"]["answer_line_rate"] == 1
+
+
+def test_flare_keeps_a_sentence_whose_tokens_clear_the_threshold(scripted):
+    script = {**FLARE_SCRIPT, (f"{BRIDGE}\nAnswer: Alpha Film was directed by Tom Hanks.", ()):
+              " So the answer is: Tom Hanks.\n"}
+    ScriptedBackend.model = ScriptedModel(flare_replies(script))
+    _, [line] = scripted.run("flare", "--n-docs", 1, "--limit", 1, "--threshold", 0.1)  # ln 0.1 = -2.30
+    assert Overlap.asked == [] and "retrievals" not in line
+    assert line["prediction"] == "Tom Hanks"
+
+
+def test_flare_answers_an_unfinished_chain_with_the_tasks_prompt(scripted):
+    chain = flare_replies(FLARE_SCRIPT)
+    ScriptedBackend.model = ScriptedModel(lambda prompt: chain(prompt) if "Magic Flute" in prompt else " Bea Mann\n")
+    record, [line] = scripted.run("flare", "--n-docs", 1, "--limit", 1, "--max-steps", 1)
+    assert line["prediction"] == "Bea Mann"
+    assert line["generation"] == "Answer: Alpha Film was directed by Bea Mann.\nReader: Bea Mann\n"
+    assert titles(ScriptedBackend.model.prompts[-1]) == ["Alpha Film"]  # the passages retrieved last
+    assert record["method_stats"]["answer_line_rate"] == 0

@@ -39,14 +39,6 @@ DEMONSTRATIONS = (
 )
 
 
-def next_thought(generated: str) -> tuple[str, str | None]:
-    """The chain's next sentence from a generated line, and the answer it states (None when it
-    states none): a line that states the answer is taken whole."""
-    line = generated.strip().split("\n")[0]
-    answer = answer_after(line, ANSWER_MARK)
-    return (line, answer) if answer is not None else (first_sentence(line).strip(), None)
-
-
 class IRCoT(Method):
     name = "ircot"
     description = "IRCoT: each new chain-of-thought sentence is the next retrieval query"
@@ -73,7 +65,8 @@ class IRCoT(Method):
                                         SENTENCE_TOKENS, one_line=True)
             asking = []
             for i, generation in zip(open_chains, generations):
-                sentence, answers[i] = next_thought(generation.text)
+                sentence = first_sentence(generation.text, ANSWER_MARK).strip()
+                answers[i] = answer_after(sentence, ANSWER_MARK)
                 stopped[i] = not sentence
                 if sentence:
                     thoughts[i].append(sentence)

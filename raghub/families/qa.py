@@ -56,17 +56,18 @@ def passage_blocks(passages: Sequence[Passage]) -> list[str]:
 
 
 #: the end of a sentence: a full stop, ! or ? after a lower-case letter, a digit or a closing
-#: mark (not an initial such as "U.S." or "F."), followed by a space or the end; or a line end
-_SENTENCE_END = re.compile(r"(?<=[a-z0-9)\]\"'%])[.!?](?=\s|$)|\n")
+#: mark (not an initial such as "U.S." or "F."), followed by a space or the end
+_SENTENCE_END = re.compile(r"(?<=[a-z0-9)\]\"'%])[.!?](?=\s|$)")
 
 
-def first_sentence(text: str) -> str:
-    """`text` up to the end of its first sentence (a line end ends one too), leading space kept;
-    all of it when no sentence ends."""
-    match = _SENTENCE_END.search(text.lstrip())
-    if match is None:
-        return text
-    return text[: len(text) - len(text.lstrip()) + match.end()].rstrip("\n")
+def first_sentence(text: str, mark: str | None = None) -> str:
+    """`text` up to the end of its first sentence, leading space kept: a line end ends one too.
+    A first line that holds `mark` (such as "So the answer is:") is taken whole, so that the
+    answer it states ("St. Louis.") is not cut."""
+    lead = len(text) - len(text.lstrip())
+    line = text[lead:].split("\n")[0]
+    end = _SENTENCE_END.search(line)
+    return text[:lead] + (line if end is None or (mark and mark in line) else line[: end.end()]).rstrip()
 
 
 def answer_after(text: str, mark: str) -> str | None:
