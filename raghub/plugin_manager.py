@@ -39,6 +39,7 @@ DEFAULT_PLUGINS = (
     "raghub.plugins.methods.iter_retgen",
     "raghub.plugins.methods.adaptive",
     "raghub.plugins.methods.flare",
+    "raghub.plugins.methods.self_ask",
     "raghub.plugins.retrievers.bm25",
     "raghub.plugins.retrievers.dense",
     "raghub.plugins.retrievers.dpr",

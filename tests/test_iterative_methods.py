@@ -213,3 +213,45 @@ def test_flare_answers_an_unfinished_chain_with_the_tasks_prompt(scripted):
     assert line["generation"] == "Answer: Alpha Film was directed by Bea Mann.\nReader: Bea Mann\n"
     assert titles(ScriptedBackend.model.prompts[-1]) == ["Alpha Film"]  # the passages retrieved last
     assert record["method_stats"]["answer_line_rate"] == 0
+
+
+# --- self-ask -------------------------------------------------------------------------------
+
+NEEDED = "Are follow up questions needed here:"
+SELF_ASK_SCRIPT = {
+    f"{BRIDGE}\n{NEEDED}": " Yes.\n",
+    f"{BRIDGE}\n{NEEDED} Yes.\n": "Follow up: Who directed Alpha Film?\n",
+    f"{BRIDGE}\n{NEEDED} Yes.\nFollow up: Who directed Alpha Film?\nIntermediate answer:": " Bea Mann.\n",
+    f"{BRIDGE}\n{NEEDED} Yes.\nFollow up: Who directed Alpha Film?\nIntermediate answer: Bea Mann.\n":
+        "Follow up: Where was Bea Mann born?\n",
+    f"{BRIDGE}\n{NEEDED} Yes.\nFollow up: Who directed Alpha Film?\nIntermediate answer: Bea Mann.\n"
+    "Follow up: Where was Bea Mann born?\nIntermediate answer:": " Ulm.\n",
+    f"{BRIDGE}\n{NEEDED} Yes.\nFollow up: Who directed Alpha Film?\nIntermediate answer: Bea Mann.\n"
+    "Follow up: Where was Bea Mann born?\nIntermediate answer: Ulm.\n": "So the final answer is: Ulm\n",
+    f"{COMPARISON}\n{NEEDED}": " No.\n",
+    f"{COMPARISON}\n{NEEDED} No.\n": "So the final answer is: Gamma River\n",
+    f"{BRIDGE}\nAnswer:": " Bea Mann\n",  # the task's prompt, for a reply without a final answer
+}
+
+
+def test_self_ask_retrieves_for_each_follow_up_question(scripted):
+    ScriptedBackend.model = ScriptedModel(scripted_replies(SELF_ASK_SCRIPT))
+    record, lines = scripted.run("self-ask", "--n-docs", 1)
+    # "Who directed Alpha Film?" -> Alpha Film (directed, alpha, film);
+    # "Where was Bea Mann born?" -> Bea Mann (mann, born: 2, before Alpha Film's and Einstein's 1)
+    assert asked(lines) == [["Who directed Alpha Film?", "Where was Bea Mann born?"], []]
+    assert Overlap.asked == ["Who directed Alpha Film?", "Where was Bea Mann born?"]
+    prompts = ScriptedBackend.model.prompts
+    assert [titles(p) for p in prompts if tail(p).endswith("Intermediate answer:")] == [["Alpha Film"], ["Bea Mann"]]
+    assert [line["prediction"] for line in lines] == ["Ulm", "Gamma River"]
+    assert lines[1]["generation"] == f"{NEEDED} No.\nSo the final answer is: Gamma River"
+    assert record["method_stats"]["answer_line_rate"] == 1
+
+
+def test_self_ask_stops_at_max_steps_follow_ups_and_reads_the_last_passages(scripted):
+    ScriptedBackend.model = ScriptedModel(scripted_replies(SELF_ASK_SCRIPT))
+    record, [line] = scripted.run("self-ask", "--n-docs", 1, "--limit", 1, "--max-steps", 1)
+    assert asked([line]) == [["Who directed Alpha Film?"]]
+    assert line["prediction"] == "Bea Mann" and line["generation"].endswith("\nReader: Bea Mann\n")
+    assert titles(ScriptedBackend.model.prompts[-1]) == ["Alpha Film"]
+    assert record["method_stats"]["answer_line_rate"] == 0
