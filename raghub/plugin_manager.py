@@ -40,6 +40,7 @@ DEFAULT_PLUGINS = (
     "raghub.plugins.methods.adaptive",
     "raghub.plugins.methods.flare",
     "raghub.plugins.methods.self_ask",
+    "raghub.plugins.methods.react",
     "raghub.plugins.retrievers.bm25",
     "raghub.plugins.retrievers.dense",
     "raghub.plugins.retrievers.dpr",

@@ -255,3 +255,41 @@ def test_self_ask_stops_at_max_steps_follow_ups_and_reads_the_last_passages(scri
     assert line["prediction"] == "Bea Mann" and line["generation"].endswith("\nReader: Bea Mann\n")
     assert titles(ScriptedBackend.model.prompts[-1]) == ["Alpha Film"]
     assert record["method_stats"]["answer_line_rate"] == 0
+
+
+# --- react ----------------------------------------------------------------------------------
+
+ALPHA_SEEN = ("Thought: I need the director of Alpha Film.\nAction: Search[Alpha Film director]\n"
+              "Observation: [Alpha Film] Alpha Film is a 1990 drama directed by Bea Mann.\n")
+REACT_SCRIPT = {
+    f"{BRIDGE}\nThought:": " I need the director of Alpha Film.\nAction: Search[Alpha Film director]\nObservation: x",
+    f"{BRIDGE}\n{ALPHA_SEEN}Thought:": " Bea Mann directed it.\nSearch[Bea Mann birthplace born]\n",
+    f"{BRIDGE}\n{ALPHA_SEEN}Thought: Bea Mann directed it.\nAction: Search[Bea Mann birthplace born]\n"
+    "Observation: [Bea Mann] Bea Mann is a German director born in Ulm.\nThought:":
+        " She was born in Ulm.\nAction: Finish[Ulm]\n",
+    f"{COMPARISON}\nThought:": " I will guess.\nAction: Lookup[rivers]\n",  # not an action of the agent
+    f"{COMPARISON}\nThought: I will guess.\nObservation: Invalid action. Write Action: Search[query] or "
+    "Action: Finish[answer].\nThought:": " The Gamma River is longer.\nAction: Finish[Gamma River]",
+    f"{BRIDGE}\nAnswer:": " Bea Mann\n",  # the task's prompt, for an agent that never finished
+}
+
+
+def test_react_searches_observes_and_finishes_counting_malformed_actions(scripted):
+    ScriptedBackend.model = ScriptedModel(scripted_replies(REACT_SCRIPT))
+    record, lines = scripted.run("react", "--n-docs", 1)
+    # "Alpha Film director" -> Alpha Film (alpha, film: 2; Bea Mann's director: 1);
+    # "Bea Mann birthplace born" -> Bea Mann (mann, born: 2; Alpha Film and Einstein: 1)
+    assert asked(lines) == [["Alpha Film director", "Bea Mann birthplace born"], []]
+    assert [line["prediction"] for line in lines] == ["Ulm", "Gamma River"]
+    assert lines[1]["generation"].startswith("Thought: I will guess.\nObservation: Invalid action.")
+    assert record["method_stats"]["finish_rate"] == 1
+    assert record["method_stats"]["malformed_actions_per_question"] == 0.5
+
+
+def test_react_that_never_finishes_is_read_from_the_last_search(scripted):
+    ScriptedBackend.model = ScriptedModel(scripted_replies(REACT_SCRIPT))
+    record, [line] = scripted.run("react", "--n-docs", 1, "--limit", 1, "--max-steps", 1)
+    assert asked([line]) == [["Alpha Film director"]]
+    assert line["prediction"] == "Bea Mann" and line["generation"].endswith("Reader: Bea Mann")
+    assert titles(ScriptedBackend.model.prompts[-1]) == ["Alpha Film"]
+    assert record["method_stats"]["finish_rate"] == 0
