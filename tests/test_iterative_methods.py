@@ -293,3 +293,18 @@ def test_react_that_never_finishes_is_read_from_the_last_search(scripted):
     assert line["prediction"] == "Bea Mann" and line["generation"].endswith("Reader: Bea Mann")
     assert titles(ScriptedBackend.model.prompts[-1]) == ["Alpha Film"]
     assert record["method_stats"]["finish_rate"] == 0
+
+
+# --- options --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, option, value, message", [
+    ("ircot", "--max-steps", 0, "--max-steps must be at least 1, not 0"),
+    ("react", "--max-steps", 21, "--max-steps must be at most 20, not 21"),
+    ("ircot", "--max-passages", 0, "--max-passages must be at least 1, not 0"),
+    ("iter-retgen", "--iterations", 11, "--iterations must be at most 10, not 11"),
+    ("flare", "--threshold", 0, "--threshold must be above 0, not 0.0"),
+    ("adaptive", "--threshold", 1.5, "--threshold must be at most 1, not 1.5"),
+])
+def test_loop_bounds_are_checked_before_the_model_loads(scripted, method, option, value, message):
+    out = scripted.invoke(method, option, value)
+    assert out.exit_code == 2 and message in out.output and ScriptedBackend.loads == 0
