@@ -138,7 +138,8 @@ class Method(Plugin):
         #: additive counts of the work done (passages trained, bytes sent, ...); the runner
         #: keeps them with the finished examples, so a resumed run counts all of its work
         self.counters: Counter[str] = Counter()
-        #: the run's --n-docs (0 when it retrieves nothing): the k of the first stage
+        #: the run's --n-docs (0 without a retriever): the first stage's k, and the k a method that
+        #: asks for its own passages (first_stage = False) is to ask for
         self.n_docs = 0
         self.retrieval: Retrieval | None = None
         #: each example's retrieval calls and generated tokens, for its samples-log line

@@ -175,8 +175,8 @@ FLARE_SCRIPT = {
     (f"{BRIDGE}\nAnswer: Alpha Film was directed by Bea Mann.", ()): " Bea Mann was born in Ulm.\n",
     (f"{BRIDGE}\nAnswer: Alpha Film was directed by Bea Mann. Bea Mann was born in Ulm.", ()):
         " So the answer is: Ulm.\n",
-    # the comparison: "500" is unlikely
-    (f"{COMPARISON}\nAnswer:", ()): [(" The", SURE), (" Gamma", SURE), (" River", SURE), (" is", SURE),
+    # the comparison: "ma", a piece of "Gamma", and "500" are unlikely
+    (f"{COMPARISON}\nAnswer:", ()): [(" The", SURE), (" Gam", SURE), ("ma", UNSURE), (" River", SURE), (" is", SURE),
                                       (" 500", -1.2), (" km", SURE), (" long.", SURE), ("\n", SURE)],
     (f"{COMPARISON}\nAnswer:", ("Gamma River",)): " The Gamma River is 500 km long.\n",
     (f"{COMPARISON}\nAnswer: The Gamma River is 500 km long.", ()): " So the answer is: Gamma River.\n",
@@ -186,10 +186,11 @@ FLARE_SCRIPT = {
 def test_flare_retrieves_with_the_unsure_sentence_masked_and_writes_it_again(scripted):
     ScriptedBackend.model = ScriptedModel(flare_replies(FLARE_SCRIPT))
     record, lines = scripted.run("flare", "--n-docs", 1)
-    # "Alpha Film was directed by" -> Alpha Film (alpha, film, directed); "The Gamma River is km
-    # long." -> Gamma River (gamma, river, long); both in one call, no first stage
-    assert Overlap.asked == ["Alpha Film was directed by", "The Gamma River is km long."]
-    assert asked(lines) == [["Alpha Film was directed by"], ["The Gamma River is km long."]]
+    # "Alpha Film was directed by" -> Alpha Film (alpha, film, directed); "The River is km long."
+    # (the whole word "Gamma" masked) -> Gamma River (river, long: 2, before Delta River's 2);
+    # both in one call, no first stage
+    assert Overlap.asked == ["Alpha Film was directed by", "The River is km long."]
+    assert asked(lines) == [["Alpha Film was directed by"], ["The River is km long."]]
     assert [line["prediction"] for line in lines] == ["Ulm", "Gamma River"]
     assert lines[0]["generation"] == ("Answer: Alpha Film was directed by Bea Mann. Bea Mann was born in Ulm. "
                                       "So the answer is: Ulm.")
@@ -308,3 +309,19 @@ def test_react_that_never_finishes_is_read_from_the_last_search(scripted):
 def test_loop_bounds_are_checked_before_the_model_loads(scripted, method, option, value, message):
     out = scripted.invoke(method, option, value)
     assert out.exit_code == 2 and message in out.output and ScriptedBackend.loads == 0
+
+
+class WithoutTokenIds(ScriptedModel):
+    """A backend's model that gives no token ids."""
+
+    def generation(self, prompt, max_new_tokens, one_line):
+        generation = super().generation(prompt, max_new_tokens, one_line)
+        generation.token_ids = []
+        return generation
+
+
+def test_flare_without_token_ids_asks_with_the_whole_unsure_sentence(scripted):
+    ScriptedBackend.model = WithoutTokenIds(flare_replies(FLARE_SCRIPT))
+    _, lines = scripted.run("flare", "--n-docs", 1)
+    assert asked(lines) == [["Alpha Film was directed by Tom Hanks."], ["The Gamma River is 500 km long."]]
+    assert [line["prediction"] for line in lines] == ["Ulm", "Gamma River"]

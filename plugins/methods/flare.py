@@ -3,9 +3,10 @@ Generation", EMNLP), its direct form FLARE-direct.
 
 The answer is written a sentence at a time, up to `--max-steps` sentences. Each step first
 generates a look-ahead sentence without passages. If every one of its tokens has probability at
-least `--threshold`, it is kept. Otherwise the sentence, masked of its low-probability tokens,
-is the query of a retrieval (`--n-docs` passages; the question when nothing is left of it), and
-the sentence is generated again with those passages in the prompt and kept. The answer is read
+least `--threshold`, it is kept. Otherwise the sentence, masked of its low-probability tokens
+(the whole words that hold one), is the query of a retrieval (`--n-docs` passages; the question
+when nothing is left of it), and the sentence is generated again with those passages in the
+prompt and kept. The answer is read
 from the sentence that says "So the answer is:"; a question whose answer never gets there (or
 stops writing) is answered by the task's own prompt with the passages retrieved last.
 
@@ -13,9 +14,10 @@ What differs from the paper: no retrieval with the question before the first sen
 FlashRAG's FLARE (every retrieval is triggered by an unsure sentence); the demonstrations are
 this project's, three short chains of thought; the fallback answer for an unfinished chain is
 this project's (the paper's output is the whole generation); a "sentence" is the generation up
-to its first sentence end or line end, and a line that states the answer is taken whole. The
-tokens' probabilities are those of `Generation.token_logprobs`; a backend that gives no token
-ids gets its sentence unmasked as the query.
+to its first sentence end or line end, and a line that states the answer is taken whole; the
+mask drops whole words, not the pieces of a word that its tokenizer split (a BM25 query of
+half-words finds nothing). The tokens' probabilities are those of `Generation.token_logprobs`;
+a backend that gives no token ids gets its sentence unmasked as the query.
 """
 
 from __future__ import annotations
@@ -93,19 +95,27 @@ class Flare(Method):
 
     def judge(self, look) -> tuple[str, str | None]:
         """The look-ahead's sentence, and None when each of its tokens is likely enough, else
-        the sentence's likely tokens (the masked query; '' when none is)."""
+        the sentence without the words that hold an unlikely token (the masked query; '' when
+        no word is left)."""
         text = first_sentence(look.text, ANSWER_MARK)  # a prefix of the look-ahead's text
-        ids, logprobs = look.token_ids, look.token_logprobs
-        if ids:  # the sentence's own tokens: the fewest whose text covers it
-            length = next((n for n in range(1, len(ids) + 1) if len(self.model.decode(ids[:n])) >= len(text)), len(ids))
-            ids, logprobs = ids[:length], logprobs[:length]
         floor = math.log(self.settings["threshold"])
         sentence = text.strip()
-        if not sentence or all(logprob >= floor for logprob in logprobs):
+        if not look.token_ids:  # no token ids: every token judged, and nothing to mask by
+            unsure = any(logprob < floor for logprob in look.token_logprobs)
+            return sentence, sentence if sentence and unsure else None
+        # the text each token wrote (decoded by prefixes, whatever the tokenizer's spaces), up
+        # to the fewest tokens that cover the sentence
+        prefixes = [self.model.decode(look.token_ids[:n]) for n in range(len(look.token_ids) + 1)]
+        length = next((n for n, prefix in enumerate(prefixes) if len(prefix) >= len(text)), len(look.token_ids))
+        words: list[tuple[str, bool]] = []  # each word's text and whether all its tokens are likely
+        for n, logprob in enumerate(look.token_logprobs[:length]):
+            piece = prefixes[n + 1][len(prefixes[n]):]
+            if not words or piece[:1].isspace():
+                words.append(("", True))
+            words[-1] = (words[-1][0] + piece, words[-1][1] and logprob >= floor)
+        if not sentence or all(likely for _, likely in words):
             return sentence, None
-        if not ids:
-            return sentence, sentence
-        return sentence, self.model.decode([t for t, logprob in zip(ids, logprobs) if logprob >= floor]).strip()
+        return sentence, "".join(word for word, likely in words if likely).strip()
 
     def keep(self, sentences: list[str], sentence: str) -> tuple[bool, str | None]:
         """Add a sentence to an answer; whether the answer stopped writing (an empty sentence),
