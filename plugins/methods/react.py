@@ -53,7 +53,7 @@ def observation(passages) -> str:
 
 class ReAct(Method):
     name = "react"
-    description = "ReAct: a search agent writing Search[query] and Finish[answer] actions"
+    description = "ReAct: a search agent whose actions search the corpus or finish with an answer"
     first_stage = False
     options = {
         "max_steps": Option(int, 4, "the most steps per question: sentences written (ircot, flare), follow-up "
