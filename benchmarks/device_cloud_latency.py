@@ -24,7 +24,8 @@ from raghub import load_model
 from raghub.cache import Cache, cache_root
 from raghub.plugins.methods.device_cloud.method import DeviceCloud
 from raghub.plugins.methods.device_cloud.server import AUTHKEY_VARIABLE, start_cloud
-from raghub.runner import RunRequest, resolve, retrieve
+from raghub.retrieval import retrieve
+from raghub.runner import RunRequest, resolve
 
 COLUMNS = [("mode", "mode"), ("wire", "compression"), ("RTT ms", "rtt_ms"),
            ("bytes/token", "bytes_per_token"), ("distribution bytes/token", "distribution_bytes_per_token"),

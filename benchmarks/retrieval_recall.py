@@ -19,7 +19,7 @@ import os
 from raghub.cache import Cache, cache_root
 from raghub.metrics import mean
 from raghub.plugin_manager import registry
-from raghub.runner import retrieve
+from raghub.retrieval import retrieve
 
 
 def main() -> None:

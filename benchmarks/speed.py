@@ -44,7 +44,7 @@ from raghub.pretrained import BF16_CPU_FLAGS, cpu_flags, native_dtype
 from raghub.plugins.retrievers.bm25 import BM25S
 from raghub.plugins.tasks.language_modelling import LanguageModelling
 from raghub.plugins.tasks.question_answering.task import QATask
-from raghub.runner import retrieve
+from raghub.retrieval import retrieve
 from raghub.settings import read_task_definition
 
 TASKS = Path(__file__).resolve().parents[1] / "tasks"

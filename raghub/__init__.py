@@ -14,8 +14,8 @@ from importlib.metadata import PackageNotFoundError, version
 from raghub.distributed import notice
 from raghub.errors import RaghubError, RunError, UsageError
 from raghub.families.lm import Window, logprobs_from, passage_ids, passage_logprobs, passages_prefix, score_after_prefixes
-from raghub.families.qa import (Answer, PromptTemplate, Question, answer_continuation, answer_questions, answers_from,
-                                generate_for)
+from raghub.families.qa import (Answer, PromptTemplate, Question, answer_after, answer_continuation, answer_questions,
+                                answers_from, first_sentence, generate_for, passage_blocks)
 from raghub.hookspecs import hookimpl
 from raghub.interfaces import Augmenter, Example, Method, Passage, Retrieved, Retriever, Task
 from raghub.mixture import mixture_logprobs
@@ -34,8 +34,9 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = [
     "Answer", "AnswerScores", "Augmenter", "Example", "Field", "Generation", "LanguageModel", "Method", "ModelBackend",
     "Objective", "Option", "Passage", "PromptTemplate", "Question", "RaghubError", "Retrieved", "Retriever",
-    "RunError", "Task", "UsageError", "Window", "answer_continuation", "answer_questions", "answers_from",
-    "generate_for", "hookimpl", "load_model", "logprobs_from", "lsr_kl", "mixture_logprobs", "notice",
-    "passage_ids", "passage_logprobs", "passages_prefix", "rag_sequence_logprob", "rag_sequence_token_logprobs", "rag_token_logprob",
-    "read_task_definition", "score_after_prefixes",
+    "RunError", "Task", "UsageError", "Window", "answer_after", "answer_continuation", "answer_questions",
+    "answers_from", "first_sentence", "generate_for", "hookimpl", "load_model", "logprobs_from", "lsr_kl",
+    "mixture_logprobs", "notice", "passage_blocks", "passage_ids", "passage_logprobs", "passages_prefix",
+    "rag_sequence_logprob", "rag_sequence_token_logprobs", "rag_token_logprob", "read_task_definition",
+    "score_after_prefixes",
 ]

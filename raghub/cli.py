@@ -355,14 +355,22 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _passage_text(passage: dict[str, Any]) -> str:
+    """'rank. title-or-id (score)', marked when gold."""
+    return (f"{passage['rank']}. {escape(passage['title'] or passage['id'])} ({passage['score']:.2f})"
+            + (" [green]gold[/green]" if passage.get("gold") else ""))
+
+
 def _sample_row(line: dict[str, Any]) -> tuple[str, str, str, str]:
-    """A samples-log line as (id, its text fields, its numbers, its retrieved passages, each as
-    'rank. title-or-id (score)' and marked when gold)."""
-    fields = {key: value for key, value in line.items() if key not in ("id", "retrieved")}
+    """A samples-log line as (id, its text fields, its numbers, its passages): the first-stage
+    ones, then each query the method asked with what came back."""
+    fields = {key: value for key, value in line.items() if key not in ("id", "retrieved", "retrievals")}
     texts = [f"[bold]{key}[/bold] {_cell(value)}" for key, value in fields.items() if not _is_number(value)]
     numbers = [f"{key} {_cell(value)}" for key, value in fields.items() if _is_number(value)]
-    passages = [f"{p['rank']}. {escape(p['title'] or p['id'])} ({p['score']:.2f})"
-                + (" [green]gold[/green]" if p.get("gold") else "") for p in line.get("retrieved", [])]
+    passages = [_passage_text(p) for p in line.get("retrieved", [])]
+    for call in line.get("retrievals", []):
+        passages.append(f"[bold]asked {call['step']}[/bold] {escape(call['query'])}")
+        passages += [f"  {_passage_text(p)}" for p in call["hits"]] or ["  (nothing)"]
     return escape(line["id"]), "\n".join(texts), "\n".join(numbers), "\n".join(passages)
 
 

@@ -5,6 +5,7 @@ A run is data flowing through them (see `raghub.runner`):
     task.examples(model) -> examples, each with a retrieval `query`
     retriever.search(queries, k) -> ranked (passage index, score) lists   [cached by the runner]
     task.evaluate(method, examples, retrieved) -> one JSON-able stats dict per example
+        [the method may call self.retrieve(examples, queries, k) as it works]
     task.aggregate(stats) -> the record's metrics
     task.sample_log(example, line) -> the example's line in the run's samples log
 
@@ -28,6 +29,7 @@ from raghub.metrics import ratio_estimates
 from raghub.options import Option
 from raghub.schema import Field, check_schema
 from raghub.settings import parse_key_values
+from raghub.worklog import WorkLog
 
 if TYPE_CHECKING:  # pragma: no cover - imported for type names only
     import torch
@@ -35,7 +37,8 @@ if TYPE_CHECKING:  # pragma: no cover - imported for type names only
     from raghub.cache import Cache
     from raghub.families.lm import Window
     from raghub.families.qa import Question
-    from raghub.models import LanguageModel
+    from raghub.models import Generation, LanguageModel
+    from raghub.retrieval import Retrieval
 
 
 @dataclass(frozen=True)
@@ -130,10 +133,12 @@ PASSAGES_DROPPED = "passages_dropped_for_length"
 
 class Method(Plugin):
     """A RAG method (the papers' "augmenter"): turns the model and the retrieved passages into
-    what a task scores. `needs_retrieval` is False for closed-book methods; the runner then
-    retrieves nothing."""
+    what a task scores. `needs_retrieval` is False for closed-book methods; the run then has no
+    retriever. `first_stage` is False for a method that asks for all its passages itself
+    (`retrieve`): the runner then retrieves nothing before it runs."""
 
     needs_retrieval: ClassVar[bool] = True
+    first_stage: ClassVar[bool] = True
     #: the task families (`Task.family`) it runs; None (a plugin that declares none): every
     #: family whose entry point (`Task.entry_point`) it overrides, and families that name none
     families: ClassVar[frozenset[str] | None] = None
@@ -157,6 +162,37 @@ class Method(Plugin):
         #: additive counts of the work done (passages trained, bytes sent, ...); the runner
         #: keeps them with the finished examples, so a resumed run counts all of its work
         self.counters: Counter[str] = Counter()
+        #: the run's --n-docs (0 without a retriever): the first stage's k, and the k a method that
+        #: asks for its own passages (first_stage = False) is to ask for
+        self.n_docs = 0
+        self.retrieval: Retrieval | None = None
+        #: each example's retrieval calls and generated tokens, for its samples-log line
+        self.work = WorkLog()
+
+    def bind_retrieval(self, retrieval: Retrieval, n_docs: int) -> None:
+        """Make `retrieve` ask the run's retriever (the runner does, before the first batch)."""
+        self.retrieval, self.n_docs = retrieval, n_docs
+
+    def retrieve(self, examples: Sequence[Example], queries: Sequence[str], k: int) -> list[list[Retrieved]]:
+        """Up to k passages per query, best first, query i asked on behalf of examples[i] (the
+        same example may appear several times): never from that example's `exclude_group`,
+        cached like the first stage, and logged in its samples-log line as its next step."""
+        if self.retrieval is None:
+            raise UsageError(f"method '{self.name}' calls retrieve, but it declares needs_retrieval = "
+                             "False, so the run has no retriever; declare needs_retrieval = True")
+        retrieved = self.retrieval.search(examples, queries, k)
+        self.work.add_retrievals(examples, queries, retrieved)
+        return retrieved
+
+    def generate(self, examples: Sequence[Example], prompts: Sequence[str], max_new_tokens: int,
+                 one_line: bool = False) -> list[Generation]:
+        """The model's greedy continuations of `prompts` (with `one_line`, each may stop at its
+        first line end), prompt i on behalf of examples[i], whose generated tokens are counted
+        in its samples-log line."""
+        generate = self.model.generate_line if one_line else self.model.generate
+        generations = generate(prompts, max_new_tokens)
+        self.work.add_generated(examples, generations)
+        return generations
 
     def score_windows(
         self, windows: Sequence[Window], retrieved: Sequence[Sequence[Retrieved]]

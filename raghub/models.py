@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Sequence
 
 from raghub.distributed import notice
@@ -55,10 +55,12 @@ class ModelSpec:
 
 @dataclass
 class Generation:
-    """A generated continuation and the log-probability of each generated token."""
+    """A generated continuation, the log-probability of each generated token and, where the
+    backend gives them, the tokens' ids (decoded one by one, what each token wrote)."""
 
     text: str
     token_logprobs: list[float]
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass

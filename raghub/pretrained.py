@@ -135,7 +135,8 @@ class PretrainedLM(LanguageModel):
         for row, tokens in enumerate(new_tokens.tolist()):
             length = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
             generations.append(Generation(text=self.decode(tokens[:length]),
-                                          token_logprobs=token_logprobs[row, :length].tolist()))
+                                          token_logprobs=token_logprobs[row, :length].tolist(),
+                                          token_ids=tokens[:length]))
         return generations
 
 

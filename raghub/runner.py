@@ -18,7 +18,6 @@ import difflib
 import functools
 import itertools
 import json
-import numbers
 import re
 import secrets
 import subprocess
@@ -36,17 +35,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import raghub
 from raghub import allocator, distributed
 from raghub.distributed import notice
-from raghub.cache import Cache, cache_root, fingerprint, fingerprint_items
+from raghub.cache import Cache, cache_root, fingerprint
 from raghub.checkpoints import Checkpoint, checkpoint_stats, generator_checkpoint, generator_identity, with_trained_generator
 from raghub.errors import UsageError, amount
-from raghub.interfaces import (Example, Method, Passage, Plugin, Registry, Retrieved, Retriever, Task,
+from raghub.interfaces import (Example, Method, Plugin, Registry, Retrieved, Retriever, Task,
                                check_name_and_family)
 from raghub.models import LanguageModel, ModelBackend, ModelSpec, choose_backend
 from raghub.options import dashed
 from raghub.plugin_manager import code_identity, registry, returned_wrong
 from raghub.record import Record
 from raghub.records import append_record, check_store, read_records, samples_file
+from raghub.retrieval import Retrieval, task_corpus
 from raghub.settings import CORE_OPTIONS, read_task_definition
+from raghub.worklog import passage_fields, work_means
 
 DEFAULT_RETRIEVER = "bm25"
 #: config keys known once the model loads -> the model attribute: the weights' content and the
@@ -250,6 +251,9 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
         supported = f" (it supports: {', '.join(sorted(method_class.families))})" if method_class.families else ""
         raise UsageError(f"method '{request.method}' does not support {task_class.family} tasks such as "
                          f"'{definition['name']}'{supported}")
+    if not method_class.first_stage and not method_class.needs_retrieval:
+        raise UsageError(f"method '{request.method}' asks for its own passages (first_stage = False) but "
+                         "declares needs_retrieval = False, so the run would have no retriever")
     retriever_class = None
     n_docs = 0
     if method_class.needs_retrieval:
@@ -373,84 +377,10 @@ def _load_model(resolved: ResolvedRun) -> LanguageModel:
                                                                   request.batch_size), resolved.checkpoint)
 
 
-@functools.lru_cache(maxsize=4)
-def task_corpus(task: Task) -> tuple[Sequence[Passage], str, str]:
-    """The task's retrieval corpus, its label and its fingerprint, built once per task object
-    (a streamed corpus file is hashed in one pass, without holding its passages)."""
-    passages, label = task.corpus()
-    return passages, label, fingerprint_items((p.id, p.title, p.text, p.group) for p in passages)
-
-
-def retrieve(task: Task, retriever: Retriever, examples: Sequence[Example], k: int,
-             cache: Cache) -> tuple[list[list[Retrieved]], str, str]:
-    """Top-k passages per example (none for an empty query), never from the example's own
-    `exclude_group`; results are cached in `cache` (which `execute` keys by the retriever's
-    code) by corpus, retriever fingerprint, queries and k. Under several
-    ranks, each does its share of `prepare`, then rank 0 indexes and retrieves first.
-    A k above the corpus size is cut to it, with a notice.
-    Returns (retrieved, corpus label, corpus fingerprint)."""
-    passages, label, corpus_fp = task_corpus(task)
-    if k > len(passages):
-        notice(f"--n-docs {k} is more than the corpus's {len(passages)} passages; retrieving {len(passages)}")
-        k = len(passages)
-    retriever.prepare(passages, corpus_fp)
-    distributed.barrier()  # every rank's share of the index's work is done
-    excluded = {e.exclude_group for e in examples if e.exclude_group}
-    group_sizes: dict[str, int] = {}
-    for passage in passages if excluded else ():  # a pass over the corpus only when groups matter
-        if passage.group in excluded:
-            group_sizes[passage.group] = group_sizes.get(passage.group, 0) + 1
-    fetch = min(len(passages), k + max(group_sizes.values(), default=0))
-    positions = [i for i, e in enumerate(examples) if e.query.strip()]
-
-    def search() -> list[list[tuple[int, float]]]:
-        hits = retriever.search([examples[i].query for i in positions], fetch) if positions else []
-        hits = _checked_hits(retriever, hits, [examples[i].id for i in positions], len(passages))
-        kept = [[(p, s) for p, s in found if passages[p].group != examples[i].exclude_group
-                 or not passages[p].group][:k] for i, found in zip(positions, hits)]
-        return kept
-
-    key = {"corpus": corpus_fp, "retriever": retriever.fingerprint(), "k": k,
-           "queries": fingerprint([(e.query, e.exclude_group) for e in examples])}
-    with distributed.main_first():  # rank 0 builds the index and retrieves; the others read the cache
-        retriever.index(passages, corpus_fp)
-        hits = cache.json("retrievals", key, search)
-    retrieved: list[list[Retrieved]] = [[] for _ in examples]
-    for i, found in zip(positions, hits):
-        retrieved[i] = [Retrieved(passages[p], float(score)) for p, score in found]
-    return retrieved, label, corpus_fp
-
-
 def _checksum(batch: dict[str, Any]) -> str:
     """The checksum of a batch in a resume file, over its JSON escaped to ASCII (so that any
     text, a lone surrogate included, can be hashed); reading keeps the order of keys."""
     return fingerprint(json.dumps(batch))
-
-
-def _checked_hits(retriever: Retriever, hits: Any, example_ids: Sequence[str],
-                  n_passages: int) -> list[list[tuple[int, float]]]:
-    """What `retriever.search` returned for the queries of `example_ids`, as (position, score)
-    lists; a RunError naming the retriever's plugin unless each position is in the corpus."""
-    if not isinstance(hits, (list, tuple)):
-        raise returned_wrong(retriever, f"{hits!r}; it must return one list of (position, score) pairs per query")
-    if len(hits) != len(example_ids):
-        raise returned_wrong(retriever, f"{amount(len(hits), 'result list')} for "
-                                        f"{amount(len(example_ids), 'query', 'queries')}")
-    checked = []
-    for example_id, found in zip(example_ids, hits):
-        if not isinstance(found, (list, tuple)) or not all(isinstance(hit, (list, tuple)) and len(hit) == 2
-                                                           for hit in found):
-            raise returned_wrong(retriever, f"{found!r} for the query of {example_id}; it must be a list of "
-                                            "(position, score) pairs")
-        for position, score in found:
-            if not isinstance(position, numbers.Integral) or isinstance(position, bool) \
-                    or not 0 <= position < n_passages:
-                raise returned_wrong(retriever, f"position {position!r} for the query of {example_id}, and the "
-                                                f"corpus has {amount(n_passages, 'passage')} (0 to {n_passages - 1})")
-            if not isinstance(score, numbers.Real) or isinstance(score, bool):
-                raise returned_wrong(retriever, f"score {score!r} for the query of {example_id}; a score is a number")
-        checked.append([(int(position), float(score)) for position, score in found])
-    return checked
 
 
 def _checked_stats(task: Task, examples: Sequence[Example], results: Any) -> list[dict[str, Any]]:
@@ -468,7 +398,6 @@ def _checked_stats(task: Task, examples: Sequence[Example], results: Any) -> lis
         except (TypeError, ValueError) as error:
             raise returned_wrong(task, f"stats for example {example.id} that are not JSON: {error}") from None
     return list(results)
-
 
 
 def _batch_line(lines: list[dict[str, Any]], counters: dict[str, int]) -> str:
@@ -512,13 +441,11 @@ def _read_resume_file(path: Path, report: bool = True) -> tuple[dict[str, dict[s
     return done, counters
 
 
-def _sample_line(task: Task, example: Example, stats: dict[str, Any],
-                retrieved: Sequence[Retrieved]) -> dict[str, Any]:
-    """The example's line of the samples log: its id, stats and retrieved passages (id, title,
-    score, rank), with the fields its task adds."""
-    passages = [{"id": hit.passage.id, "title": hit.passage.title, "score": hit.score, "rank": rank}
-                for rank, hit in enumerate(retrieved, start=1)]
-    return task.sample_log(example, {"id": example.id, **stats, "retrieved": passages})
+def _sample_line(task: Task, example: Example, stats: dict[str, Any], retrieved: Sequence[Retrieved],
+                 work: dict[str, Any]) -> dict[str, Any]:
+    """The example's line of the samples log: its id, stats, first-stage passages (id, title,
+    score, rank) and what the method logged of its work, with the fields its task adds."""
+    return task.sample_log(example, {"id": example.id, **stats, "retrieved": passage_fields(retrieved), **work})
 
 
 def ranked_metrics(task: Task, metrics: dict[str, Any]) -> dict[str, bool]:
@@ -572,8 +499,14 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None,
         if resolved.retriever_class is not None:
             retriever_cache = cache.scoped(resolved.code["retriever"])
             retriever = resolved.retriever_class(retriever_cache, **resolved.plugin_options["retriever"])
-            with stderr.status(f"retrieving top-{resolved.n_docs} with {retriever.name}"):
-                retrieved, corpus_label, _ = retrieve(task, retriever, examples, resolved.n_docs, retriever_cache)
+            retrieval = Retrieval(task, retriever, retriever_cache)
+            n_docs = retrieval.clamp(resolved.n_docs)
+            with stderr.status(f"retrieving top-{n_docs} with {retriever.name}"):
+                retrieval.open()
+                if method.first_stage:
+                    retrieved = retrieval.first_stage(examples, n_docs)
+            method.bind_retrieval(retrieval, n_docs)
+            corpus_label = retrieval.corpus_label
         # the weights' content is known once loaded: a resumed run never mixes two models
         config = {**resolved.config, **{key: getattr(model, attribute) for key, attribute in LOADED.items()}}
         resume_path = Path(request.results_dir) / ".partial" / f"{fingerprint(config)}.jsonl"
@@ -596,7 +529,7 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None,
             higher_is_better=higher_is_better,
             stderr={name: standard_errors.get(name) for name in higher_is_better},
             totals=task.totals(lines),
-            method_stats={**method.record_stats(), **checkpoint_stats(resolved.checkpoint)}, config=config,
+            method_stats={**method.record_stats(), **work_means(lines), **checkpoint_stats(resolved.checkpoint)}, config=config,
             plugins=_plugin_origins(task, method, retriever),
             raghub_version=raghub.__version__, git_commit=_git_commit(),
             started_at=started.isoformat(), finished_at=datetime.now(timezone.utc).isoformat(),
@@ -631,7 +564,8 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
             results = task.evaluate(method, [examples[i] for i in batch], [retrieved[i] for i in batch])
             results = _checked_stats(task, [examples[i] for i in batch], results)
             added = {key: value - before[key] for key, value in method.counters.items() if value != before[key]}
-            lines = [_sample_line(task, examples[i], result, retrieved[i]) for i, result in zip(batch, results)]
+            lines = [_sample_line(task, examples[i], result, retrieved[i], method.work.take(examples[i].id))
+                     for i, result in zip(batch, results)]
             resume.write(_batch_line(lines, added))  # the counters are kept exactly when the batch is
             resume.flush()
             progress.advance(bar, len(batch))

@@ -15,7 +15,7 @@ from raghub import Example, Passage, Retriever, Task
 from raghub.cache import Cache
 from raghub.cli import cli
 from raghub.embedded import wheel_folder
-from raghub.runner import retrieve
+from raghub.retrieval import retrieve
 
 TASKS = Path(__file__).resolve().parents[1] / "tasks"
 QA_TASK = "name: mine\ninclude: _qa.yaml\ndata: {{folder: {folder}, file: {file}, format: {format}}}\n"

@@ -130,3 +130,37 @@ def test_ranks_joins_nccl_beside_a_gpu_unless_a_backend_is_asked_for(monkeypatch
         distributed.ranks.cache_clear()
     assert joined == [expected]
     assert devices == ([1] if expected == "nccl" else [])
+
+
+def test_two_ranks_retrieving_different_numbers_of_times_give_the_one_process_record(env):
+    """A method's own retrieval calls are rank-local: of three one-question batches rank 0 runs
+    two and rank 1 one, so rank 0 calls `retrieve` twice as often (`--threshold 1`: every
+    closed-book answer is unsure); a collective inside `retrieve` would hang rank 0."""
+    run = ("--task", "hotpotqa", "--method", "adaptive", "--threshold", 1, "--n-docs", 2, "--limit", 3,
+           "--batch-size", 1)
+    [single], [sharded] = raghub(1, "adaptive1", env, *run), raghub(2, "adaptive2", env, *run)
+    assert {key: sharded[key] for key in COMPARED} == {key: single[key] for key in COMPARED}
+    assert samples(env, "adaptive2", sharded) == samples(env, "adaptive1", single)
+    assert single["method_stats"]["retrieval_calls_per_example"] == 1
+    lines = [json.loads(line) for line in samples(env, "adaptive1", single).splitlines()]
+    assert all(line["retrievals"][0]["query"] == line["question"] for line in lines)
+
+
+def test_a_killed_run_of_a_method_that_retrieves_while_it_works_resumes_to_the_same_samples(env):
+    run = ("--task", "hotpotqa", "--method", "iter-retgen", "--iterations", 2, "--n-docs", 2, "--limit", 6,
+           "--batch-size", 1)
+    [whole] = raghub(1, "iter-whole", env, *run)
+    killed = raghub(1, "iter-killed", env, *run, start_new_session=True)
+    partial = env[0] / "iter-killed" / ".partial"
+    deadline = time.monotonic() + 90
+    while not any(path.stat().st_size for path in partial.glob("*.jsonl")) and killed.poll() is None:
+        assert time.monotonic() < deadline, "no example reached the resume file"
+        time.sleep(0.01)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    finished = sum(path.read_text().count("\n") for path in partial.glob("*.jsonl"))
+    assert 1 <= finished < 6, "the kill did not come mid-run"
+    [resumed] = raghub(1, "iter-killed", env, *run)
+    assert {key: resumed[key] for key in COMPARED} == {key: whole[key] for key in COMPARED}
+    assert samples(env, "iter-killed", resumed) == samples(env, "iter-whole", whole)
+    assert whole["method_stats"]["retrieval_calls_per_example"] == 1

@@ -19,6 +19,8 @@ from raghub import Passage, PromptTemplate, Question, Retrieved, answer_question
 from raghub.plugin_manager import DEFAULT_PLUGINS
 from raghub.record import Record
 from raghub.records import read_samples
+from scripted import BRIDGE, COMPARISON, Overlap, ScriptedBackend, ScriptedModel, scripted, titles  # noqa: F401
+from test_models import save_tiny_model
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -165,6 +167,20 @@ def test_uniform_gives_every_token_minus_log_vocabulary():
     assert scores[0].tolist() == pytest.approx([-6.907755] * 3)  # ln 1000
 
 
+def test_two_hop_asks_with_the_question_then_with_the_best_title_added(scripted):
+    scripted.register(plugin_module().TwoHop)
+    ScriptedBackend.model = ScriptedModel(lambda prompt: " Ulm\n")
+    record, lines = scripted.run("two-hop", "--n-docs", 1)
+    # the best passage for each question (words shared with it): Alpha Film (2, before Bea
+    # Mann's 2), Gamma River (2, before Delta River's 2); the title adds no new word
+    assert Overlap.asked == [BRIDGE, COMPARISON, f"{BRIDGE} Alpha Film", f"{COMPARISON} Gamma River"]
+    assert [[call["query"] for call in line["retrievals"]] for line in lines] == [
+        [BRIDGE, f"{BRIDGE} Alpha Film"], [COMPARISON, f"{COMPARISON} Gamma River"]]
+    assert [titles(prompt) for prompt in ScriptedBackend.model.prompts] == [["Alpha Film"], ["Gamma River"]]
+    assert record["method_stats"]["retrieval_calls_per_example"] == 2
+    assert [line["prediction"] for line in lines] == ["Ulm", "Ulm"]
+
+
 def readme_plugin_guide():
     """The '## Writing a plugin' section of README.md."""
     text = README.read_text(encoding="utf-8")
@@ -211,11 +227,11 @@ def guide_site(tmp_path_factory):
     return site
 
 
-def test_the_installed_package_registers_both_methods(guide_site):
+def test_the_installed_package_registers_its_three_methods(guide_site):
     out = run_raghub(guide_site, "methods")
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if "raghub-uniform 0.1.0" in line]
-    assert [row.split()[1] for row in rows] == ["top1", "uniform"]
+    assert [row.split()[1] for row in rows] == ["top1", "two-hop", "uniform"]
     assert "--passage-words" in out.stdout
     retrievers = run_raghub(guide_site, "retrievers")
     assert "random" in retrievers.stdout and "--draw-seed" in retrievers.stdout
@@ -233,9 +249,23 @@ def test_the_installed_package_leaves_torch_unimported_until_a_run(guide_site):
 
 
 def run_record(site, results_dir, *args):
-    out = run_raghub(site, "run", *args, "--json", "--results-dir", str(results_dir))
+    out = run_raghub(site, "run", *map(str, args), "--json", "--results-dir", str(results_dir))
     assert out.returncode == 0, out.stderr
     return Record.from_dict(json.loads(out.stdout))
+
+
+def test_two_hop_runs_installed_on_hotpotqa(guide_site, tmp_path):
+    save_tiny_model(tmp_path / "tiny", seed=0)
+    record = run_record(guide_site, tmp_path, "--task", "hotpotqa", "--method", "two-hop", "--model",
+                        str(tmp_path / "tiny"), "--n-docs", 2, "--limit", 2)
+    assert record.method == "two-hop" and record.plugins["method"] == "raghub-uniform 0.1.0"
+    assert record.method_stats["retrieval_calls_per_example"] == 2
+    lines = read_samples(tmp_path, record)
+    for line in lines:
+        first, second = line["retrievals"]
+        assert (first["step"], first["query"]) == (1, line["question"]) and len(first["hits"]) == 2
+        assert (second["step"], second["query"]) == (2, f"{line['question']} {first['hits'][0]['title']}")
+        assert line["retrieved"] == [] and line["generated_tokens"] > 0
 
 
 @pytest.mark.real_model

@@ -1,1 +1,2 @@
-"""Built-in methods: none, incontext, ensemble, parametric, device-cloud."""
+"""Built-in methods: none, incontext, ensemble, fid, rag-sequence, parametric, device-cloud, and
+those that retrieve while they work: ircot, iter-retgen, adaptive, flare, self-ask, react."""

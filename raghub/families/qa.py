@@ -45,11 +45,46 @@ class PromptTemplate:
 
     def render(self, question: str, passages: Sequence[Passage]) -> str:
         blocks = [f"Question: {q}\nAnswer: {a}" for q, a in self.few_shot]
-        blocks += [f"Passage {n}: {p.as_text()}" for n, p in enumerate(passages, 1)]
+        blocks += [*passage_blocks(passages), f"Question: {question}"]
+        return self.frame(self.INSTRUCTION, blocks, "" if self.style == "chat" else "Answer:")
+
+    def frame(self, instruction: str, blocks: Sequence[str], reply: str) -> str:
+        """A prompt of this template's style from a method's own parts: in "completion", the
+        `blocks` (demonstrations, passages, the question) separated by blank lines, then `reply`
+        on the next line; in "chat", the `instruction` and the blocks as the user's message in
+        the model's chat template, the assistant's reply starting with `reply`. The model
+        continues `reply`."""
         if self.style == "chat":
-            body = "\n\n".join([self.INSTRUCTION, *blocks, f"Question: {question}"])
-            return self.chat(body) if self.chat else body
-        return "\n\n".join([*blocks, f"Question: {question}\nAnswer:"])
+            body = "\n\n".join([instruction, *blocks])
+            return (self.chat(body) if self.chat else body) + reply
+        return "\n\n".join(blocks) + (f"\n{reply}" if reply else "")
+
+
+def passage_blocks(passages: Sequence[Passage]) -> list[str]:
+    """Passages as prompt blocks: "Passage 1: title\ntext", ..."""
+    return [f"Passage {n}: {p.as_text()}" for n, p in enumerate(passages, 1)]
+
+
+#: the end of a sentence: a full stop, ! or ? after a lower-case letter, a digit or a closing
+#: mark (not an initial such as "U.S." or "F."), followed by a space or the end
+_SENTENCE_END = re.compile(r"(?<=[a-z0-9)\]\"'%])[.!?](?=\s|$)")
+
+
+def first_sentence(text: str, mark: str | None = None) -> str:
+    """`text` up to the end of its first sentence, leading space kept: a line end ends one too.
+    A first line that holds `mark` (such as "So the answer is:") is taken whole, so that the
+    answer it states ("St. Louis.") is not cut."""
+    lead = len(text) - len(text.lstrip())
+    line = text[lead:].split("\n")[0]
+    end = _SENTENCE_END.search(line)
+    return text[:lead] + (line if end is None or (mark and mark in line) else line[: end.end()]).rstrip()
+
+
+def answer_after(text: str, mark: str) -> str | None:
+    """What the first line of `text` holding `mark` (e.g. "So the answer is:") says after it,
+    without the full stop that ends it; None when no line holds the mark."""
+    line = next((line for line in text.splitlines() if mark in line), None)
+    return None if line is None else line.split(mark, 1)[1].strip().removesuffix(".").strip()
 
 
 class Answer(str):

@@ -4,6 +4,8 @@
   of a model that knows nothing.
 - `top1` (question answering): standard RAG with only the best retrieved passage in the
   prompt, optionally cut to its first `--passage-words` words.
+- `two-hop` (question answering): asks for its passages itself, twice: with the question,
+  then with the question and the best passage's title (the bridge to a second hop).
 - `random` (a retriever): k passages drawn at random for each query, the floor that a
   retriever must beat.
 
@@ -53,6 +55,25 @@ class Top1(Method):
         return Passage(passage.id, text, passage.title, passage.group)
 
 
+class TwoHop(Method):
+    name = "two-hop"
+    description = "retrieves with the question, then with the best passage's title added"
+    first_stage = False
+
+    def answer(self, questions, retrieved):
+        """Two `retrieve` calls of `--n-docs` passages each (logged in the samples log), then
+        one batched generation with both hops' passages in each prompt."""
+        first = self.retrieve(questions, [q.question for q in questions], self.n_docs)
+        bridges = [f"{q.question} {hits[0].passage.title}" if hits else q.question
+                   for q, hits in zip(questions, first)]
+        second = self.retrieve(questions, bridges, self.n_docs)
+        passages = [list({hit.passage.id: hit.passage for hit in [*one, *two]}.values())
+                    for one, two in zip(first, second)]
+        prompts = [q.prompt(own) for q, own in zip(questions, passages)]
+        generations = self.generate(questions, prompts, max(q.max_new_tokens for q in questions), one_line=True)
+        return [q.answer_from(g.text) for q, g in zip(questions, generations)]
+
+
 class RandomPassages(Retriever):
     name = "random"
     description = "k passages drawn at random for each query: the floor a retriever must beat"
@@ -75,6 +96,7 @@ class RandomPassages(Retriever):
 def register_methods(register):
     register(Uniform)
     register(Top1)
+    register(TwoHop)
 
 
 @hookimpl

@@ -206,8 +206,9 @@ class QATask(Task):
                 if key in ("em", "f1") or key.startswith("recall@")}
 
     def sample_log(self, question: Question, line: dict[str, Any]) -> dict[str, Any]:
-        """Adds the question, its gold answers, and whether each retrieved passage is gold."""
-        for passage in line["retrieved"]:
+        """Adds the question, its gold answers, and whether each passage retrieved (first stage
+        and the method's own calls) is gold."""
+        for passage in [*line["retrieved"], *(hit for call in line.get("retrievals", ()) for hit in call["hits"])]:
             passage["gold"] = question.is_gold(passage["id"], passage["title"])
         return {"id": line["id"], "question": question.question, "answers": question.answers, **line}
 

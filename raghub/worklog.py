@@ -1,0 +1,57 @@
+"""What a method did for each example while it worked: the retrieval calls it made (`retrievals`:
+each query and what came back) and the tokens it generated (`generated_tokens`), which the
+runner adds to the example's line of the samples log; the record's `method_stats` gets their
+means over the examples."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover - type names only: interfaces imports this module
+    from raghub.interfaces import Example, Retrieved
+    from raghub.models import Generation
+
+
+def passage_fields(retrieved: Sequence[Retrieved]) -> list[dict[str, Any]]:
+    """Retrieved passages as the samples log holds them: id, title, score and rank, best first."""
+    return [{"id": hit.passage.id, "title": hit.passage.title, "score": hit.score, "rank": rank}
+            for rank, hit in enumerate(retrieved, start=1)]
+
+
+class WorkLog:
+    """Each example's retrieval calls and generated tokens, by example id, until the runner
+    takes them for the example's line."""
+
+    def __init__(self) -> None:
+        self.by_example: dict[str, dict[str, Any]] = {}
+
+    def add_retrievals(self, examples: Sequence[Example], queries: Sequence[str],
+                       retrieved: Sequence[Sequence[Retrieved]]) -> None:
+        """Query i and its hits, as the next step of examples[i]; `gold` stays None for the
+        task to fill in where it knows its gold passages."""
+        for example, query, hits in zip(examples, queries, retrieved):
+            calls = self.by_example.setdefault(example.id, {}).setdefault("retrievals", [])
+            calls.append({"step": len(calls) + 1, "query": query,
+                          "hits": [{**fields, "gold": None} for fields in passage_fields(hits)]})
+
+    def add_generated(self, examples: Sequence[Example], generations: Sequence[Generation]) -> None:
+        """Generation i's tokens, counted for examples[i]."""
+        for example, generation in zip(examples, generations):
+            entry = self.by_example.setdefault(example.id, {})
+            entry["generated_tokens"] = entry.get("generated_tokens", 0) + len(generation.token_logprobs)
+
+    def take(self, example_id: str) -> dict[str, Any]:
+        """The example's fields for its samples-log line (none when the method logged nothing),
+        forgotten here."""
+        return self.by_example.pop(example_id, {})
+
+
+def work_means(lines: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The mean retrieval calls and generated tokens per example, over every line of a run
+    whose method logged them (an example without any counts 0)."""
+    means = {}
+    for key, stat, count in (("retrievals", "retrieval_calls_per_example", len),
+                             ("generated_tokens", "generated_tokens_per_example", int)):
+        if any(key in line for line in lines):
+            means[stat] = sum(count(line[key]) for line in lines if key in line) / len(lines)
+    return means
