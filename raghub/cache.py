@@ -94,6 +94,11 @@ def remove_orphaned_scratch(kind_folder: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _entry_name(key: Any, scope: Any) -> str:
+    """The folder name of the entry for `key` in a cache of `scope` (None: unscoped)."""
+    return fingerprint(key if scope is None else {"key": key, "scope": scope})
+
+
 class Cache:
     """Folders of files keyed by the fingerprint of everything they depend on: the key, and the
     `scope` (the code of the plugin that reads them) when there is one. With `stale_before`
@@ -109,7 +114,7 @@ class Cache:
         return Cache(self.root, scope, self.stale_before)
 
     def entry_path(self, kind: str, key: Any) -> Path:
-        return self.root / kind / fingerprint(key if self.scope is None else {"key": key, "scope": self.scope})
+        return self.root / kind / _entry_name(key, self.scope)
 
     def is_valid(self, folder: Path) -> bool:
         """True when the folder's manifest exists, was written for the key the folder is named
@@ -119,7 +124,7 @@ class Cache:
             if self.stale_before is not None and (folder / MANIFEST).stat().st_mtime < self.stale_before:
                 return False
             manifest = json.loads((folder / MANIFEST).read_text())
-            return fingerprint(manifest["key"]) == folder.name and all(
+            return _entry_name(manifest["key"], manifest.get("scope")) == folder.name and all(
                 file_sha256(folder / name) == digest for name, digest in manifest["files"].items())
         except (OSError, ValueError, KeyError, TypeError):
             return False

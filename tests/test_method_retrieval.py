@@ -73,8 +73,10 @@ def test_each_call_is_logged_as_the_next_step_of_its_example(asks_twice):
 def test_a_second_identical_run_asks_the_retriever_nothing(asks_twice):
     _, first = asks_twice.run("asks-twice", "--n-docs", 2)
     Overlap.asked = []
-    _, again = asks_twice.run("asks-twice", "--n-docs", 2, "--force")
+    _, again = asks_twice.run("asks-twice", "--n-docs", 2, results="another-store")
     assert Overlap.asked == [] and again == first
+    asks_twice.run("asks-twice", "--n-docs", 2, "--force")  # --force recomputes every stage
+    assert Overlap.asked == [BRIDGE, COMPARISON, "long river"]
 
 
 def test_samples_shows_the_queries_asked_and_what_came_back(asks_twice):

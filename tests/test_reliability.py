@@ -106,6 +106,18 @@ def test_an_entry_stored_under_another_key_is_refused_and_recomputed(tmp_path):
     assert json.loads((first / MANIFEST).read_text())["key"] == two
 
 
+def test_an_entry_of_a_scoped_cache_is_served_again(tmp_path):
+    """Regression: the key check compared the stored key alone with the folder's name, which a
+    scoped cache (keyed by a plugin's code too) derives from key and scope, so every entry of
+    every plugin was computed again on every run."""
+    cache = Cache(tmp_path).scoped({"source": "abc"})
+    computed = []
+    for _ in range(2):
+        assert cache.json("retrievals", {"k": 2}, lambda: computed.append(1) or [0, 1]) == [0, 1]
+    assert computed == [1]
+    assert Cache(tmp_path).scoped({"source": "other"}).json("retrievals", {"k": 2}, lambda: [5]) == [5]
+
+
 # --------------------------------------------------------------------------- no pickle
 
 
