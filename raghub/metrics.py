@@ -35,12 +35,15 @@ def exact_match(prediction: str, gold: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(gold))
 
 
+#: answers HotpotQA's official evaluation scores only when the prediction is the same answer
+YES_NO_ANSWERS = {"yes", "no", "noanswer"}
+
+
 def f1(prediction: str, gold: str) -> float:
     """Token-overlap F1 after normalisation. As in HotpotQA's official evaluation, when either
     side is yes / no / noanswer the two must be equal to score."""
     pred, ref = normalize_answer(prediction), normalize_answer(gold)
-    special = {"yes", "no", "noanswer"}
-    if (pred in special or ref in special) and pred != ref:
+    if (pred in YES_NO_ANSWERS or ref in YES_NO_ANSWERS) and pred != ref:
         return 0.0
     pred_tokens, ref_tokens = pred.split(), ref.split()
     common = Counter(pred_tokens) & Counter(ref_tokens)
@@ -49,6 +52,20 @@ def f1(prediction: str, gold: str) -> float:
         return 0.0
     precision, recall = overlap / len(pred_tokens), overlap / len(ref_tokens)
     return 2 * precision * recall / (precision + recall)
+
+
+def answer_match(prediction: str, gold: str) -> float:
+    """Match (BERGEN's lenient metric): 1 when the normalised gold occurs in the normalised
+    prediction as whole words ("Paris" in "it is Paris, France", not "Paris" in "Parisian").
+    A yes / no / noanswer gold must be the prediction's first word, as HotpotQA scores such
+    answers only when the prediction gives that answer: "no" in "yes, there is no doubt" does
+    not count."""
+    pred, ref = normalize_answer(prediction), normalize_answer(gold)
+    if not ref:
+        return 0.0
+    if ref in YES_NO_ANSWERS:
+        return float(pred.split()[:1] == [ref])
+    return float(f" {ref} " in f" {pred} ")
 
 
 def best_over_aliases(metric, prediction: str, golds: Sequence[str]) -> float:

@@ -113,7 +113,7 @@ def test_a_run_logs_every_example_beside_its_record(stub_plugin, tmp_path):
     lines = read_lines(tmp_path / record["samples"])
     assert len(lines) == len({line["id"] for line in lines}) == record["n_examples"] == 4
     assert list(lines[0]) == ["id", "question", "answers", "type", "prediction", "generation",
-                              "em", "f1", "recall@2", "retrieved"]
+                              "em", "f1", "match", "recall@2", "retrieved"]
     assert {line["type"] for line in lines} == {"bridge", "comparison"}
     for line in lines:
         assert [p["rank"] for p in line["retrieved"]] == [1, 2]
@@ -124,10 +124,21 @@ def test_a_run_logs_every_example_beside_its_record(stub_plugin, tmp_path):
         assert line["recall@2"] == sum(p["gold"] for p in line["retrieved"]) / 2
     assert 0 < record["metrics"]["em"] < 1  # both kinds of answer are logged
     assert record["metrics"] == aggregate_stats(lines)  # the samples re-aggregate to the record
-    assert record["stderr"].keys() == record["higher_is_better"].keys() == {"em", "f1", "recall@2"}
+    assert record["stderr"].keys() == record["higher_is_better"].keys() == {"em", "f1", "match", "recall@2"}
     assert record["stderr"]["em"] == pytest.approx(
         math.sqrt(sum((line["em"] - record["metrics"]["em"]) ** 2 for line in lines) / 3 / 4))
     assert record["totals"] == {}
+
+
+def test_match_reaches_the_leaderboard_by_type_and_compare(stub_plugin, tmp_path):
+    record = json.loads(run_stub(tmp_path).stdout)
+    assert record["stderr"]["match"] is not None
+    board = invoke("leaderboard", "--by-type", "--results-dir", tmp_path).stdout
+    headline, bridge = board.split("### hotpotqa — bridge")[0], board.split("### hotpotqa — bridge")[1]
+    assert "| match |" in headline and f"{record['metrics']['match']:.4f} ± {record['stderr']['match']:.4f}" in headline
+    assert "| match |" in bridge.split("###")[0]
+    compared = json.loads(invoke("compare", record["id"], record["id"], "--json", "--results-dir", tmp_path).stdout)
+    assert compared["metrics"]["match"]["a"] == record["metrics"]["match"]
 
 
 def test_an_interrupted_run_resumes_to_the_same_samples(stub_plugin, tmp_path):
