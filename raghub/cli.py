@@ -1,5 +1,5 @@
 """The `raghub` command line: run, leaderboard, plot, plugins, tasks, methods, retrievers, models,
-samples, compare.
+samples, compare, score.
 
 The core settings (`raghub.settings.CORE_OPTIONS`) and every option the installed plugins
 declare (a method's `--temperature`, a task's `--split`, ...) become `raghub run` flags; flags
@@ -170,7 +170,7 @@ def _print_record(record: Record, results_dir: Path) -> None:
     console = Console()
     console.print(table)
     n = record.n_examples
-    console.print(f"{n} example{'' if n == 1 else 's'} · {record.model} · stored in {results_dir}",
+    console.print(f"{n} example{'' if n == 1 else 's'} · {record.model or 'no model run'} · stored in {results_dir}",
                   style="dim", soft_wrap=True, markup=False, highlight=False)
 
 
@@ -431,6 +431,31 @@ def compare(found, reference_a: str, reference_b: str, as_json: bool, results_di
     for name, row in comparison["metrics"].items():
         table.add_row(name, *(_cell(row[key]) for key in ("a", "b", "difference", "se", "wins", "losses", "ties")))
     console.print(table)
+
+
+@cli.command()
+@click.argument("predictions", type=click.Path(dir_okay=False))
+@click.option("--task", "task_spec", required=True, help="Task name or task YAML the predictions answer.")
+@click.option("--system", help="The name the predictions' system gets in the record and leaderboard "
+                               "(default: the file's name without its suffix).")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the task's first N questions.")
+@click.option("--data-dir", envvar="RAGHUB_DATA_DIR", help=CORE_OPTIONS["data_dir"].help)
+@click.option("--json", "as_json", is_flag=True, help="Print the record as one line of JSON, nothing else.")
+@click.option("--results-dir", default="results", show_default=True, help="Results store.")
+def score(predictions: str, task_spec: str, system: str | None, limit: int | None, data_dir: str | None,
+          as_json: bool, results_dir: str) -> None:
+    """Score answers made by another system (PREDICTIONS: one JSON line per question, its `id`,
+    `prediction` and optionally `retrieved` passage ids) with the task's metrics, and store them
+    as a record and samples log."""
+    from raghub.scoring import score_predictions
+
+    path = Path(predictions)
+    record = score_predictions(task_spec, path, system or path.name.split(".")[0], Path(results_dir),
+                               data_dir, limit)
+    if as_json:
+        click.echo(json.dumps(record.to_dict(), sort_keys=True))
+    else:
+        _print_record(record, Path(results_dir))
 
 
 def _add_plugin_commands() -> None:
