@@ -378,11 +378,17 @@ def _sample_row(line: dict[str, Any]) -> tuple[str, str, str, str]:
 @click.argument("reference", metavar="RECORD")
 @click.option("--wrong", is_flag=True, help="Only the examples with EM 0 (question answering).")
 @click.option("--type", "example_type", help="Only the examples of this question type.")
+@click.option("--changed-against", "against", metavar="B",
+              help="Only the examples right in one of the two runs and wrong in the other (by --metric), "
+                   "with B's prediction and which way it changed.")
+@click.option("--metric", default="em", show_default=True, help="The right / wrong metric of --changed-against.")
 @RESULTS_DIR_OPTION
-def samples(reference: str, wrong: bool, example_type: str | None, results_dir: str) -> None:
+@click.pass_obj
+def samples(found, reference: str, wrong: bool, example_type: str | None, against: str | None,
+            metric: str, results_dir: str) -> None:
     """A run's examples, one row each (RECORD: a record id, the start of one, or `latest`)."""
     record, lines = _stored_run(results_dir, reference)
-    shown = lines
+    shown = lines if against is None else _changed(found, record, lines, *_stored_run(results_dir, against), metric)
     if wrong:
         if not any("em" in line for line in lines):
             raise UsageError(f"--wrong keeps the examples with EM 0, and record {record.id} "
@@ -399,6 +405,30 @@ def samples(reference: str, wrong: bool, example_type: str | None, results_dir: 
     Console().print(table)
 
 
+def _changed(found, record: Record, lines: list[dict[str, Any]], record_b: Record,
+             lines_b: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The lines of the examples whose `metric` retrieval fixed or broke against run B, each
+    with how it changed and B's prediction."""
+    from raghub.comparison import outcomes, paired_lines
+
+    family = _family(found, record)
+    shared = paired_lines(record, lines, record_b, lines_b)
+    by_id = outcomes(shared, metric, family.metric_terms)
+    if by_id is None:
+        raise UsageError(f"--metric {metric} does not score each example of records {record.id} and "
+                         f"{record_b.id} right (1) or wrong (0); give one that does, such as em or match")
+    return [{**a, "changed": CHANGES[by_id[a["id"]]], "B prediction": b.get("prediction")}
+            for a, b in shared if by_id.get(a["id"]) in ("fixed", "broke")]
+
+
+def _family(found, record: Record):
+    """The installed task family of the record's task."""
+    family = found.task_families.get(record.family)
+    if family is None:
+        raise UsageError(f"no installed plugin provides the task family '{record.family}'")
+    return family
+
+
 @cli.command()
 @click.argument("reference_a", metavar="A")
 @click.argument("reference_b", metavar="B")
@@ -412,10 +442,7 @@ def compare(found, reference_a: str, reference_b: str, as_json: bool, results_di
 
     record_a, samples_a = _stored_run(results_dir, reference_a)
     record_b, samples_b = _stored_run(results_dir, reference_b)
-    family = found.task_families.get(record_a.family)
-    if family is None:
-        raise UsageError(f"no installed plugin provides the task family '{record_a.family}'")
-    comparison = compare_runs(record_a, samples_a, record_b, samples_b, family.metric_terms)
+    comparison = compare_runs(record_a, samples_a, record_b, samples_b, _family(found, record_a).metric_terms)
     if as_json:
         click.echo(json.dumps(comparison, sort_keys=True))
         return
@@ -431,6 +458,33 @@ def compare(found, reference_a: str, reference_b: str, as_json: bool, results_di
     for name, row in comparison["metrics"].items():
         table.add_row(name, *(_cell(row[key]) for key in ("a", "b", "difference", "se", "wins", "losses", "ties")))
     console.print(table)
+    for name, row in comparison["metrics"].items():
+        if "outcomes" in row:
+            _print_outcomes(console, name, row["outcomes"])
+
+
+#: the outcome columns of `raghub compare`'s right / wrong tables
+OUTCOME_COLUMNS = {"both right": "both right", "fixed": "fixed", "broke": "broke", "both wrong": "both wrong"}
+#: what fixed and broke mean, below the table and in `raghub samples --changed-against`
+CHANGES = {"fixed": "retrieval fixed (A right, B wrong)", "broke": "retrieval broke (A wrong, B right)"}
+#: the example ids a right / wrong table names per outcome (all of them in --json)
+SHOWN_OUTCOME_IDS = 8
+
+
+def _print_outcomes(console: Console, name: str, outcomes: dict[str, Any]) -> None:
+    """One metric's right / wrong table: a row per split of what A retrieved, then the first
+    ids retrieval fixed and broke."""
+    table = Table(title=f"{name}: right / wrong in A and B, by A's passages")
+    table.add_column("A retrieved")
+    for column in OUTCOME_COLUMNS.values():
+        table.add_column(column, justify="right")
+    for split, counts in outcomes["splits"].items():
+        table.add_row(split, *(str(counts[key]) for key in OUTCOME_COLUMNS))
+    console.print(table)
+    for outcome in ("fixed", "broke"):
+        ids = outcomes[outcome]
+        shown = ", ".join(ids[:SHOWN_OUTCOME_IDS]) + (", ..." if len(ids) > SHOWN_OUTCOME_IDS else "")
+        console.print(f"{CHANGES[outcome]}: {len(ids)}, {shown or 'none'}", highlight=False, markup=False)
 
 
 @cli.command()

@@ -303,6 +303,50 @@ def test_compare_refuses_runs_of_different_tasks(qa_store):
     assert out.exit_code == 2 and "runs of different tasks" in out.output
 
 
+def helped_hurt_store(results):
+    """Run A retrieves (gold passage or not per example), run B is closed-book; by hand:
+    q1 fixed, q2 broke (both with gold retrieved), q3 and q5 right in both, q4 wrong in both."""
+    def line(example_id, em, gold=None, f1=None):
+        passages = [] if gold is None else [{"id": "p", "title": "T", "score": 1.0, "rank": 1, "gold": gold}]
+        return {**qa_line(example_id, em, "bridge", f"answer {example_id}"), "retrieved": passages,
+                "f1": em if f1 is None else f1}
+    store(results, "run-a", "toyqa", "qa", QA_HIGHER,
+          [line("q1", 1.0, True), line("q2", 0.0, True), line("q3", 1.0, False),
+           line("q4", 0.0, False, f1=0.5), line("q5", 1.0, True)])
+    store(results, "run-b", "toyqa", "qa", QA_HIGHER,
+          [line("q1", 0.0), line("q2", 1.0), line("q3", 1.0), line("q4", 0.0), line("q5", 1.0)])
+    return results
+
+
+def test_compare_splits_right_and_wrong_by_gold_retrieved_by_hand(tmp_path):
+    results = helped_hurt_store(tmp_path)
+    comparison = json.loads(invoke("compare", "run-a", "run-b", "--json", "--results-dir", results).stdout)
+    em = comparison["metrics"]["em"]["outcomes"]
+    assert em["splits"] == {"gold": {"both right": 1, "fixed": 1, "broke": 1, "both wrong": 0},
+                            "no gold": {"both right": 1, "fixed": 0, "broke": 0, "both wrong": 1}}
+    assert (em["fixed"], em["broke"]) == (["q1"], ["q2"])
+    assert "outcomes" not in comparison["metrics"]["f1"]  # q4's F1 of 0.5 is neither right nor wrong
+    table = invoke("compare", "run-a", "run-b", "--results-dir", results).output
+    assert "retrieval fixed (A right, B wrong): 1, q1" in table and "retrieval broke (A wrong, B right): 1, q2" in table
+    assert "│ gold        │          1 │     1 │     1 │          0 │" in table
+    assert "│ no gold     │          1 │     0 │     0 │          1 │" in table
+    reverse = json.loads(invoke("compare", "run-b", "run-a", "--json", "--results-dir", results).stdout)
+    assert reverse["metrics"]["em"]["outcomes"]["splits"] == {  # B retrieved nothing: gold unknown
+        "unknown": {"both right": 2, "fixed": 1, "broke": 1, "both wrong": 1}}
+
+
+def test_samples_changed_against_lists_what_retrieval_fixed_and_broke(tmp_path):
+    results = helped_hurt_store(tmp_path)
+    shown = invoke("samples", "run-a", "--changed-against", "run-b", "--results-dir", results)
+    assert shown.exit_code == 0, shown.output
+    assert "2 of 5 examples" in shown.output and "question q1?" in shown.output and "question q2?" in shown.output
+    assert "changed retrieval fixed" in shown.output and "changed retrieval broke" in shown.output
+    assert "B prediction answer q1" in shown.output
+    assert "question q3?" not in shown.output
+    graded = invoke("samples", "run-a", "--changed-against", "run-b", "--metric", "f1", "--results-dir", results)
+    assert graded.exit_code == 2 and "--metric f1 does not score each example" in graded.output
+
+
 # --- the store's files stay inside it ------------------------------------------------------
 
 @pytest.mark.parametrize("samples", ["/etc/hostname", "../../../../etc/hostname", "samples/../../outside.jsonl"])
