@@ -1,5 +1,5 @@
 """The `raghub` command line: run, leaderboard, plot, plugins, tasks, methods, retrievers, models,
-samples, compare, score.
+samples, compare, score, judge.
 
 The core settings (`raghub.settings.CORE_OPTIONS`) and every option the installed plugins
 declare (a method's `--temperature`, a task's `--split`, ...) become `raghub run` flags; flags
@@ -510,6 +510,32 @@ def score(predictions: str, task_spec: str, system: str | None, limit: int | Non
         click.echo(json.dumps(record.to_dict(), sort_keys=True))
     else:
         _print_record(record, Path(results_dir))
+
+
+@cli.command()
+@click.argument("reference", metavar="RECORD")
+@click.option("--judge", "judge_name", default="correctness", show_default=True,
+              help="The judge (a register_judges plugin).")
+@click.option("--judge-model", help="The judge's model: any --model spec (default: the embedded model).")
+@click.option("--judge-repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Judgements per question (over the judge's paraphrased prompts).")
+@click.option("--judge-temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0: each verdict is p(yes) > 1/2; above 0: drawn from the judge's yes / no at it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the judged record as one line of JSON, nothing else.")
+@RESULTS_DIR_OPTION
+def judge(reference: str, judge_name: str, judge_model: str | None, judge_repeats: int,
+          judge_temperature: float, as_json: bool, results_dir: str) -> None:
+    """Judge a stored QA run's predictions with an LLM judge (no generator runs) and store the
+    judged run as a new record: judged accuracy ± se (the judge's variance included), the
+    judge's self-agreement, and Cohen's kappa against match and EM."""
+    from raghub.judging import judge_run
+
+    record, lines = _stored_run(results_dir, reference)
+    judged = judge_run(record, lines, judge_name, judge_model, judge_repeats, judge_temperature, results_dir)
+    if as_json:
+        click.echo(json.dumps(judged.to_dict(), sort_keys=True))
+    else:
+        _print_record(judged, Path(results_dir))
 
 
 def _add_plugin_commands() -> None:
