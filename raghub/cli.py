@@ -411,9 +411,8 @@ def _changed(found, record: Record, lines: list[dict[str, Any]], record_b: Recor
     with how it changed and B's prediction."""
     from raghub.comparison import outcomes, paired_lines
 
-    family = _family(found, record)
     shared = paired_lines(record, lines, record_b, lines_b)
-    by_id = outcomes(shared, metric, family.metric_terms)
+    by_id = outcomes(shared, metric, _metric_terms(found, record))
     if by_id is None:
         raise UsageError(f"--metric {metric} does not score each example of records {record.id} and "
                          f"{record_b.id} right (1) or wrong (0); give one that does, such as em or match")
@@ -421,12 +420,15 @@ def _changed(found, record: Record, lines: list[dict[str, Any]], record_b: Recor
             for a, b in shared if by_id.get(a["id"]) in ("fixed", "broke")]
 
 
-def _family(found, record: Record):
-    """The installed task family of the record's task."""
+def _metric_terms(found, record: Record):
+    """Each example's (y, x) per ratio metric: its task family's `metric_terms` and, in a judged
+    run, its judge's accuracy."""
+    from raghub.judging import judged_terms
+
     family = found.task_families.get(record.family)
     if family is None:
         raise UsageError(f"no installed plugin provides the task family '{record.family}'")
-    return family
+    return lambda line: {**family.metric_terms(line), **judged_terms(line)}
 
 
 @cli.command()
@@ -442,7 +444,7 @@ def compare(found, reference_a: str, reference_b: str, as_json: bool, results_di
 
     record_a, samples_a = _stored_run(results_dir, reference_a)
     record_b, samples_b = _stored_run(results_dir, reference_b)
-    comparison = compare_runs(record_a, samples_a, record_b, samples_b, _family(found, record_a).metric_terms)
+    comparison = compare_runs(record_a, samples_a, record_b, samples_b, _metric_terms(found, record_a))
     if as_json:
         click.echo(json.dumps(comparison, sort_keys=True))
         return

@@ -71,15 +71,29 @@ def judge_lines(judge: Judge, judge_id: dict[str, Any], lines: Sequence[dict[str
     return judged
 
 
+def judged_metric(judge_name: str) -> str:
+    """The record's metric of a judge's accuracy, e.g. `judge_correctness`."""
+    return f"judge_{judge_name}"
+
+
+def judged_terms(line: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """A judged samples-log line's (y, x) of its judge's accuracy: the mean of its verdicts over
+    one question (none for a line not judged), so that `raghub compare` pairs judged runs too."""
+    if "judge" not in line:
+        return {}
+    verdicts = [j["verdict"] for j in line["judge"]["judgements"]]
+    return {judged_metric(line["judge"]["name"]): (sum(verdicts) / len(verdicts), 1.0)}
+
+
 def judge_summary(name: str, lines: Sequence[dict[str, Any]], judged: Sequence[list[dict[str, Any]]]) -> tuple[dict[str, Any], float | None]:
     """The record's judge metrics (accuracy, self-agreement, kappa and confusion counts against
     match and EM where the lines have them) and the accuracy's standard error."""
     verdicts = [[j["verdict"] for j in repeats] for repeats in judged]
     accuracy, se, within = repeated_judgement(verdicts)
-    metric = f"judge_{name}"
+    metric = judged_metric(name)
     metrics: dict[str, Any] = {metric: accuracy, f"{metric}_self_agreement": self_agreement(verdicts),
                                f"{metric}_within_variance": within}
-    # every judgement against its question's reference label
+    # every judgement (question and repeat) against its question's label
     flat = [v for repeats in verdicts for v in repeats]
     for reference in REFERENCE_METRICS:
         if all(reference in line for line in lines):
@@ -101,8 +115,6 @@ def judge_run(record: Record, lines: Sequence[dict[str, Any]], judge_name: str, 
     if missing:
         raise UsageError(f"record {record.id} ({record.task}) has no {', '.join(missing)} in its samples log; "
                          "a judge judges question-answering runs")
-    if repeats < 1 or temperature < 0:
-        raise UsageError("--judge-repeats must be at least 1 and --judge-temperature at least 0")
     judge_class = found.judges[judge_name]
     backend = choose_backend(found, judge_model)
     backend.check(judge_model)
@@ -113,7 +125,7 @@ def judge_run(record: Record, lines: Sequence[dict[str, Any]], judge_name: str, 
     judge_id = {"judge": judge_name, "code": code_identity("judge", judge_name), "model": model.fingerprint}
     judged = judge_lines(judge, judge_id, lines, repeats, temperature, Cache(cache_root()))
     metrics, se = judge_summary(judge_name, lines, judged)
-    metric = f"judge_{judge_name}"
+    metric = judged_metric(judge_name)
     record_id = f"{started:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
     settings = {"name": judge_name, "model": judge_model, "model_name": model.name,
                 "model_fingerprint": model.fingerprint, "repeats": repeats, "temperature": temperature}
@@ -122,6 +134,7 @@ def judge_run(record: Record, lines: Sequence[dict[str, Any]], judge_name: str, 
         higher_is_better={**record.higher_is_better, metric: True}, stderr={**record.stderr, metric: se},
         config={**record.config, "judge": settings, "judged_record": record.id},
         started_at=started.isoformat(), finished_at=datetime.now(timezone.utc).isoformat())
-    judged_lines = [{**line, "judge": {**settings, "judgements": judgements}} for line, judgements in zip(lines, judged)]
+    judged_lines = [{**line, "judge": {"name": judge_name, "judgements": judgements}}
+                    for line, judgements in zip(lines, judged)]
     append_record(results_dir, judged_record, judged_lines)
     return judged_record

@@ -166,9 +166,20 @@ def test_judging_a_stored_run_by_hand(stored_run):
     assert metrics["em"] == scored["metrics"]["em"] and record["higher_is_better"]["judge_correctness"]
     assert record["config"]["judge"]["repeats"] == 3 and record["config"]["judged_record"] == scored["id"]
     lines = [json.loads(line) for line in (results / record["samples"]).read_text().splitlines()]
+    assert lines[0]["judge"]["name"] == "correctness"
     first = lines[0]["judge"]["judgements"]
     assert [j["verdict"] for j in first] == [1.0, 1.0, 1.0] and first[0]["p_yes"] == pytest.approx(0.9)
     assert first[0]["raw"] == {"logprob_yes": pytest.approx(math.log(0.9)), "logprob_no": pytest.approx(math.log(0.1))}
+
+
+def test_compare_pairs_two_judged_runs(stored_run):
+    results, _ = stored_run
+    one = json.loads(judge(results, "--judge-repeats", 1).stdout)  # verdicts 1, 1
+    three = json.loads(judge(results, "--judge-repeats", 3).stdout)  # means 1, 1/3
+    out = CliRunner().invoke(cli, ["compare", one["id"], three["id"], "--json", "--results-dir", str(results)])
+    judged = json.loads(out.stdout)["metrics"]["judge_correctness"]
+    assert (judged["a"], judged["b"]) == (pytest.approx(1.0), pytest.approx(2 / 3))
+    assert judged["difference"] == pytest.approx(1 / 3) and (judged["wins"], judged["ties"]) == (1, 1)
 
 
 def test_judging_again_reads_the_cached_judgements(stored_run):
