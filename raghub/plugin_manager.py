@@ -32,8 +32,8 @@ from raghub import hookspecs
 from raghub.cache import file_sha256, fingerprint
 from raghub.errors import RunError, UsageError
 from raghub.interfaces import Method, Registry, Retriever, Task, check_name_and_family
-from raghub.models import ModelBackend
 from raghub.judges import Judge
+from raghub.models import ModelBackend
 from raghub.objectives import Objective
 from raghub.options import Option
 from raghub.schema import Field

@@ -442,7 +442,7 @@ def _read_resume_file(path: Path, report: bool = True) -> tuple[dict[str, dict[s
 
 
 def sample_line(task: Task, example: Example, stats: dict[str, Any], retrieved: Sequence[Retrieved],
-                 work: dict[str, Any]) -> dict[str, Any]:
+                work: dict[str, Any]) -> dict[str, Any]:
     """The example's line of the samples log: its id, stats, first-stage passages (id, title,
     score, rank) and what the method logged of its work, with the fields its task adds."""
     return task.sample_log(example, {"id": example.id, **stats, "retrieved": passage_fields(retrieved), **work})

@@ -200,3 +200,11 @@ def test_bad_judge_settings_are_one_line(stored_run, args, message):
     results, _ = stored_run
     out = judge(results, *args)
     assert out.exit_code == 2 and message in out.output, out.output
+
+
+def test_a_run_without_questions_and_predictions_is_not_judged(stored_run):
+    results, scored = stored_run
+    log = results / scored["samples"]
+    log.write_text("".join(json.dumps({"id": f"w{i}", "nll": 1.0, "tokens": 1, "bytes": 1}) + "\n" for i in range(2)))
+    out = judge(results)
+    assert out.exit_code == 2 and "has no question, answers, prediction in its samples log" in out.output, out.output
