@@ -489,6 +489,26 @@ def _print_outcomes(console: Console, name: str, outcomes: dict[str, Any]) -> No
         console.print(f"{CHANGES[outcome]}: {len(ids)}, {shown or 'none'}", highlight=False, markup=False)
 
 
+def _judge_options(default: str | None):
+    """A decorator adding the flags that choose an LLM judge and how often it judges; `default`
+    is the judge when --judge is not given (None: no judging)."""
+    options = [
+        click.option("--judge", "judge_name", default=default, show_default=default is not None,
+                     help="The judge (a register_judges plugin, e.g. correctness)."),
+        click.option("--judge-model", help="The judge's model: any --model spec (default: the embedded model)."),
+        click.option("--judge-repeats", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Judgements per question (over the judge's paraphrased prompts)."),
+        click.option("--judge-temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="0: each verdict is p(yes) > 1/2; above 0: drawn from the judge's yes / no at it."),
+    ]
+
+    def add(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return add
+
+
 @cli.command()
 @click.argument("predictions", type=click.Path(dir_okay=False))
 @click.option("--task", "task_spec", required=True, help="Task name or task YAML the predictions answer.")
@@ -496,18 +516,26 @@ def _print_outcomes(console: Console, name: str, outcomes: dict[str, Any]) -> No
                                "(default: the file's name without its suffix).")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the task's first N questions.")
 @click.option("--data-dir", envvar="RAGHUB_DATA_DIR", help=CORE_OPTIONS["data_dir"].help)
+@_judge_options(default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the record as one line of JSON, nothing else.")
 @click.option("--results-dir", default="results", show_default=True, help="Results store.")
 def score(predictions: str, task_spec: str, system: str | None, limit: int | None, data_dir: str | None,
+          judge_name: str | None, judge_model: str | None, judge_repeats: int, judge_temperature: float,
           as_json: bool, results_dir: str) -> None:
     """Score answers made by another system (PREDICTIONS: one JSON line per question, its `id`,
     `prediction` and optionally `retrieved` passage ids) with the task's metrics, and store them
-    as a record and samples log."""
+    as a record and samples log; with --judge, then the judged run as `raghub judge` does."""
+    from raghub.judging import check_judge, judge_run
     from raghub.scoring import score_predictions
 
+    if judge_name is not None:
+        check_judge(judge_name, judge_model)
     path = Path(predictions)
     record = score_predictions(task_spec, path, system or path.name.split(".")[0], Path(results_dir),
                                data_dir, limit)
+    if judge_name is not None:
+        record = judge_run(record, read_samples(results_dir, record), judge_name, judge_model,
+                           judge_repeats, judge_temperature, results_dir)
     if as_json:
         click.echo(json.dumps(record.to_dict(), sort_keys=True))
     else:
@@ -516,13 +544,7 @@ def score(predictions: str, task_spec: str, system: str | None, limit: int | Non
 
 @cli.command()
 @click.argument("reference", metavar="RECORD")
-@click.option("--judge", "judge_name", default="correctness", show_default=True,
-              help="The judge (a register_judges plugin).")
-@click.option("--judge-model", help="The judge's model: any --model spec (default: the embedded model).")
-@click.option("--judge-repeats", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Judgements per question (over the judge's paraphrased prompts).")
-@click.option("--judge-temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="0: each verdict is p(yes) > 1/2; above 0: drawn from the judge's yes / no at it.")
+@_judge_options(default="correctness")
 @click.option("--json", "as_json", is_flag=True, help="Print the judged record as one line of JSON, nothing else.")
 @RESULTS_DIR_OPTION
 def judge(reference: str, judge_name: str, judge_model: str | None, judge_repeats: int,

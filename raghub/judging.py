@@ -26,7 +26,7 @@ from raghub.cache import Cache, cache_root
 from raghub.errors import UsageError
 from raghub.judges import Judge, Judgeable, verdict
 from raghub.metrics import cohen_kappa, confusion_counts, repeated_judgement, self_agreement
-from raghub.models import ModelSpec, choose_backend
+from raghub.models import ModelBackend, ModelSpec, choose_backend
 from raghub.plugin_manager import code_identity, registry
 from raghub.record import Record
 from raghub.records import append_record, samples_file
@@ -103,22 +103,29 @@ def judge_summary(name: str, lines: Sequence[dict[str, Any]], judged: Sequence[l
     return {key: value for key, value in metrics.items() if value is not None}, se
 
 
+def check_judge(judge_name: str, judge_model: str | None) -> ModelBackend:
+    """The backend that loads the judge model, once the judge is known and the model can be seen
+    to provide what it needs (UsageError otherwise); nothing is loaded."""
+    found = registry()
+    if judge_name not in found.judges:
+        raise UsageError(f"unknown judge '{judge_name}'; known: {', '.join(sorted(found.judges)) or 'none'}")
+    backend = choose_backend(found, judge_model)
+    backend.check(judge_model)
+    backend.check_provides(found.judges[judge_name].requires, f"judge '{judge_name}'")
+    return backend
+
+
 def judge_run(record: Record, lines: Sequence[dict[str, Any]], judge_name: str, judge_model: str | None,
               repeats: int, temperature: float, results_dir: str) -> Record:
     """Judge a stored run's predictions and store the judged run as a new record (see the
     module's docstring); UsageError for a run without questions and predictions, an unknown
     judge or a judge model that lacks what the judge needs."""
-    found = registry()
-    if judge_name not in found.judges:
-        raise UsageError(f"unknown judge '{judge_name}'; known: {', '.join(sorted(found.judges)) or 'none'}")
+    backend = check_judge(judge_name, judge_model)
     missing = [f for f in JUDGED_FIELDS if not all(f in line for line in lines)]
     if missing:
         raise UsageError(f"record {record.id} ({record.task}) has no {', '.join(missing)} in its samples log; "
                          "a judge judges question-answering runs")
-    judge_class = found.judges[judge_name]
-    backend = choose_backend(found, judge_model)
-    backend.check(judge_model)
-    backend.check_provides(judge_class.requires, f"judge '{judge_name}'")
+    judge_class = registry().judges[judge_name]
     started = datetime.now(timezone.utc)
     model = backend.load_from_spec(ModelSpec(judge_model, dtype="float32"), None, 8)
     judge = judge_class(model)

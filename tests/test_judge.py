@@ -208,3 +208,19 @@ def test_a_run_without_questions_and_predictions_is_not_judged(stored_run):
     log.write_text("".join(json.dumps({"id": f"w{i}", "nll": 1.0, "tokens": 1, "bytes": 1}) + "\n" for i in range(2)))
     out = judge(results)
     assert out.exit_code == 2 and "has no question, answers, prediction in its samples log" in out.output, out.output
+
+
+def test_score_judges_when_asked(stored_run, tmp_path):
+    results, scored = stored_run
+    out = CliRunner().invoke(cli, ["score", "--task", str(tmp_path / "tiny.yaml"), "--data-dir", str(tmp_path / "data"),
+                                   "--judge", "correctness", "--judge-model", "judge", "--json",
+                                   "--results-dir", str(results), str(tmp_path / "p.jsonl")])
+    assert out.exit_code == 0, out.output
+    record = json.loads(out.stdout)
+    assert record["metrics"]["judge_correctness"] == 1.0  # one repeat: prompt 0, which says yes to both
+    assert record["metrics"]["em"] == scored["metrics"]["em"]
+    unknown = CliRunner().invoke(cli, ["score", "--task", str(tmp_path / "tiny.yaml"), "--data-dir",
+                                       str(tmp_path / "data"), "--judge", "nobody", "--results-dir",
+                                       str(tmp_path / "fresh"), str(tmp_path / "p.jsonl")])
+    assert unknown.exit_code == 2 and "unknown judge 'nobody'" in unknown.output
+    assert not (tmp_path / "fresh").exists()  # refused before anything was scored
