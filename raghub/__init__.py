@@ -17,7 +17,9 @@ from raghub.families.lm import Window, logprobs_from, passage_ids, passage_logpr
 from raghub.families.qa import (Answer, PromptTemplate, Question, answer_after, answer_continuation, answer_questions,
                                 answers_from, first_sentence, generate_for, passage_blocks)
 from raghub.hookspecs import hookimpl
+from raghub.judges import Judge, Judgeable
 from raghub.interfaces import Augmenter, Example, Method, Passage, Retrieved, Retriever, Task
+from raghub.metrics import yes_probability
 from raghub.mixture import mixture_logprobs
 from raghub.models import AnswerScores, Generation, LanguageModel, ModelBackend, load_model
 from raghub.objectives import (Objective, lsr_kl, rag_sequence_logprob, rag_sequence_token_logprobs,
@@ -32,11 +34,12 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
-    "Answer", "AnswerScores", "Augmenter", "Example", "Field", "Generation", "LanguageModel", "Method", "ModelBackend",
+    "Answer", "AnswerScores", "Augmenter", "Example", "Field", "Generation", "Judge", "Judgeable", "LanguageModel",
+    "Method", "ModelBackend",
     "Objective", "Option", "Passage", "PromptTemplate", "Question", "RaghubError", "Retrieved", "Retriever",
     "RunError", "Task", "UsageError", "Window", "answer_after", "answer_continuation", "answer_questions",
     "answers_from", "first_sentence", "generate_for", "hookimpl", "load_model", "logprobs_from", "lsr_kl",
     "mixture_logprobs", "notice", "passage_blocks", "passage_ids", "passage_logprobs", "passages_prefix",
     "rag_sequence_logprob", "rag_sequence_token_logprobs", "rag_token_logprob", "read_task_definition",
-    "score_after_prefixes",
+    "score_after_prefixes", "yes_probability",
 ]

@@ -1,5 +1,5 @@
 """The `raghub` command line: run, leaderboard, plot, plugins, tasks, methods, retrievers, models,
-samples, compare.
+samples, compare, score, judge.
 
 The core settings (`raghub.settings.CORE_OPTIONS`) and every option the installed plugins
 declare (a method's `--temperature`, a task's `--split`, ...) become `raghub run` flags; flags
@@ -170,7 +170,7 @@ def _print_record(record: Record, results_dir: Path) -> None:
     console = Console()
     console.print(table)
     n = record.n_examples
-    console.print(f"{n} example{'' if n == 1 else 's'} · {record.model} · stored in {results_dir}",
+    console.print(f"{n} example{'' if n == 1 else 's'} · {record.model or 'no model run'} · stored in {results_dir}",
                   style="dim", soft_wrap=True, markup=False, highlight=False)
 
 
@@ -378,11 +378,17 @@ def _sample_row(line: dict[str, Any]) -> tuple[str, str, str, str]:
 @click.argument("reference", metavar="RECORD")
 @click.option("--wrong", is_flag=True, help="Only the examples with EM 0 (question answering).")
 @click.option("--type", "example_type", help="Only the examples of this question type.")
+@click.option("--changed-against", "against", metavar="B",
+              help="Only the examples right in one of the two runs and wrong in the other (by --metric), "
+                   "with B's prediction and which way it changed.")
+@click.option("--metric", default="em", show_default=True, help="The right / wrong metric of --changed-against.")
 @RESULTS_DIR_OPTION
-def samples(reference: str, wrong: bool, example_type: str | None, results_dir: str) -> None:
+@click.pass_obj
+def samples(found, reference: str, wrong: bool, example_type: str | None, against: str | None,
+            metric: str, results_dir: str) -> None:
     """A run's examples, one row each (RECORD: a record id, the start of one, or `latest`)."""
     record, lines = _stored_run(results_dir, reference)
-    shown = lines
+    shown = lines if against is None else _changed(found, record, lines, *_stored_run(results_dir, against), metric)
     if wrong:
         if not any("em" in line for line in lines):
             raise UsageError(f"--wrong keeps the examples with EM 0, and record {record.id} "
@@ -399,6 +405,32 @@ def samples(reference: str, wrong: bool, example_type: str | None, results_dir: 
     Console().print(table)
 
 
+def _changed(found, record: Record, lines: list[dict[str, Any]], record_b: Record,
+             lines_b: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The lines of the examples whose `metric` retrieval fixed or broke against run B, each
+    with how it changed and B's prediction."""
+    from raghub.comparison import outcomes, paired_lines
+
+    shared = paired_lines(record, lines, record_b, lines_b)
+    by_id = outcomes(shared, metric, _metric_terms(found, record))
+    if by_id is None:
+        raise UsageError(f"--metric {metric} does not score each example of records {record.id} and "
+                         f"{record_b.id} right (1) or wrong (0); give one that does, such as em or match")
+    return [{**a, "changed": CHANGES[by_id[a["id"]]], "B prediction": b.get("prediction")}
+            for a, b in shared if by_id.get(a["id"]) in ("fixed", "broke")]
+
+
+def _metric_terms(found, record: Record):
+    """Each example's (y, x) per ratio metric: its task family's `metric_terms` and, in a judged
+    run, its judge's accuracy."""
+    from raghub.judging import judged_terms
+
+    family = found.task_families.get(record.family)
+    if family is None:
+        raise UsageError(f"no installed plugin provides the task family '{record.family}'")
+    return lambda line: {**family.metric_terms(line), **judged_terms(line)}
+
+
 @cli.command()
 @click.argument("reference_a", metavar="A")
 @click.argument("reference_b", metavar="B")
@@ -412,10 +444,7 @@ def compare(found, reference_a: str, reference_b: str, as_json: bool, results_di
 
     record_a, samples_a = _stored_run(results_dir, reference_a)
     record_b, samples_b = _stored_run(results_dir, reference_b)
-    family = found.task_families.get(record_a.family)
-    if family is None:
-        raise UsageError(f"no installed plugin provides the task family '{record_a.family}'")
-    comparison = compare_runs(record_a, samples_a, record_b, samples_b, family.metric_terms)
+    comparison = compare_runs(record_a, samples_a, record_b, samples_b, _metric_terms(found, record_a))
     if as_json:
         click.echo(json.dumps(comparison, sort_keys=True))
         return
@@ -431,6 +460,106 @@ def compare(found, reference_a: str, reference_b: str, as_json: bool, results_di
     for name, row in comparison["metrics"].items():
         table.add_row(name, *(_cell(row[key]) for key in ("a", "b", "difference", "se", "wins", "losses", "ties")))
     console.print(table)
+    for name, row in comparison["metrics"].items():
+        if "outcomes" in row:
+            _print_outcomes(console, name, row["outcomes"])
+
+
+#: the outcome columns of `raghub compare`'s right / wrong tables
+OUTCOME_COLUMNS = {"both right": "both right", "fixed": "fixed", "broke": "broke", "both wrong": "both wrong"}
+#: what fixed and broke mean, below the table and in `raghub samples --changed-against`
+CHANGES = {"fixed": "retrieval fixed (A right, B wrong)", "broke": "retrieval broke (A wrong, B right)"}
+#: the example ids a right / wrong table names per outcome (all of them in --json)
+SHOWN_OUTCOME_IDS = 8
+
+
+def _print_outcomes(console: Console, name: str, outcomes: dict[str, Any]) -> None:
+    """One metric's right / wrong table: a row per split of what A retrieved, then the first
+    ids retrieval fixed and broke."""
+    table = Table(title=f"{name}: right / wrong in A and B, by A's passages")
+    table.add_column("A retrieved")
+    for column in OUTCOME_COLUMNS.values():
+        table.add_column(column, justify="right")
+    for split, counts in outcomes["splits"].items():
+        table.add_row(split, *(str(counts[key]) for key in OUTCOME_COLUMNS))
+    console.print(table)
+    for outcome in ("fixed", "broke"):
+        ids = outcomes[outcome]
+        shown = ", ".join(ids[:SHOWN_OUTCOME_IDS]) + (", ..." if len(ids) > SHOWN_OUTCOME_IDS else "")
+        console.print(f"{CHANGES[outcome]}: {len(ids)}, {shown or 'none'}", highlight=False, markup=False)
+
+
+def _judge_options(default: str | None):
+    """A decorator adding the flags that choose an LLM judge and how often it judges; `default`
+    is the judge when --judge is not given (None: no judging)."""
+    options = [
+        click.option("--judge", "judge_name", default=default, show_default=default is not None,
+                     help="The judge (a register_judges plugin, e.g. correctness)."),
+        click.option("--judge-model", help="The judge's model: any --model spec (default: the embedded model)."),
+        click.option("--judge-repeats", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Judgements per question (over the judge's paraphrased prompts)."),
+        click.option("--judge-temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="0: each verdict is p(yes) > 1/2; above 0: drawn from the judge's yes / no at it."),
+    ]
+
+    def add(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return add
+
+
+@cli.command()
+@click.argument("predictions", type=click.Path(dir_okay=False))
+@click.option("--task", "task_spec", required=True, help="Task name or task YAML the predictions answer.")
+@click.option("--system", help="The name the predictions' system gets in the record and leaderboard "
+                               "(default: the file's name without its suffix).")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the task's first N questions.")
+@click.option("--data-dir", envvar="RAGHUB_DATA_DIR", help=CORE_OPTIONS["data_dir"].help)
+@_judge_options(default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print the record as one line of JSON, nothing else.")
+@click.option("--results-dir", default="results", show_default=True, help="Results store.")
+def score(predictions: str, task_spec: str, system: str | None, limit: int | None, data_dir: str | None,
+          judge_name: str | None, judge_model: str | None, judge_repeats: int, judge_temperature: float,
+          as_json: bool, results_dir: str) -> None:
+    """Score answers made by another system (PREDICTIONS: one JSON line per question, its `id`,
+    `prediction` and optionally `retrieved` passage ids) with the task's metrics, and store them
+    as a record and samples log; with --judge, then the judged run as `raghub judge` does."""
+    from raghub.judging import check_judge, judge_run
+    from raghub.scoring import score_predictions
+
+    if judge_name is not None:
+        check_judge(judge_name, judge_model)
+    path = Path(predictions)
+    record = score_predictions(task_spec, path, system or path.name.split(".")[0], Path(results_dir),
+                               data_dir, limit)
+    if judge_name is not None:
+        record = judge_run(record, read_samples(results_dir, record), judge_name, judge_model,
+                           judge_repeats, judge_temperature, results_dir)
+    if as_json:
+        click.echo(json.dumps(record.to_dict(), sort_keys=True))
+    else:
+        _print_record(record, Path(results_dir))
+
+
+@cli.command()
+@click.argument("reference", metavar="RECORD")
+@_judge_options(default="correctness")
+@click.option("--json", "as_json", is_flag=True, help="Print the judged record as one line of JSON, nothing else.")
+@RESULTS_DIR_OPTION
+def judge(reference: str, judge_name: str, judge_model: str | None, judge_repeats: int,
+          judge_temperature: float, as_json: bool, results_dir: str) -> None:
+    """Judge a stored QA run's predictions with an LLM judge (no generator runs) and store the
+    judged run as a new record: judged accuracy ± se (the judge's variance included), the
+    judge's self-agreement, and Cohen's kappa against match and EM."""
+    from raghub.judging import judge_run
+
+    record, lines = _stored_run(results_dir, reference)
+    judged = judge_run(record, lines, judge_name, judge_model, judge_repeats, judge_temperature, results_dir)
+    if as_json:
+        click.echo(json.dumps(judged.to_dict(), sort_keys=True))
+    else:
+        _print_record(judged, Path(results_dir))
 
 
 def _add_plugin_commands() -> None:

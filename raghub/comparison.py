@@ -8,6 +8,7 @@ A does better on, worse on, or the same.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Callable, Sequence
 
 from raghub.errors import UsageError
@@ -15,14 +16,17 @@ from raghub.metrics import paired_difference
 from raghub.record import Record
 
 MetricTerms = Callable[[dict[str, Any]], dict[str, tuple[float, float]]]
+Line = dict[str, Any]
+#: an example's outcome on a right / wrong metric, run A against run B
+OUTCOMES = {(1.0, 1.0): "both right", (1.0, 0.0): "fixed", (0.0, 1.0): "broke", (0.0, 0.0): "both wrong"}
+#: whether a gold passage is among what run A retrieved for the example (None: not known)
+GOLD_SPLITS = {True: "gold", False: "no gold", None: "unknown"}
 
 
-def compare_runs(record_a: Record, samples_a: Sequence[dict[str, Any]],
-                 record_b: Record, samples_b: Sequence[dict[str, Any]],
-                 metric_terms: MetricTerms) -> dict[str, Any]:
-    """The paired comparison of run A against run B: per ranked ratio metric, A's and B's value
-    on the shared examples, the difference A − B with its paired se, and wins / losses / ties
-    counted for A (by the metric's direction)."""
+def paired_lines(record_a: Record, samples_a: Sequence[Line], record_b: Record,
+                 samples_b: Sequence[Line]) -> list[tuple[Line, Line]]:
+    """The two runs' sample lines of each example both ran (in A's order); a UsageError for runs
+    of different tasks or runs that share no example."""
     if record_a.task != record_b.task:
         raise UsageError(f"records {record_a.id} and {record_b.id} are runs of different "
                          f"tasks ({record_a.task}, {record_b.task}); compare runs of one task")
@@ -30,6 +34,53 @@ def compare_runs(record_a: Record, samples_a: Sequence[dict[str, Any]],
     shared = [(line, by_id[line["id"]]) for line in samples_a if line["id"] in by_id]
     if not shared:
         raise UsageError(f"records {record_a.id} and {record_b.id} share no example")
+    return shared
+
+
+def gold_retrieved(line: Line) -> bool | None:
+    """Whether a gold passage is among the passages the example's line shows retrieved (first
+    stage and the method's own calls); None when none is marked gold or not (a closed-book run)."""
+    passages = [*line.get("retrieved", ()), *(hit for call in line.get("retrievals", ()) for hit in call["hits"])]
+    marks = [p["gold"] for p in passages if p.get("gold") is not None]
+    return any(marks) if marks else None
+
+
+def outcomes(shared: Sequence[tuple[Line, Line]], name: str,
+             metric_terms: MetricTerms) -> dict[str, str] | None:
+    """Each shared example's outcome on metric `name` (`OUTCOMES`: both right, fixed = right in
+    A only, broke = right in B only, both wrong), by id; None unless the metric scores every
+    example it has in both runs 0 or 1 (a right / wrong metric such as EM or match)."""
+    found = {}
+    for a, b in shared:
+        term_a, term_b = metric_terms(a).get(name), metric_terms(b).get(name)
+        if term_a is None or term_b is None:
+            continue
+        outcome = OUTCOMES.get((term_a[0], term_b[0])) if term_a[1] == term_b[1] == 1.0 else None
+        if outcome is None:
+            return None
+        found[a["id"]] = outcome
+    return found or None
+
+
+def outcome_table(shared: Sequence[tuple[Line, Line]], by_id: dict[str, str]) -> dict[str, Any]:
+    """The examples' outcomes counted per `GOLD_SPLITS` split of what A retrieved, with the ids
+    retrieval fixed and broke."""
+    split_of = {a["id"]: GOLD_SPLITS[gold_retrieved(a)] for a, _ in shared}
+    table: dict[str, Any] = {}
+    for example_id, outcome in by_id.items():
+        table.setdefault(split_of[example_id], Counter({name: 0 for name in OUTCOMES.values()}))[outcome] += 1
+    return {"splits": {split: dict(counts) for split, counts in table.items()},
+            **{outcome: [i for i, found in by_id.items() if found == outcome] for outcome in ("fixed", "broke")}}
+
+
+def compare_runs(record_a: Record, samples_a: Sequence[Line],
+                 record_b: Record, samples_b: Sequence[Line],
+                 metric_terms: MetricTerms) -> dict[str, Any]:
+    """The paired comparison of run A against run B: per ranked ratio metric, A's and B's value
+    on the shared examples, the difference A − B with its paired se, and wins / losses / ties
+    counted for A (by the metric's direction); a right / wrong metric adds `outcomes`, the
+    examples retrieval fixed and broke split by whether A retrieved a gold passage."""
+    shared = paired_lines(record_a, samples_a, record_b, samples_b)
     compared = {}
     for name, higher_is_better in record_a.higher_is_better.items():
         pairs = [(metric_terms(a).get(name), metric_terms(b).get(name)) for a, b in shared]
@@ -45,5 +96,8 @@ def compare_runs(record_a: Record, samples_a: Sequence[dict[str, Any]],
         compared[name] = {"a": sum(ya) / sum(x), "b": sum(yb) / sum(x), "difference": difference,
                           "se": se, "n": len(pairs), "wins": sum(d > 0 for d in better),
                           "losses": sum(d < 0 for d in better), "ties": sum(d == 0 for d in better)}
+        by_id = outcomes(shared, name, metric_terms) if higher_is_better else None
+        if by_id is not None:
+            compared[name]["outcomes"] = outcome_table(shared, by_id)
     return {"a": record_a.id, "b": record_b.id, "task": record_a.task,
             "n_shared": len(shared), "n_a": len(samples_a), "n_b": len(samples_b), "metrics": compared}

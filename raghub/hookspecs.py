@@ -1,5 +1,5 @@
-"""The hooks through which every task, method, retriever, model backend, training objective
-and command is registered.
+"""The hooks through which every task, method, retriever, model backend, training objective,
+judge and command is registered.
 
 Built-in plugins (`raghub.plugin_manager.DEFAULT_PLUGINS`) and third-party packages
 (entry-point group `raghub`) implement exactly these hooks; each hands the plugin a `register`
@@ -46,6 +46,12 @@ def register_models(register):
 def register_objectives(register):
     """Register training objectives of `raghub train`: `register(ObjectiveClass)`, keyed by its
     `name` (a `raghub.objectives.Objective` subclass)."""
+
+
+@hookspec
+def register_judges(register):
+    """Register LLM judges of answers (`raghub judge --judge NAME`): `register(JudgeClass)`,
+    keyed by its `name` (a `raghub.Judge` subclass)."""
 
 
 @hookspec

@@ -331,6 +331,7 @@ class Registry:
     retrievers: dict[str, type[Retriever]] = field(default_factory=dict)
     models: dict[str, type] = field(default_factory=dict)
     objectives: dict[str, type] = field(default_factory=dict)
+    judges: dict[str, type] = field(default_factory=dict)
     #: (kind, name) -> the origin of the plugin that registered it ('built-in', 'dist version')
     origins: dict[tuple[str, str], str] = field(default_factory=dict)
     #: (kind, name) -> the origin whose registration a later plugin replaced

@@ -35,12 +35,15 @@ def exact_match(prediction: str, gold: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(gold))
 
 
+#: answers HotpotQA's official evaluation scores only when the prediction is the same answer
+YES_NO_ANSWERS = {"yes", "no", "noanswer"}
+
+
 def f1(prediction: str, gold: str) -> float:
     """Token-overlap F1 after normalisation. As in HotpotQA's official evaluation, when either
     side is yes / no / noanswer the two must be equal to score."""
     pred, ref = normalize_answer(prediction), normalize_answer(gold)
-    special = {"yes", "no", "noanswer"}
-    if (pred in special or ref in special) and pred != ref:
+    if (pred in YES_NO_ANSWERS or ref in YES_NO_ANSWERS) and pred != ref:
         return 0.0
     pred_tokens, ref_tokens = pred.split(), ref.split()
     common = Counter(pred_tokens) & Counter(ref_tokens)
@@ -49,6 +52,20 @@ def f1(prediction: str, gold: str) -> float:
         return 0.0
     precision, recall = overlap / len(pred_tokens), overlap / len(ref_tokens)
     return 2 * precision * recall / (precision + recall)
+
+
+def answer_match(prediction: str, gold: str) -> float:
+    """Match (BERGEN's lenient metric): 1 when the normalised gold occurs in the normalised
+    prediction as whole words ("Paris" in "it is Paris, France", not "Paris" in "Parisian").
+    A yes / no / noanswer gold must be the prediction's first word, as HotpotQA scores such
+    answers only when the prediction gives that answer: "no" in "yes, there is no doubt" does
+    not count."""
+    pred, ref = normalize_answer(prediction), normalize_answer(gold)
+    if not ref:
+        return 0.0
+    if ref in YES_NO_ANSWERS:
+        return float(pred.split()[:1] == [ref])
+    return float(f" {ref} " in f" {pred} ")
 
 
 def best_over_aliases(metric, prediction: str, golds: Sequence[str]) -> float:
@@ -115,3 +132,66 @@ def paired_difference(numerators_a: Sequence[float], numerators_b: Sequence[floa
     the ratio estimate and delta-method se of d_i = y_A,i − y_B,i over x_i."""
     differences = [a - b for a, b in zip(numerators_a, numerators_b)]
     return sum(differences) / sum(denominators), ratio_standard_error(differences, denominators)
+
+
+# --------------------------------------------------------------------------- judged metrics
+
+
+def yes_probability(logprob_yes: float, logprob_no: float, temperature: float = 1.0) -> float:
+    """A judge's p(yes) from its log-probs of answering "Yes" and "No", renormalised over the
+    two and sharpened (temperature < 1) or flattened (> 1): 1 / (1 + exp((ln p_no − ln p_yes) / T))."""
+    return 1.0 / (1.0 + math.exp(max(-700.0, min(700.0, (logprob_no - logprob_yes) / temperature))))
+
+
+def repeated_judgement(verdicts: Sequence[Sequence[float]]) -> tuple[float, float | None, float | None]:
+    """The judged accuracy over n questions judged R times each (verdicts[i][r] in {0, 1}), its
+    standard error including the judge's own variance, and that within-question variance.
+
+    With m_i the mean of question i's R verdicts, the accuracy is A = mean_i m_i and
+
+        se(A)² = σ̂²_between / n + σ̂²_within / (n R)
+        σ̂²_within  = mean_i s_i²              (s_i²: the sample variance of question i's R verdicts)
+        σ̂²_between = s²(m) − σ̂²_within / R   (s²(m): the sample variance of the m_i, n − 1)
+
+    the two-stage (questions, then the judge's repeats) variance: the between-question part is
+    what a perfectly consistent judge would leave, the within-question part is the judge's
+    noise. The sum equals s²(m) / n. None for what fewer than two questions (or repeats) leave
+    undefined."""
+    n, repeats = len(verdicts), len(verdicts[0])
+    means = [sum(v) / repeats for v in verdicts]
+    accuracy = sum(means) / n
+    within = mean(standard_error(v) ** 2 * repeats for v in verdicts) if repeats > 1 else None
+    se_of_means = standard_error(means)
+    if se_of_means is None:
+        return accuracy, None, within
+    between = se_of_means ** 2 * n - (within or 0.0) / repeats
+    return accuracy, math.sqrt(between / n + (within or 0.0) / (n * repeats)), within
+
+
+def self_agreement(verdicts: Sequence[Sequence[float]]) -> float | None:
+    """The share of pairs of one question's repeated verdicts that agree, averaged over the
+    questions (None with one repeat)."""
+    repeats = len(verdicts[0])
+    if repeats < 2:
+        return None
+    pairs = repeats * (repeats - 1) / 2
+    return mean(sum(a == b for i, a in enumerate(v) for b in v[i + 1:]) / pairs for v in verdicts)
+
+
+def confusion_counts(a: Sequence[float], b: Sequence[float]) -> dict[str, int]:
+    """How often two 0/1 labelings of the same items agree and differ: both_1, only_a, only_b, both_0."""
+    pairs = list(zip(a, b))
+    return {"both_1": pairs.count((1, 1)), "only_a": pairs.count((1, 0)),
+            "only_b": pairs.count((0, 1)), "both_0": pairs.count((0, 0))}
+
+
+def cohen_kappa(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Cohen's kappa of two 0/1 labelings: (p_o − p_e) / (1 − p_e), p_o the share of agreement
+    and p_e the agreement expected by chance from each labeling's share of 1s; None when chance
+    alone agrees on everything (p_e = 1)."""
+    n = len(a)
+    counts = confusion_counts(a, b)
+    observed = (counts["both_1"] + counts["both_0"]) / n
+    share_a, share_b = sum(a) / n, sum(b) / n
+    expected = share_a * share_b + (1 - share_a) * (1 - share_b)
+    return None if expected == 1 else (observed - expected) / (1 - expected)

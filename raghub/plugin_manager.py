@@ -32,6 +32,7 @@ from raghub import hookspecs
 from raghub.cache import file_sha256, fingerprint
 from raghub.errors import RunError, UsageError
 from raghub.interfaces import Method, Registry, Retriever, Task, check_name_and_family
+from raghub.judges import Judge
 from raghub.models import ModelBackend
 from raghub.objectives import Objective
 from raghub.options import Option
@@ -62,6 +63,7 @@ DEFAULT_PLUGINS = (
     "raghub.plugins.models.huggingface",
     "raghub.plugins.models.seq2seq",
     "raghub.plugins.training.rag",
+    "raghub.plugins.judges.correctness",
 )
 BUILTIN = "built-in"
 HOOK_NAMES = frozenset(name for name in dir(hookspecs) if name.startswith("register_"))
@@ -213,6 +215,7 @@ DECLARATIONS: dict[str, tuple[type, dict[str, type]]] = {
     "retriever": (Retriever, {"options": Option}),
     "model backend": (ModelBackend, {"options": Option}),
     "objective": (Objective, {"options": Option}),
+    "judge": (Judge, {"options": Option}),
 }
 
 
@@ -290,6 +293,7 @@ def _collect() -> tuple[Registry, list[str]]:
         ("register_models", keyed(found.models, "model backend", "name", options_are_flags=False)),
         # an objective's options are --objective-args keys
         ("register_objectives", keyed(found.objectives, "objective", "name", options_are_flags=False)),
+        ("register_judges", keyed(found.judges, "judge", "name", options_are_flags=False)),
     ):
         failed += call_hook(hook_name, lambda plugin, add=add: {"register": lambda item: add(item, plugin)})
     return found, failed

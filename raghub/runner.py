@@ -441,8 +441,8 @@ def _read_resume_file(path: Path, report: bool = True) -> tuple[dict[str, dict[s
     return done, counters
 
 
-def _sample_line(task: Task, example: Example, stats: dict[str, Any], retrieved: Sequence[Retrieved],
-                 work: dict[str, Any]) -> dict[str, Any]:
+def sample_line(task: Task, example: Example, stats: dict[str, Any], retrieved: Sequence[Retrieved],
+                work: dict[str, Any]) -> dict[str, Any]:
     """The example's line of the samples log: its id, stats, first-stage passages (id, title,
     score, rank) and what the method logged of its work, with the fields its task adds."""
     return task.sample_log(example, {"id": example.id, **stats, "retrieved": passage_fields(retrieved), **work})
@@ -459,7 +459,8 @@ def ranked_metrics(task: Task, metrics: dict[str, Any]) -> dict[str, bool]:
     return directions
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """The commit of the raghub checkout that runs (None outside a git checkout)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(raghub.__file__).parent,
                              capture_output=True, text=True, timeout=5)
@@ -531,7 +532,7 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None,
             totals=task.totals(lines),
             method_stats={**method.record_stats(), **work_means(lines), **checkpoint_stats(resolved.checkpoint)}, config=config,
             plugins=_plugin_origins(task, method, retriever),
-            raghub_version=raghub.__version__, git_commit=_git_commit(),
+            raghub_version=raghub.__version__, git_commit=git_commit(),
             started_at=started.isoformat(), finished_at=datetime.now(timezone.utc).isoformat(),
             duration_s=round(time.perf_counter() - clock, 2), hardware={**model.hardware(), "allocator": allocator.in_effect()},
         )
@@ -564,7 +565,7 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
             results = task.evaluate(method, [examples[i] for i in batch], [retrieved[i] for i in batch])
             results = _checked_stats(task, [examples[i] for i in batch], results)
             added = {key: value - before[key] for key, value in method.counters.items() if value != before[key]}
-            lines = [_sample_line(task, examples[i], result, retrieved[i], method.work.take(examples[i].id))
+            lines = [sample_line(task, examples[i], result, retrieved[i], method.work.take(examples[i].id))
                      for i, result in zip(batch, results)]
             resume.write(_batch_line(lines, added))  # the counters are kept exactly when the batch is
             resume.flush()

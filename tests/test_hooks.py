@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from plugin_packages import RecordingModel
-from raghub import (Example, Field, Method, ModelBackend, Objective, Option, Passage, Retriever, Task,
-                    UsageError, hookimpl, read_task_definition)
+from raghub import (Example, Field, Judge, Judgeable, Method, ModelBackend, Objective, Option, Passage, Retriever,
+                    Task, UsageError, hookimpl, read_task_definition)
 from raghub import hookspecs as hookspecs_module
 from raghub.cli import _add_plugin_commands, cli
 from raghub.models import choose_backend
@@ -181,6 +181,29 @@ def test_hook_register_objectives(add_plugin):
     assert loss.tolist() == [18.0]
     help_text = invoke("train", "--help").output
     assert "squared" in help_text and "lsr" in help_text
+
+
+class Lenient(Judge):
+    name = "lenient"
+    description = "says yes to any non-empty prediction, a toy judge"
+
+    def p_yes(self, examples, prompt):
+        return [(float(bool(e.prediction)), "no model asked") for e in examples]
+
+
+def test_hook_register_judges(add_plugin):
+    add_plugin(registering("register_judges", Lenient))
+    found = registry()
+    assert found.judges["lenient"] is Lenient and "correctness" in found.judges
+    assert found.origins[("judge", "lenient")] == RUN_TIME
+    examples = [Judgeable("q?", ("a",), "a"), Judgeable("q?", ("a",), "")]
+    assert found.judges["lenient"](model=None).p_yes(examples, 0) == [(1.0, "no model asked"), (0.0, "no model asked")]
+
+
+def test_a_judge_of_another_base_is_refused(add_plugin, capsys):
+    add_plugin(registering("register_judges", Copy))
+    assert "copy" not in registry().judges
+    assert "must be a subclass of raghub.Judge" in capsys.readouterr().err
 
 
 class HelloCommand:

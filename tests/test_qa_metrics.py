@@ -1,8 +1,8 @@
-"""EM / F1 of raghub.metrics on hand-computed cases, and against torchmetrics' SQuAD metric."""
+"""EM / F1 / match of raghub.metrics on hand-computed cases, and against torchmetrics' SQuAD metric."""
 
 import pytest
 
-from raghub.metrics import best_over_aliases, exact_match, f1, normalize_answer
+from raghub.metrics import answer_match, best_over_aliases, exact_match, f1, normalize_answer
 
 
 @pytest.mark.parametrize("raw, normalised", [
@@ -45,6 +45,37 @@ def test_yes_no_answers_score_only_when_equal():
     assert f1("yes it is", "yes") == 0.0       # plain SQuAD F1 would give 2·(1/3)·1/(4/3) = 0.5
     assert f1("no", "no way") == 0.0
     assert exact_match("No", "no") == 1.0
+
+
+@pytest.mark.parametrize("prediction, gold, expected", [
+    ("Paris", "Paris", 1.0),                                    # the same answer
+    ("It is Paris, the capital of France.", "paris", 1.0),      # inside a sentence
+    ("The Denver Broncos won Super Bowl 50", "Denver Broncos", 1.0),
+    ("the Broncos", "The Broncos!", 1.0),                       # normalised on both sides
+    ("Parisian cafés", "Paris", 0.0),                           # inside a word: no match
+    ("at Parisville", "Paris", 0.0),
+    ("1850s", "1850", 0.0),                                     # a number inside a longer one
+    ("in 1850, the act", "1850", 1.0),
+    ("Denver", "Denver Broncos", 0.0),                          # only part of the gold
+    ("Broncos Denver", "Denver Broncos", 0.0),                  # its words, in another order
+    ("", "Paris", 0.0),
+    ("anything at all", "The", 0.0),                            # a gold that normalises to nothing
+    ("Yes, both are American.", "yes", 1.0),                    # yes / no: the first word
+    ("yes", "Yes", 1.0),
+    ("No.", "no", 1.0),
+    ("There is no doubt, yes", "no", 0.0),                      # 'no' inside, not the answer
+    ("There is no doubt, yes", "yes", 0.0),
+    ("nobody knows", "no", 0.0),
+    ("no", "no way", 0.0),                                      # a yes / no prediction, other gold
+])
+def test_answer_match_hand_labelled(prediction, gold, expected):
+    assert answer_match(prediction, gold) == expected
+
+
+def test_match_takes_any_alias():
+    aliases = ["Mask of Fu Manchu", "Fu Manchu"]
+    assert best_over_aliases(answer_match, "I think it was Fu Manchu himself", aliases) == 1.0
+    assert best_over_aliases(answer_match, "Manchuria", aliases) == 0.0
 
 
 def test_em_f1_equal_torchmetrics_squad():

@@ -13,6 +13,7 @@ from raghub.cache import Cache
 from raghub.cli import cli
 from raghub.families.qa import extract_answer
 from raghub.interfaces import PASSAGES_DROPPED, Registry
+from raghub.metrics import ratio_estimates
 from raghub.plugins.methods.ensemble import Ensemble
 from raghub.plugins.methods.incontext import InContext
 from raghub.plugins.methods.ensemble import replug_answer_scores, replug_vote
@@ -412,15 +413,28 @@ def test_question_stats_recall_over_gold_titles_and_ids():
 
 
 def test_aggregate_means_and_by_type():
-    stats = [{"type": "bridge", "em": 1.0, "f1": 1.0, "recall@2": 0.5},
-             {"type": "bridge", "em": 0.0, "f1": 0.5, "recall@2": 1.0},
-             {"type": "comparison", "em": 0.0, "f1": 0.0, "recall@2": 0.0}]
+    stats = [{"type": "bridge", "em": 1.0, "f1": 1.0, "match": 1.0, "recall@2": 0.5},
+             {"type": "bridge", "em": 0.0, "f1": 0.5, "match": 1.0, "recall@2": 1.0},
+             {"type": "comparison", "em": 0.0, "f1": 0.0, "match": 0.0, "recall@2": 0.0}]
     metrics = aggregate_stats(stats)
     assert metrics["em"] == pytest.approx(1 / 3) and metrics["f1"] == pytest.approx(0.5)
+    assert metrics["match"] == pytest.approx(2 / 3)
     assert metrics["recall@2"] == pytest.approx(0.5) and metrics["n_questions"] == 3
-    assert metrics["by_type"] == {"bridge": {"em": 0.5, "f1": 0.75, "count": 2},
-                                  "comparison": {"em": 0.0, "f1": 0.0, "count": 1}}
+    assert metrics["by_type"] == {"bridge": {"em": 0.5, "f1": 0.75, "match": 1.0, "count": 2},
+                                  "comparison": {"em": 0.0, "f1": 0.0, "match": 0.0, "count": 1}}
     assert "by_type" not in aggregate_stats([{"type": "", "em": 1.0, "f1": 1.0}])
+
+
+def test_match_is_scored_with_its_standard_error_and_left_out_of_old_samples():
+    question = Question(id="1", query="", answers=["Denver Broncos"])
+    stats = [question_stats(question, prediction, [])
+             for prediction in ("the Denver Broncos won", "Denver", "Denver Broncos")]
+    assert [s["match"] for s in stats] == [1.0, 0.0, 1.0]
+    assert QATask.metric_terms(stats[0])["match"] == (1.0, 1.0)
+    mean, se = ratio_estimates([QATask.metric_terms(s) for s in stats])["match"]
+    assert (mean, se) == (pytest.approx(2 / 3), pytest.approx(1 / 3))  # sample sd sqrt(1/3), n = 3
+    old = [{"type": "", "em": 1.0, "f1": 1.0}]                      # a line scored before match
+    assert "match" not in aggregate_stats(old) and "match" not in QATask.metric_terms(old[0])
 
 
 # ------------------------------------------------------------------ the real model

@@ -113,7 +113,7 @@ def test_a_run_logs_every_example_beside_its_record(stub_plugin, tmp_path):
     lines = read_lines(tmp_path / record["samples"])
     assert len(lines) == len({line["id"] for line in lines}) == record["n_examples"] == 4
     assert list(lines[0]) == ["id", "question", "answers", "type", "prediction", "generation",
-                              "em", "f1", "recall@2", "retrieved"]
+                              "em", "f1", "match", "recall@2", "retrieved"]
     assert {line["type"] for line in lines} == {"bridge", "comparison"}
     for line in lines:
         assert [p["rank"] for p in line["retrieved"]] == [1, 2]
@@ -124,10 +124,21 @@ def test_a_run_logs_every_example_beside_its_record(stub_plugin, tmp_path):
         assert line["recall@2"] == sum(p["gold"] for p in line["retrieved"]) / 2
     assert 0 < record["metrics"]["em"] < 1  # both kinds of answer are logged
     assert record["metrics"] == aggregate_stats(lines)  # the samples re-aggregate to the record
-    assert record["stderr"].keys() == record["higher_is_better"].keys() == {"em", "f1", "recall@2"}
+    assert record["stderr"].keys() == record["higher_is_better"].keys() == {"em", "f1", "match", "recall@2"}
     assert record["stderr"]["em"] == pytest.approx(
         math.sqrt(sum((line["em"] - record["metrics"]["em"]) ** 2 for line in lines) / 3 / 4))
     assert record["totals"] == {}
+
+
+def test_match_reaches_the_leaderboard_by_type_and_compare(stub_plugin, tmp_path):
+    record = json.loads(run_stub(tmp_path).stdout)
+    assert record["stderr"]["match"] is not None
+    board = invoke("leaderboard", "--by-type", "--results-dir", tmp_path).stdout
+    headline, bridge = board.split("### hotpotqa — bridge")[0], board.split("### hotpotqa — bridge")[1]
+    assert "| match |" in headline and f"{record['metrics']['match']:.4f} ± {record['stderr']['match']:.4f}" in headline
+    assert "| match |" in bridge.split("###")[0]
+    compared = json.loads(invoke("compare", record["id"], record["id"], "--json", "--results-dir", tmp_path).stdout)
+    assert compared["metrics"]["match"]["a"] == record["metrics"]["match"]
 
 
 def test_an_interrupted_run_resumes_to_the_same_samples(stub_plugin, tmp_path):
@@ -290,6 +301,50 @@ def test_compare_refuses_runs_of_different_tasks(qa_store):
     store(qa_store, "other", "othertask", "qa", QA_HIGHER, [qa_line("q1", 1.0, "bridge", "gold")])
     out = invoke("compare", "20260101-000000", "other", "--results-dir", qa_store)
     assert out.exit_code == 2 and "runs of different tasks" in out.output
+
+
+def helped_hurt_store(results):
+    """Run A retrieves (gold passage or not per example), run B is closed-book; by hand:
+    q1 fixed, q2 broke (both with gold retrieved), q3 and q5 right in both, q4 wrong in both."""
+    def line(example_id, em, gold=None, f1=None):
+        passages = [] if gold is None else [{"id": "p", "title": "T", "score": 1.0, "rank": 1, "gold": gold}]
+        return {**qa_line(example_id, em, "bridge", f"answer {example_id}"), "retrieved": passages,
+                "f1": em if f1 is None else f1}
+    store(results, "run-a", "toyqa", "qa", QA_HIGHER,
+          [line("q1", 1.0, True), line("q2", 0.0, True), line("q3", 1.0, False),
+           line("q4", 0.0, False, f1=0.5), line("q5", 1.0, True)])
+    store(results, "run-b", "toyqa", "qa", QA_HIGHER,
+          [line("q1", 0.0), line("q2", 1.0), line("q3", 1.0), line("q4", 0.0), line("q5", 1.0)])
+    return results
+
+
+def test_compare_splits_right_and_wrong_by_gold_retrieved_by_hand(tmp_path):
+    results = helped_hurt_store(tmp_path)
+    comparison = json.loads(invoke("compare", "run-a", "run-b", "--json", "--results-dir", results).stdout)
+    em = comparison["metrics"]["em"]["outcomes"]
+    assert em["splits"] == {"gold": {"both right": 1, "fixed": 1, "broke": 1, "both wrong": 0},
+                            "no gold": {"both right": 1, "fixed": 0, "broke": 0, "both wrong": 1}}
+    assert (em["fixed"], em["broke"]) == (["q1"], ["q2"])
+    assert "outcomes" not in comparison["metrics"]["f1"]  # q4's F1 of 0.5 is neither right nor wrong
+    table = invoke("compare", "run-a", "run-b", "--results-dir", results).output
+    assert "retrieval fixed (A right, B wrong): 1, q1" in table and "retrieval broke (A wrong, B right): 1, q2" in table
+    assert "│ gold        │          1 │     1 │     1 │          0 │" in table
+    assert "│ no gold     │          1 │     0 │     0 │          1 │" in table
+    reverse = json.loads(invoke("compare", "run-b", "run-a", "--json", "--results-dir", results).stdout)
+    assert reverse["metrics"]["em"]["outcomes"]["splits"] == {  # B retrieved nothing: gold unknown
+        "unknown": {"both right": 2, "fixed": 1, "broke": 1, "both wrong": 1}}
+
+
+def test_samples_changed_against_lists_what_retrieval_fixed_and_broke(tmp_path):
+    results = helped_hurt_store(tmp_path)
+    shown = invoke("samples", "run-a", "--changed-against", "run-b", "--results-dir", results)
+    assert shown.exit_code == 0, shown.output
+    assert "2 of 5 examples" in shown.output and "question q1?" in shown.output and "question q2?" in shown.output
+    assert "changed retrieval fixed" in shown.output and "changed retrieval broke" in shown.output
+    assert "B prediction answer q1" in shown.output
+    assert "question q3?" not in shown.output
+    graded = invoke("samples", "run-a", "--changed-against", "run-b", "--metric", "f1", "--results-dir", results)
+    assert graded.exit_code == 2 and "--metric f1 does not score each example" in graded.output
 
 
 # --- the store's files stay inside it ------------------------------------------------------

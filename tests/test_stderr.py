@@ -70,7 +70,8 @@ def test_metric_terms_give_the_tasks_own_metrics():
     lm_metrics = LanguageModelling("toy", {}, None).aggregate(WINDOWS)
     assert ratios(LanguageModelling, WINDOWS) == pytest.approx(
         {key: lm_metrics[key] for key in ("nats_per_token", "bits_per_byte")})
-    questions = [{"type": "", "em": 1.0, "f1": 1.0, "recall@2": 0.5, "prediction": "x"},
-                 {"type": "", "em": 0.0, "f1": 0.5}]
+    questions = [{"type": "", "em": 1.0, "f1": 1.0, "match": 1.0, "recall@2": 0.5, "prediction": "x"},
+                 {"type": "", "em": 0.0, "f1": 0.5, "match": 1.0}]
     qa_metrics = aggregate_stats(questions)
-    assert ratios(QATask, questions) == pytest.approx({key: qa_metrics[key] for key in ("em", "f1", "recall@2")})
+    assert ratios(QATask, questions) == pytest.approx(
+        {key: qa_metrics[key] for key in ("em", "f1", "match", "recall@2")})

@@ -1,4 +1,5 @@
-"""The `qa` task family: open-domain question answering scored by EM / F1 and retrieval recall.
+"""The `qa` task family: open-domain question answering scored by EM / F1 / match and retrieval
+recall.
 
 One YAML per dataset (`tasks/squad.yaml`, `hotpotqa.yaml`, `2wiki.yaml`, `popqa.yaml`,
 `cwq.yaml`) names its file, the `format` that reads it (`formats.py`), the prompt template and
@@ -22,13 +23,15 @@ from raghub import (Answer, Field, Option, Passage, PromptTemplate, Question, Re
 from raghub.corpus import read_corpus
 from raghub.data import load_hub_dataset
 from raghub.families.qa import TEMPLATE_STYLES
-from raghub.metrics import best_over_aliases, exact_match, f1, mean
+from raghub.metrics import answer_match, best_over_aliases, exact_match, f1, mean
 from raghub.settings import data_path
 
 from .formats import FORMATS, Loaded, Read, each_row, read_aliases, read_questions, read_rows, unique
 
 
 T = TypeVar("T")
+#: the per-question answer scores, each a mean over the questions
+ANSWER_METRICS = ("em", "f1", "match")
 #: the keys of a task YAML's `data:` that name files in its folder
 DATA_FILE_KEYS = ("file", "aliases_file", "types_file")
 
@@ -61,12 +64,12 @@ def in_articles(questions: Sequence[Question], passages: Sequence[Passage], firs
 
 
 class QATask(Task):
-    """Open-domain QA: EM / F1 over gold aliases, recall@k of the retrieved passages, and the
-    same broken down by question type."""
+    """Open-domain QA: EM / F1 / match over gold aliases, recall@k of the retrieved passages,
+    and the same broken down by question type."""
 
     family = "qa"
-    description = "open-domain question answering: EM / F1 over aliases, retrieval recall@k"
-    higher_is_better = {"em": True, "f1": True, "recall@k": True}  # every recall@{k} key
+    description = "open-domain question answering: EM / F1 / match over aliases, retrieval recall@k"
+    higher_is_better = {"em": True, "f1": True, "match": True, "recall@k": True}  # every recall@{k} key
     entry_point = "answer"
     requires = frozenset({"generate"})
     options = {
@@ -201,9 +204,10 @@ class QATask(Task):
 
     @classmethod
     def metric_terms(cls, stats: dict[str, Any]) -> dict[str, tuple[float, float]]:
-        """EM, F1 and recall@k are means over the questions (recall@k over those with gold)."""
+        """EM, F1, match and recall@k are means over the questions (recall@k over those with
+        gold; match over those scored since it exists)."""
         return {key: (value, 1.0) for key, value in stats.items()
-                if key in ("em", "f1") or key.startswith("recall@")}
+                if key in ANSWER_METRICS or key.startswith("recall@")}
 
     def sample_log(self, question: Question, line: dict[str, Any]) -> dict[str, Any]:
         """Adds the question, its gold answers, and whether each passage retrieved (first stage
@@ -216,20 +220,29 @@ class QATask(Task):
 def question_stats(question: Question, prediction: str,
                    retrieved: Sequence[Retrieved]) -> dict[str, Any]:
     """One question's stats: the prediction (and the raw generation when the method returned
-    an `Answer`, else None), EM and F1 (best alias), recall@k."""
+    an `Answer`, else None), EM, F1 and match (best alias), recall@k."""
     stats = {"id": question.id, "type": question.type, "prediction": str(prediction),
              "generation": prediction.generation if isinstance(prediction, Answer) else None,
              "em": best_over_aliases(exact_match, prediction, question.answers),
-             "f1": best_over_aliases(f1, prediction, question.answers)}
+             "f1": best_over_aliases(f1, prediction, question.answers),
+             "match": best_over_aliases(answer_match, prediction, question.answers)}
     recall = question.recall(retrieved) if retrieved else None
     if recall is not None:
         stats[f"recall@{len(retrieved)}"] = recall
     return stats
 
 
+def _means(stats: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The mean of each answer metric over the questions that have it (match is missing from
+    questions scored before it existed; none has it: left out)."""
+    return {key: mean(s[key] for s in stats if key in s) for key in ANSWER_METRICS
+            if any(key in s for s in stats)}
+
+
 def aggregate_stats(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Means of em, f1 and each recall@k, `n_questions`, and `by_type` em / f1 / count."""
-    metrics: dict[str, Any] = {"em": mean(s["em"] for s in stats), "f1": mean(s["f1"] for s in stats)}
+    """Means of em, f1, match and each recall@k, `n_questions`, and `by_type` em / f1 / match /
+    count."""
+    metrics: dict[str, Any] = _means(stats)
     recall_keys = sorted({key for s in stats for key in s if key.startswith("recall@")})
     for key in recall_keys:
         metrics[key] = mean(s[key] for s in stats if key in s)
@@ -239,7 +252,6 @@ def aggregate_stats(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
         groups[s["type"]].append(s)
     if any(groups.keys() - {""}):
         metrics["by_type"] = {
-            kind: {"em": mean(s["em"] for s in group), "f1": mean(s["f1"] for s in group),
-                   "count": len(group)}
+            kind: {**_means(group), "count": len(group)}
             for kind, group in sorted(groups.items())}
     return metrics

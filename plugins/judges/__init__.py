@@ -1,0 +1,1 @@
+"""Built-in LLM judges of answers (`raghub judge --judge NAME`)."""
