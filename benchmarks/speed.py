@@ -40,7 +40,7 @@ from raghub.plugins.methods.incontext import InContext
 from raghub.plugins.methods.none import ClosedBook
 from raghub.plugins.models import huggingface
 from raghub.plugins.models.huggingface import TransformersLM
-from raghub.pretrained import BF16_CPU_FLAGS, cpu_flags, native_dtype
+from raghub.kits.pretrained import BF16_CPU_FLAGS, cpu_flags, native_dtype
 from raghub.plugins.retrievers.bm25 import BM25S
 from raghub.plugins.tasks.language_modelling import LanguageModelling
 from raghub.plugins.tasks.question_answering.task import QATask

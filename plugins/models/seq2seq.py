@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from raghub.errors import UsageError
 from raghub.hookspecs import hookimpl
 from raghub.models import AnswerScores, Generation
-from raghub.pretrained import PretrainedBackend, PretrainedLM, is_encoder_decoder_folder
+from raghub.kits.pretrained import PretrainedBackend, PretrainedLM, is_encoder_decoder_folder
 
 
 class Seq2SeqLM(PretrainedLM):

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from raghub import attention
+from raghub.kits import attention
 from raghub.cache import Cache, cache_root, file_sha256, fingerprint
 from raghub.errors import UsageError
 from raghub.models import Generation, LanguageModel, ModelBackend
