@@ -111,6 +111,17 @@ class PretrainedLM(LanguageModel):
         length = self.stated_length()
         return None if length is None else length - new_tokens
 
+    def load_trained_weights(self, folder: Path) -> None:
+        """A LoRA adapter saved in `folder` is merged into the weights; a whole fine-tuned
+        model there replaces them."""
+        if (folder / "adapter_config.json").exists():
+            from peft import PeftModel
+
+            self.hf_model = PeftModel.from_pretrained(self.hf_model, str(folder)).merge_and_unload()
+        else:
+            base = self.hf_model
+            self.hf_model = type(base).from_pretrained(str(folder), torch_dtype=base.dtype).to(base.device).eval()
+
     def hardware(self) -> dict[str, Any]:
         import os
         import platform
