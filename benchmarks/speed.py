@@ -31,7 +31,8 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from raghub import Retrieved, allocator, load_model, mixture_logprobs, passage_ids
+from raghub import Retrieved, allocator, mixture_logprobs, passage_ids
+from raghub.models import load_model
 from raghub.cache import Cache, cache_root
 from raghub.models import Generation
 from raghub.plugin_manager import registry

@@ -1,6 +1,7 @@
-"""The folders' import rules, read from the sources with `ast`: plugins import only the core
-(never another plugin, never the plugin manager), and the core never imports a plugin or a kit
-(`raghub.kits`, the machinery particular plugins share).
+"""The folders' import rules, read from the sources with `ast`: plugins import only the public
+API (`from raghub import ...`, the names of `raghub.__all__`) and the kits (`raghub.kits`, the
+machinery particular plugins share), never another plugin; the core never imports a plugin or a
+kit, and its import graph has no cycle.
 
 The installed package maps the folder plugins/ to `raghub.plugins`, so plugins/methods/x.py is
 the module `raghub.plugins.methods.x`.
@@ -12,8 +13,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
-#: what the installed `raghub` package holds besides the core (raghub/*.py, raghub/families)
-NOT_CORE = ("raghub.plugins", "raghub.tasks", "raghub.kits")
 
 
 def module_name(path: Path, root: Path, package: str) -> str:
@@ -76,17 +75,31 @@ def kind(module: str) -> str | None:
     return parts[2] if len(parts) >= 3 else None
 
 
-def is_core(name: str) -> bool:
-    """Whether `name` (a module, or a name imported from one) is raghub's core."""
-    return is_raghub(name) and not any(within(name, package) for package in NOT_CORE)
-
-
 RULES = ("methods and tasks import each other", "a task family imports another",
-         "a plugin imports the plugin manager", "a plugin imports beyond the core and the kits")
+         "a plugin imports the plugin manager", "a plugin imports beyond the public API and the kits")
+#: the imports of internal modules a built-in still makes, each with why: `raghub train`
+#: resolves its task as `raghub run` does, until the two share the runner's resolution step
+NOT_YET_PUBLIC = {"raghub.plugins.training.rag.trainer": {
+    "raghub.runner", "raghub.runner.task_corpus", "raghub.runner.task_family"}}
 
 
-def violations(root: Path) -> dict[str, list[str]]:
-    """The imports under `root` that break a rule, by rule."""
+def public_api(init: Path = ROOT / "raghub" / "__init__.py") -> set[str]:
+    """The names `raghub` exports (its `__all__`), read from the source."""
+    assignment = next(node for node in ast.parse(init.read_text(encoding="utf-8")).body
+                      if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "__all__")
+    return set(ast.literal_eval(assignment.value))
+
+
+def may_import(module: str, name: str, public: set[str]) -> bool:
+    """Whether a plugin's `module` may import `name`: `raghub` and its public names, a kit, the
+    plugin's own modules."""
+    own = unit(module)
+    return (name == "raghub" or name.removeprefix("raghub.") in public or within(name, "raghub.kits")
+            or bool(own and within(name, own)) or name in NOT_YET_PUBLIC.get(module, ()))
+
+
+def violations(root: Path, public: set[str]) -> dict[str, list[str]]:
+    """The imports under `root` that break a rule, by rule; `public`: the public API's names."""
     broken = {rule: [] for rule in RULES}
     for module, names in plugin_imports(root).items():
         for name in sorted(names):
@@ -99,15 +112,14 @@ def violations(root: Path) -> dict[str, list[str]]:
                 broken["a task family imports another"].append(where)
             if within(name, "raghub.plugin_manager"):
                 broken["a plugin imports the plugin manager"].append(where)
-            if kind(module) in ("methods", "retrievers", "models", "training") and unit(module) \
-                    and not is_core(name) and not within(name, "raghub.kits") and not within(name, unit(module)):
-                broken["a plugin imports beyond the core and the kits"].append(where)
+            if not may_import(module, name, public):
+                broken["a plugin imports beyond the public API and the kits"].append(where)
     return broken
 
 
 @pytest.fixture(scope="module")
 def plugin_violations():
-    return violations(ROOT / "plugins")
+    return violations(ROOT / "plugins", public_api())
 
 
 def test_the_plugins_are_all_read():
@@ -252,6 +264,10 @@ def test_a_core_import_cycle_is_caught(tmp_path):
         "raghub", "raghub.families.qa", "raghub.interfaces", "raghub"]
 
 
+def test_the_public_api_is_read():
+    assert {"Method", "hookimpl", "UsageError", "Cache"} <= public_api() and "load_model" not in public_api()
+
+
 def test_each_rule_catches_a_violation(tmp_path):
     """A plugins/ tree that breaks every rule once, with absolute and relative imports."""
     files = {
@@ -261,12 +277,13 @@ def test_each_rule_catches_a_violation(tmp_path):
         "tasks/lm/__init__.py": "from ..qa.task import QATask\n",
         "tasks/qa/task.py": "from raghub import Task\nfrom .formats import read\n",
         "retrievers/fuzzy.py": "def f():\n    from raghub.tasks import wikitext2\n",
-        "retrievers/dense.py": "from raghub.kits.vector_index import EmbeddingRetriever\n",
+        "retrievers/dense.py": "from raghub.kits.vector_index import EmbeddingRetriever\nfrom raghub import Cache, runner\n"
+                              "from raghub.cache import fingerprint\n",
     }
     for name, source in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(source)
-    assert violations(tmp_path) == {
+    assert violations(tmp_path, {"Task", "Cache", "fingerprint"}) == {
         "methods and tasks import each other": [
             "raghub.plugins.methods.greedy imports raghub.plugins.tasks.question_answering",
             "raghub.plugins.methods.greedy imports raghub.plugins.tasks.question_answering.formats"],
@@ -275,11 +292,17 @@ def test_each_rule_catches_a_violation(tmp_path):
             "raghub.plugins.tasks.lm imports raghub.plugins.tasks.qa.task.QATask"],
         "a plugin imports the plugin manager": [
             "raghub.plugins.methods.mixer.parts imports raghub.plugin_manager"],
-        "a plugin imports beyond the core and the kits": [
+        "a plugin imports beyond the public API and the kits": [
             "raghub.plugins.methods.greedy imports raghub.plugins.tasks.question_answering",
             "raghub.plugins.methods.greedy imports raghub.plugins.tasks.question_answering.formats",
             "raghub.plugins.methods.mixer imports raghub.plugins.methods.greedy",
             "raghub.plugins.methods.mixer imports raghub.plugins.methods.greedy.Greedy",
+            "raghub.plugins.methods.mixer.parts imports raghub.plugin_manager",
+            "raghub.plugins.retrievers.dense imports raghub.cache",
+            "raghub.plugins.retrievers.dense imports raghub.cache.fingerprint",
+            "raghub.plugins.retrievers.dense imports raghub.runner",
             "raghub.plugins.retrievers.fuzzy imports raghub.tasks",
-            "raghub.plugins.retrievers.fuzzy imports raghub.tasks.wikitext2"],
+            "raghub.plugins.retrievers.fuzzy imports raghub.tasks.wikitext2",
+            "raghub.plugins.tasks.lm imports raghub.plugins.tasks.qa.task",
+            "raghub.plugins.tasks.lm imports raghub.plugins.tasks.qa.task.QATask"],
     }

@@ -141,7 +141,7 @@ def test_generation_from_the_shared_prefix_cache_equals_generating_each_prompt_w
 
 @pytest.fixture(scope="module")
 def model():
-    from raghub import load_model
+    from raghub.models import load_model
 
     return load_model(None)
 

@@ -17,8 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from raghub import Option, Passage, UsageError, hookimpl
-from raghub.checkpoints import PASSAGE_ENCODER, QUERY_ENCODER
+from raghub import Option, PASSAGE_ENCODER, Passage, QUERY_ENCODER, UsageError, hookimpl
 from raghub.kits.trainable import TrainableEncoders, sentence_embeddings
 from raghub.kits.vector_index import EmbeddingRetriever
 
