@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from raghub.kits import attention
 from raghub.cache import Cache, cache_root, file_sha256, fingerprint
 from raghub.errors import UsageError
+from raghub.kits import attention
 from raghub.models import Generation, LanguageModel, ModelBackend
 from raghub.options import Option
 
