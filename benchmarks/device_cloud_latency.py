@@ -20,7 +20,7 @@ import secrets
 
 import torch
 
-from raghub import load_model
+from raghub.models import load_model
 from raghub.cache import Cache, cache_root
 from raghub.plugins.methods.device_cloud.method import DeviceCloud
 from raghub.plugins.methods.device_cloud.server import AUTHKEY_VARIABLE, start_cloud

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from raghub import Retrieved, load_model, mixture_logprobs, passage_ids, score_after_prefixes
+from raghub import Retrieved, mixture_logprobs, passage_ids, score_after_prefixes
+from raghub.models import load_model
 from raghub.cache import Cache, cache_root
 from raghub.plugins.methods.ensemble import Ensemble
 from raghub.plugins.tasks.language_modelling import LanguageModelling

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from raghub.cache import Cache
-from raghub import PromptTemplate, Question, load_model
+from raghub import PromptTemplate, Question
+from raghub.models import load_model
 from raghub.plugins.methods.parametric.augmentation import Augmentation, QAPair, training_texts
 from raghub.plugins.methods.parametric.method import Parametric
 from raghub.plugins.tasks.question_answering.formats import read_questions, read_rows

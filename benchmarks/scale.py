@@ -138,7 +138,7 @@ def part_resume(out: Path, corpus: Path, n_passages: int) -> dict:
 def part_faiss(out: Path, n_vectors: int) -> list[dict]:
     import faiss
 
-    from raghub.vector_index import ivf_list_count
+    from raghub.kits.vector_index import ivf_list_count
 
     real = np.load(out / "embeddings.npy").astype(np.float32)
     rng = np.random.default_rng(0)

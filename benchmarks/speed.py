@@ -31,7 +31,8 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from raghub import Retrieved, allocator, load_model, mixture_logprobs, passage_ids
+from raghub import Retrieved, allocator, mixture_logprobs, passage_ids
+from raghub.models import load_model
 from raghub.cache import Cache, cache_root
 from raghub.models import Generation
 from raghub.plugin_manager import registry
@@ -40,7 +41,7 @@ from raghub.plugins.methods.incontext import InContext
 from raghub.plugins.methods.none import ClosedBook
 from raghub.plugins.models import huggingface
 from raghub.plugins.models.huggingface import TransformersLM
-from raghub.pretrained import BF16_CPU_FLAGS, cpu_flags, native_dtype
+from raghub.kits.pretrained import BF16_CPU_FLAGS, cpu_flags, native_dtype
 from raghub.plugins.retrievers.bm25 import BM25S
 from raghub.plugins.tasks.language_modelling import LanguageModelling
 from raghub.plugins.tasks.question_answering.task import QATask

@@ -116,21 +116,15 @@ def write_checkpoint(output: Path, step: int, manifest: dict[str, Any],
 
 def load_trained_generator(model: Any, checkpoint: Checkpoint, flag: str = "--checkpoint") -> None:
     """Put the checkpoint's trained generator into `model`, which must be the model it was
-    trained from: a LoRA adapter is merged, a fully fine-tuned model replaces the weights."""
+    trained from (`LanguageModel.load_trained_weights`: a model that provides `weights`)."""
     part = checkpoint.part(GENERATOR)
     if part is None:
         return
     trained_on = checkpoint.manifest["model_fingerprint"]
-    if not hasattr(model, "hf_model") or model.fingerprint != trained_on:
+    if model.fingerprint != trained_on:
         raise UsageError(f"{flag} {checkpoint.folder.parent} was trained on model {checkpoint.manifest['model']} "
                          f"({trained_on}), not {model.name} ({model.fingerprint})")
-    if (part / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        model.hf_model = PeftModel.from_pretrained(model.hf_model, str(part)).merge_and_unload()
-    else:
-        base = model.hf_model
-        model.hf_model = type(base).from_pretrained(str(part), torch_dtype=base.dtype).to(base.device).eval()
+    model.load_trained_weights(part)
 
 
 def with_trained_generator(model: Any, checkpoint: Checkpoint | None) -> Any:

@@ -5,6 +5,8 @@ was fine but the run could not finish (a lost peer process, ...): exit code 1, a
 finished so far are kept for a rerun to resume.
 """
 
+from typing import Any
+
 
 class RaghubError(Exception):
     """Base of the errors the CLI prints as one line."""
@@ -20,6 +22,15 @@ class UsageError(RaghubError):
 
 class RunError(RaghubError):
     """A run that started well could not finish: one line, exit code 1."""
+
+
+class ReturnedWrong(RunError):
+    """A plugin returned what its contract forbids: the contract checks raise it, naming the
+    plugin as `kind` and saying `what` it returned; the runner adds where the plugin came from."""
+
+    def __init__(self, kind: str, plugin: Any, what: str) -> None:
+        super().__init__(f"{kind} '{plugin.name}' returned {what}")
+        self.plugin, self.what = plugin, what
 
 
 def amount(count: int, noun: str, plural: str = "") -> str:

@@ -220,10 +220,6 @@ class Method(Plugin):
         """Release processes or connections the method opened."""
 
 
-#: what RAG papers call a method; the same interface
-Augmenter = Method
-
-
 class Task(Plugin, ABC):
     """A benchmark: data, retrieval queries, scoring. Built from a YAML definition whose
     `family` names the Task subclass; `config` is that YAML, merged with CLI options."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Iterable, Sequence
 
 from raghub.distributed import notice
@@ -162,6 +163,11 @@ class LanguageModel(ABC):
         """The answers given their prompts, as training learns them, in one forward pass that
         keeps gradients; a model that cannot be trained says so."""
         raise UsageError(f"model {self.name!r} cannot be trained: its backend has no answer_scores")
+
+    def load_trained_weights(self, folder: Path) -> None:
+        """Put the generator `raghub train` saved in `folder` into this model's weights: what a
+        model that provides `weights` can do; others say so."""
+        raise UsageError(f"model {self.name!r} cannot load trained weights: its backend does not provide weights")
 
     def hardware(self) -> dict[str, Any]:
         """Where the model runs, for the record."""

@@ -37,7 +37,7 @@ from raghub import allocator, distributed
 from raghub.distributed import notice
 from raghub.cache import Cache, cache_root, fingerprint
 from raghub.checkpoints import Checkpoint, checkpoint_stats, generator_checkpoint, generator_identity, with_trained_generator
-from raghub.errors import UsageError, amount
+from raghub.errors import ReturnedWrong, UsageError, amount
 from raghub.interfaces import (Example, Method, Plugin, Registry, Retrieved, Retriever, Task,
                                check_name_and_family)
 from raghub.models import LanguageModel, ModelBackend, ModelSpec, choose_backend
@@ -562,7 +562,10 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
                                 completed=len(examples) - len(todo))
         for batch in batches:
             before = Counter(method.counters)
-            results = task.evaluate(method, [examples[i] for i in batch], [retrieved[i] for i in batch])
+            try:
+                results = task.evaluate(method, [examples[i] for i in batch], [retrieved[i] for i in batch])
+            except ReturnedWrong as error:  # a family's contract check: named with the plugin's origin
+                raise returned_wrong(error.plugin, error.what) from None
             results = _checked_stats(task, [examples[i] for i in batch], results)
             added = {key: value - before[key] for key, value in method.counters.items() if value != before[key]}
             lines = [sample_line(task, examples[i], result, retrieved[i], method.work.take(examples[i].id))

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raghub import attention
+from raghub.kits import attention
 from raghub.plugins.models.huggingface import HuggingFaceCausal
 from test_models import save_tiny_model
 

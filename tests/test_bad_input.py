@@ -14,7 +14,7 @@ from bad_input import assert_one_line_exit_2, model_never_loads  # noqa: F401
 from raghub import Example, Passage, Retriever, Task
 from raghub.cache import Cache
 from raghub.cli import cli
-from raghub.embedded import wheel_folder
+from raghub.kits.embedded import wheel_folder
 from raghub.retrieval import retrieve
 
 TASKS = Path(__file__).resolve().parents[1] / "tasks"

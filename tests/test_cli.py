@@ -258,7 +258,7 @@ def test_none_on_wikitext2_writes_a_record_that_the_leaderboard_shows(tmp_path):
         assert record["metrics"][metric] > 0
     import torch
 
-    from raghub.pretrained import native_dtype
+    from raghub.kits.pretrained import native_dtype
 
     # the default dtype is auto: what this machine's CPU computes natively, which the record says
     assert record["model"] == "SmolLM2-135M-Instruct-Q4_1" and record["config"]["dtype"] == "auto"

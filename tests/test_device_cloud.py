@@ -148,7 +148,7 @@ SECRET = "My private diary: the keeper's daughter hid the spare lamp wick under 
 
 @pytest.fixture(scope="module")
 def model():
-    from raghub import load_model
+    from raghub.models import load_model
 
     return load_model(None, device="cpu")
 

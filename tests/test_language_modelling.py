@@ -228,7 +228,7 @@ def test_real_test_split_reads_the_same_from_every_file():
 
 @pytest.fixture(scope="module")
 def model():
-    from raghub import load_model
+    from raghub.models import load_model
 
     return load_model(None)
 

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from raghub.cache import MANIFEST, Cache
-from raghub import pretrained
+from raghub.kits import pretrained
 from raghub.plugins.models import huggingface
 from raghub.plugins.models.huggingface import GGUF, HuggingFaceCausal, dequantised_gguf
 

@@ -10,7 +10,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from raghub.cache import Cache
-from raghub import Passage, PromptTemplate, Question, Retrieved, UsageError, load_model
+from raghub import Passage, PromptTemplate, Question, Retrieved, UsageError
+from raghub.models import load_model
 from raghub.plugins.methods.parametric.augmentation import (
     AUGMENTATION_STYLES, Augmentation, QAPair, augment_passages, parse_fewshot_qa_pairs, parse_qa_pairs,
     training_texts)

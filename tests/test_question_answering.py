@@ -443,7 +443,7 @@ def test_match_is_scored_with_its_standard_error_and_left_out_of_old_samples():
 def test_methods_answer_with_the_embedded_model(tmp_path):
     """Closed book and in-context answer every question; a one-passage ensemble asks the
     model exactly what in-context does, so both give the same answer."""
-    from raghub import load_model
+    from raghub.models import load_model
     from raghub.plugins.methods.ensemble import Ensemble
     from raghub.plugins.methods.incontext import InContext
     from raghub.plugins.methods.none import ClosedBook

@@ -15,7 +15,7 @@ from raghub.cache import MANIFEST, Cache
 from raghub import Passage, UsageError
 from raghub.plugins.retrievers.bm25 import BM25S, RankBM25, bm25_tokens
 from raghub.plugins.retrievers.dense import DenseRetriever
-from raghub.vector_index import ivf_list_count
+from raghub.kits.vector_index import ivf_list_count
 
 BM25_BACKENDS = [BM25S, RankBM25]
 SQUAD_DEV = Path("squad") / "dev-v1.1.rebuilt-from-explorer-html.json"

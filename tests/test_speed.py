@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, GraniteConfig, LlamaConfig, PhiConfig
 
-from raghub import pretrained
+from raghub.kits import pretrained
 from raghub.plugins.models import huggingface
 from raghub.plugins.models.huggingface import HuggingFaceCausal, LineEnd, TransformersLM, length_buckets
-from raghub.pretrained import native_dtype
+from raghub.kits.pretrained import native_dtype
 from raghub.settings import read_task_definition
 from test_models import save_tiny_model
 
@@ -141,7 +141,7 @@ def test_generation_from_the_shared_prefix_cache_equals_generating_each_prompt_w
 
 @pytest.fixture(scope="module")
 def model():
-    from raghub import load_model
+    from raghub.models import load_model
 
     return load_model(None)
 

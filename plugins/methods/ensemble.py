@@ -6,8 +6,7 @@ import math
 from collections import defaultdict
 from typing import TYPE_CHECKING, Sequence
 
-from raghub import Method, Option, generate_for, hookimpl, mixture_logprobs, passage_logprobs
-from raghub.metrics import mean, normalize_answer
+from raghub import Method, Option, generate_for, hookimpl, mean, mixture_logprobs, normalize_answer, passage_logprobs
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

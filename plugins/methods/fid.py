@@ -6,8 +6,7 @@ trained (the runner loads it into the model)."""
 
 from __future__ import annotations
 
-from raghub import Method, hookimpl
-from raghub.checkpoints import CHECKPOINT_OPTION
+from raghub import CHECKPOINT_OPTION, Method, hookimpl
 
 
 class FusionInDecoder(Method):

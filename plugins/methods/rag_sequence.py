@@ -16,10 +16,8 @@ read the same flag for their encoders.
 
 from __future__ import annotations
 
-from raghub import (Method, Option, answer_continuation, answer_questions, generate_for, hookimpl,
-                    passage_logprobs, rag_sequence_logprob, rag_sequence_token_logprobs)
-from raghub.checkpoints import CHECKPOINT_OPTION
-from raghub.metrics import normalize_answer
+from raghub import (CHECKPOINT_OPTION, Method, Option, answer_continuation, answer_questions, generate_for, hookimpl,
+                    normalize_answer, passage_logprobs, rag_sequence_logprob, rag_sequence_token_logprobs)
 
 
 def candidates(answers: list[str]) -> list[str]:

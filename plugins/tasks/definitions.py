@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from importlib.resources import files
 
-from raghub import hookimpl
-from raghub.settings import read_task_definition
+from raghub import hookimpl, read_task_definition
 
 
 @hookimpl

@@ -29,11 +29,9 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any, Sequence
 
-from raghub import Field, Option, Passage, Retrieved, Task, UsageError, Window, hookimpl, logprobs_from, notice
-from raghub.corpus import STRUCTURED_SUFFIXES, read_corpus
-from raghub.data import load_hub_dataset
-from raghub.metrics import bits_per_byte, nats_per_token, perplexity, perplexity_standard_error
-from raghub.settings import data_path, read_data_json_lines, read_data_text
+from raghub import (Field, Option, Passage, Retrieved, STRUCTURED_SUFFIXES, Task, UsageError, Window, bits_per_byte,
+                    data_path, hookimpl, load_hub_dataset, logprobs_from, nats_per_token, notice, perplexity,
+                    perplexity_standard_error, read_corpus, read_data_json_lines, read_data_text)
 
 ARTICLE_TITLE = re.compile(r" = [^=].* = ")
 

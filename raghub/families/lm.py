@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from itertools import accumulate, takewhile
 from typing import TYPE_CHECKING, Any, Sequence
 
-from raghub.errors import RunError, amount
+from raghub.errors import ReturnedWrong, RunError, amount
 from raghub.interfaces import Example, Method, Passage, Retrieved
-from raghub.plugin_manager import returned_wrong
 
 if TYPE_CHECKING:  # pragma: no cover
     from raghub.models import LanguageModel
@@ -40,17 +39,17 @@ def logprobs_from(method: Method, windows: Sequence[Window],
 
     logprobs = method.score_windows(windows, retrieved)
     if not isinstance(logprobs, (list, tuple)):
-        raise returned_wrong(method, f"{logprobs!r}; it must return one tensor per window")
+        raise ReturnedWrong("method", method, f"{logprobs!r}; it must return one tensor per window")
     if len(logprobs) != len(windows):
-        raise returned_wrong(method, f"{amount(len(logprobs), 'log-prob tensor')} for "
-                                     f"{amount(len(windows), 'window')}")
+        raise ReturnedWrong("method", method, f"{amount(len(logprobs), 'log-prob tensor')} for "
+                                              f"{amount(len(windows), 'window')}")
     for window, scores in zip(windows, logprobs):
         if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
-            raise returned_wrong(method, f"{scores!r} for window {window.id}; it must return a 1-D tensor of "
-                                         "ln p per target token")
+            raise ReturnedWrong("method", method, f"{scores!r} for window {window.id}; it must return a 1-D "
+                                                  "tensor of ln p per target token")
         if len(scores) != len(window.target_ids):
-            raise returned_wrong(method, f"{amount(len(scores), 'log-prob')} for window {window.id}, which has "
-                                         f"{amount(len(window.target_ids), 'target token')}")
+            raise ReturnedWrong("method", method, f"{amount(len(scores), 'log-prob')} for window {window.id}, "
+                                                  f"which has {amount(len(window.target_ids), 'target token')}")
     return list(logprobs)
 
 

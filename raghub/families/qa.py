@@ -15,9 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from raghub.errors import RunError, amount
+from raghub.errors import ReturnedWrong, RunError, amount
 from raghub.interfaces import Example, Method, Passage, Retrieved
-from raghub.plugin_manager import returned_wrong
 
 if TYPE_CHECKING:  # pragma: no cover
     from raghub.models import Generation, LanguageModel
@@ -180,13 +179,14 @@ def answers_from(method: Method, questions: Sequence[Question],
     method's plugin and what it returned."""
     answers = method.answer(questions, retrieved)
     if not isinstance(answers, (list, tuple)):
-        raise returned_wrong(method, f"{answers!r}; it must return one string per question")
+        raise ReturnedWrong("method", method, f"{answers!r}; it must return one string per question")
     if len(answers) != len(questions):
-        raise returned_wrong(method, f"{amount(len(answers), 'answer')} for {amount(len(questions), 'question')}")
+        raise ReturnedWrong("method", method,
+                            f"{amount(len(answers), 'answer')} for {amount(len(questions), 'question')}")
     for question, answer in zip(questions, answers):
         if not isinstance(answer, str):
-            raise returned_wrong(method, f"{answer!r} for question {question.id}; it must return one string "
-                                         "per question")
+            raise ReturnedWrong("method", method, f"{answer!r} for question {question.id}; it must return one "
+                                                  "string per question")
     return list(answers)
 
 

@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from raghub import LanguageModel, Method, Option, Passage, Retrieved, UsageError, passage_ids
-from raghub.cache import Cache
+from raghub import Cache, LanguageModel, Method, Option, Passage, Retrieved, UsageError, passage_ids
 
 from .mixing import combine_sides, deal_alternately, resolve_draft
 from .server import AUTHKEY_VARIABLE, SIDE_REQUIRES, CloudLost, start_cloud

@@ -23,12 +23,8 @@ from typing import Sequence
 
 import click
 
-from raghub import LanguageModel, Passage, Retriever, RunError, UsageError, passage_ids
-from raghub.cache import Cache, cache_root, fingerprint
-from raghub.corpus import read_corpus
-from raghub.interfaces import Registry
-from raghub.models import ModelSpec, choose_backend
-from raghub.settings import CORE_OPTIONS
+from raghub import (CORE_OPTIONS, Cache, LanguageModel, ModelSpec, Passage, Registry, Retriever, RunError, UsageError,
+                    cache_root, choose_backend, fingerprint, passage_ids, read_corpus)
 
 from .wire import (SPECULATION_DEPTH, BadMessage, Channel, Message, PeerLost, pack_distribution,
                    unflatten_prompts)

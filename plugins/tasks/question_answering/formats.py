@@ -14,10 +14,8 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-from raghub import Passage, Question, UsageError
-from raghub.cache import fingerprint
-from raghub.corpus import tsv_reader
-from raghub.settings import read_data_json, read_data_json_lines, read_data_text
+from raghub import (Passage, Question, UsageError, fingerprint, read_data_json, read_data_json_lines, read_data_text,
+                    tsv_reader)
 
 T = TypeVar("T")
 

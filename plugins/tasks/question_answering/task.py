@@ -18,13 +18,9 @@ from itertools import chain, zip_longest
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-from raghub import (Answer, Field, Option, Passage, PromptTemplate, Question, Retrieved, Task, UsageError,
-                    answers_from)
-from raghub.corpus import read_corpus
-from raghub.data import load_hub_dataset
-from raghub.families.qa import TEMPLATE_STYLES
-from raghub.metrics import answer_match, best_over_aliases, exact_match, f1, mean
-from raghub.settings import data_path
+from raghub import (Answer, Field, Option, Passage, PromptTemplate, Question, Retrieved, TEMPLATE_STYLES, Task,
+                    UsageError, answer_match, answers_from, best_over_aliases, data_path, exact_match, f1, load_hub_dataset, mean,
+                    read_corpus)
 
 from .formats import FORMATS, Loaded, Read, each_row, read_aliases, read_questions, read_rows, unique
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 from dataclasses import Field, asdict, dataclass, fields
 from typing import Any
 
-from raghub import Option, UsageError
-from raghub.cache import fingerprint
-from raghub.settings import parse_key_values
+from raghub import Option, UsageError, fingerprint, parse_key_values
 
 #: the penalties of `--penalty` (see `penalties`)
 PENALTIES = ("repetition", "keyword", "length")

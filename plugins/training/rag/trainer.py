@@ -35,12 +35,9 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from raghub import Question, RunError, UsageError
-from raghub.cache import Cache, cache_root
-from raghub.checkpoints import (GENERATOR, MANIFEST, TRAIN_LOG, TRAINER_STATE, load_trained_generator, read_checkpoint,
-                                write_checkpoint)
-from raghub.distributed import barrier, mean_over_ranks, ranks
-from raghub.models import choose_backend
+from raghub import (Cache, GENERATOR, MANIFEST, Question, RunError, TRAINER_STATE, TRAIN_LOG, UsageError, barrier,
+                    cache_root, choose_backend, load_trained_generator, mean_over_ranks, ranks, read_checkpoint,
+                    write_checkpoint)
 from raghub.runner import task_corpus, task_family
 
 from .config import TrainConfig

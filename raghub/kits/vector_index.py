@@ -35,7 +35,7 @@ from raghub.options import Option
 if TYPE_CHECKING:  # pragma: no cover
     import faiss
 
-    from raghub.trainable import TrainableEncoders
+    from raghub.kits.trainable import TrainableEncoders
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 HNSW_NEIGHBOURS = 32

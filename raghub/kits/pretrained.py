@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from raghub import attention
 from raghub.cache import Cache, cache_root, file_sha256, fingerprint
 from raghub.errors import UsageError
+from raghub.kits import attention
 from raghub.models import Generation, LanguageModel, ModelBackend
 from raghub.options import Option
 
@@ -110,6 +110,17 @@ class PretrainedLM(LanguageModel):
         """The stated length less `new_tokens`: a decoder's input and what follows share its positions."""
         length = self.stated_length()
         return None if length is None else length - new_tokens
+
+    def load_trained_weights(self, folder: Path) -> None:
+        """A LoRA adapter saved in `folder` is merged into the weights; a whole fine-tuned
+        model there replaces them."""
+        if (folder / "adapter_config.json").exists():
+            from peft import PeftModel
+
+            self.hf_model = PeftModel.from_pretrained(self.hf_model, str(folder)).merge_and_unload()
+        else:
+            base = self.hf_model
+            self.hf_model = type(base).from_pretrained(str(folder), torch_dtype=base.dtype).to(base.device).eval()
 
     def hardware(self) -> dict[str, Any]:
         import os
