@@ -24,6 +24,7 @@ from raghub import Method, Option, hookimpl
 
 class Adaptive(Method):
     name = "adaptive"
+    families = frozenset({"qa"})
     description = "answers closed book, and retrieves only when that answer's tokens are unlikely"
     first_stage = False
     options = {

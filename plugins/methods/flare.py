@@ -46,6 +46,7 @@ DEMONSTRATIONS = (
 
 class Flare(Method):
     name = "flare"
+    families = frozenset({"qa"})
     description = "FLARE: retrieve when the next sentence has an unlikely token, with that sentence as the query"
     first_stage = False
     options = {

@@ -41,6 +41,7 @@ DEMONSTRATIONS = (
 
 class IRCoT(Method):
     name = "ircot"
+    families = frozenset({"qa"})
     description = "IRCoT: each new chain-of-thought sentence is the next retrieval query"
     options = {
         "max_steps": Option(int, 4, "the most steps per question: sentences written (ircot, flare), follow-up "

@@ -19,6 +19,7 @@ from raghub import Method, Option, hookimpl
 
 class IterRetGen(Method):
     name = "iter-retgen"
+    families = frozenset({"qa"})
     description = "Iter-RetGen: rounds of retrieve then generate, each query the question and the last generation"
     options = {
         "iterations": Option(int, 2, "rounds of retrieve then generate (1: standard RAG)", at_least=1, at_most=10),

@@ -53,6 +53,7 @@ def observation(passages) -> str:
 
 class ReAct(Method):
     name = "react"
+    families = frozenset({"qa"})
     description = "ReAct: a search agent whose actions search the corpus or finish with an answer"
     first_stage = False
     options = {

@@ -44,6 +44,7 @@ DEMONSTRATIONS = (
 
 class SelfAsk(Method):
     name = "self-ask"
+    families = frozenset({"qa"})
     description = "Self-Ask: follow-up questions, each answered from the passages retrieved for it"
     first_stage = False
     options = {
