@@ -8,6 +8,7 @@ The `real_model` tests share one real `raghub cloud serve` process on loopback."
 from __future__ import annotations
 
 import errno
+import os
 import re
 import select
 import socket
@@ -394,3 +395,24 @@ def test_failing_accepts_back_off_and_are_logged_once_per_interval(capsys):
     logged = capsys.readouterr().err.splitlines()
     assert [line for line in logged if "could not accept" in line] == [
         "raghub cloud: could not accept a connection ([Errno 24] Too many open files); retrying"]
+
+
+def test_an_authenticated_device_that_stops_in_the_middle_of_a_message_is_dropped(capsys):
+    """Regression: after `poll` saw the first bytes, `recv_bytes` waited for the rest with no
+    deadline, so half a message held its thread forever. Now a read that makes no progress for
+    `reply_timeout_s` fails, and only that connection is closed."""
+    reply_timeout_s = 1.0
+    with _cloud_in_process(reply_timeout_s=reply_timeout_s) as address:
+        stalled, honest = _device(address), _device(address)
+        try:
+            started = time.monotonic()
+            os.write(stalled.connection.fileno(), struct.Struct("!i").pack(100) + b"x" * 50)
+            assert [m.fields["step"] for m in _request(honest, 2)] == [0, 1]
+            assert stalled.connection.poll(reply_timeout_s + 2)
+            with pytest.raises(EOFError):
+                stalled.connection.recv_bytes()
+            assert time.monotonic() - started < reply_timeout_s + 2
+        finally:
+            stalled.close()
+            honest.close()
+    assert "ended: the peer stalled in the middle of a message" in capsys.readouterr().err
