@@ -13,11 +13,14 @@ import re
 import select
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from multiprocessing.connection import Client
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -270,11 +273,11 @@ def _cloud_in_process(**limits):
         assert not serving.is_alive() and not _cloud_threads()
 
 
-def _device(address: tuple[str, int]) -> Channel:
-    """An authenticated device that said hello (each wait at most 5 s)."""
+def _device(address: tuple[str, int], connect_within_s: float = 5) -> Channel:
+    """An authenticated device that said hello (each wait after connecting at most 5 s)."""
     pool = ThreadPoolExecutor(1)  # Client() itself has no timeout
     try:
-        connection = pool.submit(Client, address, authkey=SECRET.encode()).result(timeout=5)
+        connection = pool.submit(Client, address, authkey=SECRET.encode()).result(timeout=connect_within_s)
     finally:
         pool.shutdown(wait=False)
     channel = Channel(connection, timeout_s=5)
@@ -302,6 +305,14 @@ def _request(channel: Channel, steps: int) -> list[Message]:
     return sent
 
 
+def _half_answers(address: tuple[str, int], count: int) -> list[socket.socket]:
+    """Clients that announce a 20-byte answer to the challenge, send 10 bytes and go silent."""
+    clients = [socket.create_connection(address, timeout=5) for _ in range(count)]
+    for client in clients:
+        client.sendall(struct.Struct("!i").pack(20) + b"x" * 10)
+    return clients
+
+
 def _closed_by_peer(client: socket.socket, within_s: float) -> bool:
     """Whether the other end closes `client` within `within_s` (what it sent is read and dropped)."""
     deadline = time.monotonic() + within_s
@@ -324,10 +335,8 @@ def test_clients_that_send_half_an_answer_are_bounded_and_dropped_at_the_deadlin
     every byte of it is due within `handshake_timeout_s`; an honest device gets its turn."""
     timeout_s, slots, hostile = 1.0, 4, 10
     with _cloud_in_process(handshake_timeout_s=timeout_s, max_handshakes=slots) as address:
-        clients = [socket.create_connection(address, timeout=5) for _ in range(hostile)]
+        clients = _half_answers(address, hostile)
         try:
-            for client in clients:  # a frame of 20 bytes announced, 10 sent
-                client.sendall(struct.Struct("!i").pack(20) + b"x" * 10)
             time.sleep(timeout_s / 2)
             challenged = [client for client in clients if select.select([client], [], [], 0)[0]]
             assert len(challenged) == slots  # the others wait in the backlog
@@ -416,3 +425,51 @@ def test_an_authenticated_device_that_stops_in_the_middle_of_a_message_is_droppe
             stalled.close()
             honest.close()
     assert "ended: the peer stalled in the middle of a message" in capsys.readouterr().err
+
+
+SERVE_UNDER_64_DESCRIPTORS = """
+import resource, socket, sys
+from types import SimpleNamespace
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+from raghub.plugins.methods.device_cloud.server import CloudServer
+listening = socket.create_server(("127.0.0.1", 0))
+print(listening.getsockname()[1], flush=True)
+cloud = CloudServer(SimpleNamespace(tokenizer=[0] * 16), handshake_timeout_s=float(sys.argv[2]))
+cloud.serve(listening, sys.argv[1].encode(), False)
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (Linux's /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads CPU time from /proc")
+def test_seventy_half_answers_under_64_descriptors_leave_the_cloud_idle_quiet_and_serving(tmp_path):
+    """Regression (the audit's case): under `ulimit -n 64`, seventy clients that sent half an
+    answer exhausted the descriptors, after which the accept loop spun at 100 % CPU, wrote
+    hundreds of MB of log in seconds, and refused honest devices."""
+    timeout_s, hostile = 1.0, 70
+    log = tmp_path / "cloud.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", SERVE_UNDER_64_DESCRIPTORS, SECRET, str(timeout_s)],
+                                   stdout=subprocess.PIPE, stderr=stderr, text=True)
+    clients = []
+    try:
+        assert select.select([process.stdout], [], [], 60)[0], "the cloud did not start"
+        address = ("127.0.0.1", int(process.stdout.readline()))
+        clients = _half_answers(address, hostile)
+        started, cpu_before = time.monotonic(), _cpu_seconds(process.pid)
+        rounds = -(-hostile // server.MAX_HANDSHAKES)
+        _device(address, connect_within_s=rounds * timeout_s + 5).close()
+        assert all(_closed_by_peer(client, within_s=rounds * timeout_s + 5) for client in clients)
+        busy = (_cpu_seconds(process.pid) - cpu_before) / (time.monotonic() - started)
+        assert busy < 0.5 and process.poll() is None
+        assert log.stat().st_size < 10_000
+    finally:
+        for client in clients:
+            client.close()
+        process.kill()
+        process.wait(timeout=10)
+        process.stdout.close()
