@@ -119,7 +119,7 @@ class _Throttled:
     """Log lines of one kind, at most one per `LOG_INTERVAL_S`, counting those held back."""
 
     def __init__(self):
-        self.last_logged = -LOG_INTERVAL_S
+        self.last_logged = -float("inf")
         self.held_back = 0
         self.lock = threading.Lock()
 
@@ -136,8 +136,8 @@ class _Throttled:
 
 
 class CloudServer:
-    """The cloud side: serves each device on its own thread, one request per example, and one
-    request at a time on the model."""
+    """The cloud side: serves each device on its own thread, one request per example; the
+    requests take turns on the model, one computation at a time."""
 
     def __init__(self, model: LanguageModel, corpus: list[Passage] | None = None,
                  retriever_class: type[Retriever] | None = None,
