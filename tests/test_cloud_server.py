@@ -1,18 +1,31 @@
 """The device-cloud server's faults: the shared secret, broken or silent devices, bad addresses.
 
 The fast tests run the CLI in-process with every model backend's `load` made to fail, so they
-prove that a refusal comes before the model loads. The `real_model` tests share one real
-`raghub cloud serve` process on loopback."""
+prove that a refusal comes before the model loads. The hostile-client tests run the real
+server in this process, on loopback, with a stand-in model that predicts the next token id.
+The `real_model` tests share one real `raghub cloud serve` process on loopback."""
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import select
 import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from multiprocessing.connection import Client
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from raghub import UsageError
@@ -23,7 +36,7 @@ from raghub.plugins.methods.device_cloud import method as device_cloud_method
 from raghub.plugins.methods.device_cloud import server
 from raghub.plugins.methods.device_cloud.method import DeviceCloud
 from raghub.plugins.methods.device_cloud.server import AUTHKEY_VARIABLE, start_cloud
-from raghub.plugins.methods.device_cloud.wire import Channel, Message, decode_message
+from raghub.plugins.methods.device_cloud.wire import Channel, Message, PeerLost, decode_message, flatten_prompts
 
 SECRET = "a-test-secret"
 BAD_ADDRESSES = ["localhost", "localhost:70000", "localhost:abc", "localhost:0"]
@@ -61,7 +74,7 @@ def _serve(*args: str):
 
 def test_serving_off_loopback_without_a_secret_is_refused_before_the_model_loads(monkeypatch, no_model):
     monkeypatch.delenv(AUTHKEY_VARIABLE, raising=False)
-    monkeypatch.setattr(server, "Listener", lambda *a, **k: pytest.fail("the cloud listened"))
+    monkeypatch.setattr(server.socket, "create_server", lambda *a, **k: pytest.fail("the cloud listened"))
     result = _serve("--host", "0.0.0.0", "--port", "0")
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1
@@ -218,3 +231,245 @@ def test_a_wrong_secret_is_one_usage_error(cloud, monkeypatch, tmp_path):
                                  f"{AUTHKEY_VARIABLE} to the cloud's secret")
     assert process.poll() is None
     assert _ready(address).kind == "ready"
+
+
+# --- issue 30: no client stalls the cloud -------------------------------------------------------
+
+VOCABULARY = 16
+
+
+class _NextToken:
+    """Just enough of a model for the cloud's side of a request: it predicts last id + 1."""
+
+    tokenizer = [0] * VOCABULARY
+    device = "cpu"
+
+    def hf_model(self, input_ids, past_key_values, use_cache):
+        logits = 10.0 * torch.nn.functional.one_hot((input_ids + 1) % VOCABULARY, VOCABULARY).float()
+        return SimpleNamespace(logits=logits, past_key_values=past_key_values)
+
+
+def _cloud_threads() -> list[str]:
+    return [thread.name for thread in threading.enumerate() if thread.name.startswith("raghub cloud")]
+
+
+@contextmanager
+def _cloud_in_process(**limits):
+    """The real CloudServer on a free loopback port of this process: yields its (host, port);
+    stops it afterwards and checks, within 10 s, that every thread it started has ended."""
+    cloud = server.CloudServer(_NextToken(), **limits)
+    listening = socket.create_server(("127.0.0.1", 0))
+    serving = threading.Thread(target=cloud.serve, args=(listening, SECRET.encode(), False))
+    serving.start()
+    try:
+        yield listening.getsockname()
+    finally:
+        cloud.stopped.set()
+        serving.join(timeout=5)
+        listening.close()
+        deadline = time.monotonic() + 10
+        while _cloud_threads() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not serving.is_alive() and not _cloud_threads()
+
+
+def _device(address: tuple[str, int], connect_within_s: float = 5) -> Channel:
+    """An authenticated device that said hello (each wait after connecting at most 5 s)."""
+    pool = ThreadPoolExecutor(1)  # Client() itself has no timeout
+    try:
+        connection = pool.submit(Client, address, authkey=SECRET.encode()).result(timeout=connect_within_s)
+    finally:
+        pool.shutdown(wait=False)
+    channel = Channel(connection, timeout_s=5)
+    channel.send({"kind": "hello", "rtt_ms": 0.0, "bandwidth_mbps": 0.0})
+    assert channel.receive().kind == "ready"
+    return channel
+
+
+def _open(channel: Channel, steps: int) -> None:
+    """Ask for `steps` tokens over two documents of the device's own choosing."""
+    channel.send({"kind": "open", "request": 1, "steps": steps, "mode": "synchronised",
+                  "compression": "none", "temperature": 1.0},
+                 {"closed_book_ids": np.array([1], dtype=np.int32), **flatten_prompts([[1, 2], [5]]),
+                  "scores": np.array([1.0, 0.0], dtype=np.float32)})
+
+
+def _request(channel: Channel, steps: int) -> list[Message]:
+    """One whole request, agreeing to the cloud's draft at every step: the cloud's messages."""
+    _open(channel, steps)
+    sent = []
+    for step in range(steps):
+        sent.append(channel.receive())
+        channel.send({"kind": "verdict", "request": 1, "step": step,
+                      "token": sent[-1].fields["draft"], "done": step == steps - 1})
+    return sent
+
+
+def _half_answers(address: tuple[str, int], count: int) -> list[socket.socket]:
+    """Clients that announce a 20-byte answer to the challenge, send 10 bytes and go silent."""
+    clients = [socket.create_connection(address, timeout=5) for _ in range(count)]
+    for client in clients:
+        client.sendall(struct.Struct("!i").pack(20) + b"x" * 10)
+    return clients
+
+
+def _closed_by_peer(client: socket.socket, within_s: float) -> bool:
+    """Whether the other end closes `client` within `within_s` (what it sent is read and dropped)."""
+    deadline = time.monotonic() + within_s
+    while (left := deadline - time.monotonic()) > 0:
+        client.settimeout(left)
+        try:
+            if not client.recv(4096):
+                return True
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+    return False
+
+
+def test_clients_that_send_half_an_answer_are_bounded_and_dropped_at_the_deadline():
+    """Regression: the handshake's deadline was polled and then `recv_bytes` waited with none,
+    so a client that sent half the answer held a thread and a descriptor forever, and enough
+    of them exhausted the descriptors. Now at most `max_handshakes` authenticate at once and
+    every byte of it is due within `handshake_timeout_s`; an honest device gets its turn."""
+    timeout_s, slots, hostile = 1.0, 4, 10
+    with _cloud_in_process(handshake_timeout_s=timeout_s, max_handshakes=slots) as address:
+        clients = _half_answers(address, hostile)
+        try:
+            time.sleep(timeout_s / 2)
+            challenged = [client for client in clients if select.select([client], [], [], 0)[0]]
+            assert len(challenged) == slots  # the others wait in the backlog
+            started = time.monotonic()
+            honest = _device(address)  # queued behind them: in once every hostile one is dropped
+            honest.close()
+            rounds = -(-hostile // slots)
+            assert time.monotonic() - started < rounds * timeout_s + 2
+            assert all(_closed_by_peer(client, within_s=rounds * timeout_s + 2) for client in clients)
+        finally:
+            for client in clients:
+                client.close()
+
+
+def test_a_silent_device_mid_request_delays_no_other_and_is_dropped_at_the_reply_deadline():
+    """Regression: the cloud waited for a device's verdict holding the model, with no
+    timeout, so one silent device stopped every other. Now no lock is held across a network
+    wait, and a reply within a request is due within `reply_timeout_s`."""
+    reply_timeout_s, steps = 2.0, 4
+    with _cloud_in_process(reply_timeout_s=reply_timeout_s) as address:
+        silent, honest = _device(address), _device(address)
+        try:
+            _open(silent, steps)
+            assert silent.receive().fields["step"] == 0  # and then it never answers
+            started = time.monotonic()
+            served = _request(honest, steps)
+            assert time.monotonic() - started < 1.0
+            assert [message.fields["step"] for message in served] == list(range(steps))
+            assert [m.fields["draft"] for m in served[1:]] == [(m.fields["draft"] + 1) % VOCABULARY
+                                                               for m in served[:-1]]
+            with pytest.raises(PeerLost):  # the cloud hangs up on the silent one
+                silent.receive()
+            assert time.monotonic() - started < reply_timeout_s + 2
+        finally:
+            silent.close()
+            honest.close()
+
+
+class _OutOfDescriptors:
+    """A listening socket whose every accept fails as when the process has no descriptor left."""
+
+    def __init__(self):
+        self.accepts = 0
+
+    def settimeout(self, _seconds):
+        pass
+
+    def accept(self):
+        self.accepts += 1
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+def test_failing_accepts_back_off_and_are_logged_once_per_interval(capsys):
+    """Regression: with the descriptors exhausted, the accept loop retried at once, spinning
+    at 100 % CPU and logging hundreds of MB in seconds."""
+    cloud = server.CloudServer(_NextToken())
+    listening = _OutOfDescriptors()
+    serving = threading.Thread(target=cloud.serve, args=(listening, SECRET.encode(), False))
+    serving.start()
+    time.sleep(1.5)  # backing off from 0.05 s, doubling: accepts at 0, 0.05, 0.15, 0.35, 0.75
+    cloud.stopped.set()
+    serving.join(timeout=5)
+    assert not serving.is_alive()
+    assert 2 <= listening.accepts <= 8
+    logged = capsys.readouterr().err.splitlines()
+    assert [line for line in logged if "could not accept" in line] == [
+        "raghub cloud: could not accept a connection ([Errno 24] Too many open files); retrying"]
+
+
+def test_an_authenticated_device_that_stops_in_the_middle_of_a_message_is_dropped(capsys):
+    """Regression: after `poll` saw the first bytes, `recv_bytes` waited for the rest with no
+    deadline, so half a message held its thread forever. Now a read that makes no progress for
+    `reply_timeout_s` fails, and only that connection is closed."""
+    reply_timeout_s = 1.0
+    with _cloud_in_process(reply_timeout_s=reply_timeout_s) as address:
+        stalled, honest = _device(address), _device(address)
+        try:
+            started = time.monotonic()
+            os.write(stalled.connection.fileno(), struct.Struct("!i").pack(100) + b"x" * 50)
+            assert [m.fields["step"] for m in _request(honest, 2)] == [0, 1]
+            assert stalled.connection.poll(reply_timeout_s + 2)
+            with pytest.raises(EOFError):
+                stalled.connection.recv_bytes()
+            assert time.monotonic() - started < reply_timeout_s + 2
+        finally:
+            stalled.close()
+            honest.close()
+    assert "ended: the peer stalled in the middle of a message" in capsys.readouterr().err
+
+
+SERVE_UNDER_64_DESCRIPTORS = """
+import resource, socket, sys
+from types import SimpleNamespace
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+from raghub.plugins.methods.device_cloud.server import CloudServer
+listening = socket.create_server(("127.0.0.1", 0))
+print(listening.getsockname()[1], flush=True)
+cloud = CloudServer(SimpleNamespace(tokenizer=[0] * 16), handshake_timeout_s=float(sys.argv[2]))
+cloud.serve(listening, sys.argv[1].encode(), False)
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (Linux's /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads CPU time from /proc")
+def test_seventy_half_answers_under_64_descriptors_leave_the_cloud_idle_quiet_and_serving(tmp_path):
+    """Regression (the audit's case): under `ulimit -n 64`, seventy clients that sent half an
+    answer exhausted the descriptors, after which the accept loop spun at 100 % CPU, wrote
+    hundreds of MB of log in seconds, and refused honest devices."""
+    timeout_s, hostile = 1.0, 70
+    log = tmp_path / "cloud.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", SERVE_UNDER_64_DESCRIPTORS, SECRET, str(timeout_s)],
+                                   stdout=subprocess.PIPE, stderr=stderr, text=True)
+    clients = []
+    try:
+        assert select.select([process.stdout], [], [], 60)[0], "the cloud did not start"
+        address = ("127.0.0.1", int(process.stdout.readline()))
+        clients = _half_answers(address, hostile)
+        started, cpu_before = time.monotonic(), _cpu_seconds(process.pid)
+        rounds = -(-hostile // server.MAX_HANDSHAKES)
+        _device(address, connect_within_s=rounds * timeout_s + 5).close()
+        assert all(_closed_by_peer(client, within_s=rounds * timeout_s + 5) for client in clients)
+        busy = (_cpu_seconds(process.pid) - cpu_before) / (time.monotonic() - started)
+        assert busy < 0.5 and process.poll() is None
+        assert log.stat().st_size < 10_000
+    finally:
+        for client in clients:
+            client.close()
+        process.kill()
+        process.wait(timeout=10)
+        process.stdout.close()

@@ -3,7 +3,13 @@ distributions per request, and starting a server for a run.
 
 The shared secret comes from RAGHUB_CLOUD_AUTHKEY; a cloud on loopback without one makes a
 random one and prints it once. Each connection is authenticated and served on its own thread,
-so a silent or broken device only loses its own connection; requests take turns on the model.
+so a silent or broken device only loses its own connection; requests take turns on the model,
+and no thread holds the model while it waits on the network.
+
+Nothing a client does holds the cloud for long: authentication has one hard deadline for all
+its bytes, at most `MAX_HANDSHAKES` connections authenticate at once (more wait in the listen
+backlog, holding no thread or descriptor), a device's reply within a request has a deadline,
+and a failing `accept` (no descriptors left) backs off and is logged once per interval.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ import os
 import secrets
 import select
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
-from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from pathlib import Path
 from typing import Sequence
 
@@ -31,7 +39,12 @@ from .wire import (SPECULATION_DEPTH, BadMessage, Channel, Message, PeerLost, pa
 
 AUTHKEY_VARIABLE = "RAGHUB_CLOUD_AUTHKEY"
 LISTENING = "raghub cloud listening on"
-HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 10.0  #: for every byte of the authentication together
+REPLY_TIMEOUT_S = 60.0  #: for a device's reply within a request, and for any half-sent message
+MAX_HANDSHAKES = 16  #: connections authenticating at once
+ACCEPT_BACKOFF_S = (0.05, 1.0)  #: the first and the longest wait after a failed accept
+LOG_INTERVAL_S = 10.0  #: the shortest time between two log lines about unauthenticated clients
+POLL_S = 0.25  #: how often waiting threads look whether the cloud stopped
 #: what each side, the device's and the cloud's, needs of its model: a decoder-only model's
 #: weights, run token by token with a KV cache per document (`DocumentSide`)
 SIDE_REQUIRES = frozenset({"weights", "sequence_logprobs"})
@@ -46,74 +59,154 @@ def _log(message: str) -> None:
     print(f"raghub cloud: {message}", file=sys.stderr, flush=True)
 
 
-class _HandshakeDeadline:
-    """A connection whose receives give up at a deadline, for `deliver_challenge` and
-    `answer_challenge` (which only send and receive bytes)."""
+class _Handshake:
+    """An accepted socket as `deliver_challenge` and `answer_challenge` use it (`send_bytes`,
+    `recv_bytes` in `multiprocessing.connection`'s framing), every byte within one deadline:
+    a client that sends half an answer and goes silent is dropped when it passes."""
 
-    def __init__(self, connection: Connection, timeout_s: float):
-        self.connection = connection
+    LENGTH = struct.Struct("!i")  # multiprocessing.connection's length prefix
+
+    def __init__(self, sock: socket.socket, timeout_s: float):
+        self.socket = sock
+        self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
 
-    def send_bytes(self, data: bytes) -> None:
-        self.connection.send_bytes(data)
+    def _arm(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"not authenticated within {self.timeout_s:g} s")
+        self.socket.settimeout(left)
 
-    def recv_bytes(self, maxlength: int | None = None) -> bytes:
-        if not self.connection.poll(max(0.0, self.deadline - time.monotonic())):
-            raise TimeoutError("no answer to the authentication challenge")
-        return self.connection.recv_bytes(maxlength)
+    def send_bytes(self, data: bytes) -> None:
+        self._arm()
+        self.socket.sendall(self.LENGTH.pack(len(data)) + data)
+
+    def recv_bytes(self, maxlength: int) -> bytes:
+        (length,) = self.LENGTH.unpack(self._exactly(self.LENGTH.size))
+        if not 0 <= length <= maxlength:
+            raise OSError(f"bad message length {length} during authentication")
+        return self._exactly(length)
+
+    def _exactly(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            self._arm()
+            try:
+                chunk = self.socket.recv(size - len(data))
+            except TimeoutError:
+                raise TimeoutError(f"not authenticated within {self.timeout_s:g} s") from None
+            if not chunk:
+                raise EOFError("the client hung up")
+            data += chunk
+        return data
+
+
+def _limit_stalls(sock: socket.socket, timeout_s: float) -> None:
+    """Make a read or write that makes no progress for `timeout_s` fail (EAGAIN) instead of
+    blocking forever: a device that sends half a message, or stops reading, loses its own
+    connection."""
+    whole = int(timeout_s)
+    timeval = struct.pack("@ll", whole, int((timeout_s - whole) * 1e6))
+    for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+        sock.setsockopt(socket.SOL_SOCKET, option, timeval)
+
+
+class _Throttled:
+    """Log lines of one kind, at most one per `LOG_INTERVAL_S`, counting those held back."""
+
+    def __init__(self):
+        self.last_logged = -float("inf")
+        self.held_back = 0
+        self.lock = threading.Lock()
+
+    def log(self, message: str) -> None:
+        with self.lock:
+            now = time.monotonic()
+            if now - self.last_logged < LOG_INTERVAL_S:
+                self.held_back += 1
+                return
+            if self.held_back:
+                message += f" (and {self.held_back} more like it in the last {now - self.last_logged:.0f} s)"
+            self.last_logged, self.held_back = now, 0
+        _log(message)
 
 
 class CloudServer:
-    """The cloud side: serves each device on its own thread, one request per example, and one
-    request at a time on the model."""
+    """The cloud side: serves each device on its own thread, one request per example; the
+    requests take turns on the model, one computation at a time."""
 
     def __init__(self, model: LanguageModel, corpus: list[Passage] | None = None,
-                 retriever_class: type[Retriever] | None = None):
+                 retriever_class: type[Retriever] | None = None,
+                 handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S, reply_timeout_s: float = REPLY_TIMEOUT_S,
+                 max_handshakes: int = MAX_HANDSHAKES):
         self.model = model
         self.corpus = corpus
         self.retriever = None
         if corpus is not None and retriever_class is not None:
             self.retriever = retriever_class(Cache(cache_root()))
             self.retriever.index(corpus, fingerprint([(p.id, p.title, p.text) for p in corpus]))
+        self.handshake_timeout_s = handshake_timeout_s
+        self.reply_timeout_s = reply_timeout_s
+        self.handshakes = threading.BoundedSemaphore(max_handshakes)
+        self.refusals = _Throttled()
         self.model_lock = threading.Lock()
         self.stopped = threading.Event()
 
-    def serve(self, listener: Listener, authkey: bytes, once: bool) -> None:
+    def serve(self, listening: socket.socket, authkey: bytes, once: bool) -> None:
         """Accept devices until one asks to shut down (or, with `once`, the first one that
-        authenticated leaves). `listener` has no authkey: each connection authenticates on
-        its own thread, so a silent one cannot hold up the next."""
-        def accept_forever() -> None:
-            while True:
-                try:
-                    connection = listener.accept()
-                except OSError as error:
-                    if self.stopped.is_set():  # the listener was closed
-                        return
-                    _log(f"could not accept a connection ({error})")
-                    continue
-                threading.Thread(target=self._serve_device, daemon=True,
-                                 args=(connection, listener.last_accepted, authkey, once)).start()
-
-        threading.Thread(target=accept_forever, daemon=True).start()
+        authenticated leaves, or `stopped` is set). Each connection authenticates on its own
+        thread, so a silent one cannot hold up the next."""
+        accepting = threading.Thread(target=self._accept, args=(listening, authkey, once),
+                                     name="raghub cloud accept", daemon=True)
+        accepting.start()
         self.stopped.wait()
+        accepting.join()
 
-    def _serve_device(self, connection: Connection, peer: tuple, authkey: bytes, once: bool) -> None:
+    def _accept(self, listening: socket.socket, authkey: bytes, once: bool) -> None:
+        """Take connections while fewer than `max_handshakes` are authenticating; after a
+        failed accept, wait (doubling up to a second) and log once per interval."""
+        listening.settimeout(POLL_S)
+        failures, backoff = _Throttled(), 0.0
+        while not self.stopped.is_set():
+            if not self.handshakes.acquire(timeout=POLL_S):
+                continue
+            try:
+                sock, peer = listening.accept()
+            except TimeoutError:
+                self.handshakes.release()
+                continue
+            except OSError as error:  # EMFILE, ENFILE, ENOBUFS, ...: the next accept may work
+                self.handshakes.release()
+                backoff = min(max(2 * backoff, ACCEPT_BACKOFF_S[0]), ACCEPT_BACKOFF_S[1])
+                failures.log(f"could not accept a connection ({error}); retrying")
+                self.stopped.wait(backoff)
+                continue
+            backoff = 0.0
+            where = ":".join(map(str, peer[:2]))
+            threading.Thread(target=self._serve_device, args=(sock, where, authkey, once),
+                             name=f"raghub cloud {where}", daemon=True).start()
+
+    def _serve_device(self, sock: socket.socket, where: str, authkey: bytes, once: bool) -> None:
         """Authenticate one connection and serve it; any fault closes this connection only."""
-        where = ":".join(map(str, peer))
         try:
-            handshake = _HandshakeDeadline(connection, HANDSHAKE_TIMEOUT_S)
+            handshake = _Handshake(sock, self.handshake_timeout_s)
             deliver_challenge(handshake, authkey)
             answer_challenge(handshake, authkey)
         except Exception as error:  # a wrong secret, a port scanner, a silent client, ...
-            _log(f"refused the connection from {where} ({type(error).__name__}: {error})")
-            connection.close()
+            self.refusals.log(f"refused the connection from {where} ({type(error).__name__}: {error})")
+            sock.close()
             return
-        channel = Channel(connection, timeout_s=None)
+        finally:
+            self.handshakes.release()
+        sock.settimeout(None)
+        _limit_stalls(sock, self.reply_timeout_s)
+        channel = Channel(Connection(sock.detach()), timeout_s=self.reply_timeout_s,
+                          liveness=lambda: "the cloud stopped" if self.stopped.is_set() else None)
         try:
             if self._serve_connection(channel):
                 self.stopped.set()
-        except PeerLost:
-            _log(f"the device at {where} disconnected")
+        except PeerLost as error:
+            _log(f"the connection from {where} ended: {error}")
         except Exception as error:  # the device's fault or ours: told to it, logged, hung up
             problem = f"{type(error).__name__}: {error}"
             _log(f"closed the connection from {where} ({problem})")
@@ -129,7 +222,7 @@ class CloudServer:
     def _serve_connection(self, channel: Channel) -> bool:
         """Handle one device's messages; True when it asked the cloud to shut down."""
         while True:
-            message = channel.receive()
+            message = channel.receive(idle=True)  # a device may take its time between requests
             if message.kind == "shutdown":
                 return True
             if message.kind == "hello":
@@ -138,8 +231,7 @@ class CloudServer:
                 channel.send({"kind": "ready", "vocab_size": len(self.model.tokenizer),
                               "has_corpus": self.corpus is not None})
             elif message.kind == "open":
-                with self.model_lock:
-                    self._answer_request(channel, message)
+                self._answer_request(channel, message)
             else:
                 raise BadMessage(f"unexpected {message.kind!r} message")
 
@@ -156,15 +248,18 @@ class CloudServer:
         return prompts, [score for _, score in hits]
 
     def _answer_request(self, channel: Channel, request: Message) -> None:
-        """Stream this side's distributions until the device's final verdict."""
+        """Stream this side's distributions until the device's final verdict, each within
+        `reply_timeout_s`. The model is held for each computation only, never while a
+        message is in flight, so a silent device delays no other."""
         fields = request.fields
         speculative = fields["mode"] == "speculative"
         depth = SPECULATION_DEPTH if speculative else 0
-        prompts, scores = self._documents(request)
         from .sides import DocumentSide
 
-        side = DocumentSide(self.model, prompts, scores, fields["temperature"],
-                            request.arrays["closed_book_ids"].tolist(), max_rollback=depth)
+        with self.model_lock:
+            prompts, scores = self._documents(request)
+            side = DocumentSide(self.model, prompts, scores, fields["temperature"],
+                                request.arrays["closed_book_ids"].tolist(), max_rollback=depth)
         steps, confirmed, epoch = fields["steps"], 0, 0
         drafts: list[int] = []  # tokens advanced on but not yet confirmed
         unadvanced_draft = None  # the draft sent for the current position
@@ -178,7 +273,8 @@ class CloudServer:
                               "epoch": epoch, "draft": unadvanced_draft, "weight": side.weight},
                              arrays, compressed)
             if speculative and len(drafts) < depth and position + 1 < steps:
-                side.advance(unadvanced_draft)
+                with self.model_lock:
+                    side.advance(unadvanced_draft)
                 drafts.append(unadvanced_draft)
                 unadvanced_draft = None
                 if not channel.ready():
@@ -194,9 +290,10 @@ class CloudServer:
             else:
                 if token != (drafts[0] if drafts else unadvanced_draft):
                     epoch += 1
-                side.rollback(len(drafts))
+                with self.model_lock:
+                    side.rollback(len(drafts))
+                    side.advance(token)
                 drafts.clear()
-                side.advance(token)
                 unadvanced_draft = None
             confirmed += 1
 
@@ -229,17 +326,17 @@ def serve_cloud(found: Registry, host: str, port: int, spec: ModelSpec,
     model = backend.load_from_spec(spec, None, 8)
     server = CloudServer(model, corpus, found.retrievers[retriever_name] if corpus else None)
     try:
-        listener = Listener((host, port), backlog=16)
+        listening = socket.create_server((host, port), backlog=16)
     except OSError as error:
         raise UsageError(f"cannot listen on {host}:{port} ({error.strerror or error})") from None
-    with listener:
-        bound_host, bound_port = listener.address
+    with listening:
+        bound_host, bound_port = listening.getsockname()[:2]
         print(f"{LISTENING} {bound_host}:{bound_port}", flush=True)
         if not secret:
             secret = secrets.token_hex(16)
             print(f"raghub cloud secret: {secret} (set {AUTHKEY_VARIABLE}={secret} on the device)",
                   flush=True)
-        server.serve(listener, secret.encode(), once)
+        server.serve(listening, secret.encode(), once)
 
 
 def start_cloud(arguments: Sequence[str] = (), timeout_s: float = 300.0,

@@ -178,10 +178,10 @@ class Channel:
         except (EOFError, OSError):
             return True  # the receive that follows reports the loss
 
-    def receive(self) -> Message:
+    def receive(self, idle: bool = False) -> Message:
         """The next message, after its simulated transit time; PeerLost when the peer is gone or
-        sends nothing for `timeout_s` (None: wait as long as the peer lives)."""
-        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        sends nothing for `timeout_s` (None, or `idle`: wait as long as the peer lives)."""
+        deadline = None if self.timeout_s is None or idle else time.monotonic() + self.timeout_s
         while not self._poll(0.25):
             problem = self.liveness()
             if problem:
@@ -207,6 +207,8 @@ class Channel:
             time.sleep(delay)
 
     def _closed(self, error: BaseException) -> str:
+        if isinstance(error, BlockingIOError):  # the socket's stall limit (SO_RCVTIMEO/SO_SNDTIMEO)
+            return "the peer stalled in the middle of a message"
         return self.liveness() or f"the peer closed the connection ({type(error).__name__})"
 
     def close(self) -> None:
