@@ -23,7 +23,7 @@ from raghub.corpus import read_corpus
 from raghub.data import load_hub_dataset
 from raghub.families.qa import TEMPLATE_STYLES
 from raghub.metrics import best_over_aliases, exact_match, f1, mean
-from raghub.settings import data_path
+from raghub.settings import data_file, data_is_local
 
 from .formats import FORMATS, Loaded, Read, each_row, read_aliases, read_questions, read_rows, unique
 
@@ -75,7 +75,9 @@ class QATask(Task):
                                   "task's retrieval corpus"),
     }
     definition_schema = {
-        "data": Field({"folder": Field(str, required=True), "file": Field(str, required=True),
+        # the files lie under `folder` of the data directory, inside the Python package
+        # `package` (a plugin's own data), or at the absolute paths given
+        "data": Field({"folder": Field(str), "package": Field(str), "file": Field(str, required=True),
                        "format": Field(tuple(FORMATS), required=True), "aliases_file": Field(str),
                        "types_file": Field(str), "get": Field(str)}, required=True),
         "hub": Field({"path": Field(str, required=True), "name": Field(str),
@@ -95,15 +97,20 @@ class QATask(Task):
         """Every data file the YAML names lies inside the data directory, and the questions are
         read (once, kept for the run), so that a missing or broken file stops a sweep before any
         of its runs starts."""
-        if self.data_dir is not None:
+        if self._reads_files:
             for key in DATA_FILE_KEYS:
                 if key in self.config["data"]:
                     self._data_file(key)
             self.loaded  # noqa: B018 (read for its errors)
 
+    @property
+    def _reads_files(self) -> bool:
+        """Whether the questions come from files (else from the hub): there is a data
+        directory, or the YAML names files found without one."""
+        return self.data_dir is not None or data_is_local(self.config["data"])
+
     def _data_file(self, name_key: str) -> Path:
-        data = self.config["data"]
-        return data_path(self.data_dir, data["folder"], data[name_key],
+        return data_file(self.config["data"], name_key, self.data_dir,
                          source=self.config.get("source", f"task {self.name}"))
 
     def _read(self, name_key: str, format_name: str, read: Callable[[Any], T]) -> list[T]:
@@ -114,7 +121,7 @@ class QATask(Task):
     @cached_property
     def loaded(self) -> Loaded:
         """The whole file, read once: questions (with side-file aliases and types) and contexts."""
-        if self.data_dir is None:
+        if not self._reads_files:
             return self._read_hub()
         data = self.config["data"]
         path = self._data_file("file")
