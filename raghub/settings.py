@@ -126,7 +126,8 @@ def package_folder(package: str, source: str) -> Path:
 def data_file(data: dict[str, Any], key: str, data_dir: str | Path | None, source: str) -> Path:
     """The file that a task YAML's `data[key]` names: inside the Python package `data.package`
     when it names one (a plugin's own data), under `data.folder` of the data directory when it
-    names that, else the absolute path it gives; never outside the package or data directory."""
+    names that (never outside either), else the path it gives, relative to the folder of the
+    YAML file `source`."""
     name = data[key]
     if "package" in data and "folder" in data:
         raise UsageError(f"{source}: data names both a package and a folder; give one")
@@ -135,16 +136,16 @@ def data_file(data: dict[str, Any], key: str, data_dir: str | Path | None, sourc
         return data_path(package_folder(package, source), name, source=source, inside=f"the package {package}")
     if "folder" in data:
         return data_path(data_dir, data["folder"], name, source=source)
-    if not Path(name).is_absolute():
-        raise UsageError(f"{source}: data.{key} {name} is a relative path; give data.folder (a folder of "
-                         "the data directory), data.package (the Python package shipping it) or an "
-                         "absolute path")
-    return Path(name)
+    if not (Path(name).is_absolute() or Path(source).is_file()):
+        raise UsageError(f"{source}: data.{key} {name} is a relative path and the definition comes from "
+                         "no file; give data.folder (a folder of the data directory), data.package (the "
+                         "Python package shipping it) or an absolute path")
+    return Path(source).parent / name
 
 
 def data_is_local(data: dict[str, Any]) -> bool:
     """Whether a task YAML's `data` names its files wherever the data directory is (a package's
-    files or absolute paths), so that they are read even when the hub is the data source."""
+    files, or paths of their own), so that they are read even when the hub is the data source."""
     return "folder" not in data
 
 

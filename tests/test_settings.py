@@ -173,13 +173,15 @@ SQUAD_ROW = {"id": "q1", "title": "Ulm", "context": "Albert Einstein was born in
 
 
 @pytest.mark.parametrize("data_dir", ["elsewhere", None], ids=["a data directory", "the hub"])
-def test_a_task_reads_a_data_file_at_the_absolute_path_it_gives(workdir, monkeypatch, data_dir):
+@pytest.mark.parametrize("where", ["absolute", "beside the YAML"])
+def test_a_task_reads_a_data_file_at_the_path_it_gives(workdir, monkeypatch, data_dir, where):
     monkeypatch.setattr("raghub.interfaces.default_data_dir", lambda: None)
     Path("elsewhere").mkdir()
-    Path("qa.jsonl").write_text(json.dumps(SQUAD_ROW) + "\n")
-    Path("mytask.yaml").write_text(f"name: mine\ninclude: _qa.yaml\n"
-                                   f"data: {{file: {workdir / 'qa.jsonl'}, format: squad}}\n")
-    task = resolve(RunRequest(task="mytask.yaml", method="none", data_dir=data_dir)).task
+    Path("tasks").mkdir()
+    Path("tasks/qa.jsonl").write_text(json.dumps(SQUAD_ROW) + "\n")
+    file = workdir / "tasks/qa.jsonl" if where == "absolute" else "qa.jsonl"
+    Path("tasks/mytask.yaml").write_text(f"name: mine\ninclude: _qa.yaml\ndata: {{file: {file}, format: squad}}\n")
+    task = resolve(RunRequest(task="tasks/mytask.yaml", method="none", data_dir=data_dir)).task
     assert [q.question for q in task.loaded.questions] == ["Where was Einstein born?"]
 
 
@@ -188,7 +190,6 @@ def test_a_task_reads_a_data_file_at_the_absolute_path_it_gives(workdir, monkeyp
      "mytask.yaml: the data path ../../../../etc/passwd leads outside the package raghub"),
     ("{package: raghub_no_such_plugin, file: qa.jsonl, format: squad}",
      "mytask.yaml: data.package names raghub_no_such_plugin, which is not an installed Python package"),
-    ("{file: qa.jsonl, format: squad}", "mytask.yaml: data.file qa.jsonl is a relative path; give data.folder"),
     ("{package: raghub, folder: squad, file: qa.jsonl, format: squad}",
      "mytask.yaml: data names both a package and a folder; give one"),
 ])
