@@ -302,6 +302,15 @@ def tasks(found) -> None:
              ("task", "family", "origin", "description"))
 
 
+@cli.command("task-yaml")
+@click.pass_obj
+def task_yaml(found) -> None:
+    """The task YAML reference: every key of each task family, written from the schemas."""
+    from raghub.task_yaml import task_yaml_reference
+
+    click.echo(task_yaml_reference(found.task_families), nl=False)
+
+
 def _plugin_listing(title: str, kind: str, table: dict[str, type]) -> None:
     found = registry()
     _listing(title, [(name, found.origin(kind, name), cls.description,

@@ -38,7 +38,7 @@ from raghub.distributed import notice
 from raghub.cache import Cache, cache_root, fingerprint
 from raghub.checkpoints import Checkpoint, checkpoint_stats, generator_checkpoint, generator_identity, with_trained_generator
 from raghub.errors import UsageError, amount
-from raghub.interfaces import (Example, Method, Plugin, Registry, Retrieved, Retriever, Task,
+from raghub.interfaces import (COMMON_TASK_KEYS, Example, Method, Plugin, Registry, Retrieved, Retriever, Task,
                                check_name_and_family)
 from raghub.models import LanguageModel, ModelBackend, ModelSpec, choose_backend
 from raghub.options import dashed
@@ -49,11 +49,9 @@ from raghub.retrieval import Retrieval, task_corpus
 from raghub.settings import CORE_OPTIONS, read_task_definition
 from raghub.worklog import passage_fields, work_means
 
-DEFAULT_RETRIEVER = "bm25"
 #: config keys known once the model loads -> the model attribute: the weights' content and the
 #: dtype that ran (`--dtype auto` picks one), so a resume file never mixes two of either
 LOADED = {"model_fingerprint": "fingerprint", "model_dtype": "dtype"}
-DEFAULT_N_DOCS = 4
 #: the settings a command may give as comma lists (or YAML lists), one run per combination
 SWEPT_SETTINGS = ("task", "method", "n_docs")
 stderr = Console(stderr=True)
@@ -257,11 +255,11 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
     retriever_class = None
     n_docs = 0
     if method_class.needs_retrieval:
-        retriever_name = request.retriever or definition.get("retriever", DEFAULT_RETRIEVER)
+        retriever_name = request.retriever or definition.get("retriever", COMMON_TASK_KEYS["retriever"].default)
         if retriever_name not in found.retrievers:
             raise _unknown("retriever", retriever_name, list(found.retrievers), "retrievers")
         retriever_class = found.retrievers[retriever_name]
-        n_docs = request.n_docs if request.n_docs is not None else definition.get("n_docs", DEFAULT_N_DOCS)
+        n_docs = request.n_docs if request.n_docs is not None else definition.get("n_docs", COMMON_TASK_KEYS["n_docs"].default)
         if n_docs < 1:
             raise UsageError(f"--n-docs must be a positive integer for method '{request.method}', "
                              f"not {n_docs!r}")

@@ -149,18 +149,33 @@ class LanguageModelling(Task):
     }
 
     definition_schema = {
-        "data": Field({"hub": Field(str, required=True), "config": Field(str, required=True),
-                       "folder": Field(str, required=True),
-                       "files": Field({"test": Field(list), "validation": Field(list), "train": Field(list)},
-                                      required=True)}, required=True),
-        "passages": Field({"words": Field(int, required=True, at_least=1),
-                           "min_words": Field(int, required=True, at_least=0)}, required=True),
-        "windows": Field({"context_len": Field(int, required=True, at_least=1),
-                          "pred_len": Field(int, required=True, at_least=1),
-                          "retrieved_max_length": Field(int, required=True, at_least=1)}, required=True),
-        "ralm": Field({"query_len": Field(int, required=True, at_least=1),
-                       "max_length": Field(int, required=True, at_least=1),
-                       "retrieved_max_length": Field(int, required=True, at_least=1)}, required=True),
+        "data": Field({
+            "hub": Field(str, required=True, help="the Hugging Face dataset read without a data directory"),
+            "config": Field(str, required=True, help="its configuration name"),
+            "folder": Field(str, required=True, help="the data directory's folder holding the files"),
+            "files": Field({split: Field(list, help=f"candidate files of the {split} split, the first found "
+                                                    "is read (.jsonl rows of `text`, .parquet, raw text)")
+                            for split in ("test", "validation", "train")},
+                           required=True, help="each split's candidate files in `folder`")},
+            required=True, help="where the text is read from"),
+        "passages": Field({"words": Field(int, required=True, at_least=1, help="words per datastore passage"),
+                           "min_words": Field(int, required=True, at_least=0,
+                                              help="a line of the text with fewer words gives no passage")},
+                          required=True, help="how the datastore text is cut into passages"),
+        "windows": Field({"context_len": Field(int, required=True, at_least=1,
+                                               help="tokens of preceding text each window conditions on"),
+                          "pred_len": Field(int, required=True, at_least=1,
+                                            help="each window scores pred_len + 1 new tokens"),
+                          "retrieved_max_length": Field(int, required=True, at_least=1,
+                                                        help="tokens kept of each retrieved passage")},
+                         required=True, help="the DRAGON / REPLUG windows (`--stride 0`)"),
+        "ralm": Field({"query_len": Field(int, required=True, at_least=1,
+                                          help="the last tokens before a window that form its query"),
+                       "max_length": Field(int, required=True, at_least=1,
+                                           help="tokens of the model input: passage, context and window"),
+                       "retrieved_max_length": Field(int, required=True, at_least=1,
+                                                     help="tokens kept of each retrieved passage")},
+                      required=True, help="the In-Context RALM protocol (`--stride N`)"),
     }
 
     def check(self) -> None:
