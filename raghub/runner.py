@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import raghub
 from raghub import allocator, distributed
@@ -42,6 +42,7 @@ from raghub.interfaces import (COMMON_TASK_KEYS, Example, Method, Plugin, Regist
                                check_name_and_family)
 from raghub.models import LanguageModel, ModelBackend, ModelSpec, choose_backend
 from raghub.options import dashed
+from raghub.pace import Pace, duration
 from raghub.plugin_manager import code_identity, registry, returned_wrong
 from raghub.record import Record
 from raghub.records import append_record, check_store, read_records, samples_file
@@ -288,8 +289,9 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
 
 
 def _progress() -> Progress:
+    """A bar per run; its time left is `Pace.remaining`, the field `remaining` of the task."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=stderr)
+                    TimeElapsedColumn(), TextColumn("{task.fields[remaining]} left"), console=stderr)
 
 
 def _sweep_values(key: str, value: Any) -> list[Any]:
@@ -509,7 +511,7 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None,
         config = {**resolved.config, **{key: getattr(model, attribute) for key, attribute in LOADED.items()}}
         resume_path = Path(request.results_dir) / ".partial" / f"{fingerprint(config)}.jsonl"
         done = _evaluate_resumably(task, method, examples, retrieved, resume_path,
-                                   request.batch_size)
+                                   request.batch_size, announce=request.limit is None)
         if not distributed.ranks().is_main:
             return None
         lines = [done[e.id] for e in examples]
@@ -543,11 +545,13 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None,
 
 def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
                         retrieved: Sequence[Sequence[Retrieved]], resume_path: Path,
-                        batch_size: int) -> dict[str, dict[str, Any]]:
+                        batch_size: int, announce: bool = False) -> dict[str, dict[str, Any]]:
     """Each example's sample line (which holds its stats), by example id, continuing from the
     resume files and appending to this rank's per batch; the method's counters become those
     of every batch in them. Under a launcher each rank runs its share of the batches, and the
-    lines and counters are gathered from all ranks' files once every rank has finished."""
+    lines and counters are gathered from all ranks' files once every rank has finished.
+    `announce`: say up front how many examples will run, and after the first batch the time
+    the rest will take."""
     resume_path.parent.mkdir(parents=True, exist_ok=True)
     done, _ = _read_resume_file(resume_path)
     distributed.barrier()  # every rank has read the same state before any rank appends
@@ -556,7 +560,11 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
     with _progress() as progress, _append_to(distributed.my_resume_file(resume_path)) as resume:
         mine = sum(map(len, batches))
         bar = progress.add_task(f"{task.name} · {method.name}", total=len(examples) - len(todo) + mine,
-                                completed=len(examples) - len(todo))
+                                completed=len(examples) - len(todo), remaining="?")
+        pace = Pace(mine)
+        if announce and mine:
+            notice(f"{task.name} · {method.name}: {mine} examples to run, in {len(batches)} batch(es) of up "
+                   f"to {batch_size}; the first batch gives the time to expect")
         for batch in batches:
             before = Counter(method.counters)
             results = task.evaluate(method, [examples[i] for i in batch], [retrieved[i] for i in batch])
@@ -566,7 +574,11 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
                      for i, result in zip(batch, results)]
             resume.write(_batch_line(lines, added))  # the counters are kept exactly when the batch is
             resume.flush()
-            progress.advance(bar, len(batch))
+            pace.advance(len(batch))
+            progress.update(bar, advance=len(batch), remaining=pace.remaining())
+            if announce and pace.done == len(batch) < mine:
+                notice(f"the first batch of {len(batch)} took {duration(pace.elapsed)}: expect about "
+                       f"{pace.remaining()} more for the other {mine - pace.done}")
     distributed.barrier()  # every rank's lines are on disk
     done, counters = _read_resume_file(resume_path, report=False)  # damage was named by the first read
     method.counters.clear()
