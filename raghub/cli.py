@@ -365,9 +365,10 @@ def _is_number(value: Any) -> bool:
 
 
 def _passage_text(passage: dict[str, Any]) -> str:
-    """'rank. title-or-id (score)', marked when gold."""
+    """'rank. title-or-id (score)', marked when gold, then its first words when logged."""
+    start = f"\n   {escape(passage['text_start'])}" if passage.get("text_start") else ""
     return (f"{passage['rank']}. {escape(passage['title'] or passage['id'])} ({passage['score']:.2f})"
-            + (" [green]gold[/green]" if passage.get("gold") else ""))
+            + (" [green]gold[/green]" if passage.get("gold") else "") + start)
 
 
 def _sample_row(line: dict[str, Any]) -> tuple[str, str, str, str]:

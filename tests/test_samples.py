@@ -117,7 +117,7 @@ def test_a_run_logs_every_example_beside_its_record(stub_plugin, tmp_path):
     assert {line["type"] for line in lines} == {"bridge", "comparison"}
     for line in lines:
         assert [p["rank"] for p in line["retrieved"]] == [1, 2]
-        assert set(line["retrieved"][0]) == {"id", "title", "score", "rank", "gold"}
+        assert set(line["retrieved"][0]) == {"id", "title", "text_start", "score", "rank", "gold"}
         right = line["retrieved"][0]["gold"]
         assert line["em"] == float(right) and line["prediction"] == (line["answers"][0] if right else "no idea")
         assert line["generation"] == (f"The answer is {line['answers'][0]}.\nMore" if right else None)
@@ -233,6 +233,18 @@ def test_samples_shows_a_record_found_by_prefix_or_latest(qa_store):
     assert "question q1?" in shown.output and "1. Some [bold]title (9.50) gold" in shown.output
     latest = invoke("samples", "latest", "--results-dir", qa_store)
     assert "20260101-000001-bbbbbb" in latest.output
+
+
+def test_samples_of_language_modelling_shows_each_windows_text_and_its_passages_first_words(tmp_path):
+    """Regression: a window showed only its id and numbers, and a passage only its id."""
+    line = {"id": "test-769", "text": "The song was released in 1998 …", "nll": 2.0, "tokens": 1, "bytes": 1,
+            "retrieved": [{"id": "train-12", "title": "", "text_start": "Robert Boulter is an English actor …",
+                           "score": 3.5, "rank": 1}]}
+    store(tmp_path, "lm-a", "toylm", "language-modelling", {"ppl": False}, [line])
+    shown = CliRunner().invoke(cli, ["samples", "lm-a", "--results-dir", str(tmp_path)], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "text The song was released in 1998 …" in shown.output
+    assert "1. train-12 (3.50)" in shown.output and "Robert Boulter is an English actor …" in shown.output
 
 
 def test_samples_keeps_the_wrong_answers_of_a_type(qa_store):

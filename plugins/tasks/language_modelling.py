@@ -34,8 +34,11 @@ from raghub.corpus import STRUCTURED_SUFFIXES, read_corpus
 from raghub.data import load_hub_dataset
 from raghub.metrics import bits_per_byte, nats_per_token, perplexity, perplexity_standard_error
 from raghub.settings import data_path, read_data_json_lines, read_data_text
+from raghub.worklog import first_words
 
 ARTICLE_TITLE = re.compile(r" = [^=].* = ")
+#: characters of a window's scored text read for its first words (the samples log)
+SPAN_START_CHARS = 200
 
 
 # --------------------------------------------------------------------------- reading the text
@@ -290,6 +293,7 @@ class LanguageModelling(Task):
         ids, char_starts = token_char_starts(model.tokenizer, text)
         # the text's end closes the last span, so span bytes add up to the whole text's
         byte_starts = byte_offsets(text, [*char_starts, len(text)])
+        char_ends = [*char_starts[1:], len(text)]  # where each token's text ends
         line_starts = list(accumulate((len(line) + 1 for line in lines), initial=0))
         articles = article_of_lines(lines)
         article_of_token = [articles[bisect.bisect_right(line_starts, c) - 1] for c in char_starts]
@@ -306,6 +310,8 @@ class LanguageModelling(Task):
                 target_ids=ids[start:end],
                 retrieved_max_length=self.protocol["retrieved_max_length"],
                 n_bytes=byte_starts[end] - byte_starts[start],
+                text_start=first_words(text[char_starts[start] : min(char_ends[end - 1], char_starts[start]
+                                                                      + SPAN_START_CHARS)]),
             )
             for start, end in spans
         ]
@@ -340,6 +346,10 @@ class LanguageModelling(Task):
 
     def totals(self, stats: Sequence[dict[str, Any]]) -> dict[str, float]:
         return {key: sum(s[key] for s in stats) for key in ("nll", "tokens", "bytes")}
+
+    def sample_log(self, window: Window, line: dict[str, Any]) -> dict[str, Any]:
+        """Adds the first words of the window's scored text."""
+        return {"id": line["id"], "text": window.text_start, **line}
 
     def aggregate(self, stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
         totals = self.totals(stats)
