@@ -426,6 +426,9 @@ def compare(found, reference_a: str, reference_b: str, as_json: bool, results_di
     if family is None:
         raise UsageError(f"no installed plugin provides the task family '{record_a.family}'")
     comparison = compare_runs(record_a, samples_a, record_b, samples_b, family.metric_terms)
+    if comparison["differences"]:
+        click.echo(f"raghub: warning: A and B differ in more than the method: "
+                   f"{'; '.join(comparison['differences'])}", err=True)
     if as_json:
         click.echo(json.dumps(comparison, sort_keys=True))
         return
