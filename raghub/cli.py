@@ -194,11 +194,16 @@ RESULTS_DIR_OPTION = click.option("--results-dir", default="results", show_defau
               help="Print each record as one line of JSON on stdout, nothing else.")
 @click.option("--force", is_flag=True,
               help="Run again even when an identical run is stored, recomputing everything it had cached.")
+@click.option("--verbose", is_flag=True,
+              help="Show the libraries' progress bars, advisory logging and deprecation warnings.")
 @_with_run_options
-def run(config_file: str | None, as_json: bool, force: bool, **given: Any) -> None:
+def run(config_file: str | None, as_json: bool, force: bool, verbose: bool, **given: Any) -> None:
     """Run a method on a task and store one result record; comma lists of --task, --method and
     --n-docs run every combination, loading each model once."""
+    from raghub.quiet import quiet_third_party
     from raghub.runner import resolve_sweep, run_sweep
+
+    quiet_third_party(verbose)
 
     runs = resolve_sweep(_run_settings(config_file, given))
     if not as_json:

@@ -32,7 +32,7 @@ CORE_OPTIONS: dict[str, Option] = {
                     "Weights' dtype; auto: bfloat16 where the hardware computes it natively, else float32."),
 }
 #: names no plugin option may take: the core settings and the CLI's own flags
-RESERVED_NAMES = frozenset({*CORE_OPTIONS, "config", "json", "force"})
+RESERVED_NAMES = frozenset({*CORE_OPTIONS, "config", "json", "force", "verbose"})
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
