@@ -35,8 +35,9 @@ from raghub.objectives import (Objective, lsr_kl, rag_sequence_logprob, rag_sequ
                                rag_token_logprob)
 from raghub.options import Option
 from raghub.schema import Field
-from raghub.settings import (CORE_OPTIONS, data_path, parse_key_values, read_data_json, read_data_json_lines,
+from raghub.settings import (CORE_OPTIONS, data_file, data_is_local, data_path, parse_key_values, read_data_json, read_data_json_lines,
                              read_data_text, read_task_definition)
+from raghub.worklog import first_words
 
 try:
     __version__ = version("raghub")
@@ -62,9 +63,9 @@ __all__ = [
     "answer_match", "best_over_aliases", "bits_per_byte", "exact_match", "f1", "mean", "nats_per_token", "normalize_answer",
     "perplexity", "perplexity_standard_error",
     # data, settings and the cache
-    "CORE_OPTIONS", "Cache", "STRUCTURED_SUFFIXES", "cache_root", "data_path", "file_sha256", "fingerprint",
+    "CORE_OPTIONS", "Cache", "STRUCTURED_SUFFIXES", "cache_root", "data_file", "data_is_local", "data_path", "file_sha256", "fingerprint",
     "load_hub_dataset", "parse_key_values", "read_corpus", "read_data_json", "read_data_json_lines",
-    "read_data_text", "read_task_definition", "tsv_reader",
+    "read_data_text", "read_task_definition", "tsv_reader", "first_words",
     # the checkpoint of `raghub train`
     "CHECKPOINT_OPTION", "GENERATOR", "MANIFEST", "PASSAGE_ENCODER", "QUERY_ENCODER", "TRAINER_STATE", "TRAIN_LOG",
     "load_trained_generator", "read_checkpoint", "write_checkpoint",

@@ -194,11 +194,16 @@ RESULTS_DIR_OPTION = click.option("--results-dir", default="results", show_defau
               help="Print each record as one line of JSON on stdout, nothing else.")
 @click.option("--force", is_flag=True,
               help="Run again even when an identical run is stored, recomputing everything it had cached.")
+@click.option("--verbose", is_flag=True,
+              help="Show the libraries' progress bars, advisory logging and deprecation warnings.")
 @_with_run_options
-def run(config_file: str | None, as_json: bool, force: bool, **given: Any) -> None:
+def run(config_file: str | None, as_json: bool, force: bool, verbose: bool, **given: Any) -> None:
     """Run a method on a task and store one result record; comma lists of --task, --method and
     --n-docs run every combination, loading each model once."""
+    from raghub.quiet import quiet_third_party
     from raghub.runner import resolve_sweep, run_sweep
+
+    quiet_third_party(verbose)
 
     runs = resolve_sweep(_run_settings(config_file, given))
     if not as_json:
@@ -302,6 +307,15 @@ def tasks(found) -> None:
              ("task", "family", "origin", "description"))
 
 
+@cli.command("task-yaml")
+@click.pass_obj
+def task_yaml(found) -> None:
+    """The task YAML reference: every key of each task family, written from the schemas."""
+    from raghub.task_yaml import task_yaml_reference
+
+    click.echo(task_yaml_reference(found.task_families), nl=False)
+
+
 def _plugin_listing(title: str, kind: str, table: dict[str, type]) -> None:
     found = registry()
     _listing(title, [(name, found.origin(kind, name), cls.description,
@@ -356,9 +370,10 @@ def _is_number(value: Any) -> bool:
 
 
 def _passage_text(passage: dict[str, Any]) -> str:
-    """'rank. title-or-id (score)', marked when gold."""
+    """'rank. title-or-id (score)', marked when gold, then its first words when logged."""
+    start = f"\n   {escape(passage['text_start'])}" if passage.get("text_start") else ""
     return (f"{passage['rank']}. {escape(passage['title'] or passage['id'])} ({passage['score']:.2f})"
-            + (" [green]gold[/green]" if passage.get("gold") else ""))
+            + (" [green]gold[/green]" if passage.get("gold") else "") + start)
 
 
 def _sample_row(line: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -445,6 +460,9 @@ def compare(found, reference_a: str, reference_b: str, as_json: bool, results_di
     record_a, samples_a = _stored_run(results_dir, reference_a)
     record_b, samples_b = _stored_run(results_dir, reference_b)
     comparison = compare_runs(record_a, samples_a, record_b, samples_b, _metric_terms(found, record_a))
+    if comparison["differences"]:
+        click.echo(f"raghub: warning: A and B differ in more than the method: "
+                   f"{'; '.join(comparison['differences'])}", err=True)
     if as_json:
         click.echo(json.dumps(comparison, sort_keys=True))
         return

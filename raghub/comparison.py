@@ -3,7 +3,9 @@
 The runs' samples are paired by example id. Each metric that is a ratio of sums Σy / Σx
 (the task's `metric_terms`; a mean has x = 1) gets the difference R_A − R_B over the shared
 examples, its paired standard error (`raghub.metrics.paired_difference`), and how many examples
-A does better on, worse on, or the same.
+A does better on, worse on, or the same. What the two runs' configurations differ in beyond the
+method (the model, its dtype, the retriever's settings and corpus, the task's configuration) is
+named, since the difference then measures more than the methods.
 """
 
 from __future__ import annotations
@@ -100,4 +102,29 @@ def compare_runs(record_a: Record, samples_a: Sequence[Line],
         if by_id is not None:
             compared[name]["outcomes"] = outcome_table(shared, by_id)
     return {"a": record_a.id, "b": record_b.id, "task": record_a.task,
-            "n_shared": len(shared), "n_a": len(samples_a), "n_b": len(samples_b), "metrics": compared}
+            "n_shared": len(shared), "n_a": len(samples_a), "n_b": len(samples_b), "metrics": compared,
+            "differences": differences(record_a, record_b)}
+
+
+def _flat(value: Any, key: str) -> dict[str, Any]:
+    """A nested mapping as {dotted key: value}."""
+    if not isinstance(value, dict):
+        return {key: value}
+    return {flat: inner for name, item in value.items() for flat, inner in _flat(item, f"{key}.{name}").items()}
+
+
+def differences(record_a: Record, record_b: Record) -> list[str]:
+    """'KEY (A: VALUE, B: VALUE)' for each setting beyond the method in which the runs differ:
+    the model and its dtype, the retriever's settings and corpus (when both retrieve), the
+    task's configuration."""
+    def compared(record: Record) -> dict[str, Any]:
+        config = record.config
+        parts = {"model": record.model, "model_fingerprint": config.get("model_fingerprint"),
+                 "dtype": config.get("model_dtype"), "task": config.get("task")}
+        if record_a.retriever and record_b.retriever:
+            parts |= {"retriever": config.get("retriever") or record.retriever, "corpus": config.get("corpus")}
+        return {flat: value for key, part in parts.items() for flat, value in _flat(part, key).items()}
+
+    a, b = compared(record_a), compared(record_b)
+    return [f"{key} (A: {a.get(key)}, B: {b.get(key)})" for key in dict.fromkeys([*a, *b])
+            if a.get(key) != b.get(key)]

@@ -24,7 +24,8 @@ def register_tasks(register):
     (the `Task.family` that runs it) are required strings; `description`, `retriever`, `n_docs`,
     `version` and `source` (the file it was read from, which errors name) are optional for every
     family, and the rest are the keys of the family's `Task.definition_schema`, checked when the
-    task is run."""
+    task is run (`raghub task-yaml` lists them). A plugin's YAML may `include: _qa.yaml` (raghub's
+    shared defaults) and name data files it ships with `data: {package: ITS_PACKAGE, file: ...}`."""
 
 
 @hookspec

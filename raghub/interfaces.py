@@ -252,6 +252,10 @@ class Task(Plugin, ABC):
     def check(self) -> None:
         """Checks across options and the definition, run before the model loads."""
 
+    def definition_value(self, key: str) -> Any:
+        """The YAML's value of a key of `definition_schema`, else the default it documents."""
+        return self.config.get(key, self.definition_schema[key].default)
+
     def fingerprint(self) -> dict[str, Any]:
         """The task's full resolved configuration (part of every cache key and the record),
         without where its YAML file lies: the same task anywhere is the same run."""
@@ -304,9 +308,13 @@ class Task(Plugin, ABC):
 
 #: keys every task YAML may hold, whatever its family
 COMMON_TASK_KEYS = {
-    "name": Field(str, required=True), "family": Field(str, required=True),
-    "description": Field(str), "source": Field(str), "retriever": Field(str), "n_docs": Field(int),
-    "version": Field(int),  # raise it when a change to the task changes its scores (default 1)
+    "name": Field(str, required=True, help="the task's name: `--task NAME`, the records' `task`"),
+    "family": Field(str, required=True, help="the task family that runs it (`raghub tasks` lists them)"),
+    "description": Field(str, help="one line for `raghub tasks`"),
+    "source": Field(str, help="the file it was read from, which errors name (set by `read_task_definition`)"),
+    "retriever": Field(str, default="bm25", help="the retriever when the run gives no `--retriever`"),
+    "n_docs": Field(int, default=4, at_least=0, help="passages per example when the run gives no `--n-docs`"),
+    "version": Field(int, default=1, help="raise it when a change to the task changes its scores"),
 }
 
 

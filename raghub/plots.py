@@ -12,7 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from raghub.errors import UsageError
+from raghub.distributed import notice
+from raghub.errors import UsageError, amount
 from raghub.leaderboard import latest_per_row
 from raghub.record import Record
 
@@ -21,10 +22,17 @@ FORMATS = (".png", ".svg")
 
 
 def _largest_sample(rows: list[Record]) -> list[Record]:
-    """Each task's rows at its largest number of examples (smaller samples are not comparable)."""
+    """Each task's rows at its largest number of examples (smaller samples are not comparable);
+    the rows left out are named on stderr."""
     largest: dict[str, int] = {}
     for row in rows:
         largest[row.task] = max(largest.get(row.task, 0), row.n_examples)
+    left_out = [row for row in rows if row.n_examples != largest[row.task]]
+    if left_out:
+        notice(f"plot leaves out {amount(len(left_out), 'record')} run on fewer examples than their task's "
+               "largest sample: " + "; ".join(
+                   f"{row.task} {row.method}{f' n_docs {row.n_docs}' if row.n_docs else ''} {row.id} "
+                   f"({row.n_examples} examples, not {largest[row.task]})" for row in left_out))
     return [row for row in rows if row.n_examples == largest[row.task]]
 
 
@@ -86,7 +94,7 @@ def plot(records: list[Record], kind: str, tasks: Sequence[str], metric: str | N
     """Draw `kind` from the records into `output` (.png or .svg; default: in `results_dir`,
     named after the task and metric) and return its path. `lines` needs one task: the one
     named, or the only one stored."""
-    rows = [row for row in _largest_sample(latest_per_row(records)) if not tasks or row.task in tasks]
+    rows = _largest_sample([row for row in latest_per_row(records) if not tasks or row.task in tasks])
     stored = sorted({row.task for row in rows})
     if not rows:
         raise UsageError(f"no stored records{' of ' + ', '.join(tasks) if tasks else ''} in {results_dir}")

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import raghub
 from raghub import allocator, distributed
@@ -38,10 +38,11 @@ from raghub.distributed import notice
 from raghub.cache import Cache, cache_root, fingerprint
 from raghub.checkpoints import Checkpoint, checkpoint_stats, generator_checkpoint, generator_identity, with_trained_generator
 from raghub.errors import ReturnedWrong, UsageError, amount
-from raghub.interfaces import (Example, Method, Plugin, Registry, Retrieved, Retriever, Task,
+from raghub.interfaces import (COMMON_TASK_KEYS, Example, Method, Plugin, Registry, Retrieved, Retriever, Task,
                                check_name_and_family)
 from raghub.models import LanguageModel, ModelBackend, ModelSpec, choose_backend
 from raghub.options import dashed
+from raghub.pace import Pace, duration
 from raghub.plugin_manager import code_identity, registry, returned_wrong
 from raghub.record import Record
 from raghub.records import append_record, check_store, read_records, samples_file
@@ -49,11 +50,9 @@ from raghub.retrieval import Retrieval, task_corpus
 from raghub.settings import CORE_OPTIONS, read_task_definition
 from raghub.worklog import passage_fields, work_means
 
-DEFAULT_RETRIEVER = "bm25"
 #: config keys known once the model loads -> the model attribute: the weights' content and the
 #: dtype that ran (`--dtype auto` picks one), so a resume file never mixes two of either
 LOADED = {"model_fingerprint": "fingerprint", "model_dtype": "dtype"}
-DEFAULT_N_DOCS = 4
 #: the settings a command may give as comma lists (or YAML lists), one run per combination
 SWEPT_SETTINGS = ("task", "method", "n_docs")
 stderr = Console(stderr=True)
@@ -257,11 +256,11 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
     retriever_class = None
     n_docs = 0
     if method_class.needs_retrieval:
-        retriever_name = request.retriever or definition.get("retriever", DEFAULT_RETRIEVER)
+        retriever_name = request.retriever or definition.get("retriever", COMMON_TASK_KEYS["retriever"].default)
         if retriever_name not in found.retrievers:
             raise _unknown("retriever", retriever_name, list(found.retrievers), "retrievers")
         retriever_class = found.retrievers[retriever_name]
-        n_docs = request.n_docs if request.n_docs is not None else definition.get("n_docs", DEFAULT_N_DOCS)
+        n_docs = request.n_docs if request.n_docs is not None else definition.get("n_docs", COMMON_TASK_KEYS["n_docs"].default)
         if n_docs < 1:
             raise UsageError(f"--n-docs must be a positive integer for method '{request.method}', "
                              f"not {n_docs!r}")
@@ -290,8 +289,9 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
 
 
 def _progress() -> Progress:
+    """A bar per run; its time left is `Pace.remaining`, the field `remaining` of the task."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=stderr)
+                    TimeElapsedColumn(), TextColumn("{task.fields[remaining]} left"), console=stderr)
 
 
 def _sweep_values(key: str, value: Any) -> list[Any]:
@@ -512,7 +512,7 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None,
         config = {**resolved.config, **{key: getattr(model, attribute) for key, attribute in LOADED.items()}}
         resume_path = Path(request.results_dir) / ".partial" / f"{fingerprint(config)}.jsonl"
         done = _evaluate_resumably(task, method, examples, retrieved, resume_path,
-                                   request.batch_size)
+                                   request.batch_size, announce=request.limit is None)
         if not distributed.ranks().is_main:
             return None
         lines = [done[e.id] for e in examples]
@@ -546,11 +546,13 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None,
 
 def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
                         retrieved: Sequence[Sequence[Retrieved]], resume_path: Path,
-                        batch_size: int) -> dict[str, dict[str, Any]]:
+                        batch_size: int, announce: bool = False) -> dict[str, dict[str, Any]]:
     """Each example's sample line (which holds its stats), by example id, continuing from the
     resume files and appending to this rank's per batch; the method's counters become those
     of every batch in them. Under a launcher each rank runs its share of the batches, and the
-    lines and counters are gathered from all ranks' files once every rank has finished."""
+    lines and counters are gathered from all ranks' files once every rank has finished.
+    `announce`: say up front how many examples will run, and after the first batch the time
+    the rest will take."""
     resume_path.parent.mkdir(parents=True, exist_ok=True)
     done, _ = _read_resume_file(resume_path)
     distributed.barrier()  # every rank has read the same state before any rank appends
@@ -559,7 +561,11 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
     with _progress() as progress, _append_to(distributed.my_resume_file(resume_path)) as resume:
         mine = sum(map(len, batches))
         bar = progress.add_task(f"{task.name} · {method.name}", total=len(examples) - len(todo) + mine,
-                                completed=len(examples) - len(todo))
+                                completed=len(examples) - len(todo), remaining="?")
+        pace = Pace(mine)
+        if announce and mine:
+            notice(f"{task.name} · {method.name}: {mine} examples to run, in {len(batches)} batch(es) of up "
+                   f"to {batch_size}; the first batch gives the time to expect")
         for batch in batches:
             before = Counter(method.counters)
             try:
@@ -572,7 +578,11 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
                      for i, result in zip(batch, results)]
             resume.write(_batch_line(lines, added))  # the counters are kept exactly when the batch is
             resume.flush()
-            progress.advance(bar, len(batch))
+            pace.advance(len(batch))
+            progress.update(bar, advance=len(batch), remaining=pace.remaining())
+            if announce and pace.done == len(batch) < mine:
+                notice(f"the first batch of {len(batch)} took {duration(pace.elapsed)}: expect about "
+                       f"{pace.remaining()} more for the other {mine - pace.done}")
     distributed.barrier()  # every rank's lines are on disk
     done, counters = _read_resume_file(resume_path, report=False)  # damage was named by the first read
     method.counters.clear()

@@ -18,11 +18,16 @@ _TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "tru
 class Field:
     """One key: `kind` is a type, a tuple of allowed strings, or a nested schema (a dict of
     Fields, for a mapping section); a number may be bounded below by `at_least` (and a float
-    must be finite), checked as an `Option`'s bounds are."""
+    must be finite), checked as an `Option`'s bounds are. `help` says what it means, `default`
+    is the value a YAML without it gets, and `choices` what each allowed string means: the task
+    YAML reference (`raghub task-yaml`) is written from them."""
 
     kind: Any
     required: bool = False
     at_least: float | None = None
+    help: str = ""
+    default: Any = None
+    choices: dict[str, str] | None = None
 
     def check(self, value: Any, where: str, key: str) -> None:
         if isinstance(self.kind, dict):
@@ -50,3 +55,23 @@ def check_schema(mapping: dict[str, Any], schema: dict[str, Field], where: str, 
     for key, spec in schema.items():
         if spec.required and key not in mapping:
             raise UsageError(f"{where}: the required key '{prefix}{key}' is missing")
+
+
+def type_words(field: Field) -> str:
+    """What a key's value must be, in words: "an integer (at least 1)", "one of squad, cwq"."""
+    if isinstance(field.kind, dict):
+        return "a mapping"
+    if isinstance(field.kind, tuple):
+        return "one of " + ", ".join(f"`{value}`" for value in field.kind)
+    bound = f" (at least {field.at_least:g})" if field.at_least is not None else ""
+    return _TYPE_WORDS.get(field.kind, str(field.kind)) + bound
+
+
+def reference_rows(schema: dict[str, Field], prefix: str = "") -> list[tuple[str, Field]]:
+    """(dotted key, Field) of every key of `schema`, a section's keys after the section's own."""
+    rows = []
+    for key, field in schema.items():
+        rows.append((prefix + key, field))
+        if isinstance(field.kind, dict):
+            rows += reference_rows(field.kind, f"{prefix}{key}.")
+    return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,7 +32,7 @@ CORE_OPTIONS: dict[str, Option] = {
                     "Weights' dtype; auto: bfloat16 where the hardware computes it natively, else float32."),
 }
 #: names no plugin option may take: the core settings and the CLI's own flags
-RESERVED_NAMES = frozenset({*CORE_OPTIONS, "config", "json", "force"})
+RESERVED_NAMES = frozenset({*CORE_OPTIONS, "config", "json", "force", "verbose"})
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
@@ -59,9 +60,14 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+#: the package whose YAML files hold raghub's shared task defaults (`_qa.yaml`, `_wikitext.yaml`)
+BUILT_IN_TASKS = "raghub.tasks"
+
+
 def read_task_definition(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A task YAML file. `include: FILE` (or a list) names YAML files beside it whose keys are
-    defaults that this file's own keys override; `source` records where it came from."""
+    """A task YAML file. `include: FILE` (or a list) names YAML files whose keys are defaults
+    that this file's own keys override: beside it, else raghub's shared defaults of that name
+    (so a plugin's YAML may `include: _qa.yaml`); `source` records where it came from."""
     path = Path(path)
     own = read_yaml_mapping(path)
     included = own.pop("include", [])
@@ -71,7 +77,10 @@ def read_task_definition(path: str | Path, _including: tuple[Path, ...] = ()) ->
             raise UsageError(f"{path}: 'include' must name YAML files, not {name!r}")
         target = path.parent / name
         if not target.is_file():
-            raise UsageError(f"{path}: 'include' names {name}, but there is no file {target}")
+            target = Path(str(files(BUILT_IN_TASKS))) / name
+        if not target.is_file():
+            raise UsageError(f"{path}: 'include' names {name}, but there is no file {path.parent / name} "
+                             "nor a built-in one")
         if target.resolve() in (*_including, path.resolve()):
             raise UsageError(f"{path}: 'include' of {name} is circular")
         defaults = read_task_definition(target, (*_including, path.resolve()))
@@ -93,15 +102,51 @@ def parse_key_values(text: str, flag: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- task data files
 
 
-def data_path(data_dir: str | Path, *parts: str, source: str) -> Path:
+def data_path(data_dir: str | Path, *parts: str, source: str, inside: str = "the data directory") -> Path:
     """`data_dir / parts...`; UsageError naming `source` (the task file) when `..` or an
-    absolute part leads outside the data directory. Symbolic links inside it are followed, so
-    a large dataset may be linked in."""
+    absolute part leads outside the data directory (`inside` names it). Symbolic links inside
+    it are followed, so a large dataset may be linked in."""
     root = os.path.abspath(data_dir)
     if not Path(os.path.abspath(os.path.join(root, *parts))).is_relative_to(root):
-        raise UsageError(f"{source}: the data path {Path(*parts)} leads outside the data directory "
+        raise UsageError(f"{source}: the data path {Path(*parts)} leads outside {inside} "
                          f"{data_dir}; give a folder and file names inside it")
     return Path(data_dir, *parts)
+
+
+def package_folder(package: str, source: str) -> Path:
+    """The folder of the installed Python package `package` (a plugin shipping its data);
+    UsageError naming `source` when it is not an importable package."""
+    try:
+        return Path(str(files(package)))
+    except (ImportError, TypeError) as error:
+        raise UsageError(f"{source}: data.package names {package}, which is not an installed Python "
+                         f"package ({type(error).__name__}: {error})") from None
+
+
+def data_file(data: dict[str, Any], key: str, data_dir: str | Path | None, source: str) -> Path:
+    """The file that a task YAML's `data[key]` names: inside the Python package `data.package`
+    when it names one (a plugin's own data), under `data.folder` of the data directory when it
+    names that (never outside either), else the path it gives, relative to the folder of the
+    YAML file `source`."""
+    name = data[key]
+    if "package" in data and "folder" in data:
+        raise UsageError(f"{source}: data names both a package and a folder; give one")
+    if "package" in data:
+        package = data["package"]
+        return data_path(package_folder(package, source), name, source=source, inside=f"the package {package}")
+    if "folder" in data:
+        return data_path(data_dir, data["folder"], name, source=source)
+    if not (Path(name).is_absolute() or Path(source).is_file()):
+        raise UsageError(f"{source}: data.{key} {name} is a relative path and the definition comes from "
+                         "no file; give data.folder (a folder of the data directory), data.package (the "
+                         "Python package shipping it) or an absolute path")
+    return Path(source).parent / name
+
+
+def data_is_local(data: dict[str, Any]) -> bool:
+    """Whether a task YAML's `data` names its files wherever the data directory is (a package's
+    files, or paths of their own), so that they are read even when the hub is the data source."""
+    return "folder" not in data
 
 
 def _not_utf8(path: Path) -> UsageError:

@@ -12,9 +12,17 @@ if TYPE_CHECKING:  # pragma: no cover - type names only: interfaces imports this
     from raghub.models import Generation
 
 
+def first_words(text: str, count: int = 12) -> str:
+    """The first `count` words of `text`, with "…" when there are more."""
+    words = text.split(maxsplit=count)
+    return " ".join(words[:count]) + (" …" if len(words) > count else "")
+
+
 def passage_fields(retrieved: Sequence[Retrieved]) -> list[dict[str, Any]]:
-    """Retrieved passages as the samples log holds them: id, title, score and rank, best first."""
-    return [{"id": hit.passage.id, "title": hit.passage.title, "score": hit.score, "rank": rank}
+    """Retrieved passages as the samples log holds them: id, title, the text's first words,
+    score and rank, best first."""
+    return [{"id": hit.passage.id, "title": hit.passage.title, "text_start": first_words(hit.passage.text),
+             "score": hit.score, "rank": rank}
             for rank, hit in enumerate(retrieved, start=1)]
 
 

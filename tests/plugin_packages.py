@@ -17,18 +17,24 @@ from raghub import Generation, LanguageModel, ModelBackend
 
 RAGHUB = Path(sys.executable).with_name("raghub")
 THIRD_PARTY_PLUGIN = Path(__file__).parent / "third_party_plugin"
+#: the plugin's package folder
+PLUGIN_PACKAGE = THIRD_PARTY_PLUGIN / "raghub_uniform"
 
 
-def write_distribution(folder: Path, name: str, module_source: str, module: str | None = None) -> None:
+def write_distribution(folder: Path, name: str, module_source: str | Path, module: str | None = None) -> None:
     """Distribution `name` 0.1 whose `raghub` entry point `name` is the module `module`
-    (default `raghub_test_<name>`), holding `module_source`. No installer wrote it (it has no
-    RECORD): raghub treats it as a local module."""
+    (default `raghub_test_<name>`), holding `module_source`, or a copy of the package folder
+    `module_source` names. No installer wrote it (it has no RECORD): raghub treats it as a
+    local module."""
     module = module or f"raghub_test_{name}"
     dist_info = folder / f"{name}-0.1.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
     (dist_info / "entry_points.txt").write_text(f"[raghub]\n{name} = {module}\n")
-    (folder / f"{module}.py").write_text(textwrap.dedent(module_source))
+    if isinstance(module_source, Path):
+        shutil.copytree(module_source, folder / module, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        (folder / f"{module}.py").write_text(textwrap.dedent(module_source))
 
 
 def install_third_party_plugin(target: Path, scratch: Path, version: str | None = None) -> None:

@@ -16,6 +16,7 @@ from raghub.plugins.methods.incontext import InContext
 from raghub.plugins.methods.none import ClosedBook
 from raghub.plugins.tasks.language_modelling import LanguageModelling, chunk_passages, text_lines
 from raghub.settings import read_task_definition
+from raghub.worklog import first_words
 
 TASKS = Path(__file__).resolve().parents[1] / "tasks"
 TOY_ROWS = ["", " = First = \n", "", " Ab cd é.\n", " Ef gh.\n", "", " = Second = \n", "", " Ij kl.\n"]
@@ -83,6 +84,15 @@ def test_windows_score_every_token_after_the_first_exactly_once(tmp_path, datast
     # 'é' is two bytes: the spans' bytes add up to the text's bytes after its first token
     assert sum(w.n_bytes for w in windows) == len(TOY_TEXT.encode()) - 1
     assert windows[0].query == "" and windows[1].query == TOY_TEXT[3:6]
+
+
+def test_each_window_and_its_line_in_the_samples_log_start_with_its_scored_text(tmp_path):
+    task = toy_task(tmp_path)
+    windows = task.examples(CharModel(), None)
+    assert [w.text_start for w in windows] == [first_words(CharModel().decode(w.target_ids)) for w in windows]
+    assert windows[0].text_start == "= Fir"  # the 5 tokens after the first of " = First = \n"
+    line = task.sample_log(windows[0], {"id": windows[0].id, "nll": 1.0, "retrieved": []})
+    assert line == {"id": windows[0].id, "text": "= Fir", "nll": 1.0, "retrieved": []}
 
 
 def test_heldout_windows_stay_inside_one_article_and_exclude_it(tmp_path):

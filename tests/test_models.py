@@ -1,5 +1,7 @@
 """The transformers model backends: content fingerprints and the checksummed dequantised cache."""
 
+import logging
+import warnings
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,22 @@ def test_continuation_logprobs_score_the_continuation_after_its_prompt(tmp_path,
     direct = model.hf_model(input_ids=ids).logits[0].log_softmax(-1)
     assert scored[0].shape == (1,) and scored[0][0].item() == pytest.approx(direct[1, 2].item(), abs=1e-5)
     assert scored[1].shape == (2,)
+
+
+def test_generating_after_a_shared_prefix_uses_no_deprecated_transformers_argument(tmp_path, cache_dir, monkeypatch):
+    """Regression: `past_key_values` (the shared prefix's cache and `generate`'s argument) made
+    transformers warn on every run; it is `cache` now."""
+    said = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, message, *a, **k: said.append(message),
+                        raising=False)
+    save_tiny_model(tmp_path / "model", seed=0)
+    model = HuggingFaceCausal().load(str(tmp_path / "model"), "cpu", "float32", 2)
+    shared = "hello world " * huggingface.MIN_SHARED_PREFIX
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        generations = model.generate([shared + "hello", shared + "world world"], 2)
+    assert model.shared_prefix([model.encode(shared + "hello"), model.encode(shared + "world")])[1] is not None
+    assert len(generations) == 2
+    deprecated = [str(w.message) for w in warned if "deprecated" in str(w.message)] + [
+        message for message in said if "deprecated" in message]
+    assert not deprecated

@@ -8,9 +8,9 @@ from raghub.record import Record
 from raghub.records import append_record
 
 
-def record(task, method, n_docs, value, stderr=None, metric="bits_per_byte", higher=False):
+def record(task, method, n_docs, value, stderr=None, metric="bits_per_byte", higher=False, n_examples=8):
     return Record.from_dict({"task": task, "method": method, "retriever": "bm25" if n_docs else None,
-                             "model": "m", "n_docs": n_docs, "settings": "", "corpus": None, "n_examples": 8,
+                             "model": "m", "n_docs": n_docs, "settings": "", "corpus": None, "n_examples": n_examples,
                              "metrics": {metric: value}, "higher_is_better": {metric: higher},
                              "stderr": {metric: stderr}})
 
@@ -60,3 +60,14 @@ def test_bad_plot_requests_are_one_line_and_write_nothing(results, args, message
     result = invoke("plot", "--results-dir", str(results), *args)
     assert result.exit_code == 2 and message in result.output
     assert sorted(p.name for p in results.iterdir()) == ["records.jsonl"]
+
+
+def test_the_records_of_smaller_samples_left_out_are_named(results):
+    """Regression: a record run with --limit vanished from the plot without a word."""
+    append_record(results, record("wikitext2", "incontext", 4, 1.02, n_examples=3))
+    result = CliRunner().invoke(cli, ["plot", "--results-dir", str(results), "--task", "wikitext2"])
+    assert result.exit_code == 0, result.output
+    assert ("plot leaves out 1 record run on fewer examples than their task's largest sample: "
+            "wikitext2 incontext n_docs 4") in result.stderr and "(3 examples, not 8)" in result.stderr
+    quiet = CliRunner().invoke(cli, ["plot", "--results-dir", str(results), "--task", "squad", "--kind", "bars"])
+    assert quiet.exit_code == 0 and "leaves out" not in quiet.stderr

@@ -117,7 +117,7 @@ def test_a_run_logs_every_example_beside_its_record(stub_plugin, tmp_path):
     assert {line["type"] for line in lines} == {"bridge", "comparison"}
     for line in lines:
         assert [p["rank"] for p in line["retrieved"]] == [1, 2]
-        assert set(line["retrieved"][0]) == {"id", "title", "score", "rank", "gold"}
+        assert set(line["retrieved"][0]) == {"id", "title", "text_start", "score", "rank", "gold"}
         right = line["retrieved"][0]["gold"]
         assert line["em"] == float(right) and line["prediction"] == (line["answers"][0] if right else "no idea")
         assert line["generation"] == (f"The answer is {line['answers'][0]}.\nMore" if right else None)
@@ -208,8 +208,8 @@ def store(results, record_id, task, family, higher, lines, suffix=".jsonl", **ex
     samples = f"samples/{record_id}{suffix}"
     (results / samples).write_bytes(gzip.compress(text) if suffix.endswith(".gz") else text)
     record = {"id": record_id, "samples": samples, "task": task, "family": family,
-              "method": extra.get("method", "m"), "retriever": None, "n_docs": 0,
-              "n_examples": len(lines), "metrics": {}, "higher_is_better": higher}
+              "method": "m", "retriever": None, "n_docs": 0,
+              "n_examples": len(lines), "metrics": {}, "higher_is_better": higher, **extra}
     with open(results / "records.jsonl", "a") as handle:
         handle.write(json.dumps(record) + "\n")
 
@@ -244,6 +244,18 @@ def test_samples_shows_a_record_found_by_prefix_or_latest(qa_store):
     assert "question q1?" in shown.output and "1. Some [bold]title (9.50) gold" in shown.output
     latest = invoke("samples", "latest", "--results-dir", qa_store)
     assert "20260101-000001-bbbbbb" in latest.output
+
+
+def test_samples_of_language_modelling_shows_each_windows_text_and_its_passages_first_words(tmp_path):
+    """Regression: a window showed only its id and numbers, and a passage only its id."""
+    line = {"id": "test-769", "text": "The song was released in 1998 …", "nll": 2.0, "tokens": 1, "bytes": 1,
+            "retrieved": [{"id": "train-12", "title": "", "text_start": "Robert Boulter is an English actor …",
+                           "score": 3.5, "rank": 1}]}
+    store(tmp_path, "lm-a", "toylm", "language-modelling", {"ppl": False}, [line])
+    shown = CliRunner().invoke(cli, ["samples", "lm-a", "--results-dir", str(tmp_path)], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "text The song was released in 1998 …" in shown.output
+    assert "1. train-12 (3.50)" in shown.output and "Robert Boulter is an English actor …" in shown.output
 
 
 def test_samples_keeps_the_wrong_answers_of_a_type(qa_store):
@@ -295,6 +307,35 @@ def test_compare_language_modelling_by_bits_per_byte_by_hand(tmp_path):
     assert (bits["difference"], bits["se"]) == pytest.approx((1 / math.log(2), 0.75 / math.log(2)))
     assert (bits["wins"], bits["losses"], bits["ties"]) == (0, 2, 1)  # lower is better: A loses
     assert set(comparison["metrics"]) == {"nats_per_token", "bits_per_byte"}
+
+
+def run_config(dtype="float32", k1=1.5, sample=300):
+    return {"model_dtype": dtype, "model_fingerprint": "w1", "retriever": {"name": "bm25", "k1": k1},
+            "corpus": {"label": "squad", "fingerprint": "c1"}, "task": {"task": "toyqa", "config": {"sample": sample}}}
+
+
+def compare_warning(tmp_path, config_a, config_b, **b_fields):
+    lines = [qa_line("q1", 1.0, "bridge", "gold")]
+    store(tmp_path, "run-a", "toyqa", "qa", QA_HIGHER, lines, method="incontext", retriever="bm25", config=config_a)
+    store(tmp_path, "run-b", "toyqa", "qa", QA_HIGHER, lines, method="ensemble", retriever="bm25", config=config_b,
+          **b_fields)
+    out = CliRunner().invoke(cli, ["compare", "run-a", "run-b", "--results-dir", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    return out.stderr
+
+
+def test_compare_of_two_methods_run_alike_warns_of_nothing(tmp_path):
+    assert compare_warning(tmp_path, run_config(), run_config()) == ""
+
+
+def test_compare_names_what_else_the_two_runs_differ_in(tmp_path):
+    """Regression: runs in float32 and bfloat16, with other retriever and task settings, were
+    compared without a word."""
+    said = compare_warning(tmp_path, run_config(), run_config(dtype="bfloat16", k1=0.9, sample=50), model="other")
+    assert said.startswith("raghub: warning: A and B differ in more than the method: ")
+    for difference in ("model (A: None, B: other)", "dtype (A: float32, B: bfloat16)",
+                       "retriever.k1 (A: 1.5, B: 0.9)", "task.config.sample (A: 300, B: 50)"):
+        assert difference in said
 
 
 def test_compare_refuses_runs_of_different_tasks(qa_store):

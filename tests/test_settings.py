@@ -158,6 +158,46 @@ def test_a_task_file_resolves_with_its_included_defaults(workdir):
     assert config["prompt"] == "completion" and len(config["few_shot"]) == 3  # from _qa.yaml
 
 
+def test_a_task_file_elsewhere_includes_the_built_in_qa_defaults(tmp_path):
+    """Regression: `include: _qa.yaml` worked only beside a copy of raghub's `_qa.yaml`, so a
+    plugin's YAML could not use the built-in defaults."""
+    (tmp_path / "mine.yaml").write_text(QA_TASK)
+    definition = read_task_definition(tmp_path / "mine.yaml")
+    assert definition == {**read_task_definition(TASKS / "_qa.yaml"), "name": "mine",
+                          "data": {"folder": "squad", "file": "dev.json", "format": "squad"},
+                          "source": str(tmp_path / "mine.yaml")}
+
+
+SQUAD_ROW = {"id": "q1", "title": "Ulm", "context": "Albert Einstein was born in Ulm.",
+             "question": "Where was Einstein born?", "answers": {"text": ["Ulm"]}}
+
+
+@pytest.mark.parametrize("data_dir", ["elsewhere", None], ids=["a data directory", "the hub"])
+@pytest.mark.parametrize("where", ["absolute", "beside the YAML"])
+def test_a_task_reads_a_data_file_at_the_path_it_gives(workdir, monkeypatch, data_dir, where):
+    monkeypatch.setattr("raghub.interfaces.default_data_dir", lambda: None)
+    Path("elsewhere").mkdir()
+    Path("tasks").mkdir()
+    Path("tasks/qa.jsonl").write_text(json.dumps(SQUAD_ROW) + "\n")
+    file = workdir / "tasks/qa.jsonl" if where == "absolute" else "qa.jsonl"
+    Path("tasks/mytask.yaml").write_text(f"name: mine\ninclude: _qa.yaml\ndata: {{file: {file}, format: squad}}\n")
+    task = resolve(RunRequest(task="tasks/mytask.yaml", method="none", data_dir=data_dir)).task
+    assert [q.question for q in task.loaded.questions] == ["Where was Einstein born?"]
+
+
+@pytest.mark.parametrize("data, message", [
+    ("{package: raghub, file: ../../../../etc/passwd, format: squad}",
+     "mytask.yaml: the data path ../../../../etc/passwd leads outside the package raghub"),
+    ("{package: raghub_no_such_plugin, file: qa.jsonl, format: squad}",
+     "mytask.yaml: data.package names raghub_no_such_plugin, which is not an installed Python package"),
+    ("{package: raghub, folder: squad, file: qa.jsonl, format: squad}",
+     "mytask.yaml: data names both a package and a folder; give one"),
+])
+def test_a_task_data_file_outside_its_package_or_without_a_place_is_refused(workdir, data, message):
+    Path("mytask.yaml").write_text(f"name: mine\ninclude: _qa.yaml\ndata: {data}\n")
+    assert message in error_line(run_cli("--task", "mytask.yaml", "--method", "none"))
+
+
 # --- cross-option checks, ignored options, results folder ---------------------------------
 
 def test_a_stride_with_no_room_within_max_length_exits_2_before_the_model_loads(workdir):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import raghub
-from plugin_packages import (ECHO_BACKEND, THIRD_PARTY_PLUGIN, RecordingModel, install_third_party_plugin,
-                             run_raghub, write_distribution)
+from plugin_packages import (ECHO_BACKEND, PLUGIN_PACKAGE, THIRD_PARTY_PLUGIN, RecordingModel,
+                             install_third_party_plugin, run_raghub, write_distribution)
 from raghub import Passage, PromptTemplate, Question, Retrieved, answer_questions
 from raghub.plugin_manager import DEFAULT_PLUGINS
 from raghub.record import Record
@@ -125,8 +125,8 @@ def test_a_method_whose_option_shadows_a_core_setting_is_named_and_not_registere
 # --- the plugin guide's package -------------------------------------------------------------
 
 def plugin_module():
-    """tests/third_party_plugin/raghub_uniform.py, imported from its file."""
-    spec = importlib.util.spec_from_file_location("raghub_uniform", THIRD_PARTY_PLUGIN / "raghub_uniform.py")
+    """tests/third_party_plugin/raghub_uniform, imported from its folder."""
+    spec = importlib.util.spec_from_file_location("raghub_uniform", PLUGIN_PACKAGE / "__init__.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -187,7 +187,9 @@ def readme_plugin_guide():
     return text.split("\n## Writing a plugin\n", 1)[1].split("\n## ", 1)[0]
 
 
-@pytest.mark.parametrize("language, file_name", [("python", "raghub_uniform.py"), ("toml", "pyproject.toml")])
+@pytest.mark.parametrize("language, file_name", [
+    ("toml", "pyproject.toml"), ("python", "raghub_uniform/__init__.py"), ("yaml", "raghub_uniform/capitals.yaml"),
+    ("json", "raghub_uniform/capitals.jsonl")])
 def test_the_readme_shows_the_plugin_package_exactly(language, file_name):
     blocks = re.findall(rf"```{language}\n(.*?)```", readme_plugin_guide(), re.DOTALL)
     assert (THIRD_PARTY_PLUGIN / file_name).read_text(encoding="utf-8") in blocks
@@ -199,9 +201,9 @@ def test_the_plugin_guide_names_the_whole_public_api():
 
 
 def test_the_plugin_module_uses_only_the_public_api():
-    source = (THIRD_PARTY_PLUGIN / "raghub_uniform.py").read_text(encoding="utf-8")
+    source = (PLUGIN_PACKAGE / "__init__.py").read_text(encoding="utf-8")
     imports = re.findall(r"^\s*(?:from (\S+) import|import (\S+))", source, re.MULTILINE)
-    assert {a or b for a, b in imports} <= {"raghub", "math", "random", "torch"}
+    assert {a or b for a, b in imports} <= {"raghub", "math", "random", "torch", "importlib.resources"}
 
 
 def test_random_draws_k_distinct_passages_the_same_for_a_query_and_seed():
@@ -268,6 +270,19 @@ def test_two_hop_runs_installed_on_hotpotqa(guide_site, tmp_path):
         assert line["retrieved"] == [] and line["generated_tokens"] > 0
 
 
+def test_the_installed_package_runs_its_own_task_on_the_data_it_ships(guide_site, tmp_path):
+    """The plugin's `capitals.yaml` includes raghub's `_qa.yaml` and reads `capitals.jsonl`
+    from the installed package, whatever the data directory."""
+    tasks = run_raghub(guide_site, "tasks")
+    assert re.search(r"capitals .*raghub-uniform 0\.1\.0", tasks.stdout), tasks.stdout
+    empty = tmp_path / "empty-data"
+    empty.mkdir()
+    record = run_record(guide_site, tmp_path, "--task", "capitals", "--method", "top1", "--model", "echo",
+                        "--data-dir", empty)
+    assert record.n_examples == 4 and record.metrics["recall@4"] == 1.0
+    assert record.corpus.startswith("capitals context paragraphs")
+
+
 @pytest.mark.real_model
 def test_top1_runs_on_squad(guide_site, tmp_path):
     record = run_record(guide_site, tmp_path, "--task", "squad", "--method", "top1", "--limit", "2")
@@ -302,8 +317,7 @@ def local_site(tmp_path):
     there), and the `echo` model backend."""
     site = tmp_path / "local-site"
     site.mkdir()
-    write_distribution(site, "raghub-uniform", (THIRD_PARTY_PLUGIN / "raghub_uniform.py").read_text(encoding="utf-8"),
-                       module="raghub_uniform")
+    write_distribution(site, "raghub-uniform", PLUGIN_PACKAGE, module="raghub_uniform")
     write_distribution(site, "echo", ECHO_BACKEND)
     return site
 
@@ -322,7 +336,7 @@ def test_editing_the_local_plugins_source_recomputes_its_retrieval(local_site, c
     """Regression: the next run reused the stored record, and `--force` the cached passages."""
     first = run_record(local_site, tmp_path, *RANDOM_TOP1)
     assert retrieved_counts(tmp_path, first) == [4, 4, 4]
-    module = local_site / "raghub_uniform.py"
+    module = local_site / "raghub_uniform" / "__init__.py"
     module.write_text(module.read_text(encoding="utf-8")
                       + "\nRandomPassages.search = lambda self, queries, k: [[(0, 0.0)] for _ in queries]\n",
                       encoding="utf-8")

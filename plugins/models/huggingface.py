@@ -212,7 +212,7 @@ class TransformersLM(PretrainedLM):
             return 0, None
         with torch.inference_mode():
             cache = self.hf_model(input_ids=torch.tensor([shared[:length]], device=self.device),
-                                  use_cache=True).past_key_values
+                                  use_cache=True).cache
         return (length, cache) if type(cache) is DynamicCache else (0, None)
 
     def _generate(self, prompts: Sequence[str], max_new_tokens: int, one_line: bool) -> list[Generation]:
@@ -236,7 +236,7 @@ class TransformersLM(PretrainedLM):
                 cache.batch_repeat_interleave(len(batch))
             with torch.inference_mode():
                 output = self.hf_model.generate(
-                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), past_key_values=cache,
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), cache=cache,
                     max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                     output_scores=True, return_dict_in_generate=True, pad_token_id=pad,
                     stopping_criteria=[LineEnd(self.tokenizer, width)] if one_line else None,

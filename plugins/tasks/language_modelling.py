@@ -30,10 +30,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from raghub import (Field, Option, Passage, Retrieved, STRUCTURED_SUFFIXES, Task, UsageError, Window, bits_per_byte,
-                    data_path, hookimpl, load_hub_dataset, logprobs_from, nats_per_token, notice, perplexity,
-                    perplexity_standard_error, read_corpus, read_data_json_lines, read_data_text)
+                    data_path, first_words, hookimpl, load_hub_dataset, logprobs_from, nats_per_token, notice,
+                    perplexity, perplexity_standard_error, read_corpus, read_data_json_lines, read_data_text)
 
 ARTICLE_TITLE = re.compile(r" = [^=].* = ")
+#: characters of a window's scored text read for its first words (the samples log)
+SPAN_START_CHARS = 200
 
 
 # --------------------------------------------------------------------------- reading the text
@@ -147,18 +149,33 @@ class LanguageModelling(Task):
     }
 
     definition_schema = {
-        "data": Field({"hub": Field(str, required=True), "config": Field(str, required=True),
-                       "folder": Field(str, required=True),
-                       "files": Field({"test": Field(list), "validation": Field(list), "train": Field(list)},
-                                      required=True)}, required=True),
-        "passages": Field({"words": Field(int, required=True, at_least=1),
-                           "min_words": Field(int, required=True, at_least=0)}, required=True),
-        "windows": Field({"context_len": Field(int, required=True, at_least=1),
-                          "pred_len": Field(int, required=True, at_least=1),
-                          "retrieved_max_length": Field(int, required=True, at_least=1)}, required=True),
-        "ralm": Field({"query_len": Field(int, required=True, at_least=1),
-                       "max_length": Field(int, required=True, at_least=1),
-                       "retrieved_max_length": Field(int, required=True, at_least=1)}, required=True),
+        "data": Field({
+            "hub": Field(str, required=True, help="the Hugging Face dataset read without a data directory"),
+            "config": Field(str, required=True, help="its configuration name"),
+            "folder": Field(str, required=True, help="the data directory's folder holding the files"),
+            "files": Field({split: Field(list, help=f"candidate files of the {split} split, the first found "
+                                                    "is read (.jsonl rows of `text`, .parquet, raw text)")
+                            for split in ("test", "validation", "train")},
+                           required=True, help="each split's candidate files in `folder`")},
+            required=True, help="where the text is read from"),
+        "passages": Field({"words": Field(int, required=True, at_least=1, help="words per datastore passage"),
+                           "min_words": Field(int, required=True, at_least=0,
+                                              help="a line of the text with fewer words gives no passage")},
+                          required=True, help="how the datastore text is cut into passages"),
+        "windows": Field({"context_len": Field(int, required=True, at_least=1,
+                                               help="tokens of preceding text each window conditions on"),
+                          "pred_len": Field(int, required=True, at_least=1,
+                                            help="each window scores pred_len + 1 new tokens"),
+                          "retrieved_max_length": Field(int, required=True, at_least=1,
+                                                        help="tokens kept of each retrieved passage")},
+                         required=True, help="the DRAGON / REPLUG windows (`--stride 0`)"),
+        "ralm": Field({"query_len": Field(int, required=True, at_least=1,
+                                          help="the last tokens before a window that form its query"),
+                       "max_length": Field(int, required=True, at_least=1,
+                                           help="tokens of the model input: passage, context and window"),
+                       "retrieved_max_length": Field(int, required=True, at_least=1,
+                                                     help="tokens kept of each retrieved passage")},
+                      required=True, help="the In-Context RALM protocol (`--stride N`)"),
     }
 
     def check(self) -> None:
@@ -273,6 +290,7 @@ class LanguageModelling(Task):
         ids, char_starts = token_char_starts(model.tokenizer, text)
         # the text's end closes the last span, so span bytes add up to the whole text's
         byte_starts = byte_offsets(text, [*char_starts, len(text)])
+        char_ends = [*char_starts[1:], len(text)]  # where each token's text ends
         line_starts = list(accumulate((len(line) + 1 for line in lines), initial=0))
         articles = article_of_lines(lines)
         article_of_token = [articles[bisect.bisect_right(line_starts, c) - 1] for c in char_starts]
@@ -289,6 +307,8 @@ class LanguageModelling(Task):
                 target_ids=ids[start:end],
                 retrieved_max_length=self.protocol["retrieved_max_length"],
                 n_bytes=byte_starts[end] - byte_starts[start],
+                text_start=first_words(text[char_starts[start] : min(char_ends[end - 1], char_starts[start]
+                                                                      + SPAN_START_CHARS)]),
             )
             for start, end in spans
         ]
@@ -323,6 +343,10 @@ class LanguageModelling(Task):
 
     def totals(self, stats: Sequence[dict[str, Any]]) -> dict[str, float]:
         return {key: sum(s[key] for s in stats) for key in ("nll", "tokens", "bytes")}
+
+    def sample_log(self, window: Window, line: dict[str, Any]) -> dict[str, Any]:
+        """Adds the first words of the window's scored text."""
+        return {"id": line["id"], "text": window.text_start, **line}
 
     def aggregate(self, stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
         totals = self.totals(stats)

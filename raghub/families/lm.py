@@ -29,6 +29,7 @@ class Window(Example):
     target_ids: list[int]
     retrieved_max_length: int
     n_bytes: int = 0  #: UTF-8 bytes of the scored span
+    text_start: str = ""  #: the scored span's first words, for the samples log
 
 
 def logprobs_from(method: Method, windows: Sequence[Window],

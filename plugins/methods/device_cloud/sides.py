@@ -41,8 +41,8 @@ class DocumentSide:
         for doc, ids in enumerate(new_tokens):
             output = self.model.hf_model(
                 input_ids=torch.tensor([list(ids)], device=self.model.device),
-                past_key_values=self.caches[doc], use_cache=True)
-            self.caches[doc] = output.past_key_values
+                cache=self.caches[doc], use_cache=True)
+            self.caches[doc] = output.cache
             doc_logprobs.append(output.logits[0, -1].float().log_softmax(-1).cpu())
         return mixture_logprobs(torch.stack(doc_logprobs), self.scores, self.temperature)
 

@@ -148,8 +148,10 @@ def read_questions(format_name: str, rows: Any, where: str) -> Loaded:
 
 
 def read_squad(row: dict) -> Read:
-    """SQuAD v1.1 (the hub's flat rows, or the official nested JSON flattened by `read_rows`);
-    gold = the question's paragraph."""
+    """SQuAD v1.1 (`id`, `title`, `context`, `question`, `answers.text`: the hub's flat rows, or the
+    official nested JSON); gold = the question's paragraph.
+
+    `read_rows` flattens the nested JSON."""
     passage = make_passage(row["title"].replace("_", " "), row["context"])
     return Question(id=row["id"], query=row["question"], question=row["question"],
                     answers=answer_list("answers.text", row["answers"]["text"]),
@@ -186,7 +188,8 @@ def read_ircot(row: dict) -> Read:
 
 
 def read_popqa(row: dict) -> Read:
-    """PopQA's official TSV / hub rows: `possible_answers` is a JSON list (as text); type = relation."""
+    """PopQA's official TSV / hub rows (`id`, `question`, `possible_answers`: a JSON list, as text,
+    `prop`); type = the relation `prop`."""
     possible = row["possible_answers"]
     if isinstance(possible, str):
         try:

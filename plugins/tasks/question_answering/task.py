@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from raghub import (Answer, Field, Option, Passage, PromptTemplate, Question, Retrieved, TEMPLATE_STYLES, Task,
-                    UsageError, answer_match, answers_from, best_over_aliases, data_path, exact_match, f1, load_hub_dataset, mean,
-                    read_corpus)
+                    UsageError, answer_match, answers_from, best_over_aliases, data_file, data_is_local,
+                    exact_match, f1, load_hub_dataset, mean, read_corpus)
 
 from .formats import FORMATS, Loaded, Read, each_row, read_aliases, read_questions, read_rows, unique
 
@@ -74,35 +74,61 @@ class QATask(Task):
                                   "task's retrieval corpus"),
     }
     definition_schema = {
-        "data": Field({"folder": Field(str, required=True), "file": Field(str, required=True),
-                       "format": Field(tuple(FORMATS), required=True), "aliases_file": Field(str),
-                       "types_file": Field(str), "get": Field(str)}, required=True),
-        "hub": Field({"path": Field(str, required=True), "name": Field(str),
-                      "split": Field(str, required=True), "format": Field(tuple(FORMATS), required=True)}),
-        "corpus_from": Field(list),
-        "prompt": Field(TEMPLATE_STYLES),
-        "few_shot": Field(list),
-        "max_new_tokens": Field(int, at_least=1),
-        "sample": Field({"first": Field(int, at_least=1), "per_type": Field(int, at_least=1)}),
-        # a split by article: the questions whose gold passage is in articles first..last
-        # (0-based, in file order, inclusive); the corpus stays the whole file's
-        "articles": Field({"first": Field(int, required=True, at_least=0),
-                           "last": Field(int, required=True, at_least=0)}),
+        "data": Field({
+            "folder": Field(str, help="the data directory's folder holding the files (`RAGHUB_DATA_DIR`, "
+                                      "`--data-dir`); leave it out for `package` or paths of the file's own"),
+            "package": Field(str, help="a Python package shipping the files (a plugin's own data)"),
+            "file": Field(str, required=True, help="the questions' file: in `folder` or `package`, else a path "
+                                                   "(relative to the YAML file); .json, .jsonl or .tsv"),
+            "format": Field(tuple(FORMATS), required=True, help="how a row of `file` reads (below)",
+                            choices={name: read.__doc__.split("\n\n")[0] for name, read in FORMATS.items()}),
+            "aliases_file": Field(str, help="a file of more gold aliases per question text (format `aliases`), "
+                                            "beside `file`"),
+            "types_file": Field(str, help="a file of `{question, type}` rows giving each question's type"),
+            "get": Field(str, help="where to get `file`, said when it is missing")},
+            required=True, help="where the questions are read from: the data directory (else `hub`), a "
+                                "package, or a path of the file's own"),
+        "hub": Field({"path": Field(str, required=True, help="the `datasets.load_dataset` path"),
+                      "name": Field(str, help="its configuration name"),
+                      "split": Field(str, required=True, help="the split to read"),
+                      "format": Field(tuple(FORMATS), required=True, help="as `data.format`")},
+                     help="where the questions are read from without a data directory (the Hugging Face hub)"),
+        "corpus_from": Field(list, help="QA tasks whose pooled context passages are the retrieval corpus, "
+                                        "for a dataset that ships none (default: this task's own passages)"),
+        "prompt": Field(TEMPLATE_STYLES, default="chat",
+                        help="`chat`: the instruction and question in the model's chat template; `completion`: "
+                             "plain text ending in `Answer:` (`_qa.yaml` sets it)"),
+        "few_shot": Field(list, default=(), help="`{question, answer}` demonstrations placed first in every prompt"),
+        "max_new_tokens": Field(int, at_least=1, default=32, help="tokens generated per answer at most"),
+        "sample": Field({"first": Field(int, at_least=1, help="the first N questions of the file"),
+                         "per_type": Field(int, at_least=1, help="the first N questions of each type, "
+                                                                 "interleaved by type")},
+                        default={}, help="which questions run (default: all); `--limit` cuts it further"),
+        "articles": Field({"first": Field(int, required=True, at_least=0, help="the first article (0-based, "
+                                                                               "in file order)"),
+                           "last": Field(int, required=True, at_least=0, help="the last article (inclusive)")},
+                          help="only the questions whose gold passage is in these articles; the corpus stays "
+                               "the whole file's"),
     }
 
     def check(self) -> None:
         """Every data file the YAML names lies inside the data directory, and the questions are
         read (once, kept for the run), so that a missing or broken file stops a sweep before any
         of its runs starts."""
-        if self.data_dir is not None:
+        if self._reads_files:
             for key in DATA_FILE_KEYS:
                 if key in self.config["data"]:
                     self._data_file(key)
             self.loaded  # noqa: B018 (read for its errors)
 
+    @property
+    def _reads_files(self) -> bool:
+        """Whether the questions come from files (else from the hub): there is a data
+        directory, or the YAML names files found without one."""
+        return self.data_dir is not None or data_is_local(self.config["data"])
+
     def _data_file(self, name_key: str) -> Path:
-        data = self.config["data"]
-        return data_path(self.data_dir, data["folder"], data[name_key],
+        return data_file(self.config["data"], name_key, self.data_dir,
                          source=self.config.get("source", f"task {self.name}"))
 
     def _read(self, name_key: str, format_name: str, read: Callable[[Any], T]) -> list[T]:
@@ -113,7 +139,7 @@ class QATask(Task):
     @cached_property
     def loaded(self) -> Loaded:
         """The whole file, read once: questions (with side-file aliases and types) and contexts."""
-        if self.data_dir is None:
+        if not self._reads_files:
             return self._read_hub()
         data = self.config["data"]
         path = self._data_file("file")
@@ -147,18 +173,18 @@ class QATask(Task):
     def examples(self, model, limit: int | None) -> list[Question]:
         """The sample the YAML names (first N of the file, or first N per question type,
         interleaved by type), cut to `limit` when given, with the prompt template attached."""
-        sample = self.config.get("sample", {})
+        sample = self.definition_value("sample")
         questions = self.loaded.questions
         if "articles" in self.config:
             questions = in_articles(questions, self.loaded.passages, **self.config["articles"])
         if "per_type" in sample:
             questions = interleave_by_type(questions, sample["per_type"] if limit is None else None)
         ordered = questions[: limit or sample.get("first")]
-        style = self.config.get("prompt", "chat")
+        style = self.definition_value("prompt")
         template = PromptTemplate(
             style=style, chat=model.chat_prompt if style == "chat" else None, model=model,
-            few_shot=tuple((shot["question"], shot["answer"]) for shot in self.config.get("few_shot", [])))
-        max_new_tokens = self.config.get("max_new_tokens", 32)
+            few_shot=tuple((shot["question"], shot["answer"]) for shot in self.definition_value("few_shot")))
+        max_new_tokens = self.definition_value("max_new_tokens")
         return [replace(q, template=template, max_new_tokens=max_new_tokens) for q in ordered]
 
     def corpus(self) -> tuple[list[Passage], str]:

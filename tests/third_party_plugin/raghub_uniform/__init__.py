@@ -8,14 +8,17 @@
   then with the question and the best passage's title (the bridge to a second hop).
 - `random` (a retriever): k passages drawn at random for each query, the floor that a
   retriever must beat.
+- `capitals` (a QA task): `capitals.yaml` beside this file, whose questions and passages are
+  `capitals.jsonl`, shipped in this package.
 
 torch is imported where it is used, so that `raghub --help` and `raghub plugins` stay fast.
 """
 
 import math
 import random
+from importlib.resources import files
 
-from raghub import Method, Option, Passage, Retriever, hookimpl
+from raghub import Method, Option, Passage, Retriever, hookimpl, read_task_definition
 
 
 class Uniform(Method):
@@ -102,3 +105,8 @@ def register_methods(register):
 @hookimpl
 def register_retrievers(register):
     register(RandomPassages)
+
+
+@hookimpl
+def register_tasks(register):
+    register(read_task_definition(files(__name__) / "capitals.yaml"))
