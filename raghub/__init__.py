@@ -2,7 +2,7 @@
 
 The public API a plugin is written against::
 
-    from raghub import hookimpl, Method, Retriever, Task, Option, Passage, Retrieved
+    from raghub import hookimpl, Method, Retriever, Reranker, Refiner, Task, Option, Passage, Retrieved
     from raghub import Window, Question, Answer, LanguageModel, ModelBackend, UsageError
 
 A task family asks a method through its family's checked contract (`answers_from`,
@@ -25,6 +25,7 @@ from raghub.objectives import (Objective, lsr_kl, rag_sequence_logprob, rag_sequ
 from raghub.options import Option
 from raghub.schema import Field
 from raghub.settings import read_task_definition
+from raghub.stages import Refiner, Reranker, reciprocal_rank_fusion
 
 try:
     __version__ = version("raghub")
@@ -33,10 +34,12 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "Answer", "AnswerScores", "Augmenter", "Example", "Field", "Generation", "LanguageModel", "Method", "ModelBackend",
-    "Objective", "Option", "Passage", "PromptTemplate", "Question", "RaghubError", "Retrieved", "Retriever",
+    "Objective", "Option", "Passage", "PromptTemplate", "Question", "RaghubError", "Refiner", "Reranker", "Retrieved",
+    "Retriever",
     "RunError", "Task", "UsageError", "Window", "answer_after", "answer_continuation", "answer_questions",
     "answers_from", "first_sentence", "generate_for", "hookimpl", "load_model", "logprobs_from", "lsr_kl",
     "mixture_logprobs", "notice", "passage_blocks", "passage_ids", "passage_logprobs", "passages_prefix",
     "rag_sequence_logprob", "rag_sequence_token_logprobs", "rag_token_logprob", "read_task_definition",
+    "reciprocal_rank_fusion",
     "score_after_prefixes",
 ]

@@ -94,7 +94,7 @@ def violations(root: Path) -> dict[str, list[str]]:
                 broken["a task family imports another"].append(where)
             if within(name, "raghub.plugin_manager"):
                 broken["a plugin imports the plugin manager"].append(where)
-            if kind(module) in ("methods", "retrievers", "models", "training") and unit(module) \
+            if kind(module) in ("methods", "retrievers", "rerankers", "refiners", "models", "training") and unit(module) \
                     and not is_core(name) and not within(name, unit(module)):
                 broken["a plugin imports a non-core module"].append(where)
     return broken
