@@ -372,8 +372,10 @@ def _is_number(value: Any) -> bool:
 
 
 def _passage_text(passage: dict[str, Any]) -> str:
-    """'rank. title-or-id (score)', marked when gold."""
-    return (f"{passage['rank']}. {escape(passage['title'] or passage['id'])} ({passage['score']:.2f})"
+    """'rank. title-or-id (score)', with 'was first-rank (first-score)' when a reranker moved
+    it, and marked when gold."""
+    moved = f" was {passage['first_rank']} ({passage['first_score']:.2f})" if "first_rank" in passage else ""
+    return (f"{passage['rank']}. {escape(passage['title'] or passage['id'])} ({passage['score']:.2f}){moved}"
             + (" [green]gold[/green]" if passage.get("gold") else ""))
 
 

@@ -12,8 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
-from raghub import Passage, Retriever, hookimpl, reciprocal_rank_fusion
+from raghub import Method, Passage, Retriever, hookimpl, reciprocal_rank_fusion
+from raghub.cli import cli
 from raghub.plugins.refiners.extractive import ExtractiveRefiner
 from raghub.plugins.refiners.truncate import TruncateRefiner
 from raghub.plugins.rerankers.cross_encoder import CrossEncoderReranker
@@ -193,6 +195,9 @@ def test_a_reranked_run_keeps_the_best_and_logs_what_it_moved(staged):
         == [{"title": "Einstein", "rank": 1, "score": -0.5, "first_rank": 3, "first_score": 1.0},
             {"title": "Bea Mann", "rank": 2, "score": -1.0, "first_rank": 2, "first_score": 2.0}]
     assert sum(map(len, ScriptedBackend.model.scored)) == 8  # 4 candidates of each of 2 questions
+    shown = CliRunner().invoke(cli, ["samples", record["id"], "--results-dir", str(staged.folder / "results")],
+                               env={"COLUMNS": "200"})
+    assert "1. Einstein (-0.50) was 3 (1.00)" in shown.output
     assert record["config"]["stages"]["reranker"] == {"name": "lm"} and record["config"]["stages"]["rerank_depth"] == 4
     assert "reranker=lm" in record["settings"] and "rerank_depth=4" in record["settings"]
     assert record["plugins"]["reranker"] == "built-in" and "reranker" in record["config"]["code"]
@@ -222,6 +227,26 @@ def test_a_second_identical_run_asks_no_stage_again(staged, monkeypatch):
     second, _ = staged.run("incontext", *stages, results="elsewhere")  # not the stored run: its caches
     assert (len(Overlap.asked), Backwards.searched, len(ScriptedBackend.model.scored), len(refined)) == asked
     assert second["metrics"] == first["metrics"] and second["id"] != first["id"]
+
+
+class AsksItself(Method):
+    """Asks for its passages itself (no first stage) and answers from the first one's title."""
+
+    name = "asks-itself"
+    first_stage = False
+
+    def answer(self, questions, retrieved):
+        hits = self.retrieve(questions, [q.question for q in questions], self.n_docs)
+        return [found[0].passage.title if found else "" for found in hits]
+
+
+def test_a_method_s_own_retrieve_calls_go_through_the_stages(staged):
+    staged.register(AsksItself)
+    _, (bridge, _) = staged.run("asks-itself", "--reranker", "lm", "--refiner", "truncate", "--refine-tokens", 2,
+                                "--n-docs", 1)
+    (call,) = bridge["retrievals"]
+    assert bridge["retrieved"] == [] and titles(call["hits"]) == ["Einstein"]  # UPR's best of overlap's 4
+    assert {k: call["hits"][0][k] for k in ("first_rank", "tokens_kept")} == {"first_rank": 3, "tokens_kept": 2}
 
 
 @pytest.mark.parametrize("args, message", [
