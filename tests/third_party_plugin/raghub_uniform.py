@@ -8,6 +8,8 @@
   then with the question and the best passage's title (the bridge to a second hop).
 - `random` (a retriever): k passages drawn at random for each query, the floor that a
   retriever must beat.
+- `title-words` (a reranker): the candidates ordered by how many of the query's words their
+  title holds.
 
 torch is imported where it is used, so that `raghub --help` and `raghub plugins` stay fast.
 """
@@ -15,7 +17,7 @@ torch is imported where it is used, so that `raghub --help` and `raghub plugins`
 import math
 import random
 
-from raghub import Method, Option, Passage, Retriever, hookimpl
+from raghub import Method, Option, Passage, Reranker, Retriever, hookimpl
 
 
 class Uniform(Method):
@@ -92,6 +94,16 @@ class RandomPassages(Retriever):
         return draws
 
 
+class TitleWords(Reranker):
+    name = "title-words"
+    description = "orders the candidates by the query's words in their title"
+
+    def score(self, queries, candidates):
+        """Per query, each candidate's count of query words in its title (lower case)."""
+        return [[float(len(set(query.lower().split()) & set(passage.title.lower().split())))
+                 for passage in passages] for query, passages in zip(queries, candidates)]
+
+
 @hookimpl
 def register_methods(register):
     register(Uniform)
@@ -102,3 +114,8 @@ def register_methods(register):
 @hookimpl
 def register_retrievers(register):
     register(RandomPassages)
+
+
+@hookimpl
+def register_rerankers(register):
+    register(TitleWords)
