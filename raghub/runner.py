@@ -129,11 +129,11 @@ class ResolvedRun:
             for key, value in self.plugin_options.get(kind, {}).items():
                 if cls is not None and value != cls.options[key].default:
                     parts.append(f"{key}={value}")
-        stages = self.stages.settings(self.plugin_options) if self.stages else None
-        for key in ("reranker", "refiner", "fusion_k", "rerank_depth"):
-            value = stages and stages[key]
-            if value is not None:
-                parts.append(f"{key}={value['name'] if isinstance(value, dict) else value}")
+        if self.stages:
+            stages = self.stages
+            given = {"reranker": stages.reranker and stages.reranker.name, "refiner": stages.refiner and stages.refiner.name,
+                     "rerank_depth": stages.depth, "fusion_k": stages.fusion_k if stages.fusion_k != FUSION_K else None}
+            parts += [f"{key}={value}" for key, value in given.items() if value is not None]
         return ", ".join(sorted(set(parts)))
 
     @functools.cached_property
@@ -384,7 +384,8 @@ def resolve_sweep(settings: dict[str, Any]) -> list[ResolvedRun]:
         resolved = resolve(RunRequest.from_settings({**settings, **dict(zip(swept, values))}), built_tasks)
         runs.setdefault(fingerprint(resolved.config), resolved)
     if not any(run.retriever_class for run in runs.values()):
-        ignored = [f"--{dashed(key)}" for key in ("retriever", "n_docs") if settings.get(key) is not None]
+        ignored = [f"--{dashed(key)}" for key in ("retriever", "n_docs", "reranker", "rerank_depth", "fusion_k", "refiner")
+                   if settings.get(key) is not None]
         if ignored:
             methods = ", ".join(sorted({run.method_class.name for run in runs.values()}))
             notice(f"{' and '.join(ignored)} ignored: method '{methods}' retrieves nothing")
