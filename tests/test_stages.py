@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from raghub import Method, Passage, Retriever, hookimpl, reciprocal_rank_fusion
+from raghub import Method, Passage, Refiner, Reranker, Retriever, hookimpl, reciprocal_rank_fusion
 from raghub.cli import cli
 from raghub.plugins.refiners.extractive import ExtractiveRefiner
 from raghub.plugins.refiners.truncate import TruncateRefiner
@@ -265,3 +265,34 @@ def test_bad_stage_settings_are_told_before_the_model_loads(staged, args, messag
     out = staged.invoke("incontext", "--n-docs", 2, *args)
     assert out.exit_code == 2 and message in out.output, out.output
     assert ScriptedBackend.loads == 0
+
+
+class OneScore(Reranker):
+    """Returns one score per query, whatever the candidates."""
+
+    name = "one-score"
+
+    def score(self, queries, candidates):
+        return [[1.0] for _ in queries]
+
+
+class NoTexts(Refiner):
+    """Returns a number where each passage's text belongs."""
+
+    name = "no-texts"
+
+    def refine(self, queries, passages):
+        return [[0 for _ in own] for own in passages]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--reranker", "one-score"), "reranker 'one-score' (registered at run time) returned [[1.0], [1.0]]; it must "
+                                  "return one list of numbers per query, one per candidate (candidates per query: [6, 6])"),
+    (("--refiner", "no-texts"), "refiner 'no-texts' (registered at run time) returned [[0, 0], [0, 0]]; it must "
+                                "return one list of strings per query, one per passage (passages per query: [2, 2])"),
+])
+def test_a_stage_that_returns_the_wrong_shape_stops_the_run_in_one_line(staged, add_plugin, args, message):
+    add_plugin(SimpleNamespace(register_rerankers=hookimpl(lambda register: register(OneScore)),
+                               register_refiners=hookimpl(lambda register: register(NoTexts))))
+    out = staged.invoke("incontext", "--n-docs", 2, *args)
+    assert out.exit_code == 1 and out.output.strip() == f"Error: {message}", out.output
