@@ -4,6 +4,8 @@ go through.
 
 Every search honours each query's excluded group (leave-one-article-out) and is cached on disk
 by the corpus, the retriever, k and the queries, so an identical run asks the retriever nothing.
+The stages after it (`raghub.stages.Stages`: more retrievers fused by reciprocal rank fusion, a
+reranker, a refiner) run here too, each cached in its plugin's own cache by its inputs.
 Under several ranks `open` and `first_stage` are collective (every rank calls them at the same
 point: each prepares its share, rank 0 builds the index and searches first, the others read
 its cache entries); `search` is not, since each rank's method asks for its own examples, as
