@@ -229,6 +229,16 @@ def test_a_second_identical_run_asks_no_stage_again(staged, monkeypatch):
     assert second["metrics"] == first["metrics"] and second["id"] != first["id"]
 
 
+def test_a_cross_encoder_folder_reranks_a_run_and_a_missing_one_is_one_line(staged, tiny_cross_encoder, tmp_path):
+    record, (bridge, _) = staged.run("incontext", "--reranker", "cross-encoder", "--reranker-model",
+                                     tiny_cross_encoder, "--n-docs", 2)
+    scores = [hit["score"] for hit in bridge["retrieved"]]
+    assert scores == sorted(scores, reverse=True) and all("first_rank" in hit for hit in bridge["retrieved"])
+    assert record["config"]["stages"]["reranker"] == {"name": "cross-encoder", "reranker_model": str(tiny_cross_encoder)}
+    out = staged.invoke("incontext", "--reranker", "cross-encoder", "--reranker-model", tmp_path / "nowhere")
+    assert out.exit_code == 2 and "cross-encoder: --reranker-model" in out.output and "cannot be loaded" in out.output
+
+
 class AsksItself(Method):
     """Asks for its passages itself (no first stage) and answers from the first one's title."""
 
