@@ -78,7 +78,7 @@ def test_upr_scores_each_passage_by_its_mean_question_logprob_in_one_batch():
     assert [c for _, c in batch] == [" Where was Einstein born?"] * 4
     assert batch[3][0] == ("Passage: Einstein\nAlbert Einstein was born in Ulm.\n"
                            "Please write a question based on this passage.\nQuestion:")
-    assert LMReranker(model, None).fingerprint()["model"] == "scripted-weights"
+    assert LMReranker(model, None).fingerprint() == {"name": "lm", "model": "scripted-weights", "dtype": "float32"}
 
 
 def test_embedding_reranker_prefers_the_passage_that_answers():

@@ -18,8 +18,8 @@ class LMReranker(Reranker):
     requires = frozenset({"continuation_logprobs"})
 
     def fingerprint(self) -> dict[str, Any]:
-        """Its name and the weights of the model that scores."""
-        return {**super().fingerprint(), "model": self.model.fingerprint}
+        """Its name, and the weights and dtype of the model that scores."""
+        return {**super().fingerprint(), "model": self.model.fingerprint, "dtype": self.model.dtype}
 
     def score(self, queries: Sequence[str], candidates: Sequence[Sequence[Passage]]) -> list[list[float]]:
         pairs = [(PROMPT.format(passage=passage.as_text()), f" {query}")
