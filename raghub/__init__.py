@@ -3,7 +3,7 @@
 The public API a plugin is written against (a plugin imports `raghub` and the kits,
 `raghub.kits`, nothing else of raghub)::
 
-    from raghub import hookimpl, Method, Retriever, Task, Option, Passage, Retrieved
+    from raghub import hookimpl, Method, Retriever, Reranker, Refiner, Task, Option, Passage, Retrieved
     from raghub import Window, Question, Answer, LanguageModel, ModelBackend, UsageError
 
 A task family asks a method through its family's checked contract (`answers_from`,
@@ -38,6 +38,7 @@ from raghub.schema import Field
 from raghub.settings import (CORE_OPTIONS, data_file, data_is_local, data_path, parse_key_values, read_data_json, read_data_json_lines,
                              read_data_text, read_task_definition)
 from raghub.worklog import first_words
+from raghub.stages import Refiner, Reranker, reciprocal_rank_fusion
 
 try:
     __version__ = version("raghub")
@@ -47,7 +48,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = [
     # the plugin kinds and what flows between them
     "Example", "Field", "LanguageModel", "Method", "ModelBackend", "ModelSpec", "Objective", "Option", "Passage",
-    "Registry", "Retrieved", "Retriever", "Task", "choose_backend", "hookimpl",
+    "Refiner", "Registry", "Reranker", "Retrieved", "Retriever", "Task", "choose_backend", "hookimpl",
     # errors and notices
     "RaghubError", "RunError", "UsageError", "notice",
     # the language-modelling family's contract
@@ -56,7 +57,7 @@ __all__ = [
     "Answer", "AnswerScores", "Generation", "PromptTemplate", "Question", "TEMPLATE_STYLES", "answer_after",
     "answer_continuation", "answer_questions", "answers_from", "first_sentence", "generate_for", "passage_blocks",
     # the formulas methods and training share
-    "lsr_kl", "mixture_logprobs", "rag_sequence_logprob", "rag_sequence_token_logprobs", "rag_token_logprob",
+    "lsr_kl", "mixture_logprobs", "reciprocal_rank_fusion", "rag_sequence_logprob", "rag_sequence_token_logprobs", "rag_token_logprob",
     # judges of answers
     "Judge", "Judgeable", "yes_probability",
     # metrics

@@ -1,5 +1,5 @@
-"""The `raghub` command line: run, leaderboard, plot, plugins, tasks, methods, retrievers, models,
-samples, compare, score, judge.
+"""The `raghub` command line: run, leaderboard, plot, plugins, tasks, methods, retrievers, rerankers,
+refiners, models, samples, compare, score, judge.
 
 The core settings (`raghub.settings.CORE_OPTIONS`) and every option the installed plugins
 declare (a method's `--temperature`, a task's `--split`, ...) become `raghub run` flags; flags
@@ -81,13 +81,15 @@ def cli(ctx: click.Context) -> None:
 
 
 def _declared_options() -> dict[str, list[tuple[Option, list[str]]]]:
-    """Every option a registered task family, method or retriever declares: per name, each
-    distinct declaration with the plugins that declare it so."""
+    """Every option a registered task family, method, retriever, reranker or refiner declares:
+    per name, each distinct declaration with the plugins that declare it so."""
     found = registry()
     declared: dict[str, list[tuple[Option, list[str]]]] = {}
     plugins = [*(("task family", c.family, c) for c in found.task_families.values()),
                *(("method", c.name, c) for c in found.methods.values()),
-               *(("retriever", c.name, c) for c in found.retrievers.values())]
+               *(("retriever", c.name, c) for c in found.retrievers.values()),
+               *(("reranker", c.name, c) for c in found.rerankers.values()),
+               *(("refiner", c.name, c) for c in found.refiners.values())]
     for kind, name, cls in plugins:
         for key, option in cls.options.items():
             declarations = declared.setdefault(key, [])
@@ -340,6 +342,20 @@ def retrievers(found) -> None:
 
 @cli.command()
 @click.pass_obj
+def rerankers(found) -> None:
+    """Registered rerankers (`--reranker`) and their options."""
+    _plugin_listing("raghub rerankers", "reranker", found.rerankers)
+
+
+@cli.command()
+@click.pass_obj
+def refiners(found) -> None:
+    """Registered refiners (`--refiner`) and their options."""
+    _plugin_listing("raghub refiners", "refiner", found.refiners)
+
+
+@cli.command()
+@click.pass_obj
 def models(found) -> None:
     """Registered model backends, what each loads, and its --model-args keys."""
     _listing("raghub models", [(name, found.origin("model backend", name), cls.handles_description,
@@ -370,9 +386,11 @@ def _is_number(value: Any) -> bool:
 
 
 def _passage_text(passage: dict[str, Any]) -> str:
-    """'rank. title-or-id (score)', marked when gold, then its first words when logged."""
+    """'rank. title-or-id (score)', with 'was first-rank (first-score)' when a reranker moved
+    it, marked when gold, then its first words when logged."""
+    moved = f" was {passage['first_rank']} ({passage['first_score']:.2f})" if "first_rank" in passage else ""
     start = f"\n   {escape(passage['text_start'])}" if passage.get("text_start") else ""
-    return (f"{passage['rank']}. {escape(passage['title'] or passage['id'])} ({passage['score']:.2f})"
+    return (f"{passage['rank']}. {escape(passage['title'] or passage['id'])} ({passage['score']:.2f}){moved}"
             + (" [green]gold[/green]" if passage.get("gold") else "") + start)
 
 

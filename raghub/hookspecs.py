@@ -1,5 +1,5 @@
-"""The hooks through which every task, method, retriever, model backend, training objective,
-judge and command is registered.
+"""The hooks through which every task, method, retriever, reranker, refiner, model backend,
+training objective, judge and command is registered.
 
 Built-in plugins (`raghub.plugin_manager.DEFAULT_PLUGINS`) and third-party packages
 (entry-point group `raghub`) implement exactly these hooks; each hands the plugin a `register`
@@ -36,6 +36,18 @@ def register_methods(register):
 @hookspec
 def register_retrievers(register):
     """Register retrievers: `register(RetrieverClass)`, keyed by `RetrieverClass.name`."""
+
+
+@hookspec
+def register_rerankers(register):
+    """Register rerankers (`--reranker NAME`): `register(RerankerClass)`, keyed by its `name` (a
+    `raghub.Reranker` subclass)."""
+
+
+@hookspec
+def register_refiners(register):
+    """Register refiners (`--refiner NAME`): `register(RefinerClass)`, keyed by its `name` (a
+    `raghub.Refiner` subclass)."""
 
 
 @hookspec

@@ -57,10 +57,17 @@ class Passage:
 
 @dataclass(frozen=True)
 class Retrieved:
-    """A passage as returned for one query, with the retriever's raw score."""
+    """A passage as returned for one query, with the retriever's raw score (the reranker's,
+    when the run reranks)."""
 
     passage: Passage
     score: float
+    #: when the run reranks: the passage's rank (from 1) and score in the first stage
+    first_rank: int | None = None
+    first_score: float | None = None
+    #: when the run refines: the passage's tokens the refiner kept, of those retrieved
+    tokens_kept: int | None = None
+    tokens_retrieved: int | None = None
 
 
 @dataclass
@@ -333,6 +340,8 @@ class Registry:
     task_families: dict[str, type[Task]] = field(default_factory=dict)
     methods: dict[str, type[Method]] = field(default_factory=dict)
     retrievers: dict[str, type[Retriever]] = field(default_factory=dict)
+    rerankers: dict[str, type] = field(default_factory=dict)
+    refiners: dict[str, type] = field(default_factory=dict)
     models: dict[str, type] = field(default_factory=dict)
     objectives: dict[str, type] = field(default_factory=dict)
     judges: dict[str, type] = field(default_factory=dict)

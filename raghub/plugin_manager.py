@@ -38,6 +38,7 @@ from raghub.objectives import Objective
 from raghub.options import Option
 from raghub.schema import Field
 from raghub.settings import RESERVED_NAMES
+from raghub.stages import Refiner, Reranker
 
 #: the built-in plugins, registered through the same hooks as third-party ones
 DEFAULT_PLUGINS = (
@@ -60,6 +61,11 @@ DEFAULT_PLUGINS = (
     "raghub.plugins.retrievers.bm25",
     "raghub.plugins.retrievers.dense",
     "raghub.plugins.retrievers.dpr",
+    "raghub.plugins.rerankers.lm",
+    "raghub.plugins.rerankers.embedding",
+    "raghub.plugins.rerankers.cross_encoder",
+    "raghub.plugins.refiners.truncate",
+    "raghub.plugins.refiners.extractive",
     "raghub.plugins.models.huggingface",
     "raghub.plugins.models.seq2seq",
     "raghub.plugins.training.rag",
@@ -213,6 +219,8 @@ DECLARATIONS: dict[str, tuple[type, dict[str, type]]] = {
     "task family": (Task, {"options": Option, "higher_is_better": bool, "definition_schema": Field}),
     "method": (Method, {"options": Option}),
     "retriever": (Retriever, {"options": Option}),
+    "reranker": (Reranker, {"options": Option}),
+    "refiner": (Refiner, {"options": Option}),
     "model backend": (ModelBackend, {"options": Option}),
     "objective": (Objective, {"options": Option}),
     "judge": (Judge, {"options": Option}),
@@ -240,7 +248,7 @@ def check_declarations(cls: Any, kind: str, key_attr: str) -> None:
 
 
 def returned_wrong(plugin: Any, what: str) -> RunError:
-    """The error for a plugin (a method, retriever or task) that returned what its contract
+    """The error for a plugin (a method, retriever, reranker, refiner or task) that returned what its contract
     forbids, naming it and where it came from: "method 'top1' (raghub-top1 0.1.0) returned WHAT"."""
     kind = next(kind for kind, (base, _) in DECLARATIONS.items() if isinstance(plugin, base))
     name = plugin.family if isinstance(plugin, Task) else plugin.name
@@ -289,6 +297,8 @@ def _collect() -> tuple[Registry, list[str]]:
         ("register_tasks", add_task),
         ("register_methods", keyed(found.methods, "method", "name")),
         ("register_retrievers", keyed(found.retrievers, "retriever", "name")),
+        ("register_rerankers", keyed(found.rerankers, "reranker", "name")),
+        ("register_refiners", keyed(found.refiners, "refiner", "name")),
         # a backend's options are --model-args keys, not flags
         ("register_models", keyed(found.models, "model backend", "name", options_are_flags=False)),
         # an objective's options are --objective-args keys

@@ -47,6 +47,7 @@ from raghub.plugin_manager import code_identity, registry, returned_wrong
 from raghub.record import Record
 from raghub.records import append_record, check_store, read_records, samples_file
 from raghub.retrieval import Retrieval, task_corpus
+from raghub.stages import FUSION_K, StagePlan, Stages
 from raghub.settings import CORE_OPTIONS, read_task_definition
 from raghub.worklog import passage_fields, work_means
 
@@ -67,6 +68,10 @@ class RunRequest:
     method: str
     retriever: str | None = None
     n_docs: int | None = None
+    reranker: str | None = None
+    rerank_depth: int | None = None
+    fusion_k: int | None = None
+    refiner: str | None = None
     model: str | None = None
     model_backend: str | None = None
     model_args: str = ""
@@ -105,15 +110,29 @@ class ResolvedRun:
     plugin_options: dict[str, dict[str, Any]]
     #: the `--checkpoint` whose generator the method evaluates (loaded into its model)
     checkpoint: Checkpoint | None = None
+    #: the retrievers (`retriever_class` is the first), reranker and refiner; None: no retriever
+    stages: StagePlan | None = None
+
+    def stage_kinds(self) -> dict[str, type[Plugin] | None]:
+        """The plugin class of each retrieval stage, by the kind its options are routed to."""
+        return self.stages.kinds() if self.stages else {"retriever": None}
+
+    def retriever_kinds(self) -> list[tuple[str, type[Plugin]]]:
+        """(kind, class) of each retriever: one, or the parts of a hybrid."""
+        return [(kind, cls) for kind, cls in self.stage_kinds().items() if kind.startswith("retriever") and cls]
 
     def settings_label(self) -> str:
         """The options given that differ from their defaults, e.g. 'combine=True'."""
         parts = []
-        for kind, cls in (("task", type(self.task)), ("method", self.method_class),
-                          ("retriever", self.retriever_class)):
+        for kind, cls in (("task", type(self.task)), ("method", self.method_class), *self.stage_kinds().items()):
             for key, value in self.plugin_options.get(kind, {}).items():
                 if cls is not None and value != cls.options[key].default:
                     parts.append(f"{key}={value}")
+        if self.stages:
+            stages = self.stages
+            given = {"reranker": stages.reranker and stages.reranker.name, "refiner": stages.refiner and stages.refiner.name,
+                     "rerank_depth": stages.depth, "fusion_k": stages.fusion_k if stages.fusion_k != FUSION_K else None}
+            parts += [f"{key}={value}" for key, value in given.items() if value is not None]
         return ", ".join(sorted(set(parts)))
 
     @functools.cached_property
@@ -121,8 +140,22 @@ class ResolvedRun:
         """What identifies the code of each plugin the run uses (`code_identity`)."""
         return {"task family": code_identity("task family", self.task.family),
                 "method": code_identity("method", self.method_class.name),
-                "retriever": code_identity("retriever", self.retriever_class.name) if self.retriever_class else None,
+                **self.retrieval_code(),
                 "model backend": code_identity("model backend", self.backend.name)}
+
+    def stage_code(self) -> dict[str, Any]:
+        """The code identity of each retriever (`retrievers`), and of the reranker and the
+        refiner when the run has them."""
+        kinds = self.stage_kinds()
+        return {"retrievers": [code_identity("retriever", cls.name) for _, cls in self.retriever_kinds()],
+                **{kind: code_identity(kind, kinds[kind].name) for kind in ("reranker", "refiner") if kinds.get(kind)}}
+
+    def retrieval_code(self) -> dict[str, Any]:
+        """The record's code entries of the retrieval stages: `retriever` (a list for a hybrid;
+        None without one), and `reranker` and `refiner` when the run has them."""
+        code = self.stage_code()
+        retrievers = code.pop("retrievers")
+        return {"retriever": retrievers[0] if len(retrievers) == 1 else retrievers or None, **code}
 
     @functools.cached_property
     def config(self) -> dict[str, Any]:
@@ -133,15 +166,18 @@ class ResolvedRun:
         request = self.request
         retriever, corpus = None, {"label": None, "fingerprint": None}
         if self.retriever_class is not None:
-            retriever = self.retriever_class(Cache(cache_root()), **self.plugin_options["retriever"]).fingerprint()
+            retrievers = [cls(Cache(cache_root()), **self.plugin_options[kind]).fingerprint()
+                          for kind, cls in self.retriever_kinds()]
+            retriever = retrievers[0] if len(retrievers) == 1 else retrievers
             _, label, corpus_fp = task_corpus(self.task)
             corpus = {"label": label, "fingerprint": corpus_fp}
+        stages = self.stages.settings(self.plugin_options) if self.stages else None
         return {
             "task": self.task.fingerprint(),
             "method": {"name": self.method_class.name,
                        **self.method_class.resolve_options(self.plugin_options["method"]),
                        **({"checkpoint": self.checkpoint.identity} if self.checkpoint else {})},
-            "retriever": retriever, "corpus": corpus,
+            "retriever": retriever, "corpus": corpus, **({"stages": stages} if stages else {}),
             "n_docs": self.n_docs, "limit": request.limit, "model": request.model,
             "model_backend": {"name": self.backend.name, **self.backend.settings},
             "batch_size": request.batch_size, "dtype": request.dtype, "code": self.code,
@@ -253,19 +289,18 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
     if not method_class.first_stage and not method_class.needs_retrieval:
         raise UsageError(f"method '{request.method}' asks for its own passages (first_stage = False) but "
                          "declares needs_retrieval = False, so the run would have no retriever")
-    retriever_class = None
+    retriever_class, stages = None, None
     n_docs = 0
     if method_class.needs_retrieval:
-        retriever_name = request.retriever or definition.get("retriever", COMMON_TASK_KEYS["retriever"].default)
-        if retriever_name not in found.retrievers:
-            raise _unknown("retriever", retriever_name, list(found.retrievers), "retrievers")
-        retriever_class = found.retrievers[retriever_name]
         n_docs = request.n_docs if request.n_docs is not None else definition.get("n_docs", COMMON_TASK_KEYS["n_docs"].default)
         if n_docs < 1:
             raise UsageError(f"--n-docs must be a positive integer for method '{request.method}', "
                              f"not {n_docs!r}")
+        stages = _stage_plan(request, request.retriever or definition.get("retriever", COMMON_TASK_KEYS["retriever"].default),
+                             n_docs, found)
+        retriever_class = stages.retrievers[0]
     options = _split_options(request.options, {"task": task_class, "method": method_class,
-                                               "retriever": retriever_class})
+                                               **(stages.kinds() if stages else {"retriever": None})})
     if request.data_dir is not None:
         _check_data_dir(request.data_dir)
     built_tasks = {} if built_tasks is None else built_tasks
@@ -279,13 +314,42 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
     backend.check(request.model)
     backend.check_provides(task_class.requires, f"task '{definition['name']}' ({task_class.family})")
     backend.check_provides(method_class.requires, f"method '{request.method}'")
+    if stages and stages.reranker:
+        backend.check_provides(stages.reranker.requires, f"reranker '{stages.reranker.name}'")
     checkpoint = generator_checkpoint(method_class, options["method"])
     if checkpoint is not None:
         backend.check_provides({"weights"}, f"--checkpoint {checkpoint.folder.parent} (a trained generator)")
     _check_results_dir(Path(request.results_dir))
     if request.device is not None:
         _check_device(request.device)
-    return ResolvedRun(request, task, method_class, retriever_class, backend, n_docs, options, checkpoint)
+    return ResolvedRun(request, task, method_class, retriever_class, backend, n_docs, options, checkpoint, stages)
+
+
+def _stage_plan(request: RunRequest, retriever_name: str, n_docs: int, found: Registry) -> StagePlan:
+    """The run's retrievers (`+`-joined names), reranker and refiner, looked up, and the
+    depth and fusion settings checked against them."""
+    parts = retriever_name.split("+")
+    for name in parts:
+        if name not in found.retrievers:
+            raise _unknown("retriever", name, list(found.retrievers), "retrievers")
+    if len(set(parts)) < len(parts):
+        raise UsageError(f"--retriever {retriever_name} names a retriever twice")
+    chosen = {}
+    for kind, table, name in (("reranker", found.rerankers, request.reranker),
+                              ("refiner", found.refiners, request.refiner)):
+        if name is not None and name not in table:
+            raise _unknown(kind, name, list(table), f"{kind}s")
+        chosen[kind] = table[name] if name is not None else None
+    fetched = len(parts) > 1 or chosen["reranker"] is not None
+    for flag, value in (("--rerank-depth", request.rerank_depth), ("--fusion-k", request.fusion_k)):
+        if value is not None and not (fetched if flag == "--rerank-depth" else len(parts) > 1):
+            raise UsageError(f"{flag} needs {'--reranker or ' * (flag == '--rerank-depth')}a hybrid "
+                             f"--retriever (names joined by +, e.g. bm25+dense)")
+    if request.rerank_depth is not None and request.rerank_depth < n_docs:
+        raise UsageError(f"--rerank-depth {request.rerank_depth} is less than --n-docs {n_docs}; the depth "
+                         "is how many passages are fetched to keep the best --n-docs")
+    return StagePlan(tuple(found.retrievers[name] for name in parts), chosen["reranker"], chosen["refiner"],
+                     request.fusion_k or FUSION_K, request.rerank_depth)
 
 
 def _progress() -> Progress:
@@ -320,7 +384,8 @@ def resolve_sweep(settings: dict[str, Any]) -> list[ResolvedRun]:
         resolved = resolve(RunRequest.from_settings({**settings, **dict(zip(swept, values))}), built_tasks)
         runs.setdefault(fingerprint(resolved.config), resolved)
     if not any(run.retriever_class for run in runs.values()):
-        ignored = [f"--{dashed(key)}" for key in ("retriever", "n_docs") if settings.get(key) is not None]
+        ignored = [f"--{dashed(key)}" for key in ("retriever", "n_docs", "reranker", "rerank_depth", "fusion_k", "refiner")
+                   if settings.get(key) is not None]
         if ignored:
             methods = ", ".join(sorted({run.method_class.name for run in runs.values()}))
             notice(f"{' and '.join(ignored)} ignored: method '{methods}' retrieves nothing")
@@ -469,11 +534,15 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _plugin_origins(task: Task, method: Method, retriever: Retriever | None) -> dict[str, str | None]:
-    """Which installed plugin (built-in, or distribution and version) provided each part."""
+def _plugin_origins(task: Task, method: Method, resolved: ResolvedRun) -> dict[str, str | None]:
+    """Which installed plugin (built-in, or distribution and version) provided each part (the
+    retrievers of a hybrid `+`-joined; a reranker and a refiner when the run has them)."""
     found = registry()
+    kinds = resolved.stage_kinds()
+    retrievers = [found.origin("retriever", cls.name) for _, cls in resolved.retriever_kinds()]
     return {"task family": found.origin("task family", task.family), "method": found.origin("method", method.name),
-            "retriever": found.origin("retriever", retriever.name) if retriever else None}
+            "retriever": " + ".join(retrievers) or None,
+            **{kind: found.origin(kind, kinds[kind].name) for kind in ("reranker", "refiner") if kinds.get(kind)}}
 
 
 def execute(resolved: ResolvedRun, model: LanguageModel | None = None,
@@ -496,13 +565,11 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None,
         if not examples:
             raise UsageError(f"task '{task.name}' produced no examples")
         retrieved: list[list[Retrieved]] = [[] for _ in examples]
-        corpus_label, retriever = None, None
+        corpus_label = None
         if resolved.retriever_class is not None:
-            retriever_cache = cache.scoped(resolved.code["retriever"])
-            retriever = resolved.retriever_class(retriever_cache, **resolved.plugin_options["retriever"])
-            retrieval = Retrieval(task, retriever, retriever_cache)
+            retrieval = _retrieval(resolved, task, model, cache)
             n_docs = retrieval.clamp(resolved.n_docs)
-            with stderr.status(f"retrieving top-{n_docs} with {retriever.name}"):
+            with stderr.status(f"retrieving top-{n_docs} with {resolved.stages.label}"):
                 retrieval.open()
                 if method.first_stage:
                     retrieved = retrieval.first_stage(examples, n_docs)
@@ -524,14 +591,14 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None,
             id=record_id, samples=samples_file(record_id),
             task=task.name, task_version=task.config.get("version", 1),
             family=task.family, method=method.name,
-            retriever=retriever.name if retriever else None, model=model.name,
+            retriever=resolved.stages.label if resolved.stages else None, model=model.name,
             n_docs=resolved.n_docs, settings=resolved.settings_label(),
             corpus=corpus_label, n_examples=len(examples), metrics=metrics,
             higher_is_better=higher_is_better,
             stderr={name: standard_errors.get(name) for name in higher_is_better},
             totals=task.totals(lines),
             method_stats={**method.record_stats(), **work_means(lines), **checkpoint_stats(resolved.checkpoint)}, config=config,
-            plugins=_plugin_origins(task, method, retriever),
+            plugins=_plugin_origins(task, method, resolved),
             raghub_version=raghub.__version__, git_commit=git_commit(),
             started_at=started.isoformat(), finished_at=datetime.now(timezone.utc).isoformat(),
             duration_s=round(time.perf_counter() - clock, 2), hardware={**model.hardware(), "allocator": allocator.in_effect()},
@@ -542,6 +609,18 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None,
     for path in distributed.resume_files(resume_path):
         path.unlink(missing_ok=True)
     return record
+
+
+def _retrieval(resolved: ResolvedRun, task: Task, model: LanguageModel, cache: Cache) -> Retrieval:
+    """The run's retrieval service: its retrievers, reranker and refiner, each with its own
+    cache keyed by its code."""
+    code, options = resolved.stage_code(), resolved.plugin_options
+    retrievers = [cls(cache.scoped(identity), **options[kind])
+                  for (kind, cls), identity in zip(resolved.retriever_kinds(), code["retrievers"])]
+    stages = {kind: cls(model, cache.scoped(code[kind]), **options[kind])
+              for kind, cls in resolved.stage_kinds().items() if kind in ("reranker", "refiner") and cls}
+    return Retrieval(task, retrievers[0], retrievers[0].cache,
+                     Stages(retrievers[1:], resolved.stages.fusion_k, resolved.stages.depth, **stages))
 
 
 def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],

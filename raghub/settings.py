@@ -16,7 +16,14 @@ from raghub.options import Option
 CORE_OPTIONS: dict[str, Option] = {
     "task": Option(str, None, "Task name (see `raghub tasks`) or a task YAML file; a comma list runs each."),
     "method": Option(str, None, "Method name (see `raghub methods`); a comma list runs each."),
-    "retriever": Option(str, None, "Retriever name (see `raghub retrievers`; default: the task's, else bm25)."),
+    "retriever": Option(str, None, "Retriever name (see `raghub retrievers`; default: the task's, else bm25); "
+                                   "names joined by + (bm25+dense) fuse their rankings by reciprocal rank fusion."),
+    "reranker": Option(str, None, "Reranker (see `raghub rerankers`): reorders the top --rerank-depth passages and "
+                                  "keeps the best --n-docs."),
+    "rerank_depth": Option(int, None, "Passages each retriever fetches for the reranker or the fusion (default: "
+                                      "4 x --n-docs).", at_least=1),
+    "fusion_k": Option(int, None, "Reciprocal rank fusion's k for a +-joined --retriever (default: 60).", at_least=1),
+    "refiner": Option(str, None, "Refiner (see `raghub refiners`): shortens the passages a method reads."),
     "n_docs": Option(int, None, "Passages retrieved per example (default: the task's, else 4); a comma "
                                 "list runs each (0 only for methods that retrieve nothing).", at_least=0),
     "model": Option(str, None, "Hub id, model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."),

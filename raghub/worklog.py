@@ -1,7 +1,7 @@
 """What a method did for each example while it worked: the retrieval calls it made (`retrievals`:
 each query and what came back) and the tokens it generated (`generated_tokens`), which the
 runner adds to the example's line of the samples log; the record's `method_stats` gets their
-means over the examples."""
+means over the examples, and the tokens a refiner kept of the passages read."""
 
 from __future__ import annotations
 
@@ -18,11 +18,16 @@ def first_words(text: str, count: int = 12) -> str:
     return " ".join(words[:count]) + (" …" if len(words) > count else "")
 
 
+#: what the stages after the first retriever note of a passage (`Retrieved`), in its fields
+STAGE_FIELDS = ("first_rank", "first_score", "tokens_kept", "tokens_retrieved")
+
+
 def passage_fields(retrieved: Sequence[Retrieved]) -> list[dict[str, Any]]:
     """Retrieved passages as the samples log holds them: id, title, the text's first words,
-    score and rank, best first."""
+    score and rank, best first, and what a reranker or refiner noted (`STAGE_FIELDS`, where set)."""
     return [{"id": hit.passage.id, "title": hit.passage.title, "text_start": first_words(hit.passage.text),
-             "score": hit.score, "rank": rank}
+             "score": hit.score, "rank": rank,
+             **{name: getattr(hit, name) for name in STAGE_FIELDS if getattr(hit, name) is not None}}
             for rank, hit in enumerate(retrieved, start=1)]
 
 
@@ -62,4 +67,18 @@ def work_means(lines: Sequence[dict[str, Any]]) -> dict[str, float]:
                              ("generated_tokens", "generated_tokens_per_example", int)):
         if any(key in line for line in lines):
             means[stat] = sum(count(line[key]) for line in lines if key in line) / len(lines)
-    return means
+    return {**means, **refined_tokens(lines)}
+
+
+def refined_tokens(lines: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The tokens a refiner kept and those retrieved, per example, and the share kept, over every
+    passage the examples read (first stage and the method's own calls); none without a refiner."""
+    hits = [hit for line in lines for hit in [*line.get("retrieved", []),
+                                              *(h for call in line.get("retrievals", []) for h in call["hits"])]
+            if "tokens_retrieved" in hit]
+    if not hits:
+        return {}
+    kept, retrieved = sum(hit["tokens_kept"] for hit in hits), sum(hit["tokens_retrieved"] for hit in hits)
+    return {"refiner_tokens_kept_per_example": kept / len(lines),
+            "refiner_tokens_retrieved_per_example": retrieved / len(lines),
+            "refiner_tokens_kept_share": kept / retrieved if retrieved else 0.0}

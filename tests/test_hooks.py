@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from plugin_packages import RecordingModel
-from raghub import (Example, Field, Judge, Judgeable, Method, ModelBackend, Objective, Option, Passage, Retriever,
-                    Task, UsageError, hookimpl, read_task_definition)
+from raghub import (Example, Field, Judge, Judgeable, Method, ModelBackend, Objective, Option, Passage, Refiner,
+                    Reranker, Retriever, Task, UsageError, hookimpl, read_task_definition)
 from raghub import hookspecs as hookspecs_module
 from raghub.cli import _add_plugin_commands, cli
 from raghub.models import choose_backend
@@ -143,6 +143,51 @@ def test_hook_register_retrievers(add_plugin):
     assert retriever.search(["beta", "alpha"], k=1) == [[(1, 1.0)], [(0, 1.0)]]
     row = next(line for line in invoke("retrievers").output.splitlines() if "exact" in line)
     assert RUN_TIME in row
+
+
+class Shortest(Reranker):
+    name = "shortest"
+    description = "prefers short passages"
+
+    def score(self, queries, candidates):
+        return [[-len(p.text) for p in passages] for passages in candidates]
+
+
+class FirstWord(Refiner):
+    name = "first-word"
+    description = "keeps each passage's first word"
+    options = {"upper": Option(bool, False, "in capitals")}
+
+    def refine(self, queries, passages):
+        return [[p.text.split()[0] for p in own] for own in passages]
+
+
+def test_hook_register_rerankers(add_plugin, capsys):
+    add_plugin(registering("register_rerankers", Shortest))
+    broken = add_plugin(registering("register_rerankers", Exact))  # a retriever is no reranker
+    found = registry()
+    assert found.rerankers["shortest"] is Shortest and found.origins[("reranker", "shortest")] == RUN_TIME
+    assert f"plugin '{broken}' is skipped: its register_rerankers failed: UsageError: it registered " \
+           f"{Exact!r} as a reranker, which must be a subclass of raghub.Reranker" in capsys.readouterr().err
+    assert Shortest(None, None).score(["q"], [[Passage("a", "long one"), Passage("b", "short")]]) == [[-8, -5]]
+    row = next(line for line in invoke("rerankers").output.splitlines() if "shortest" in line)
+    assert RUN_TIME in row
+
+
+def test_hook_register_refiners(add_plugin, capsys):
+    add_plugin(registering("register_refiners", FirstWord))
+
+    class Unnamed(FirstWord):
+        name = ""
+
+    broken = add_plugin(registering("register_refiners", Unnamed))
+    found = registry()
+    assert found.refiners["first-word"] is FirstWord and "" not in found.refiners
+    assert f"plugin '{broken}' is skipped: its register_refiners failed: UsageError: its refiner Unnamed has " \
+           "name ''" in capsys.readouterr().err
+    assert FirstWord(None, None).refine(["q"], [[Passage("a", "two words")]]) == [["two"]]
+    row = next(line for line in invoke("refiners").output.splitlines() if "first-word" in line)
+    assert RUN_TIME in row and "--upper" in row
 
 
 def test_hook_register_models(add_plugin):

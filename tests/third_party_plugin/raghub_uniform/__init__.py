@@ -8,6 +8,8 @@
   then with the question and the best passage's title (the bridge to a second hop).
 - `random` (a retriever): k passages drawn at random for each query, the floor that a
   retriever must beat.
+- `title-words` (a reranker): the candidates ordered by how many of the query's words their
+  title holds.
 - `capitals` (a QA task): `capitals.yaml` beside this file, whose questions and passages are
   `capitals.jsonl`, shipped in this package.
 
@@ -18,7 +20,7 @@ import math
 import random
 from importlib.resources import files
 
-from raghub import Method, Option, Passage, Retriever, hookimpl, read_task_definition
+from raghub import Method, Option, Passage, Reranker, Retriever, hookimpl, read_task_definition
 
 
 class Uniform(Method):
@@ -95,6 +97,16 @@ class RandomPassages(Retriever):
         return draws
 
 
+class TitleWords(Reranker):
+    name = "title-words"
+    description = "orders the candidates by the query's words in their title"
+
+    def score(self, queries, candidates):
+        """Per query, each candidate's count of query words in its title (lower case)."""
+        return [[float(len(set(query.lower().split()) & set(passage.title.lower().split())))
+                 for passage in passages] for query, passages in zip(queries, candidates)]
+
+
 @hookimpl
 def register_methods(register):
     register(Uniform)
@@ -105,6 +117,11 @@ def register_methods(register):
 @hookimpl
 def register_retrievers(register):
     register(RandomPassages)
+
+
+@hookimpl
+def register_rerankers(register):
+    register(TitleWords)
 
 
 @hookimpl

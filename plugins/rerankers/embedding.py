@@ -1,0 +1,42 @@
+"""`embedding`: the first stage's candidates scored again by a sentence-transformers encoder's
+cosine similarity to the query (the embedded all-MiniLM-L6-v2 by default), which gives a lexical
+first stage dense scores without a dense index of the whole corpus."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any, Sequence
+
+import numpy as np
+
+from raghub import Option, Passage, Reranker, hookimpl
+from raghub.kits.embedded import DEFAULT_ENCODER_NAME, sentence_encoder
+
+
+class EmbeddingReranker(Reranker):
+    name = "embedding"
+    description = "cosine similarity of query and passage by a sentence-transformers encoder"
+    options = {
+        "encoder": Option(str, DEFAULT_ENCODER_NAME, "sentence-transformers model: hub id or folder; the "
+                                                     "default is the embedded all-MiniLM-L6-v2"),
+    }
+
+    @cached_property
+    def encoder(self) -> Any:
+        return sentence_encoder(self.settings["encoder"], "embedding reranker")
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-length embeddings [len(texts), dim]."""
+        return self.encoder.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True,
+                                   show_progress_bar=False)
+
+    def score(self, queries: Sequence[str], candidates: Sequence[Sequence[Passage]]) -> list[list[float]]:
+        query_vectors = self.embed(queries)
+        passage_vectors = iter(self.embed([p.as_text() for passages in candidates for p in passages]))
+        return [[float(np.dot(query_vector, next(passage_vectors))) for _ in passages]
+                for query_vector, passages in zip(query_vectors, candidates)]
+
+
+@hookimpl
+def register_rerankers(register):
+    register(EmbeddingReranker)
