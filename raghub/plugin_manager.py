@@ -61,6 +61,7 @@ DEFAULT_PLUGINS = (
     "raghub.plugins.retrievers.dpr",
     "raghub.plugins.models.huggingface",
     "raghub.plugins.models.seq2seq",
+    "raghub.plugins.models.openai",
     "raghub.plugins.training.rag",
 )
 BUILTIN = "built-in"
