@@ -90,6 +90,7 @@ def test_one_line_generation_is_greedy_stops_at_a_newline_and_returns_the_token_
     recorded = server.recorded["generation"]["choices"][0]
     assert generation.text == recorded["text"]
     assert generation.token_logprobs == recorded["logprobs"]["token_logprobs"]
+    assert generation.token_ids == server.ids[PROBE_LENGTH:]  # what FLARE cuts a sentence at
     request = completions(server)[-1]
     assert (request["temperature"], request["stop"], request["max_tokens"]) == (0, ["\n"], 4)
 

@@ -210,7 +210,15 @@ class ServerLM(LanguageModel):
         if one_line and not choice.get("text", "").strip() and choice.get("finish_reason") == "stop":
             choice = self._complete(ids, max_tokens=max_new_tokens, logprobs=1)
         logprobs = choice_logprobs(choice, self.client.host)
-        return Generation(text=choice.get("text", ""), token_logprobs=[float(v) for v in logprobs["token_logprobs"]])
+        text = choice.get("text", "")
+        return Generation(text=text, token_logprobs=[float(v) for v in logprobs["token_logprobs"]],
+                          token_ids=self.generated_ids(logprobs.get("tokens") or [], text))
+
+    def generated_ids(self, pieces: Sequence[str], text: str) -> list[int]:
+        """The ids of the generated tokens the server names by their text (`pieces`): each
+        piece's one id, else (a piece that is part of a character) the ids of `text`."""
+        ids = [self.encode(piece) for piece in pieces]
+        return [own[0] for own in ids] if all(len(own) == 1 for own in ids) else self.encode(text)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[Generation]:
         return self._parallel(lambda prompt: self._generation(self.encode(prompt), max_new_tokens, False), prompts)
