@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from bad_input import assert_one_line_exit_2, model_never_loads  # noqa: F401 (a fixture)
-from raghub import UsageError, load_model
+from raghub import RunError, UsageError, load_model
 from raghub.cli import cli
 from raghub.plugins.models import openai
 from raghub.plugins.models.openai import OpenAICompatible
@@ -128,6 +128,8 @@ def test_a_server_that_only_generates_provides_only_generate(monkeypatch, tmp_pa
     serving(monkeypatch, RecordedServer("llama_cpp"))
     model = load("prompt_as=text,logprobs_via=none")
     assert model.generate_line(["Q"], 3)[0].text == " Paris"
+    with pytest.raises(RunError, match="was given logprobs_via=none: it generates, and scores nothing"):
+        model.sequence_logprobs([[1, 2]], [1])
     result = CliRunner().invoke(cli, ["run", "--task", "wikitext2", "--method", "none", "--model", URL,
                                       "--model-args", "logprobs_via=none", "--results-dir", str(tmp_path / "r")])
     assert_one_line_exit_2(result, "task 'wikitext2' (language-modelling) needs a model that provides "

@@ -184,6 +184,8 @@ class ServerLM(LanguageModel):
         """ln p of each token of `ids` after those before it, as the server scores them (None at
         position 0), by `logprobs_via`."""
         host = self.client.host
+        if self.settings["logprobs_via"] == "none":
+            raise RunError(f"server {host} was given logprobs_via=none: it generates, and scores nothing")
         if self.settings["logprobs_via"] == "prompt_logprobs":
             entries = self._complete(ids, max_tokens=1, prompt_logprobs=0).get("prompt_logprobs")
             if not isinstance(entries, list) or len(entries) < len(ids):
