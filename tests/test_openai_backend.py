@@ -1,0 +1,291 @@
+"""The `openai` model backend against response JSON in vLLM's and OpenAI's documented shapes and
+one recorded from llama.cpp's server (tests/recorded_server.py): scoring by echo and by
+prompt_logprobs, generation, the consistency probe, retries and one-line failures, the API key
+kept out of everything written, and the capabilities it declares."""
+
+import functools
+import json
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from bad_input import assert_one_line_exit_2, model_never_loads  # noqa: F401 (a fixture)
+from raghub import RunError, UsageError, load_model
+from raghub.cli import cli
+from raghub.plugins.models import openai
+from raghub.plugins.models.openai import OpenAICompatible
+from recorded_server import RecordedServer, embedded_gguf
+
+URL = "http://models.example:8000/v1"
+#: where the recorded sequence's first generated token sits (after the 12 probe prompt tokens)
+PROBE_LENGTH = 12
+
+pytestmark = pytest.mark.real_model  # the embedded SmolLM2's tokenizer, read from its GGUF file
+
+
+@pytest.fixture(autouse=True)
+def tokenizer_read_once(monkeypatch):
+    """The GGUF tokenizer read once for the whole module, and no pause between retries."""
+    monkeypatch.setattr(openai, "load_tokenizer", cached_tokenizer)
+    monkeypatch.setattr(openai, "FIRST_BACKOFF", 0)
+
+
+#: the real `load_tokenizer`, remembering what it read
+cached_tokenizer = functools.lru_cache(maxsize=None)(openai.load_tokenizer)
+
+
+def serving(monkeypatch, server: RecordedServer) -> RecordedServer:
+    monkeypatch.setattr(OpenAICompatible, "transport", server.transport)
+    return server
+
+
+def load(model_args: str = ""):
+    return load_model(URL, model_args=",".join(filter(None, [f"tokenizer={embedded_gguf()}", model_args])))
+
+
+def completions(server: RecordedServer) -> list[dict]:
+    return [json.loads(r.content) for r in server.requests if r.url.path.endswith("/completions")]
+
+
+# --- scoring --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["vllm", "openai"])
+def test_echo_scores_each_prompt_token_after_the_first_and_drops_the_generated_entry(monkeypatch, name):
+    server = serving(monkeypatch, RecordedServer(name))
+    model = load()
+    recorded = server.recorded["echo"]["choices"][0]["logprobs"]["token_logprobs"]
+    ids = server.ids
+    full, tail = model.sequence_logprobs([ids, ids[:8]], [1, 5])
+    assert full.tolist() == pytest.approx(recorded[1: len(ids)])  # not the generated entry after them
+    assert tail.tolist() == pytest.approx(recorded[5:8])
+    scoring = completions(server)[-1]
+    assert scoring["prompt"] in (ids, ids[:8]) and scoring["echo"] is True  # raghub's token ids are scored
+    assert (scoring["logprobs"], scoring["max_tokens"], scoring["temperature"]) == (1, 1, 0)
+
+
+def test_vllms_prompt_logprobs_score_the_same_tokens(monkeypatch):
+    server = serving(monkeypatch, RecordedServer("vllm"))
+    model = load("logprobs_via=prompt_logprobs")
+    recorded = server.recorded["prompt_logprobs"]["choices"][0]["prompt_logprobs"]
+    [scored] = model.sequence_logprobs([server.ids], [3])
+    assert scored.tolist() == pytest.approx([recorded[t][str(server.ids[t])]["logprob"]
+                                             for t in range(3, len(server.ids))])
+    assert completions(server)[-1]["prompt_logprobs"] == 0 and "echo" not in completions(server)[-1]
+
+
+def test_a_server_without_prompt_logprobs_is_refused_when_asked_for_them(monkeypatch):
+    serving(monkeypatch, RecordedServer("openai", fail=lambda request: httpx.Response(
+        200, json={"choices": [{"text": "", "logprobs": None}]}) if b"prompt_logprobs" in request.content else None))
+    with pytest.raises(UsageError, match="returned no prompt_logprobs for 16 prompt tokens"):
+        load("logprobs_via=prompt_logprobs")
+
+
+# --- generation -----------------------------------------------------------------------------
+
+def test_one_line_generation_is_greedy_stops_at_a_newline_and_returns_the_token_logprobs(monkeypatch):
+    server = serving(monkeypatch, RecordedServer("vllm"))
+    model = load()
+    [generation] = model.generate_line([model.decode(server.ids[:PROBE_LENGTH])], 4)
+    recorded = server.recorded["generation"]["choices"][0]
+    assert generation.text == recorded["text"]
+    assert generation.token_logprobs == recorded["logprobs"]["token_logprobs"]
+    assert generation.token_ids == server.ids[PROBE_LENGTH:]  # what FLARE cuts a sentence at
+    request = completions(server)[-1]
+    assert (request["temperature"], request["stop"], request["max_tokens"]) == (0, ["\n"], 4)
+
+
+def test_requests_go_out_up_to_concurrency_at_once(monkeypatch):
+    server = serving(monkeypatch, RecordedServer("vllm"))
+    model = load("concurrency=3")
+    assert len(model.generate(["a", "b", "c", "d", "e"], 2)) == 5
+    assert model.hardware()["concurrency"] == 3
+
+
+# --- the consistency probe and the tokenizer ------------------------------------------------
+
+def test_the_probe_refuses_llama_cpps_echo_logprobs_shifted_by_one_position(monkeypatch):
+    """Recorded from llama-cpp-python 0.3.36: ' Berlin' generated at ln p -0.043, and scored
+    -11.621 under echo (the distribution after it)."""
+    serving(monkeypatch, RecordedServer("llama_cpp"))
+    with pytest.raises(UsageError) as refused:
+        load("prompt_as=text")
+    assert str(refused.value) == (
+        "server models.example:8000 fails the consistency probe: it generated ' Berlin' with ln p -0.043 but scores "
+        "it at -11.621 in the prompt (logprobs_via=echo): its prompt log-probs are not the model's; give "
+        "--model-args logprobs_via=none to only generate with it")
+
+
+def test_the_probe_passes_scores_within_its_tolerance(monkeypatch):
+    server = serving(monkeypatch, RecordedServer("vllm"))
+    load()
+    echo = server.recorded["echo"]["choices"][0]["logprobs"]["token_logprobs"][PROBE_LENGTH: PROBE_LENGTH + 4]
+    told = server.recorded["generation"]["choices"][0]["logprobs"]["token_logprobs"]
+    assert 0 < max(abs(a - b) for a, b in zip(echo, told)) <= openai.PROBE_TOLERANCE  # the fixture's noise
+
+
+def test_a_server_that_only_generates_provides_only_generate(monkeypatch, tmp_path):
+    serving(monkeypatch, RecordedServer("llama_cpp"))
+    model = load("prompt_as=text,logprobs_via=none")
+    assert model.generate_line(["Q"], 3)[0].text == " Paris"
+    with pytest.raises(RunError, match="was given logprobs_via=none: it generates, and scores nothing"):
+        model.sequence_logprobs([[1, 2]], [1])
+    result = CliRunner().invoke(cli, ["run", "--task", "wikitext2", "--method", "none", "--model", URL,
+                                      "--model-args", "logprobs_via=none", "--results-dir", str(tmp_path / "r")])
+    assert_one_line_exit_2(result, "task 'wikitext2' (language-modelling) needs a model that provides "
+                                   "sequence_logprobs", tmp_path / "r")
+
+
+def test_a_tokenizer_that_is_not_the_servers_is_refused(monkeypatch):
+    from raghub.plugins.retrievers.dense import default_encoder_path
+
+    serving(monkeypatch, RecordedServer("vllm"))
+    with pytest.raises(UsageError, match=r"^server models.example:8000 tokenises 'The capital of France.*"
+                                         r"give --model-args tokenizer= the served model's$"):
+        load_model(URL, model_args=f"tokenizer={default_encoder_path()}")
+
+
+def test_the_record_names_the_server_the_served_model_and_its_version(monkeypatch):
+    serving(monkeypatch, RecordedServer("vllm"))
+    hardware = load().hardware()
+    assert (hardware["server"], hardware["served_model"], hardware["server_version"]) == \
+        ("models.example:8000", "HuggingFaceTB/SmolLM2-135M-Instruct", "0.11.0")
+    serving(monkeypatch, RecordedServer("openai"))
+    assert "server_version" not in load().hardware()  # OpenAI tells none
+
+
+def test_a_model_the_server_does_not_serve_is_refused(monkeypatch):
+    serving(monkeypatch, RecordedServer("openai"))
+    with pytest.raises(UsageError, match=r"serves no model 'gpt-9' \(it serves: davinci-002\)"):
+        load("model=gpt-9")
+
+
+# --- failures and retries -------------------------------------------------------------------
+
+def failing_first(count: int, response):
+    """A `fail` that answers the first `count` completions requests with `response()`."""
+    calls = []
+
+    def fail(request):
+        if request.url.path.endswith("/completions") and len(calls) < count:
+            calls.append(request)
+            return response(request)
+        return None
+    return fail
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_busy_or_failing_answers_are_retried(monkeypatch, status):
+    serving(monkeypatch, RecordedServer("vllm", fail=failing_first(2, lambda r: httpx.Response(status))))
+    assert load("max_retries=2").name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_timeouts_are_retried_and_then_reported_in_one_line(monkeypatch):
+    def timeout(request):
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    serving(monkeypatch, RecordedServer("vllm", fail=failing_first(1, timeout)))
+    load("max_retries=1")
+    serving(monkeypatch, RecordedServer("vllm", fail=failing_first(3, timeout)))
+    with pytest.raises(UsageError, match=r"^server models.example:8000: POST completions failed after 3 attempts: "
+                                         r"timed out$"):
+        load("max_retries=2")
+
+
+def test_a_client_error_is_not_retried(monkeypatch):
+    server = serving(monkeypatch, RecordedServer("vllm", fail=failing_first(9, lambda r: httpx.Response(
+        400, json={"object": "error", "message": "prompt is too long\nmore", "type": "BadRequestError"}))))
+    with pytest.raises(UsageError, match=r"failed after 1 attempt: HTTP 400: prompt is too long$"):
+        load("max_retries=5")
+    assert len(completions(server)) == 1
+
+
+def test_malformed_json_is_one_line(monkeypatch):
+    serving(monkeypatch, RecordedServer("vllm", fail=failing_first(1, lambda r: httpx.Response(200, text="{oops"))))
+    with pytest.raises(UsageError, match="answered POST completions with malformed JSON"):
+        load()
+
+
+def test_a_server_that_is_down_is_refused_before_the_run_in_one_line(monkeypatch, tmp_path):
+    def down(request):
+        raise httpx.ConnectError("Connection refused", request=request)
+
+    serving(monkeypatch, RecordedServer("vllm", fail=down))
+    result = CliRunner().invoke(cli, ["run", "--task", "squad", "--method", "none", "--limit", "2", "--model", URL,
+                                      "--model-args", f"tokenizer={embedded_gguf()},max_retries=0",
+                                      "--results-dir", str(tmp_path / "r")])
+    assert_one_line_exit_2(result, "server models.example:8000: GET models failed after 1 attempt: cannot be "
+                                   "reached (ConnectError: Connection refused)", tmp_path / "r")
+
+
+def test_a_server_that_dies_mid_run_exits_1_keeping_finished_examples_and_the_rerun_resumes(monkeypatch, tmp_path):
+    results = tmp_path / "r"
+    run = ["run", "--task", "squad", "--method", "none", "--limit", "4", "--batch-size", "2", "--model", URL,
+           "--model-args", f"tokenizer={embedded_gguf()},max_retries=0", "--results-dir", str(results)]
+    answered = []
+
+    def dies_after_probe_and_a_batch(request):
+        body = json.loads(request.content) if request.method == "POST" else {}
+        if body and not body.get("echo") and len(body["prompt"]) != PROBE_LENGTH:
+            answered.append(request)
+            if len(answered) > 2:
+                raise httpx.ConnectError("Connection refused", request=request)
+        return None
+
+    monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
+    serving(monkeypatch, RecordedServer("vllm", fail=dies_after_probe_and_a_batch))
+    died = CliRunner().invoke(cli, run)
+    assert died.exit_code == 1
+    assert died.output.strip().splitlines()[-1:] == ["Error: server models.example:8000: POST completions failed "
+                                                     "after 1 attempt: cannot be reached (ConnectError: Connection "
+                                                     "refused)"]
+    [partial] = (results / ".partial").iterdir()
+    assert len(partial.read_text().splitlines()) == 1  # the first batch of two is kept
+    server = serving(monkeypatch, RecordedServer("vllm"))
+    resumed = CliRunner().invoke(cli, run)
+    assert resumed.exit_code == 0, resumed.output
+    asked = [body for body in completions(server) if not body.get("echo") and len(body["prompt"]) != PROBE_LENGTH]
+    assert len(asked) == 2  # only the two examples not finished
+    record = json.loads((results / "records.jsonl").read_text().splitlines()[-1])
+    assert record["n_examples"] == 4
+
+
+# --- the API key ----------------------------------------------------------------------------
+
+def test_the_api_key_is_sent_and_never_written(monkeypatch, tmp_path):
+    key = "sk-test-b6f1e0c4d2"
+    monkeypatch.setenv("RAGHUB_TEST_KEY", key)
+    monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
+    server = serving(monkeypatch, RecordedServer("vllm"))
+    result = CliRunner().invoke(cli, ["run", "--task", "squad", "--method", "none", "--limit", "2", "--model", URL,
+                                      "--model-args", f"tokenizer={embedded_gguf()},api_key_env=RAGHUB_TEST_KEY",
+                                      "--results-dir", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert {request.headers["authorization"] for request in server.requests} == {f"Bearer {key}"}
+    assert key not in result.output
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert written and not [path for path in written if key.encode() in path.read_bytes()]
+    assert "RAGHUB_TEST_KEY" in (tmp_path / "r" / "records.jsonl").read_text()  # the variable's name only
+
+
+def test_an_api_key_variable_that_is_not_set_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAGHUB_NO_SUCH_KEY", raising=False)
+    result = CliRunner().invoke(cli, ["run", "--task", "squad", "--method", "none", "--model", URL,
+                                      "--model-args", "api_key_env=RAGHUB_NO_SUCH_KEY",
+                                      "--results-dir", str(tmp_path / "r")])
+    assert_one_line_exit_2(result, "the environment variable RAGHUB_NO_SUCH_KEY is not set", tmp_path / "r")
+
+
+# --- capabilities ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["parametric", "device-cloud"])
+def test_methods_that_need_in_process_weights_are_refused_before_the_run(tmp_path, method, model_never_loads):
+    result = CliRunner().invoke(cli, ["run", "--task", "squad", "--method", method, "--model", URL,
+                                      "--results-dir", str(tmp_path / "r")])
+    assert_one_line_exit_2(result, f"method '{method}' needs a model that provides weights", tmp_path / "r")
+    assert "model backend 'openai' provides only continuation_logprobs, generate, sequence_logprobs" in result.output
+
+
+def test_training_through_a_server_is_refused_before_anything_loads(tmp_path, model_never_loads):
+    result = CliRunner().invoke(cli, ["train", "--task", "squad", "--model", URL, "--output", str(tmp_path / "r")])
+    assert_one_line_exit_2(result, "raghub train needs a model that provides answer_scores", tmp_path / "r")
