@@ -19,11 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 from urllib.parse import urlsplit
 
-from raghub.cache import fingerprint
-from raghub.errors import RunError, UsageError, amount
-from raghub.hookspecs import hookimpl
-from raghub.models import Generation, LanguageModel, ModelBackend
-from raghub.options import Option
+from raghub import Generation, LanguageModel, ModelBackend, Option, RunError, UsageError, fingerprint, hookimpl
 
 #: what the probe generates from and then scores
 PROBE_PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -99,7 +95,7 @@ class CompletionsClient:
                 problem = server_problem(response)
                 retried = response.status_code in RETRIED_STATUSES
             if attempt == self.max_retries or not retried:
-                raise RunError(f"server {self.host}: {method} {path} failed after {amount(attempt + 1, 'attempt')}: "
+                raise RunError(f"server {self.host}: {method} {path} failed after {attempt + 1} attempt(s): "
                                f"{problem}")
             time.sleep(FIRST_BACKOFF * 2**attempt)
 
