@@ -15,7 +15,8 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from raghub import UsageError, load_model
+from raghub import UsageError
+from raghub.models import load_model
 from raghub.cli import cli
 from recorded_server import embedded_gguf
 

@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from bad_input import assert_one_line_exit_2, model_never_loads  # noqa: F401 (a fixture)
-from raghub import RunError, UsageError, load_model
+from raghub import RunError, UsageError
+from raghub.models import load_model
 from raghub.cli import cli
 from raghub.plugins.models import openai
 from raghub.plugins.models.openai import OpenAICompatible
