@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from raghub.embedded import wheel_folder
+from raghub.kits.embedded import wheel_folder
 from raghub.plugins.models.huggingface import DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_WHEEL
 
 RECORDED = Path(__file__).parent / "recorded_servers"
