@@ -23,7 +23,8 @@ from raghub.distributed import barrier, mean_over_ranks, notice, ranks
 from raghub.errors import RaghubError, RunError, UsageError
 from raghub.families.lm import Window, logprobs_from, passage_ids, passage_logprobs, passages_prefix, score_after_prefixes
 from raghub.families.qa import (TEMPLATE_STYLES, Answer, PromptTemplate, Question, answer_after, answer_continuation,
-                                answer_questions, answers_from, first_sentence, generate_for, passage_blocks)
+                                answer_questions, answers_from, first_sentence, generate_for, passage_blocks,
+                                read_unstated, stated_share)
 from raghub.hookspecs import hookimpl
 from raghub.interfaces import Example, Method, Passage, Registry, Retrieved, Retriever, Task
 from raghub.judges import Judge, Judgeable
@@ -56,6 +57,7 @@ __all__ = [
     # the QA family's contract
     "Answer", "AnswerScores", "Generation", "PromptTemplate", "Question", "TEMPLATE_STYLES", "answer_after",
     "answer_continuation", "answer_questions", "answers_from", "first_sentence", "generate_for", "passage_blocks",
+    "read_unstated", "stated_share",
     # the formulas methods and training share
     "lsr_kl", "mixture_logprobs", "reciprocal_rank_fusion", "rag_sequence_logprob", "rag_sequence_token_logprobs", "rag_token_logprob",
     # judges of answers

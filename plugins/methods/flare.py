@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from raghub import Answer, Method, Option, answer_after, first_sentence, hookimpl, passage_blocks
+from raghub import Answer, Method, Option, answer_after, first_sentence, hookimpl, passage_blocks, read_unstated, stated_share
 
 ANSWER_MARK = "So the answer is:"
 #: the most tokens of a look-ahead (one sentence is kept of it)
@@ -127,25 +127,13 @@ class Flare(Method):
         return not sentence, answer_after(sentence, ANSWER_MARK)
 
     def finish(self, questions, passages, sentences, answers) -> list[Answer]:
-        """Each stated answer, and the task's prompt's answer (one batched generation, with the
-        passages retrieved last) for the others; each carries the sentences written."""
-        written = ["Answer: " + " ".join(own) for own in sentences]
-        unread = [i for i, answer in enumerate(answers) if answer is None]
-        self.counters["questions"] += len(questions)
-        self.counters["without_answer_line"] += len(unread)
-        if unread:
-            generations = self.generate([questions[i] for i in unread],
-                                        [questions[i].prompt(passages[i]) for i in unread],
-                                        max(questions[i].max_new_tokens for i in unread), one_line=True)
-            for i, generation in zip(unread, generations):
-                answers[i] = questions[i].extract(generation.text)
-                written[i] += f"\nReader:{generation.text}"
-        return [Answer(answer, text) for answer, text in zip(answers, written)]
-
+        """Each stated answer, and the reader's for the others (`read_unstated`), each carrying
+        what was written."""
+        return read_unstated(self, questions, passages, answers, ["Answer: " + " ".join(own) for own in sentences])
     def run_stats(self) -> dict[str, Any]:
         """How often an answer stated itself after "So the answer is:"."""
-        questions = self.counters["questions"]
-        return {"answer_line_rate": 1 - self.counters["without_answer_line"] / questions} if questions else {}
+        share = stated_share(self.counters)
+        return {"answer_line_rate": share} if share is not None else {}
 
 
 @hookimpl

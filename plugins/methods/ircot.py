@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from raghub import Answer, Method, Option, answer_after, first_sentence, hookimpl, passage_blocks
+from raghub import Answer, Method, Option, answer_after, first_sentence, hookimpl, passage_blocks, read_unstated, stated_share
 
 ANSWER_MARK = "So the answer is:"
 #: the most tokens one sentence of the chain may take
@@ -86,25 +86,13 @@ class IRCoT(Method):
         return question.template.frame(INSTRUCTION, blocks, " ".join(["Thought:", *thoughts]))
 
     def finish(self, questions, passages, thoughts, answers) -> list[Answer]:
-        """Each chain's answer, and the reader's (one batched generation) for the chains that
-        stated none; each carries its chain as the generation."""
-        chains = ["Thought: " + " ".join(own) for own in thoughts]
-        unread = [i for i, answer in enumerate(answers) if answer is None]
-        self.counters["questions"] += len(questions)
-        self.counters["read_by_the_reader"] += len(unread)
-        if unread:
-            generations = self.generate([questions[i] for i in unread],
-                                        [questions[i].prompt(passages[i]) for i in unread],
-                                        max(questions[i].max_new_tokens for i in unread), one_line=True)
-            for i, generation in zip(unread, generations):
-                answers[i] = questions[i].extract(generation.text)
-                chains[i] += f"\nReader:{generation.text}"
-        return [Answer(answer, chain) for answer, chain in zip(answers, chains)]
-
+        """Each stated answer, and the reader's for the others (`read_unstated`), each carrying
+        what was written."""
+        return read_unstated(self, questions, passages, answers, ["Thought: " + " ".join(own) for own in thoughts])
     def run_stats(self) -> dict[str, Any]:
         """How often a chain stated its answer (the rest were read by the reader)."""
-        questions = self.counters["questions"]
-        return {"answer_line_rate": 1 - self.counters["read_by_the_reader"] / questions} if questions else {}
+        share = stated_share(self.counters)
+        return {"answer_line_rate": share} if share is not None else {}
 
 
 @hookimpl

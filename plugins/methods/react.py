@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from raghub import Answer, Method, Option, hookimpl
+from raghub import Answer, Method, Option, hookimpl, read_unstated, stated_share
 
 #: an action and its argument, on one line
 ACTION = re.compile(r"\b(Search|Finish)\[([^\]\n]*)\]")
@@ -100,28 +100,16 @@ class ReAct(Method):
         return question.template.frame(INSTRUCTION, blocks, f"{transcript}Thought:")
 
     def finish(self, questions, passages, transcripts, answers) -> list[Answer]:
-        """Each Finish's answer, and the task's prompt's answer (one batched generation, with the
-        passages of the last search) for the agents that never finished; each carries its
-        steps."""
-        unread = [i for i, answer in enumerate(answers) if answer is None]
-        self.counters["questions"] += len(questions)
-        self.counters["unfinished"] += len(unread)
-        if unread:
-            generations = self.generate([questions[i] for i in unread],
-                                        [questions[i].prompt(passages[i]) for i in unread],
-                                        max(questions[i].max_new_tokens for i in unread), one_line=True)
-            for i, generation in zip(unread, generations):
-                answers[i] = questions[i].extract(generation.text)
-                transcripts[i] += f"Reader:{generation.text}"
-        return [Answer(answer, transcript.strip()) for answer, transcript in zip(answers, transcripts)]
-
+        """Each Finish's answer, and the reader's (over the passages of the last search) for the
+        agents that never finished (`read_unstated`); each carries its steps."""
+        read = read_unstated(self, questions, passages, answers, [text.rstrip("\n") for text in transcripts])
+        return [Answer(answer, answer.generation.strip()) for answer in read]
     def run_stats(self) -> dict[str, Any]:
         """How often an agent finished, and its malformed actions per question."""
-        questions = self.counters["questions"]
-        if not questions:
+        share = stated_share(self.counters)
+        if share is None:
             return {}
-        return {"finish_rate": 1 - self.counters["unfinished"] / questions,
-                "malformed_actions_per_question": self.counters["malformed_actions"] / questions}
+        return {"finish_rate": share, "malformed_actions_per_question": self.counters["malformed_actions"] / self.counters["questions"]}
 
 
 @hookimpl

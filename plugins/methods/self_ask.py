@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from raghub import Answer, Method, Option, answer_after, hookimpl, passage_blocks
+from raghub import Answer, Method, Option, answer_after, hookimpl, passage_blocks, read_unstated, stated_share
 
 NEEDED = "Are follow up questions needed here:"
 FOLLOW_UP = "Follow up:"
@@ -94,24 +94,12 @@ class SelfAsk(Method):
         return question.template.frame(INSTRUCTION, blocks, reply)
 
     def finish(self, questions, passages, replies, answers) -> list[Answer]:
-        """Each final answer, and the task's prompt's answer (one batched generation, with the
-        passages retrieved last) for the replies without one; each carries its reply."""
-        unread = [i for i, answer in enumerate(answers) if answer is None]
-        self.counters["questions"] += len(questions)
-        self.counters["without_final_answer"] += len(unread)
-        if unread:
-            generations = self.generate([questions[i] for i in unread],
-                                        [questions[i].prompt(passages[i]) for i in unread],
-                                        max(questions[i].max_new_tokens for i in unread), one_line=True)
-            for i, generation in zip(unread, generations):
-                answers[i] = questions[i].extract(generation.text)
-                replies[i] += f"\nReader:{generation.text}"
-        return [Answer(answer, reply) for answer, reply in zip(answers, replies)]
-
+        """Each final answer, and the reader's for the replies without one (`read_unstated`)."""
+        return read_unstated(self, questions, passages, answers, replies)
     def run_stats(self) -> dict[str, Any]:
         """How often a reply ended with "So the final answer is:"."""
-        questions = self.counters["questions"]
-        return {"answer_line_rate": 1 - self.counters["without_final_answer"] / questions} if questions else {}
+        share = stated_share(self.counters)
+        return {"answer_line_rate": share} if share is not None else {}
 
 
 @hookimpl

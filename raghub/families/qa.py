@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -212,3 +213,33 @@ def answer_questions(model: LanguageModel, questions: Sequence[Question],
     stopped at the end of the first line, which is all `Question.extract` reads."""
     generations = generate_for(model, questions, passage_lists, one_line=True)
     return [q.answer_from(g.text) for q, g in zip(questions, generations)]
+
+
+#: the method counter of the questions whose chain stated no answer of its own (`read_unstated`)
+UNSTATED = "answers_read_by_the_reader"
+
+
+def read_unstated(method: Method, questions: Sequence[Question], passages: Sequence[Sequence[Passage]],
+                  answers: Sequence[str | None], written: Sequence[str]) -> list[Answer]:
+    """The answers an iterative method's chains stated (None where a chain stated none), each an
+    `Answer` carrying what its chain wrote. A question whose chain stated none is answered by its
+    task's own prompt over its `passages` (one batched generation through `method.generate`),
+    and "Reader:" with that generation is added to what the chain wrote. Counts the questions and
+    those read so (`method.counters`: "questions", `UNSTATED`; see `stated_share`)."""
+    answers, written = list(answers), list(written)
+    unread = [i for i, answer in enumerate(answers) if answer is None]
+    method.counters["questions"] += len(questions)
+    method.counters[UNSTATED] += len(unread)
+    if unread:
+        generations = method.generate([questions[i] for i in unread], [questions[i].prompt(passages[i]) for i in unread],
+                                      max(questions[i].max_new_tokens for i in unread), one_line=True)
+        for i, generation in zip(unread, generations):
+            answers[i] = questions[i].extract(generation.text)
+            written[i] += f"\nReader:{generation.text}"
+    return [Answer(answer, text) for answer, text in zip(answers, written)]
+
+
+def stated_share(counters: Counter[str]) -> float | None:
+    """The share of questions whose chain stated its own answer (`read_unstated`); None before any."""
+    questions = counters["questions"]
+    return 1 - counters[UNSTATED] / questions if questions else None
