@@ -208,7 +208,7 @@ def test_third_party_plugin_is_listed_and_a_broken_one_is_named(third_party_env)
     listing = json.loads(out.stdout)
     uniform = next(p for p in listing["plugins"] if p["name"] == "uniform")
     assert uniform["origin"] == "raghub-uniform 0.1.0"
-    assert uniform["hooks"] == ["register_methods", "register_retrievers", "register_tasks"]
+    assert uniform["hooks"] == ["register_methods", "register_rerankers", "register_retrievers", "register_tasks"]
     assert any(p["origin"] == "built-in" for p in listing["plugins"])
     assert "this plugin is broken" in listing["failed"]["broken"]
     assert "plugin 'broken' is skipped: failed to load" in out.stderr

@@ -244,9 +244,9 @@ class _NextToken:
     tokenizer = [0] * VOCABULARY
     device = "cpu"
 
-    def hf_model(self, input_ids, past_key_values, use_cache):
+    def hf_model(self, input_ids, cache, use_cache):
         logits = 10.0 * torch.nn.functional.one_hot((input_ids + 1) % VOCABULARY, VOCABULARY).float()
-        return SimpleNamespace(logits=logits, past_key_values=past_key_values)
+        return SimpleNamespace(logits=logits, cache=cache)
 
 
 def _cloud_threads() -> list[str]:

@@ -39,7 +39,9 @@ def hit(title, score, rank, gold):
 
 
 def without_ids(calls):
-    return [{**call, "hits": [{k: v for k, v in h.items() if k != "id"} for h in call["hits"]]} for call in calls]
+    """The calls' hits without the passages' ids and first words (the titles name them here)."""
+    return [{**call, "hits": [{k: v for k, v in h.items() if k not in ("id", "text_start")} for h in call["hits"]]}
+            for call in calls]
 
 
 @pytest.fixture
