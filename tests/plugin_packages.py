@@ -12,8 +12,12 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
-from raghub import Generation, LanguageModel, ModelBackend
+from click.testing import CliRunner
+
+from raghub import Generation, LanguageModel, ModelBackend, hookimpl
+from raghub.cli import cli
 
 RAGHUB = Path(sys.executable).with_name("raghub")
 THIRD_PARTY_PLUGIN = Path(__file__).parent / "third_party_plugin"
@@ -157,3 +161,20 @@ class ShortBackend(ModelBackend):
 
     def load(self, spec, device, dtype, batch_size):
         return ShortModel(int(spec.removeprefix("short:")))
+
+
+#: the origin `raghub plugins` gives a plugin registered in process
+RUN_TIME = "registered at run time"
+
+
+def invoke(*args):
+    """`raghub ARGS` in process, its tables wide enough not to wrap a row."""
+    return CliRunner().invoke(cli, list(args), env={"COLUMNS": "200"})
+
+
+def registering(hook_name, *items):
+    """An in-process plugin whose `hook_name` hook registers `items`."""
+    def hook(register):
+        for item in items:
+            register(item)
+    return SimpleNamespace(**{hook_name: hookimpl(hook)})

@@ -2,13 +2,11 @@
 test that every hookspec has one (`test_hook_<hook name>`)."""
 
 import json
-from types import SimpleNamespace
 
 import click
 import pytest
-from click.testing import CliRunner
 
-from plugin_packages import RecordingModel
+from plugin_packages import RUN_TIME, RecordingModel, invoke, registering
 from raghub import (Example, Field, Judge, Judgeable, Method, ModelBackend, Objective, Option, Passage, Refiner,
                     Reranker, Retriever, Task, UsageError, hookimpl, read_task_definition)
 from raghub import hookspecs as hookspecs_module
@@ -16,20 +14,6 @@ from raghub.cli import _add_plugin_commands, cli
 from raghub.models import choose_backend
 from raghub.plugin_manager import registry
 
-RUN_TIME = "registered at run time"
-
-
-def invoke(*args):
-    """`raghub ARGS` in process, its tables wide enough not to wrap a row."""
-    return CliRunner().invoke(cli, list(args), env={"COLUMNS": "200"})
-
-
-def registering(hook_name, *items):
-    """An in-process plugin whose `hook_name` hook registers `items`."""
-    def hook(register):
-        for item in items:
-            register(item)
-    return SimpleNamespace(**{hook_name: hookimpl(hook)})
 
 
 # --- the toy plugins ------------------------------------------------------------------------

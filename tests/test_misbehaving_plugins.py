@@ -9,26 +9,12 @@ from types import SimpleNamespace
 
 import click
 import pytest
-from click.testing import CliRunner
 
-from plugin_packages import RecordingModel, run_raghub, write_distribution
+from plugin_packages import RUN_TIME, RecordingModel, invoke, registering, run_raghub, write_distribution
 from raghub import Method, ModelBackend, Retriever, RunError, Task, Window, hookimpl
 from raghub.cli import _add_plugin_commands, cli
 from raghub.plugin_manager import failed_plugins, pm, registry
 
-RUN_TIME = "registered at run time"
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, list(args), env={"COLUMNS": "200"})
-
-
-def registering(hook_name, *items):
-    """An in-process plugin whose `hook_name` hook registers `items`."""
-    def hook(register):
-        for item in items:
-            register(item)
-    return SimpleNamespace(**{hook_name: hookimpl(hook)})
 
 
 # --- declarations, checked when the registry is built ----------------------------------------
