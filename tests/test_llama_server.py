@@ -124,7 +124,7 @@ def test_generation_logprobs_agree_with_in_process(llama_server, in_process):
 
 
 def test_a_tokenizer_that_is_not_the_servers_is_refused(llama_server):
-    from raghub.plugins.retrievers.dense import default_encoder_path
+    from raghub.kits.embedded import default_encoder_path
 
     with pytest.raises(UsageError, match=r"tokenises 'The capital of France.*give --model-args tokenizer= the "
                                          r"served model's$"):

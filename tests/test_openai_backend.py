@@ -138,7 +138,7 @@ def test_a_server_that_only_generates_provides_only_generate(monkeypatch, tmp_pa
 
 
 def test_a_tokenizer_that_is_not_the_servers_is_refused(monkeypatch):
-    from raghub.plugins.retrievers.dense import default_encoder_path
+    from raghub.kits.embedded import default_encoder_path
 
     serving(monkeypatch, RecordedServer("vllm"))
     with pytest.raises(UsageError, match=r"^server models.example:8000 tokenises 'The capital of France.*"

@@ -470,6 +470,6 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_samples(tmp_path
                       for folder in ("killed", "whole"))
     lines = read_lines(tmp_path / "killed" / resumed["samples"])
     assert lines == read_lines(tmp_path / "whole" / whole["samples"])
-    assert [set(line) for line in lines] == [{"id", "nll", "tokens", "bytes", "retrieved"}] * 3
+    assert [set(line) for line in lines] == [{"id", "text", "nll", "tokens", "bytes", "retrieved"}] * 3
     assert resumed["totals"] == whole["totals"] and resumed["totals"]["tokens"] == sum(l["tokens"] for l in lines)
     assert resumed["stderr"]["bits_per_byte"] > 0

@@ -304,16 +304,16 @@ def test_the_installed_reranker_reorders_the_first_stage(guide_site, tmp_path):
 @pytest.mark.real_model
 def test_top1_runs_on_squad(guide_site, tmp_path):
     record = run_record(guide_site, tmp_path, "--task", "squad", "--method", "top1", "--limit", "2")
-    assert record["method"] == "top1" and record["n_examples"] == 2 and record["retriever"] == "bm25"
-    assert 0 <= record["metrics"]["em"] <= record["metrics"]["f1"] <= 1
-    assert record["metrics"]["n_questions"] == 2
+    assert record.method == "top1" and record.n_examples == 2 and record.retriever == "bm25"
+    assert 0 <= record.metrics["em"] <= record.metrics["f1"] <= 1
+    assert record.metrics["n_questions"] == 2
 
 
 @pytest.mark.real_model
 def test_uniform_runs_on_wikitext2(guide_site, tmp_path):
     record = run_record(guide_site, tmp_path, "--task", "wikitext2", "--method", "uniform", "--limit", "1")
-    assert record["method"] == "uniform" and record["retriever"] is None
-    assert record["metrics"]["ppl"] == pytest.approx(49152, rel=1e-4)  # SmolLM2's vocabulary size
+    assert record.method == "uniform" and record.retriever is None
+    assert record.metrics["ppl"] == pytest.approx(49152, rel=1e-4)  # SmolLM2's vocabulary size
 
 
 # --- a change to the plugin's code is never answered from the cache -------------------------

@@ -95,7 +95,7 @@ class CompletionsClient:
                 problem = server_problem(response)
                 retried = response.status_code in RETRIED_STATUSES
             if attempt == self.max_retries or not retried:
-                raise RunError(f"server {self.host}: {method} {path} failed after {attempt + 1} attempt(s): "
+                raise RunError(f"server {self.host}: {method} {path} failed after {attempt + 1} attempt{'' if attempt == 0 else 's'}: "
                                f"{problem}")
             time.sleep(FIRST_BACKOFF * 2**attempt)
 
