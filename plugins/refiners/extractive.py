@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from raghub import Option, Passage, Refiner, hookimpl
-from raghub.kits.embedded import DEFAULT_ENCODER_NAME, sentence_encoder
+from raghub.kits.embedded import ENCODER_OPTION, sentence_encoder, unit_embeddings
 
 #: a sentence ends at . ! or ? followed by white space
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -30,8 +30,7 @@ class ExtractiveRefiner(Refiner):
     options = {
         "refine_tokens": Option(int, 128, "tokens a refiner keeps (truncate: of each passage; extractive: "
                                           "of all the passages of a query)", at_least=1),
-        "encoder": Option(str, DEFAULT_ENCODER_NAME, "sentence-transformers model: hub id or folder; the "
-                                                     "default is the embedded all-MiniLM-L6-v2"),
+        "encoder": ENCODER_OPTION,
     }
 
     @cached_property
@@ -40,8 +39,7 @@ class ExtractiveRefiner(Refiner):
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-length embeddings [len(texts), dim]."""
-        return self.encoder.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True,
-                                   show_progress_bar=False)
+        return unit_embeddings(self.encoder, texts)
 
     def refine(self, queries: Sequence[str], passages: Sequence[Sequence[Passage]]) -> list[list[str]]:
         return [self.extract(query, own) for query, own in zip(queries, passages)]

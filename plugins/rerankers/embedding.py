@@ -9,16 +9,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from raghub import Option, Passage, Reranker, hookimpl
-from raghub.kits.embedded import DEFAULT_ENCODER_NAME, sentence_encoder
+from raghub import Passage, Reranker, hookimpl
+from raghub.kits.embedded import ENCODER_OPTION, sentence_encoder, unit_embeddings
 
 
 class EmbeddingReranker(Reranker):
     name = "embedding"
     description = "cosine similarity of query and passage by a sentence-transformers encoder"
     options = {
-        "encoder": Option(str, DEFAULT_ENCODER_NAME, "sentence-transformers model: hub id or folder; the "
-                                                     "default is the embedded all-MiniLM-L6-v2"),
+        "encoder": ENCODER_OPTION,
     }
 
     @cached_property
@@ -27,8 +26,7 @@ class EmbeddingReranker(Reranker):
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-length embeddings [len(texts), dim]."""
-        return self.encoder.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True,
-                                   show_progress_bar=False)
+        return unit_embeddings(self.encoder, texts)
 
     def score(self, queries: Sequence[str], candidates: Sequence[Sequence[Passage]]) -> list[list[float]]:
         query_vectors = self.embed(queries)

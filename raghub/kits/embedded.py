@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any, Sequence
 
 from raghub.errors import UsageError
+from raghub.options import Option
 
 
 def wheel_folder(package: str, wheel: str) -> Path:
@@ -43,3 +45,13 @@ def sentence_encoder(spec: str, who: str):
             f"{who}: encoder {spec!r} cannot be loaded: not a local sentence-transformers "
             f"folder, and the hub could not provide it ({str(error).strip().splitlines()[0]})"
         ) from error
+
+
+#: `--encoder` of the stages that embed with a sentence-transformers model
+ENCODER_OPTION = Option(str, DEFAULT_ENCODER_NAME, "sentence-transformers model: hub id or folder; the "
+                                                   "default is the embedded all-MiniLM-L6-v2")
+
+
+def unit_embeddings(encoder: Any, texts: Sequence[str]) -> Any:
+    """The texts' unit-length embeddings by a sentence-transformers `encoder`, [len(texts), dim]."""
+    return encoder.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
