@@ -2,7 +2,9 @@
 the retriever, checkpoints that `raghub run --checkpoint` evaluates, resuming after SIGKILL, and
 the same loss trajectory with 1 and 2 DDP processes, all on tiny random models."""
 
+import builtins
 import errno
+import io
 import json
 import math
 import os
@@ -28,6 +30,7 @@ from raghub.errors import RunError, UsageError
 from raghub.plugin_manager import registry
 from raghub.plugins.models.huggingface import HuggingFaceCausal
 from raghub.plugins.training.rag.penalties import keyword_mass, length_penalty, repetition_unlikelihood
+from raghub.plugins.training.rag import trainer as trainer_module
 from raghub.plugins.training.rag.trainer import TrainConfig, Trainer, keep_log_until
 
 ROOT = Path(__file__).parents[1]
@@ -460,6 +463,28 @@ def test_a_full_disk_at_a_save_is_one_line_exit_1_and_keeps_the_previous_save(ti
     assert read_checkpoint(output).manifest["step"] == 1
     assert sorted(p.name for p in output.iterdir()) == [MANIFEST, "step-000001", TRAIN_LOG]
     assert {path: path.read_bytes() for path in (output / "step-000001").rglob("*") if path.is_file()} == before
+
+
+def test_a_full_disk_at_the_training_log_is_one_line_exit_1_and_keeps_the_last_save(tiny, tmp_path, env,
+                                                                                     monkeypatch):
+    """Regression: ENOSPC while appending a step to train_log.jsonl was a traceback."""
+    output = tmp_path / "out"
+    assert CliRunner().invoke(cli, ["train", *train_args(tiny, output, "--steps", "1")]).exit_code == 0
+
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    opened = builtins.open
+    monkeypatch.setattr(trainer_module, "open",
+                        lambda path, *args, **kwargs: FullDisk() if str(path).endswith(TRAIN_LOG)
+                        else opened(path, *args, **kwargs), raising=False)
+    result = CliRunner().invoke(cli, ["train", *train_args(tiny, output, "--steps", "2")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception  # no traceback
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: could not append step 2 to {output / TRAIN_LOG}")
+    assert "No space left on device" in last
+    assert read_checkpoint(output).manifest["step"] == 1
 
 
 def losses(output):

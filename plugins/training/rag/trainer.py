@@ -28,7 +28,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TextIO
 
 import numpy as np
 import torch
@@ -315,6 +315,17 @@ class Trainer:
                 self.schedules[name].step()
         return total, parts
 
+    def log_step(self, log: TextIO, entry: dict[str, Any]) -> None:
+        """Append the step's entry to the training log; a log that cannot be written (a full
+        disk) is a RunError, the last save kept."""
+        try:
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+        except OSError as error:
+            raise RunError(f"could not append step {entry['step']} to {self.output / TRAIN_LOG} "
+                           f"({error.strerror or error}); the last save is kept and the same command "
+                           "resumes from it") from error
+
     def train(self) -> dict[str, Any]:
         """Steps up to `config.steps`, a save every `save_every` steps and at the end; returns
         the last step's log entry."""
@@ -347,8 +358,7 @@ class Trainer:
                 if not math.isfinite(entry["loss"]):  # its weights are not saved, nor the step logged
                     raise RunError(f"step {step}: the loss is {entry['loss']}, so training stops; {self.output} "
                                    "keeps its last checkpoint, if any (try a lower --learning-rate)")
-                log.write(json.dumps(entry) + "\n")
-                log.flush()
+                self.log_step(log, entry)
                 progress.update(bar, advance=1, loss=entry["loss"], speed=1 / seconds)
                 if step % config.save_every == 0 or step == config.steps:
                     self.save()
