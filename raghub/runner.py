@@ -43,7 +43,7 @@ from raghub.interfaces import (COMMON_TASK_KEYS, Example, Method, Plugin, Regist
 from raghub.models import LanguageModel, ModelBackend, ModelSpec, choose_backend
 from raghub.options import dashed
 from raghub.pace import Pace, duration
-from raghub.plugin_manager import code_identity, registry, returned_wrong
+from raghub.plugin_manager import PluginHost
 from raghub.record import Record
 from raghub.records import append_record, check_store, read_records, samples_file
 from raghub.retrieval import Retrieval, task_corpus
@@ -108,6 +108,8 @@ class ResolvedRun:
     backend: ModelBackend
     n_docs: int
     plugin_options: dict[str, dict[str, Any]]
+    #: the plugins the names were looked up in
+    host: PluginHost
     #: the `--checkpoint` whose generator the method evaluates (loaded into its model)
     checkpoint: Checkpoint | None = None
     #: the retrievers (`retriever_class` is the first), reranker and refiner; None: no retriever
@@ -138,6 +140,7 @@ class ResolvedRun:
     @functools.cached_property
     def code(self) -> dict[str, dict[str, str] | None]:
         """What identifies the code of each plugin the run uses (`code_identity`)."""
+        code_identity = self.host.code_identity
         return {"task family": code_identity("task family", self.task.family),
                 "method": code_identity("method", self.method_class.name),
                 **self.retrieval_code(),
@@ -146,7 +149,7 @@ class ResolvedRun:
     def stage_code(self) -> dict[str, Any]:
         """The code identity of each retriever (`retrievers`), and of the reranker and the
         refiner when the run has them."""
-        kinds = self.stage_kinds()
+        kinds, code_identity = self.stage_kinds(), self.host.code_identity
         return {"retrievers": [code_identity("retriever", cls.name) for _, cls in self.retriever_kinds()],
                 **{kind: code_identity(kind, kinds[kind].name) for kind in ("reranker", "refiner") if kinds.get(kind)}}
 
@@ -274,10 +277,11 @@ def _check_device(device: str) -> None:
                          "or leave it out")
 
 
-def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> ResolvedRun:
-    """Look up and validate every name and option; raises UsageError on bad input. A task
-    already in `built_tasks` (keyed by its definition, data folder and options) is reused."""
-    found = registry()
+def resolve(request: RunRequest, host: PluginHost, built_tasks: dict[str, Task] | None = None) -> ResolvedRun:
+    """Look up and validate every name and option in the host's plugins; raises UsageError on
+    bad input. A task already in `built_tasks` (keyed by its definition, data folder and
+    options) is reused."""
+    found = host.registry
     definition, task_class = task_family(request.task, found)
     if request.method not in found.methods:
         raise _unknown("method", request.method, list(found.methods), "methods")
@@ -322,7 +326,7 @@ def resolve(request: RunRequest, built_tasks: dict[str, Task] | None = None) -> 
     _check_results_dir(Path(request.results_dir))
     if request.device is not None:
         _check_device(request.device)
-    return ResolvedRun(request, task, method_class, retriever_class, backend, n_docs, options, checkpoint, stages)
+    return ResolvedRun(request, task, method_class, retriever_class, backend, n_docs, options, host, checkpoint, stages)
 
 
 def _stage_plan(request: RunRequest, retriever_name: str, n_docs: int, found: Registry) -> StagePlan:
@@ -373,7 +377,7 @@ def _sweep_values(key: str, value: Any) -> list[Any]:
     return values
 
 
-def resolve_sweep(settings: dict[str, Any]) -> list[ResolvedRun]:
+def resolve_sweep(settings: dict[str, Any], host: PluginHost) -> list[ResolvedRun]:
     """One resolved run per combination of the swept settings' values (tasks, then methods, then
     n_docs), all validated before any model loads; combinations that are the same run (a
     closed-book method at several n_docs) are kept once."""
@@ -381,7 +385,7 @@ def resolve_sweep(settings: dict[str, Any]) -> list[ResolvedRun]:
     runs: dict[str, ResolvedRun] = {}
     built_tasks: dict[str, Task] = {}
     for values in itertools.product(*swept.values()):
-        resolved = resolve(RunRequest.from_settings({**settings, **dict(zip(swept, values))}), built_tasks)
+        resolved = resolve(RunRequest.from_settings({**settings, **dict(zip(swept, values))}), host, built_tasks)
         runs.setdefault(fingerprint(resolved.config), resolved)
     if not any(run.retriever_class for run in runs.values()):
         ignored = [f"--{dashed(key)}" for key in ("retriever", "n_docs", "reranker", "rerank_depth", "fusion_k", "refiner")
@@ -453,15 +457,15 @@ def _checked_stats(task: Task, examples: Sequence[Example], results: Any) -> lis
     RunError naming the task family's plugin."""
     if not isinstance(results, (list, tuple)) or len(results) != len(examples):
         returned = amount(len(results), "stats dict") if isinstance(results, (list, tuple)) else repr(results)
-        raise returned_wrong(task, f"{returned} for {amount(len(examples), 'example')}")
+        raise ReturnedWrong("task family", task, f"{returned} for {amount(len(examples), 'example')}")
     for example, stats in zip(examples, results):
         if not isinstance(stats, dict):
-            raise returned_wrong(task, f"{stats!r} for example {example.id}; it must return one dict of stats "
+            raise ReturnedWrong("task family", task, f"{stats!r} for example {example.id}; it must return one dict of stats "
                                        "per example")
         try:
             json.dumps(stats)
         except (TypeError, ValueError) as error:
-            raise returned_wrong(task, f"stats for example {example.id} that are not JSON: {error}") from None
+            raise ReturnedWrong("task family", task, f"stats for example {example.id} that are not JSON: {error}") from None
     return list(results)
 
 
@@ -537,7 +541,7 @@ def git_commit() -> str | None:
 def _plugin_origins(task: Task, method: Method, resolved: ResolvedRun) -> dict[str, str | None]:
     """Which installed plugin (built-in, or distribution and version) provided each part (the
     retrievers of a hybrid `+`-joined; a reranker and a refiner when the run has them)."""
-    found = registry()
+    found = resolved.host.registry
     kinds = resolved.stage_kinds()
     retrievers = [found.origin("retriever", cls.name) for _, cls in resolved.retriever_kinds()]
     return {"task family": found.origin("task family", task.family), "method": found.origin("method", method.name),
@@ -603,6 +607,8 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None,
             started_at=started.isoformat(), finished_at=datetime.now(timezone.utc).isoformat(),
             duration_s=round(time.perf_counter() - clock, 2), hardware={**model.hardware(), "allocator": allocator.in_effect()},
         )
+    except ReturnedWrong as error:  # a contract check: named with the plugin's origin
+        raise resolved.host.returned_wrong(error.plugin, error.what) from None
     finally:
         method.close()
     append_record(request.results_dir, record, lines)
@@ -647,10 +653,7 @@ def _evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
                    f"to {batch_size}; the first batch gives the time to expect")
         for batch in batches:
             before = Counter(method.counters)
-            try:
-                results = task.evaluate(method, [examples[i] for i in batch], [retrieved[i] for i in batch])
-            except ReturnedWrong as error:  # a family's contract check: named with the plugin's origin
-                raise returned_wrong(error.plugin, error.what) from None
+            results = task.evaluate(method, [examples[i] for i in batch], [retrieved[i] for i in batch])
             results = _checked_stats(task, [examples[i] for i in batch], results)
             added = {key: value - before[key] for key, value in method.counters.items() if value != before[key]}
             lines = [sample_line(task, examples[i], result, retrieved[i], method.work.take(examples[i].id))

@@ -72,11 +72,11 @@ RUN = ("run", "--task", "wikitext2", "--method", "none", "--limit", "1")
 
 
 @pytest.fixture
-def stored_identical_run(tmp_path):
+def stored_identical_run(host, tmp_path):
     """A results folder holding a hand-made record whose config is exactly what RUN resolves to."""
     results = tmp_path / "results"
     (resolved,) = resolve_sweep({"task": "wikitext2", "method": "none", "limit": 1,
-                                 "results_dir": str(results)})
+                                 "results_dir": str(results)}, host)
     append_record(results, record("none", 0.5, task="wikitext2", config=resolved.config,
                                   metrics={"bits_per_byte": 1.25}, finished_at="yesterday"))
     assert fingerprint(json.loads(json.dumps(resolved.config))) == fingerprint(resolved.config)

@@ -18,7 +18,6 @@ from click.testing import CliRunner
 
 from raghub import Answer, Method, ModelBackend, RunError, hookimpl
 from raghub.cli import cli
-from raghub.plugin_manager import pm, registry
 from raghub.plugins.tasks.question_answering.task import aggregate_stats
 
 RAGHUB = Path(sys.executable).with_name("raghub")
@@ -85,14 +84,11 @@ class StubPlugin:
 
 
 @pytest.fixture
-def stub_plugin(tmp_path, monkeypatch):
+def stub_plugin(tmp_path, monkeypatch, add_plugin):
     monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
-    pm.register(StubPlugin(), "stub-plugin")
-    registry.cache_clear()
+    add_plugin(StubPlugin())
     yield
     GoldIfRetrieved.budget = math.inf
-    pm.unregister(name="stub-plugin")
-    registry.cache_clear()
 
 
 def run_stub(results, *extra):
