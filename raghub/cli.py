@@ -51,7 +51,13 @@ class RaghubGroup(click.Group):
                      **extra: Any) -> click.Context:
         if parent is None and extra.get("obj") is None:
             extra["obj"] = PluginHost()
-        return super().make_context(info_name, args, parent, **extra)
+        ctx = super().make_context(info_name, args, parent, **extra)  # --version exits here, loading nothing
+        try:
+            ctx.obj.load()
+        except KeyboardInterrupt:  # while plugins import: start-up's, not a run's (click would exit 1)
+            click.echo("raghub: interrupted", err=True)
+            sys.exit(130)
+        return ctx
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*self.commands, *_plugin_commands(ctx)})
