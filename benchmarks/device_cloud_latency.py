@@ -26,7 +26,7 @@ from raghub.plugins.methods.device_cloud.method import DeviceCloud
 from raghub.plugins.methods.device_cloud.server import AUTHKEY_VARIABLE, start_cloud
 from raghub.retrieval import retrieve
 from raghub.plugin_manager import default_host
-from raghub.runner import RunRequest, resolve
+from raghub.resolution import RunRequest, resolve
 
 COLUMNS = [("mode", "mode"), ("wire", "compression"), ("RTT ms", "rtt_ms"),
            ("bytes/token", "bytes_per_token"), ("distribution bytes/token", "distribution_bytes_per_token"),

@@ -250,7 +250,8 @@ def run(host: PluginHost, config_file: str | None, as_json: bool, force: bool, v
     """Run a method on a task and store one result record; comma lists of --task, --method and
     --n-docs run every combination, loading each model once."""
     from raghub.quiet import quiet_third_party
-    from raghub.runner import resolve_sweep, run_sweep
+    from raghub.resolution import resolve_sweep
+    from raghub.runner import run_sweep
 
     quiet_third_party(verbose)
 

@@ -30,7 +30,8 @@ from raghub.plugin_manager import PluginHost
 from raghub.record import Record
 from raghub.records import append_record, check_store, samples_file
 from raghub.retrieval import task_corpus
-from raghub.runner import git_commit, ranked_metrics, sample_line, task_family
+from raghub.provenance import git_commit, ranked_metrics, sample_line
+from raghub.resolution import task_family
 
 #: the entry point of the task families whose predictions are answer texts
 ANSWER_ENTRY_POINT = "answer"

@@ -12,7 +12,7 @@ from raghub.plugins.models.huggingface import HuggingFaceCausal
 from raghub.leaderboard import clear_winner, leaderboard_markdown, task_config_fingerprint
 from raghub.record import Record
 from raghub.records import append_record
-from raghub.runner import resolve_sweep
+from raghub.resolution import resolve_sweep
 
 
 def record(method, f1, stderr=None, stride=0, corpus_fp=None, source="/a/tasks/squad.yaml", **extra):

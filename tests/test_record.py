@@ -15,7 +15,7 @@ from raghub.cli import cli
 from raghub.plugins.models.huggingface import HuggingFaceCausal
 from raghub.record import SCHEMA_VERSION, Record
 from raghub.records import append_record
-from raghub.runner import resolve_sweep
+from raghub.resolution import resolve_sweep
 
 LEADERBOARDS = Path(__file__).resolve().parents[1] / "leaderboards"
 

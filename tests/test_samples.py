@@ -153,7 +153,7 @@ def test_an_interrupted_run_resumes_to_the_same_samples(stub_plugin, tmp_path):
 
 
 def test_the_resume_file_keeps_verified_batches_only(tmp_path):
-    from raghub.runner import _batch_line, _read_resume_file
+    from raghub.resume import _batch_line, _read_resume_file
 
     path = tmp_path / "resume.jsonl"
     line = {"id": "w1", "nll": 1.0, "tokens": 2, "bytes": 3, "retrieved": []}

@@ -15,7 +15,7 @@ from raghub.corpus import read_corpus
 from raghub.errors import RunError, UsageError
 from raghub.hookspecs import hookimpl
 from raghub.models import ModelBackend
-from raghub.runner import RunRequest, resolve, resolve_sweep
+from raghub.resolution import RunRequest, resolve, resolve_sweep
 from raghub.schema import Field, check_schema
 from raghub.settings import parse_key_values, read_task_definition
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from raghub.cli import cli
 from raghub.errors import UsageError
 from raghub.plugins.models.huggingface import HuggingFaceCausal
-from raghub.runner import resolve_sweep
+from raghub.resolution import resolve_sweep
 
 DATA = Path(os.environ["RAGHUB_DATA_DIR"])  # set by conftest.py
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from raghub.cli import cli
 from raghub.interfaces import COMMON_TASK_KEYS
 from raghub.plugin_manager import PluginHost
-from raghub.runner import RunRequest, resolve
+from raghub.resolution import RunRequest, resolve
 from raghub.schema import reference_rows
 from raghub.task_yaml import task_yaml_reference
 from scripted import ScriptedBackend, ScriptedModel, scripted  # noqa: F401

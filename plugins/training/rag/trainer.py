@@ -38,7 +38,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from raghub import (Cache, GENERATOR, MANIFEST, Question, RunError, TRAINER_STATE, TRAIN_LOG, UsageError, barrier,
                     cache_root, choose_backend, load_trained_generator, mean_over_ranks, ranks, read_checkpoint,
                     write_checkpoint)
-from raghub.runner import task_corpus, task_family
+from raghub.resolution import task_family
+from raghub.retrieval import task_corpus
 
 from .config import TrainConfig
 from .penalties import keyword_mass, length_penalty, repetition_unlikelihood
