@@ -3,7 +3,8 @@
 input, so that bad input fails fast and writes nothing.
 
 `resolve_sweep` resolves every combination of the swept settings (comma lists of tasks, methods
-and n_docs), all before any model loads.
+and n_docs), all before any model loads. `task_family` and `question_task` are the task lookup
+that `raghub run`, `raghub score` and `raghub train` share.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from raghub.cache import Cache, cache_root, fingerprint
 from raghub.checkpoints import Checkpoint, generator_checkpoint
 from raghub.distributed import notice
 from raghub.errors import UsageError
+from raghub.families.qa import Question
 from raghub.interfaces import COMMON_TASK_KEYS, Method, Plugin, Registry, Retriever, Task, check_name_and_family
 from raghub.models import ModelBackend, choose_backend
 from raghub.options import dashed
@@ -31,6 +33,8 @@ from raghub.stages import FUSION_K, StagePlan
 
 #: the settings a command may give as comma lists (or YAML lists), one run per combination
 SWEPT_SETTINGS = ("task", "method", "n_docs")
+#: the entry point of the families whose examples are questions answered in text
+ANSWER_ENTRY_POINT = "answer"
 @dataclass
 class RunRequest:
     """What the user asked for, before anything is resolved: the core settings (converted by
@@ -203,6 +207,37 @@ def task_family(spec: str, found: Registry) -> tuple[dict[str, Any], type[Task]]
     task_class = found.task_families[definition["family"]]
     task_class.check_definition(definition)
     return definition, task_class
+
+
+class NoModel:
+    """What a task builds its examples for when no model runs: their prompt template, meant for
+    a model, is never rendered."""
+
+    name = None
+
+    @staticmethod
+    def chat_prompt(message: str) -> str:
+        return message
+
+
+def question_task(spec: str, found: Registry, data_dir: str | None, limit: int | None, command: str) -> Task:
+    """The task `spec` names, built and checked before any model loads, provided its family
+    answers questions in text and its first `limit` examples include questions with answers
+    (a UsageError naming `raghub COMMAND` otherwise)."""
+    definition, task_class = task_family(spec, found)
+    if task_class.entry_point != ANSWER_ENTRY_POINT:
+        raise UsageError(f"task '{definition['name']}' ({task_class.family}) is not scored from answers; "
+                         f"raghub {command} takes question-answering tasks")
+    task = task_class(definition["name"], definition, data_dir, registry=found)
+    task.check()
+    if not answered_questions(task.examples(NoModel(), limit)):
+        raise UsageError(f"task '{definition['name']}' has no questions with answers")
+    return task
+
+
+def answered_questions(examples: Sequence[Any]) -> list[Question]:
+    """The examples that are questions with at least one answer."""
+    return [example for example in examples if isinstance(example, Question) and example.answers]
 
 
 def _check_results_dir(results_dir: Path) -> None:

@@ -30,6 +30,8 @@ from raghub.plugins.training.rag.penalties import keyword_mass, length_penalty, 
 from raghub.plugins.training.rag.trainer import TrainConfig, Trainer, keep_log_until
 from raghub.plugin_manager import PluginHost
 
+from bad_input import assert_one_line_exit_2, model_never_loads  # noqa: F401 (a fixture)
+
 ROOT = Path(__file__).parents[1]
 PYTHON_BIN = Path(sys.executable).parent
 
@@ -375,6 +377,14 @@ def test_bad_training_settings_are_one_line_exit_2_and_write_nothing(tiny, tmp_p
     result = CliRunner().invoke(cli, ["train", *train_args(tiny, output, "--steps", "1"), *extra])
     assert result.exit_code == 2 and message in result.output, result.output
     assert not output.exists()
+
+
+def test_a_task_without_questions_is_refused_before_the_model_loads(model_never_loads, tmp_path):
+    """Regression: the trainer loaded the model before it found that wikitext2 has no questions."""
+    output = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["train", "--task", "wikitext2", "--output", str(output)])
+    assert_one_line_exit_2(result, "task 'wikitext2' (language-modelling) is not scored from answers; raghub train "
+                                   "takes question-answering tasks", output)
 
 
 @pytest.mark.parametrize("extra, message", [
