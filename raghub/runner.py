@@ -21,7 +21,7 @@ from raghub.cache import Cache, cache_root, fingerprint
 from raghub.checkpoints import checkpoint_stats, generator_identity, with_trained_generator
 from raghub.distributed import notice
 from raghub.errors import ReturnedWrong, UsageError
-from raghub.interfaces import Retrieved, Task
+from raghub.interfaces import Example, Method, Retrieved, Task
 from raghub.models import LanguageModel, ModelSpec
 from raghub.provenance import git_commit, plugin_origins, ranked_metrics
 from raghub.record import Record
@@ -105,22 +105,12 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None,
         examples = task.examples(model, request.limit)
         if not examples:
             raise UsageError(f"task '{task.name}' produced no examples")
-        retrieved: list[list[Retrieved]] = [[] for _ in examples]
-        corpus_label = None
-        if resolved.retriever_class is not None:
-            retrieval = _retrieval(resolved, task, model, cache)
-            n_docs = retrieval.clamp(resolved.n_docs)
-            with distributed.console().status(f"retrieving top-{n_docs} with {resolved.stages.label}"):
-                retrieval.open()
-                if method.first_stage:
-                    retrieved = retrieval.first_stage(examples, n_docs)
-            method.bind_retrieval(retrieval, n_docs)
-            corpus_label = retrieval.corpus_label
+        retrieved, corpus_label = _first_stage(resolved, method, model, cache, examples)
         # the weights' content is known once loaded: a resumed run never mixes two models
         config = {**resolved.config, **{key: getattr(model, attribute) for key, attribute in LOADED.items()}}
         resume_path = Path(request.results_dir) / ".partial" / f"{fingerprint(config)}.jsonl"
         done = evaluate_resumably(task, method, examples, retrieved, resume_path,
-                                   request.batch_size, announce=request.limit is None)
+                                  request.batch_size, announce=request.limit is None)
         if not distributed.ranks().is_main:
             return None
         lines = [done[e.id] for e in examples]
@@ -152,6 +142,23 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None,
     for path in distributed.resume_files(resume_path):
         path.unlink(missing_ok=True)
     return record
+
+
+def _first_stage(resolved: ResolvedRun, method: Method, model: LanguageModel, cache: Cache,
+                 examples: Sequence[Example]) -> tuple[list[list[Retrieved]], str | None]:
+    """Each example's first-stage passages (none without a retriever, or for a method that
+    asks for its own) and the corpus label; the method is bound to the run's retrieval."""
+    retrieved: list[list[Retrieved]] = [[] for _ in examples]
+    if resolved.retriever_class is None:
+        return retrieved, None
+    retrieval = _retrieval(resolved, resolved.task, model, cache)
+    n_docs = retrieval.clamp(resolved.n_docs)
+    with distributed.console().status(f"retrieving top-{n_docs} with {resolved.stages.label}"):
+        retrieval.open()
+        if method.first_stage:
+            retrieved = retrieval.first_stage(examples, n_docs)
+    method.bind_retrieval(retrieval, n_docs)
+    return retrieved, retrieval.corpus_label
 
 
 def _retrieval(resolved: ResolvedRun, task: Task, model: LanguageModel, cache: Cache) -> Retrieval:
