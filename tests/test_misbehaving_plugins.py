@@ -12,8 +12,6 @@ import pytest
 
 from plugin_packages import RUN_TIME, RecordingModel, invoke, registering, run_raghub, write_distribution
 from raghub import Method, ModelBackend, Retriever, RunError, Task, Window, hookimpl
-from raghub.cli import cli
-
 
 
 # --- declarations, checked when the registry is built ----------------------------------------
