@@ -25,7 +25,8 @@ from raghub.cache import Cache, cache_root
 from raghub.plugins.methods.device_cloud.method import DeviceCloud
 from raghub.plugins.methods.device_cloud.server import AUTHKEY_VARIABLE, start_cloud
 from raghub.retrieval import retrieve
-from raghub.runner import RunRequest, resolve
+from raghub.plugin_manager import default_host
+from raghub.resolution import RunRequest, resolve
 
 COLUMNS = [("mode", "mode"), ("wire", "compression"), ("RTT ms", "rtt_ms"),
            ("bytes/token", "bytes_per_token"), ("distribution bytes/token", "distribution_bytes_per_token"),
@@ -51,7 +52,7 @@ def main() -> None:
 
     resolved = resolve(RunRequest(task=args.task, method="device-cloud", retriever=args.retriever,
                                   n_docs=args.n_docs, options={"datastore": args.datastore},
-                                  data_dir=os.environ.get("RAGHUB_DATA_DIR")))
+                                  data_dir=os.environ.get("RAGHUB_DATA_DIR")), default_host())
     cache = Cache(cache_root())
     model = load_model(None)
     task = resolved.task

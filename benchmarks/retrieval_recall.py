@@ -27,7 +27,7 @@ import time
 from raghub.cache import Cache, cache_root
 from raghub.metrics import mean
 from raghub.models import load_model
-from raghub.plugin_manager import registry
+from raghub.plugin_manager import default_host
 from raghub.retrieval import Retrieval, retrieve
 from raghub.stages import Stages
 
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="the lm reranker's model (default: the embedded one)")
     parser.add_argument("--fresh", action="store_true", help="reuse nothing cached, so the times are the work's")
     args = parser.parse_args()
-    found = registry()
+    found = default_host().registry
     definition = found.tasks[args.task]
     task = found.task_families[definition["family"]](args.task, definition, args.data_dir, registry=found)
     questions = task.examples(None, args.limit)

@@ -36,7 +36,7 @@ import numpy as np
 
 from raghub.cache import Cache
 from raghub.corpus import CorpusFile
-from raghub.plugin_manager import registry
+from raghub.plugin_manager import default_host
 
 SOURCES = ("squad", "hotpotqa", "2wiki")
 PASSAGE_WORDS = 100
@@ -56,7 +56,7 @@ def folder_mb(folder: Path) -> float:
 
 def write_corpus(out: Path, n_passages: int) -> tuple[Path, Path]:
     """The synthetic psgs_w100-style TSV and a file of real questions (one per line)."""
-    found = registry()
+    found = default_host().registry
     tasks = [found.task_families["qa"](name, found.tasks[name], None, registry=found) for name in SOURCES]
     sentences = sorted({s for task in tasks for p in task.corpus()[0] for s in SENTENCE.split(p.text) if s})
     questions = [q.question for task in tasks for q in task.loaded.questions][:N_QUERIES]

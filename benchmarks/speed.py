@@ -35,7 +35,7 @@ from raghub import Retrieved, allocator, mixture_logprobs, passage_ids
 from raghub.models import load_model
 from raghub.cache import Cache, cache_root
 from raghub.models import Generation
-from raghub.plugin_manager import registry
+from raghub.plugin_manager import default_host
 from raghub.plugins.methods.ensemble import Ensemble
 from raghub.plugins.methods.incontext import InContext
 from raghub.plugins.methods.none import ClosedBook
@@ -357,7 +357,7 @@ def embedded_benchmark(args, data_dir) -> None:
                     model, text, len(windows[0].context_ids) + len(windows[0].target_ids)), False))
         tables.append(Table(name, runs, scored, flops, logprob_difference))
 
-    qa = QATask("squad", read_task_definition(TASKS / "squad.yaml"), data_dir, registry=registry())
+    qa = QATask("squad", read_task_definition(TASKS / "squad.yaml"), data_dir, registry=default_host().registry)
     questions = qa.examples(old, args.questions)
     hits, _, _ = retrieve(qa, BM25S(cache), questions, 3, cache)
     for name, method_class in (("none", ClosedBook), ("incontext", InContext)):

@@ -32,6 +32,8 @@ from raghub.metrics import (answer_match, best_over_aliases, bits_per_byte, exac
                             normalize_answer, perplexity, perplexity_standard_error, yes_probability)
 from raghub.mixture import mixture_logprobs
 from raghub.models import AnswerScores, Generation, LanguageModel, ModelBackend, ModelSpec, choose_backend
+from raghub.resolution import answered_questions, question_task
+from raghub.retrieval import task_corpus
 from raghub.objectives import (Objective, lsr_kl, rag_sequence_logprob, rag_sequence_token_logprobs,
                                rag_token_logprob)
 from raghub.options import Option
@@ -69,6 +71,8 @@ __all__ = [
     "CORE_OPTIONS", "Cache", "STRUCTURED_SUFFIXES", "cache_root", "data_file", "data_is_local", "data_path", "file_sha256", "fingerprint",
     "load_hub_dataset", "parse_key_values", "read_corpus", "read_data_json", "read_data_json_lines",
     "read_data_text", "read_task_definition", "tsv_reader", "first_words",
+    # the task lookup `raghub run`, `score` and `train` share
+    "answered_questions", "question_task", "task_corpus",
     # the checkpoint of `raghub train`
     "CHECKPOINT_OPTION", "GENERATOR", "MANIFEST", "PASSAGE_ENCODER", "QUERY_ENCODER", "TRAINER_STATE", "TRAIN_LOG",
     "load_trained_generator", "read_checkpoint", "write_checkpoint",

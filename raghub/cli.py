@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import json
 import os
 import sys
@@ -25,7 +26,8 @@ from raghub import allocator
 from raghub.errors import RaghubError, UsageError
 from raghub.options import Option, dashed
 from raghub.plots import KINDS, plot as draw_plot
-from raghub.plugin_manager import call_hook, failed_plugins, plugin_summaries, pm, registry
+from raghub.interfaces import Registry
+from raghub.plugin_manager import PluginHost
 from raghub.leaderboard import leaderboard_markdown
 from raghub.record import Record
 from raghub.records import find_record, read_records, read_samples
@@ -41,24 +43,27 @@ class BadInput(click.ClickException):
 
 
 class RaghubGroup(click.Group):
-    """Turns raghub's errors into one line and their exit code, and Ctrl-C into exit 130. A
-    command may be added again by whoever added it (raghub, or the plugin of `adding_for`),
-    never replaced by another."""
+    """Turns raghub's errors into one line and their exit code, and Ctrl-C into exit 130. Each
+    invocation gets its own `PluginHost` (`ctx.obj`, unless the caller gives one), whose
+    plugins' commands join raghub's own."""
 
-    #: the plugin whose register_commands hook is adding commands now (None: raghub itself)
-    adding_for: str | None = None
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        if parent is None and extra.get("obj") is None:
+            extra["obj"] = PluginHost()
+        ctx = super().make_context(info_name, args, parent, **extra)  # --version exits here, loading nothing
+        try:
+            ctx.obj.load()
+        except KeyboardInterrupt:  # while plugins import: start-up's, not a run's (click would exit 1)
+            click.echo("raghub: interrupted", err=True)
+            sys.exit(130)
+        return ctx
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        #: command name -> the plugin that added it (None: raghub)
-        self.added_by: dict[str, str | None] = {}
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *_plugin_commands(ctx)})
 
-    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
-        name = name or cmd.name
-        if name in self.commands and self.added_by.get(name) != self.adding_for:
-            raise UsageError(f"its command '{name}' would replace `raghub {name}`; it needs another name")
-        super().add_command(cmd, name)
-        self.added_by[name] = self.adding_for
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return _plugin_commands(ctx).get(name) or self.commands.get(name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -71,19 +76,56 @@ class RaghubGroup(click.Group):
             sys.exit(130)
 
 
+class PluginCommands(click.Group):
+    """What the plugins' `register_commands` hooks add: a command may be added again by the
+    plugin that added it, never one named like raghub's own or another plugin's."""
+
+    def __init__(self, taken: set[str], host: PluginHost) -> None:
+        super().__init__("raghub")
+        self.taken, self.host = taken, host
+        #: command name -> the plugin that added it
+        self.added_by: dict[str, str | None] = {}
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        name = name or cmd.name
+        if name in self.taken or self.added_by.get(name, self.host.calling) != self.host.calling:
+            raise UsageError(f"its command '{name}' would replace `raghub {name}`; it needs another name")
+        super().add_command(cmd, name)
+        self.added_by[name] = self.host.calling
+
+
+def _plugin_commands(ctx: click.Context) -> dict[str, click.Command]:
+    """The invocation's plugin commands, collected once. A plugin whose command would replace
+    another (raghub's or an earlier plugin's) is skipped like a plugin whose hook fails: named,
+    unregistered, and the commands it added removed."""
+    root = ctx.find_root()
+    if "raghub.commands" not in root.meta:
+        commands = PluginCommands(set(root.command.commands), root.obj)
+        for plugin in root.obj.call_hook("register_commands", cli=commands):
+            for name in [name for name, by in commands.added_by.items() if by == plugin]:
+                del commands.commands[name]
+        root.meta["raghub.commands"] = commands.commands
+    return root.meta["raghub.commands"]
+
+
+def pass_registry(command: Any) -> Any:
+    """Call a command with the invocation's registry as its first argument."""
+    @functools.wraps(command)
+    def with_registry(*args: Any, **kwargs: Any) -> Any:
+        return command(click.get_current_context().obj.registry, *args, **kwargs)
+    return with_registry
+
+
 @click.group(cls=RaghubGroup)
 @click.version_option(package_name="raghub")
-@click.pass_context
-def cli(ctx: click.Context) -> None:
+def cli() -> None:
     """raghub: run retrieval-augmented generation methods on comparable tasks."""
     allocator.keep_freed_memory()
-    ctx.obj = registry()
 
 
-def _declared_options() -> dict[str, list[tuple[Option, list[str]]]]:
+def _declared_options(found: Registry) -> dict[str, list[tuple[Option, list[str]]]]:
     """Every option a registered task family, method, retriever, reranker or refiner declares:
     per name, each distinct declaration with the plugins that declare it so."""
-    found = registry()
     declared: dict[str, list[tuple[Option, list[str]]]] = {}
     plugins = [*(("task family", c.family, c) for c in found.task_families.values()),
                *(("method", c.name, c) for c in found.methods.values()),
@@ -113,36 +155,41 @@ def _option_help(option: Option, owners: list[str]) -> str:
     return f"{option.help} [{'; '.join(notes)}]" if notes else option.help
 
 
-def _with_options(command, options: dict[str, list[tuple[Option, list[str]]]]):
-    """Add a flag per option name, its help naming each plugin's declaration apart (two plugins
-    may mean different things by one name); values stay as given, for `RunRequest` to convert."""
-    for key, declarations in sorted(options.items(), reverse=True):
+def _option_flags(options: dict[str, list[tuple[Option, list[str]]]]) -> list[click.Option]:
+    """A flag per option name, its help naming each plugin's declaration apart (two plugins may
+    mean different things by one name); values stay as given, for `RunRequest` to convert."""
+    flags = []
+    for key, declarations in sorted(options.items()):
         help_text = " | ".join(_option_help(option, owners) for option, owners in declarations)
         option = declarations[0][0]
         if all(declared.type is bool for declared, _ in declarations):
-            decorator = click.option(f"--{dashed(key)}", key, is_flag=True, default=None, help=help_text)
+            flags.append(click.Option([f"--{dashed(key)}", key], is_flag=True, default=None, help=help_text))
         else:  # choices and numbers are checked by Option.convert, for one-line errors like a config's
             one_kind = len(declarations) == 1 or all(declared.type == option.type for declared, _ in declarations)
             metavar = (f"[{'|'.join(option.type)}]" if isinstance(option.type, tuple) and len(declarations) == 1
                        else HELP_TYPES.get(option.type, "TEXT") if one_kind else "VALUE")
-            decorator = click.option(f"--{dashed(key)}", key, metavar=metavar, default=None, help=help_text,
-                                     envvar="RAGHUB_DATA_DIR" if key == "data_dir" else None)
-        command = decorator(command)
-    return command
+            flags.append(click.Option([f"--{dashed(key)}", key], metavar=metavar, default=None, help=help_text,
+                                      envvar="RAGHUB_DATA_DIR" if key == "data_dir" else None))
+    return flags
 
 
-def _with_run_options(command):
-    """The core settings' flags, then every plugin option's."""
-    return _with_options(command, {**{key: [(option, [])] for key, option in CORE_OPTIONS.items()},
-                                   **_declared_options()})
+class RunCommand(click.Command):
+    """`raghub run`: its own flags, then the core settings' and every option the invocation's
+    plugins declare."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        found = ctx.find_root().obj.registry
+        options = {**{key: [(option, [])] for key, option in CORE_OPTIONS.items()}, **_declared_options(found)}
+        help_option = self.get_help_option(ctx)
+        return [*self.params, *_option_flags(options), *([help_option] if help_option else [])]
 
 
-def _run_settings(config_file: str | None, given: dict[str, Any]) -> dict[str, Any]:
+def _run_settings(config_file: str | None, given: dict[str, Any], found: Registry) -> dict[str, Any]:
     """The `--config` file's settings overlaid with the flags given. A setting that neither
     raghub nor any installed plugin declares is a UsageError naming the file and the key."""
     settings: dict[str, Any] = {}
     if config_file:
-        known = [*CORE_OPTIONS, *_declared_options()]
+        known = [*CORE_OPTIONS, *_declared_options(found)]
         for key, value in read_yaml_mapping(config_file).items():
             if not isinstance(key, str):
                 raise UsageError(f"{config_file}: setting names must be strings, not {key!r}")
@@ -189,7 +236,7 @@ RESULTS_DIR_OPTION = click.option("--results-dir", default="results", show_defau
                                   callback=_existing_results_dir)
 
 
-@cli.command()
+@cli.command(cls=RunCommand)
 @click.option("--config", "config_file", type=click.Path(),  # read_yaml_mapping checks it
               help="YAML file of settings (any option of this command); flags override it.")
 @click.option("--json", "as_json", is_flag=True,
@@ -198,16 +245,17 @@ RESULTS_DIR_OPTION = click.option("--results-dir", default="results", show_defau
               help="Run again even when an identical run is stored, recomputing everything it had cached.")
 @click.option("--verbose", is_flag=True,
               help="Show the libraries' progress bars, advisory logging and deprecation warnings.")
-@_with_run_options
-def run(config_file: str | None, as_json: bool, force: bool, verbose: bool, **given: Any) -> None:
+@click.pass_obj
+def run(host: PluginHost, config_file: str | None, as_json: bool, force: bool, verbose: bool, **given: Any) -> None:
     """Run a method on a task and store one result record; comma lists of --task, --method and
     --n-docs run every combination, loading each model once."""
     from raghub.quiet import quiet_third_party
-    from raghub.runner import resolve_sweep, run_sweep
+    from raghub.resolution import resolve_sweep
+    from raghub.runner import run_sweep
 
     quiet_third_party(verbose)
 
-    runs = resolve_sweep(_run_settings(config_file, given))
+    runs = resolve_sweep(_run_settings(config_file, given, host.registry), host)
     if not as_json:
         for record, resolved in zip(run_sweep(runs, force=force), runs):
             _print_record(record, resolved.request.results_dir)
@@ -288,9 +336,11 @@ def _listing(title: str, rows: list[tuple[str, ...]], columns: tuple[str, ...]) 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plugins(as_json: bool) -> None:
+@click.pass_obj
+def plugins(host: PluginHost, as_json: bool) -> None:
     """Installed plugins, where they came from, and the hooks they implement."""
-    summaries = plugin_summaries()
+    summaries = host.summaries()
+    failed_plugins = host.failed
     if as_json:
         click.echo(json.dumps({"plugins": summaries, "failed": failed_plugins}, indent=2))
         return
@@ -301,7 +351,7 @@ def plugins(as_json: bool) -> None:
 
 
 @cli.command()
-@click.pass_obj
+@pass_registry
 def tasks(found) -> None:
     """Registered tasks."""
     _listing("raghub tasks", [(name, d["family"], found.origin("task", name), d.get("description", ""))
@@ -310,7 +360,7 @@ def tasks(found) -> None:
 
 
 @cli.command("task-yaml")
-@click.pass_obj
+@pass_registry
 def task_yaml(found) -> None:
     """The task YAML reference: every key of each task family, written from the schemas."""
     from raghub.task_yaml import task_yaml_reference
@@ -318,8 +368,7 @@ def task_yaml(found) -> None:
     click.echo(task_yaml_reference(found.task_families), nl=False)
 
 
-def _plugin_listing(title: str, kind: str, table: dict[str, type]) -> None:
-    found = registry()
+def _plugin_listing(found: Registry, title: str, kind: str, table: dict[str, type]) -> None:
     _listing(title, [(name, found.origin(kind, name), cls.description,
                       ", ".join(f"--{dashed(k)}" for k in cls.options))
                      for name, cls in sorted(table.items())],
@@ -327,35 +376,35 @@ def _plugin_listing(title: str, kind: str, table: dict[str, type]) -> None:
 
 
 @cli.command()
-@click.pass_obj
+@pass_registry
 def methods(found) -> None:
     """Registered methods and their options."""
-    _plugin_listing("raghub methods", "method", found.methods)
+    _plugin_listing(found, "raghub methods", "method", found.methods)
 
 
 @cli.command()
-@click.pass_obj
+@pass_registry
 def retrievers(found) -> None:
     """Registered retrievers and their options."""
-    _plugin_listing("raghub retrievers", "retriever", found.retrievers)
+    _plugin_listing(found, "raghub retrievers", "retriever", found.retrievers)
 
 
 @cli.command()
-@click.pass_obj
+@pass_registry
 def rerankers(found) -> None:
     """Registered rerankers (`--reranker`) and their options."""
-    _plugin_listing("raghub rerankers", "reranker", found.rerankers)
+    _plugin_listing(found, "raghub rerankers", "reranker", found.rerankers)
 
 
 @cli.command()
-@click.pass_obj
+@pass_registry
 def refiners(found) -> None:
     """Registered refiners (`--refiner`) and their options."""
-    _plugin_listing("raghub refiners", "refiner", found.refiners)
+    _plugin_listing(found, "raghub refiners", "refiner", found.refiners)
 
 
 @cli.command()
-@click.pass_obj
+@pass_registry
 def models(found) -> None:
     """Registered model backends, what each loads, and its --model-args keys."""
     _listing("raghub models", [(name, found.origin("model backend", name), cls.handles_description,
@@ -416,7 +465,7 @@ def _sample_row(line: dict[str, Any]) -> tuple[str, str, str, str]:
                    "with B's prediction and which way it changed.")
 @click.option("--metric", default="em", show_default=True, help="The right / wrong metric of --changed-against.")
 @RESULTS_DIR_OPTION
-@click.pass_obj
+@pass_registry
 def samples(found, reference: str, wrong: bool, example_type: str | None, against: str | None,
             metric: str, results_dir: str) -> None:
     """A run's examples, one row each (RECORD: a record id, the start of one, or `latest`)."""
@@ -469,7 +518,7 @@ def _metric_terms(found, record: Record):
 @click.argument("reference_b", metavar="B")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON, nothing else.")
 @RESULTS_DIR_OPTION
-@click.pass_obj
+@pass_registry
 def compare(found, reference_a: str, reference_b: str, as_json: bool, results_dir: str) -> None:
     """Two runs of a task, paired example by example: the difference A − B of each metric, its
     paired standard error, and the examples A does better / worse / the same on."""
@@ -555,7 +604,8 @@ def _judge_options(default: str | None):
 @_judge_options(default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the record as one line of JSON, nothing else.")
 @click.option("--results-dir", default="results", show_default=True, help="Results store.")
-def score(predictions: str, task_spec: str, system: str | None, limit: int | None, data_dir: str | None,
+@click.pass_obj
+def score(host: PluginHost, predictions: str, task_spec: str, system: str | None, limit: int | None, data_dir: str | None,
           judge_name: str | None, judge_model: str | None, judge_repeats: int, judge_temperature: float,
           as_json: bool, results_dir: str) -> None:
     """Score answers made by another system (PREDICTIONS: one JSON line per question, its `id`,
@@ -565,12 +615,12 @@ def score(predictions: str, task_spec: str, system: str | None, limit: int | Non
     from raghub.scoring import score_predictions
 
     if judge_name is not None:
-        check_judge(judge_name, judge_model)
+        check_judge(host, judge_name, judge_model)
     path = Path(predictions)
-    record = score_predictions(task_spec, path, system or path.name.split(".")[0], Path(results_dir),
+    record = score_predictions(host, task_spec, path, system or path.name.split(".")[0], Path(results_dir),
                                data_dir, limit)
     if judge_name is not None:
-        record = judge_run(record, read_samples(results_dir, record), judge_name, judge_model,
+        record = judge_run(host, record, read_samples(results_dir, record), judge_name, judge_model,
                            judge_repeats, judge_temperature, results_dir)
     if as_json:
         click.echo(json.dumps(record.to_dict(), sort_keys=True))
@@ -583,7 +633,8 @@ def score(predictions: str, task_spec: str, system: str | None, limit: int | Non
 @_judge_options(default="correctness")
 @click.option("--json", "as_json", is_flag=True, help="Print the judged record as one line of JSON, nothing else.")
 @RESULTS_DIR_OPTION
-def judge(reference: str, judge_name: str, judge_model: str | None, judge_repeats: int,
+@click.pass_obj
+def judge(host: PluginHost, reference: str, judge_name: str, judge_model: str | None, judge_repeats: int,
           judge_temperature: float, as_json: bool, results_dir: str) -> None:
     """Judge a stored QA run's predictions with an LLM judge (no generator runs) and store the
     judged run as a new record: judged accuracy ± se (the judge's variance included), the
@@ -591,29 +642,8 @@ def judge(reference: str, judge_name: str, judge_model: str | None, judge_repeat
     from raghub.judging import judge_run
 
     record, lines = _stored_run(results_dir, reference)
-    judged = judge_run(record, lines, judge_name, judge_model, judge_repeats, judge_temperature, results_dir)
+    judged = judge_run(host, record, lines, judge_name, judge_model, judge_repeats, judge_temperature, results_dir)
     if as_json:
         click.echo(json.dumps(judged.to_dict(), sort_keys=True))
     else:
         _print_record(judged, Path(results_dir))
-
-
-def _add_plugin_commands() -> None:
-    """Each plugin's commands. One whose command would replace another (raghub's or an earlier
-    plugin's) is skipped like a plugin whose hook fails: named, unregistered, and the commands
-    it added removed."""
-    def arguments(plugin: str) -> dict[str, Any]:
-        cli.adding_for = plugin
-        return {"cli": cli}
-
-    failed = call_hook("register_commands", arguments)
-    cli.adding_for = None
-    for plugin in failed:
-        pm.unregister(name=plugin)
-        for name in [name for name, by in cli.added_by.items() if by == plugin]:
-            del cli.commands[name], cli.added_by[name]
-    if failed:
-        registry.cache_clear()
-
-
-_add_plugin_commands()

@@ -17,7 +17,10 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Iterator, Sequence, TypeVar
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 T = TypeVar("T")
 
@@ -59,6 +62,13 @@ def notice(message: str) -> None:
     """Tell the user something on stderr, once: from rank 0 only under a launcher."""
     if ranks().is_main:
         print(f"raghub: {message}", file=sys.stderr)
+
+
+def console() -> Console:
+    """A console on stderr for progress bars and status lines, silent on every rank but rank 0."""
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=not ranks().is_main)
 
 
 def barrier() -> None:

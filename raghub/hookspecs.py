@@ -70,4 +70,5 @@ def register_judges(register):
 @hookspec
 def register_commands(cli):
     """Add click commands or groups to the `raghub` CLI group. A command finds the registry
-    with `click.get_current_context().obj` (a `raghub.interfaces.Registry`)."""
+    of the invocation's plugins with `click.get_current_context().obj.registry` (a
+    `raghub.Registry`)."""

@@ -27,7 +27,7 @@ from raghub.errors import UsageError
 from raghub.judges import Judge, Judgeable, verdict
 from raghub.metrics import cohen_kappa, confusion_counts, repeated_judgement, self_agreement
 from raghub.models import ModelBackend, ModelSpec, choose_backend
-from raghub.plugin_manager import code_identity, registry
+from raghub.plugin_manager import PluginHost
 from raghub.record import Record
 from raghub.records import append_record, samples_file
 
@@ -103,10 +103,10 @@ def judge_summary(name: str, lines: Sequence[dict[str, Any]], judged: Sequence[l
     return {key: value for key, value in metrics.items() if value is not None}, se
 
 
-def check_judge(judge_name: str, judge_model: str | None) -> ModelBackend:
+def check_judge(host: PluginHost, judge_name: str, judge_model: str | None) -> ModelBackend:
     """The backend that loads the judge model, once the judge is known and the model can be seen
     to provide what it needs (UsageError otherwise); nothing is loaded."""
-    found = registry()
+    found = host.registry
     if judge_name not in found.judges:
         raise UsageError(f"unknown judge '{judge_name}'; known: {', '.join(sorted(found.judges)) or 'none'}")
     backend = choose_backend(found, judge_model)
@@ -115,21 +115,21 @@ def check_judge(judge_name: str, judge_model: str | None) -> ModelBackend:
     return backend
 
 
-def judge_run(record: Record, lines: Sequence[dict[str, Any]], judge_name: str, judge_model: str | None,
+def judge_run(host: PluginHost, record: Record, lines: Sequence[dict[str, Any]], judge_name: str, judge_model: str | None,
               repeats: int, temperature: float, results_dir: str) -> Record:
     """Judge a stored run's predictions and store the judged run as a new record (see the
     module's docstring); UsageError for a run without questions and predictions, an unknown
     judge or a judge model that lacks what the judge needs."""
-    backend = check_judge(judge_name, judge_model)
+    backend = check_judge(host, judge_name, judge_model)
     missing = [f for f in JUDGED_FIELDS if not all(f in line for line in lines)]
     if missing:
         raise UsageError(f"record {record.id} ({record.task}) has no {', '.join(missing)} in its samples log; "
                          "a judge judges question-answering runs")
-    judge_class = registry().judges[judge_name]
+    judge_class = host.registry.judges[judge_name]
     started = datetime.now(timezone.utc)
     model = backend.load_from_spec(ModelSpec(judge_model, dtype="float32"), None, 8)
     judge = judge_class(model)
-    judge_id = {"judge": judge_name, "code": code_identity("judge", judge_name), "model": model.fingerprint}
+    judge_id = {"judge": judge_name, "code": host.code_identity("judge", judge_name), "model": model.fingerprint}
     judged = judge_lines(judge, judge_id, lines, repeats, temperature, Cache(cache_root()))
     metrics, se = judge_summary(judge_name, lines, judged)
     metric = judged_metric(judge_name)

@@ -236,8 +236,9 @@ def choose_backend(found: Registry, spec: str | None, backend_name: str | None =
 
 def load_model(spec: str | None = None, device: str | None = None, dtype: str = "float32",
                batch_size: int = 8, backend: str | None = None, model_args: str = "") -> LanguageModel:
-    """A model loaded by the registered backends, as `raghub run --model SPEC` loads it."""
-    from raghub.plugin_manager import registry
+    """A model loaded by the default plugin host's backends, as `raghub run --model SPEC` loads
+    it (for scripts and tests; the runner loads through its own host's)."""
+    from raghub.plugin_manager import default_host
 
-    return choose_backend(registry(), spec, backend, model_args).load_from_spec(
+    return choose_backend(default_host().registry, spec, backend, model_args).load_from_spec(
         ModelSpec(spec, backend, model_args, dtype), device, batch_size)

@@ -1,5 +1,5 @@
-"""The plugin manager: the built-in plugins of `DEFAULT_PLUGINS`, then the `raghub` entry-point
-group.
+"""The plugin host: the built-in plugins of `DEFAULT_PLUGINS`, then the `raghub` entry-point
+group, registered with a pluggy manager of their own per `PluginHost` (one per CLI invocation).
 
 `RAGHUB_LOAD_PLUGINS` (comma-separated entry-point names; empty for none) limits which
 third-party plugins load. A plugin that fails to import, implements a hook that does not exist
@@ -9,20 +9,23 @@ not `Option`s, ...) or declares an option that shadows a core setting is named o
 skipped; the other plugins keep working. What a plugin prints while it loads and registers goes
 to stderr: stdout is the commands' output.
 
-`code_identity` says which code a registered name runs, so that cached results and stored runs
-made by other code are not reused.
+Hooks are called through pluggy, so a plugin's hook wrapper (`@hookimpl(wrapper=True)`) wraps
+every implementation; each implementation is guarded so that its failure is its own plugin's.
+`PluginHost.code_identity` says which code a registered name runs, so that cached results and
+stored runs made by other code are not reused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.metadata
+import inspect
 import json
 import os
 import sys
 import types
-from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -73,89 +76,200 @@ DEFAULT_PLUGINS = (
     "raghub.plugins.judges.correctness",
 )
 BUILTIN = "built-in"
+RUN_TIME = "registered at run time"
 HOOK_NAMES = frozenset(name for name in dir(hookspecs) if name.startswith("register_"))
 
-pm = pluggy.PluginManager("raghub")
-pm.add_hookspecs(hookspecs)
 
-#: plugin name -> why it was skipped (import failure, unknown hook, failing hook, ...)
-failed_plugins: dict[str, str] = {}
-#: plugin name -> 'built-in' or 'distribution version', for each plugin loaded from a package
-_origins: dict[str, str] = {}
-#: plugin name -> the distribution of its entry point
-_distributions: dict[str, importlib.metadata.Distribution] = {}
-_loaded = False
+class PluginFailed(Exception):
+    """A plugin's hook implementation raised or returned a value (raised through pluggy's call,
+    so that the hook wrappers see it)."""
+
+    def __init__(self, plugin_name: str, problem: str) -> None:
+        super().__init__(problem)
+        self.plugin_name, self.problem = plugin_name, problem
 
 
-def report_failure(plugin_name: str, problem: str) -> None:
-    """Name a plugin that is skipped, once, on stderr."""
-    if plugin_name not in failed_plugins:
-        failed_plugins[plugin_name] = problem
-        print(f"raghub: plugin {plugin_name!r} is skipped: {problem}", file=sys.stderr)
+class PluginHost:
+    """The plugins of one raghub invocation: its pluggy manager (the built-ins, then the
+    `raghub` entry points, loaded on first use), the plugins skipped and why, where each came
+    from, and what they registered. The CLI makes one per invocation (`click`'s `ctx.obj`);
+    code outside the CLI takes one as an argument."""
 
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager("raghub")
+        self.pm.add_hookspecs(hookspecs)
+        #: plugin name -> why it was skipped (import failure, unknown hook, failing hook, ...)
+        self.failed: dict[str, str] = {}
+        #: plugin name -> 'built-in', 'distribution version' or 'registered at run time'
+        self.origins: dict[str, str] = {}
+        #: plugin name -> the distribution of its entry point
+        self.distributions: dict[str, importlib.metadata.Distribution] = {}
+        #: the plugin whose hook implementation pluggy is calling now
+        self.calling: str | None = None
+        self._loaded = False
+        self._registry: Registry | None = None
 
-def unknown_hooks(module: Any) -> list[str]:
-    """Names of hook implementations in `module` that match no hookspec."""
-    return sorted(attr for attr in dir(module)
-                  if hasattr(getattr(module, attr), "raghub_impl") and attr not in HOOK_NAMES)
+    def report_failure(self, plugin_name: str, problem: str) -> None:
+        """Name a plugin that is skipped, once, on stderr."""
+        if plugin_name not in self.failed:
+            self.failed[plugin_name] = problem
+            print(f"raghub: plugin {plugin_name!r} is skipped: {problem}", file=sys.stderr)
 
+    def register(self, plugin: Any, name: str, origin: str = RUN_TIME) -> None:
+        """Register a plugin (a module or any object with hook implementations), each of its
+        implementations guarded so that a failure is its own; one implementing a hook that does
+        not exist is skipped."""
+        misspelled = unknown_hooks(plugin)
+        if misspelled:
+            self.report_failure(name, f"{', '.join(misspelled)} is not a raghub hook "
+                                      f"(the hooks: {', '.join(sorted(HOOK_NAMES))})")
+            return
+        self.pm.register(_Guarded(plugin, name, self), name)
+        self.origins[name] = origin
+        self._registry = None
 
-def _register(module: Any, name: str, origin: str) -> None:
-    misspelled = unknown_hooks(module)
-    if misspelled:
-        report_failure(name, f"{', '.join(misspelled)} is not a raghub hook "
-                             f"(the hooks: {', '.join(sorted(HOOK_NAMES))})")
-        return
-    pm.register(module, name)
-    _origins[name] = origin
+    def unregister(self, name: str) -> None:
+        """Drop a plugin and everything it registered."""
+        self.pm.unregister(name=name)
+        self._registry = None
 
+    def plugin(self, name: str) -> Any:
+        """The plugin registered as `name` (None if there is none)."""
+        guarded = self.pm.get_plugin(name)
+        return guarded and guarded.plugin
 
-def load_plugins() -> None:
-    """Register the built-in plugins, then third-party entry points (once)."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for name in DEFAULT_PLUGINS:
-        _register(importlib.import_module(name), name, BUILTIN)
-    allowed = os.environ.get("RAGHUB_LOAD_PLUGINS")
-    allowed_names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
-    for entry_point in importlib.metadata.entry_points(group="raghub"):
-        if allowed_names is not None and entry_point.name not in allowed_names:
-            continue
+    def load(self) -> None:
+        """Register the built-in plugins, then the third-party entry points (once)."""
+        if self._loaded:
+            return
+        self._loaded = True
+        for name in DEFAULT_PLUGINS:
+            self.register(importlib.import_module(name), name, BUILTIN)
+        allowed = os.environ.get("RAGHUB_LOAD_PLUGINS")
+        allowed_names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+        for entry_point in importlib.metadata.entry_points(group="raghub"):
+            if allowed_names is None or entry_point.name in allowed_names:
+                self._load_entry_point(entry_point)
+
+    def _load_entry_point(self, entry_point: importlib.metadata.EntryPoint) -> None:
         distribution = f"{entry_point.dist.name} {entry_point.dist.version}" if entry_point.dist else "unknown"
         name = entry_point.name
-        if pm.get_plugin(name) is not None:  # two distributions chose one name: keep both
+        if self.pm.get_plugin(name) is not None:  # two distributions chose one name: keep both
             name = f"{entry_point.name} ({distribution})"
-            print(f"raghub: plugin name {entry_point.name!r} is used by {_origins[entry_point.name]} "
+            print(f"raghub: plugin name {entry_point.name!r} is used by {self.origins[entry_point.name]} "
                   f"and {distribution}; the second is listed as {name!r}", file=sys.stderr)
         if entry_point.dist:
-            _distributions[name] = entry_point.dist
+            self.distributions[name] = entry_point.dist
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 module = entry_point.load()
         except (Exception, SystemExit) as error:  # a broken plugin must not stop the others
-            report_failure(name, f"failed to load: {type(error).__name__}: {error}")
-            continue
-        _register(module, name, distribution)
+            self.report_failure(name, f"failed to load: {type(error).__name__}: {error}")
+            return
+        self.register(module, name, distribution)
+
+    def origin_of(self, plugin_name: str) -> str:
+        """'built-in' or 'distribution version' for a registered plugin name."""
+        return self.origins.get(plugin_name, RUN_TIME)
+
+    def call_hook(self, hook_name: str, **arguments: Any) -> list[str]:
+        """Call a hook through pluggy (hook wrappers wrap the call) until no implementation
+        fails: a plugin whose implementation raises or returns a value is named, unregistered,
+        and the hook called again without it. Returns the names of the plugins that failed."""
+        self.load()
+        failed = []
+        while True:
+            try:
+                with contextlib.redirect_stdout(sys.stderr):
+                    getattr(self.pm.hook, hook_name)(**arguments)
+                return failed
+            except PluginFailed as failure:
+                self.report_failure(failure.plugin_name, failure.problem)
+                self.unregister(failure.plugin_name)
+                failed.append(failure.plugin_name)
+
+    def _guarded(self, plugin_name: str, hook_name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        """`function`, a hook implementation, reporting a failure as its plugin's `PluginFailed`
+        and noting whose implementation runs (`calling`)."""
+        argnames = ", ".join(inspect.signature(function).parameters)
+
+        @functools.wraps(function)
+        def guarded(*args: Any, **kwargs: Any) -> None:
+            self.calling = plugin_name
+            try:
+                returned = function(*args, **kwargs)
+            except (Exception, SystemExit) as error:
+                raise PluginFailed(plugin_name, f"its {hook_name} failed: {type(error).__name__}: {error}") from error
+            finally:
+                self.calling = None
+            if returned is not None:
+                raise PluginFailed(plugin_name, f"its {hook_name} failed: UsageError: it returned {returned!r}; a "
+                                                f"hook registers through its argument ({argnames}) and returns nothing")
+        return guarded
+
+    @property
+    def registry(self) -> Registry:
+        """Everything the loaded plugins registered. A later registration of a name wins (a
+        third-party plugin can override a built-in); `origins` says which plugin did,
+        `overrides` whom it replaced. A plugin that fails in any hook is unregistered and
+        everything collected again without it, so nothing it registered remains."""
+        while self._registry is None:
+            found, failed = _collect(self)
+            if not failed:
+                self._registry = found
+        return self._registry
+
+    def code_identity(self, kind: str, name: str) -> dict[str, str]:
+        """What identifies the code behind a registered name (e.g. "retriever", "bm25"): the
+        name, version and installed-files record of its plugin's distribution when an installer
+        put it in place from a built package; else (a built-in, a local module, an editable
+        install, a plugin registered at run time) a hash of its source files. Computed once per
+        process."""
+        plugin_name = self.registry.providers[(kind, name)]
+        distribution = self.distributions.get(plugin_name)
+        if distribution is not None and _installed_from_a_build(distribution):
+            return _distribution_identity(distribution)
+        built_in = self.origin_of(plugin_name) == BUILTIN
+        return {"source": _source_digest(_source_modules(self.pm.get_plugin(plugin_name), built_in))}
+
+    def returned_wrong(self, plugin: Any, what: str) -> RunError:
+        """The error for a plugin (a method, retriever, reranker, refiner or task) that returned
+        what its contract forbids, naming it and where it came from: "method 'top1'
+        (raghub-top1 0.1.0) returned WHAT"."""
+        kind = next(kind for kind, (base, _) in DECLARATIONS.items() if isinstance(plugin, base))
+        name = plugin.family if isinstance(plugin, Task) else plugin.name
+        found = self.registry
+        origin = found.origin(kind, name) if (kind, name) in found.origins else "not registered"
+        return RunError(f"{kind} '{name}' ({origin}) returned {what}")
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """One entry per loaded plugin: name, origin, hooks implemented."""
+        self.load()
+        summaries = []
+        for name, plugin in sorted(self.pm.list_name_plugin(), key=lambda pair: pair[0]):
+            hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
+            summaries.append({"name": name, "origin": self.origin_of(name), "hooks": hooks})
+        return summaries
 
 
-def origin_of(plugin_name: str) -> str:
-    """'built-in' or 'distribution version' for a registered plugin name."""
-    return _origins.get(plugin_name, "registered at run time")
+class _Guarded:
+    """A plugin as pluggy sees it: its hook implementations, each guarded
+    (`PluginHost._guarded`); its wrappers as they are, to wrap the whole call."""
+
+    def __init__(self, plugin: Any, name: str, host: PluginHost) -> None:
+        self.plugin = plugin
+        for attr in HOOK_NAMES:
+            function = getattr(plugin, attr, None)
+            options = getattr(function, "raghub_impl", None)
+            if options is not None:
+                wraps = options.get("wrapper") or options.get("hookwrapper")
+                setattr(self, attr, function if wraps else host._guarded(name, attr, function))
 
 
-def code_identity(kind: str, name: str) -> dict[str, str]:
-    """What identifies the code behind a registered name (e.g. "retriever", "bm25"): the name,
-    version and installed-files record of its plugin's distribution when an installer put it in
-    place from a built package; else (a built-in, a local module, an editable install, a plugin
-    registered at run time) a hash of its source files. Computed once per process."""
-    plugin_name = registry().providers[(kind, name)]
-    distribution = _distributions.get(plugin_name)
-    if distribution is not None and _installed_from_a_build(distribution):
-        return _distribution_identity(distribution)
-    built_in = origin_of(plugin_name) == BUILTIN
-    return {"source": _source_digest(_source_modules(pm.get_plugin(plugin_name), built_in))}
+def unknown_hooks(plugin: Any) -> list[str]:
+    """Names of hook implementations in `plugin` that match no hookspec."""
+    return sorted(attr for attr in dir(plugin)
+                  if hasattr(getattr(plugin, attr), "raghub_impl") and attr not in HOOK_NAMES)
 
 
 def _installed_from_a_build(distribution: importlib.metadata.Distribution) -> bool:
@@ -165,7 +279,7 @@ def _installed_from_a_build(distribution: importlib.metadata.Distribution) -> bo
     return distribution.read_text("RECORD") is not None and not direct_url.get("dir_info", {}).get("editable")
 
 
-@cache
+@functools.cache
 def _distribution_identity(distribution: importlib.metadata.Distribution) -> dict[str, str]:
     """The distribution's name and version, and a hash of RECORD (every installed file's
     checksum): a rebuilt package of an unchanged version is told apart too."""
@@ -173,17 +287,17 @@ def _distribution_identity(distribution: importlib.metadata.Distribution) -> dic
             "record": fingerprint(distribution.read_text("RECORD"))}
 
 
-def _source_modules(plugin: Any, built_in: bool) -> tuple[str, ...]:
+def _source_modules(guarded: _Guarded, built_in: bool) -> tuple[str, ...]:
     """The modules whose source is a plugin's code: a built-in's own module (or package); the
     top-level package of any other plugin module, which holds the code it imports of its own;
     for an object registered at run time, the modules of its hooks."""
+    plugin = guarded.plugin
     if isinstance(plugin, types.ModuleType):
         return (plugin.__name__ if built_in else plugin.__name__.partition(".")[0],)
-    return tuple(sorted({impl.function.__module__ for caller in pm.get_hookcallers(plugin) or []
-                         for impl in caller.get_hookimpls() if impl.plugin is plugin}))
+    return tuple(sorted({getattr(plugin, hook).__module__ for hook in HOOK_NAMES if hasattr(guarded, hook)}))
 
 
-@cache
+@functools.cache
 def _source_digest(module_names: tuple[str, ...]) -> str:
     """A hash of the modules' source: every .py file of a package, a module's file."""
     files: list[Path] = []
@@ -193,25 +307,6 @@ def _source_digest(module_names: tuple[str, ...]) -> str:
         elif getattr(module, "__file__", None):
             files.append(Path(module.__file__))
     return fingerprint([file_sha256(file) for file in files])
-
-
-def call_hook(hook_name: str, arguments: Callable[[str], dict[str, Any]]) -> list[str]:
-    """Call one hook on every plugin with `arguments(plugin name)`; a plugin whose
-    implementation raises is named and skipped, and the others still run. Returns the names of
-    the plugins that failed."""
-    failed = []
-    for impl in getattr(pm.hook, hook_name).get_hookimpls():
-        given = arguments(impl.plugin_name)
-        try:
-            with contextlib.redirect_stdout(sys.stderr):
-                returned = impl.function(**{name: given[name] for name in impl.argnames})
-            if returned is not None:
-                raise UsageError(f"it returned {returned!r}; a hook registers through its "
-                                 f"argument ({', '.join(impl.argnames)}) and returns nothing")
-        except (Exception, SystemExit) as error:
-            report_failure(impl.plugin_name, f"its {hook_name} failed: {type(error).__name__}: {error}")
-            failed.append(impl.plugin_name)
-    return failed
 
 
 #: per kind of plugin class: its base class and its declared mappings (attribute -> the type of
@@ -248,40 +343,28 @@ def check_declarations(cls: Any, kind: str, key_attr: str) -> None:
                              f"names to {value_type.__name__} values")
 
 
-def returned_wrong(plugin: Any, what: str) -> RunError:
-    """The error for a plugin (a method, retriever, reranker, refiner or task) that returned what its contract
-    forbids, naming it and where it came from: "method 'top1' (raghub-top1 0.1.0) returned WHAT"."""
-    kind = next(kind for kind, (base, _) in DECLARATIONS.items() if isinstance(plugin, base))
-    name = plugin.family if isinstance(plugin, Task) else plugin.name
-    found = registry()
-    origin = found.origin(kind, name) if (kind, name) in found.origins else "not registered"
-    return RunError(f"{kind} '{name}' ({origin}) returned {what}")
-
-
-def _collect() -> tuple[Registry, list[str]]:
-    """What every registered plugin registers, and the plugins that failed doing it."""
+def _collect(host: PluginHost) -> tuple[Registry, list[str]]:
+    """What every registered plugin registers, and the plugins that failed doing it. Each
+    registration is checked as it is made, and entered in the order the plugins were
+    registered (pluggy calls the last one first), so that a later one wins."""
     found = Registry()
+    registered: list[tuple[str, dict, str, str, Any]] = []
 
-    def note_origin(kind: str, name: str, plugin_name: str) -> None:
-        origin = origin_of(plugin_name)
-        if (kind, name) in found.origins and found.origins[(kind, name)] != origin:
-            found.overrides[(kind, name)] = found.origins[(kind, name)]
-        found.origins[(kind, name)] = origin
-        found.providers[(kind, name)] = plugin_name
+    def note(table: dict, kind: str, name: str, value: Any) -> None:
+        registered.append((host.calling, table, kind, name, value))
 
-    def keyed(table: dict, kind: str, key_attr: str, options_are_flags: bool = True) -> Callable[[Any, str], None]:
-        def add(cls: Any, plugin_name: str) -> None:
+    def keyed(table: dict, kind: str, key_attr: str, options_are_flags: bool = True) -> Callable[[Any], None]:
+        def add(cls: Any) -> None:
             check_declarations(cls, kind, key_attr)
             name = getattr(cls, key_attr)
             shadowed = sorted(set(getattr(cls, "options", {})) & RESERVED_NAMES) if options_are_flags else []
             if shadowed:
                 raise UsageError(f"its {kind} '{name}' declares option(s) {', '.join(shadowed)}, "
                                  "which are raghub's own settings")
-            table[name] = cls
-            note_origin(kind, name, plugin_name)
+            note(table, kind, name, cls)
         return add
 
-    def add_task(definition: dict, plugin_name: str) -> None:
+    def add_task(definition: dict) -> None:
         if not isinstance(definition, dict):
             raise UsageError(f"it registered {definition!r} as a task definition, which must be a dict "
                              "(as raghub.read_task_definition returns)")
@@ -289,8 +372,7 @@ def _collect() -> tuple[Registry, list[str]]:
             if key not in definition:
                 raise UsageError(f"a task definition lacks '{key}'")
         check_name_and_family(definition, definition.get("source", "a task definition"))
-        found.tasks[definition["name"]] = definition
-        note_origin("task", definition["name"], plugin_name)
+        note(found.tasks, "task", definition["name"], definition)
 
     failed = []
     for hook_name, add in (
@@ -306,30 +388,20 @@ def _collect() -> tuple[Registry, list[str]]:
         ("register_objectives", keyed(found.objectives, "objective", "name", options_are_flags=False)),
         ("register_judges", keyed(found.judges, "judge", "name", options_are_flags=False)),
     ):
-        failed += call_hook(hook_name, lambda plugin, add=add: {"register": lambda item: add(item, plugin)})
+        failed += host.call_hook(hook_name, register=add)
+    order = {name: index for index, (name, _) in enumerate(host.pm.list_name_plugin())}
+    for plugin_name, table, kind, name, value in sorted(registered, key=lambda entry: order.get(entry[0], -1)):
+        origin = host.origin_of(plugin_name)
+        if (kind, name) in found.origins and found.origins[(kind, name)] != origin:
+            found.overrides[(kind, name)] = found.origins[(kind, name)]
+        table[name] = value
+        found.origins[(kind, name)] = origin
+        found.providers[(kind, name)] = plugin_name
     return found, failed
 
 
-@lru_cache(maxsize=1)
-def registry() -> Registry:
-    """Everything the loaded plugins registered. A later registration of a name wins (a
-    third-party plugin can override a built-in); `origins` says which plugin did, `overrides`
-    whom it replaced. A plugin that fails in any hook is unregistered and everything collected
-    again without it, so nothing it registered remains."""
-    load_plugins()
-    while True:
-        found, failed = _collect()
-        if not failed:
-            return found
-        for name in set(failed):
-            pm.unregister(name=name)
-
-
-def plugin_summaries() -> list[dict[str, Any]]:
-    """One entry per loaded plugin: name, origin, hooks implemented."""
-    load_plugins()
-    summaries = []
-    for name, plugin in sorted(pm.list_name_plugin(), key=lambda pair: pair[0]):
-        hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
-        summaries.append({"name": name, "origin": origin_of(name), "hooks": hooks})
-    return summaries
+@functools.cache
+def default_host() -> PluginHost:
+    """The host of code that runs outside the CLI and is given none (a script, a benchmark):
+    one per process, made on first use."""
+    return PluginHost()

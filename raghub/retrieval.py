@@ -23,9 +23,8 @@ from typing import Any, Sequence
 from raghub import distributed
 from raghub.cache import Cache, fingerprint, fingerprint_items
 from raghub.distributed import notice
-from raghub.errors import amount
+from raghub.errors import ReturnedWrong, amount
 from raghub.interfaces import Example, Passage, Retrieved, Retriever, Task
-from raghub.plugin_manager import returned_wrong
 from raghub.stages import Refiner, Reranker, Stages, reciprocal_rank_fusion
 
 
@@ -42,23 +41,23 @@ def checked_hits(retriever: Retriever, hits: Any, example_ids: Sequence[str],
     """What `retriever.search` returned for the queries of `example_ids`, as (position, score)
     lists; a RunError naming the retriever's plugin unless each position is in the corpus."""
     if not isinstance(hits, (list, tuple)):
-        raise returned_wrong(retriever, f"{hits!r}; it must return one list of (position, score) pairs per query")
+        raise ReturnedWrong("retriever", retriever, f"{hits!r}; it must return one list of (position, score) pairs per query")
     if len(hits) != len(example_ids):
-        raise returned_wrong(retriever, f"{amount(len(hits), 'result list')} for "
+        raise ReturnedWrong("retriever", retriever, f"{amount(len(hits), 'result list')} for "
                                         f"{amount(len(example_ids), 'query', 'queries')}")
     checked = []
     for example_id, found in zip(example_ids, hits):
         if not isinstance(found, (list, tuple)) or not all(isinstance(hit, (list, tuple)) and len(hit) == 2
                                                            for hit in found):
-            raise returned_wrong(retriever, f"{found!r} for the query of {example_id}; it must be a list of "
+            raise ReturnedWrong("retriever", retriever, f"{found!r} for the query of {example_id}; it must be a list of "
                                             "(position, score) pairs")
         for position, score in found:
             if not isinstance(position, numbers.Integral) or isinstance(position, bool) \
                     or not 0 <= position < n_passages:
-                raise returned_wrong(retriever, f"position {position!r} for the query of {example_id}, and the "
+                raise ReturnedWrong("retriever", retriever, f"position {position!r} for the query of {example_id}, and the "
                                                 f"corpus has {amount(n_passages, 'passage')} (0 to {n_passages - 1})")
             if not isinstance(score, numbers.Real) or isinstance(score, bool):
-                raise returned_wrong(retriever, f"score {score!r} for the query of {example_id}; a score is a number")
+                raise ReturnedWrong("retriever", retriever, f"score {score!r} for the query of {example_id}; a score is a number")
         checked.append([(int(position), float(score)) for position, score in found])
     return checked
 
@@ -195,7 +194,7 @@ def checked_scores(reranker: Reranker, scores: Any, sizes: Sequence[int]) -> lis
             isinstance(found, (list, tuple)) and len(found) == size
             and all(isinstance(s, numbers.Real) and not isinstance(s, bool) for s in found)
             for found, size in zip(scores, sizes)):
-        raise returned_wrong(reranker, f"{scores!r}; it must return one list of numbers per query, one "
+        raise ReturnedWrong("reranker", reranker, f"{scores!r}; it must return one list of numbers per query, one "
                                        f"per candidate (candidates per query: {list(sizes)})")
     return [[float(s) for s in found] for found in scores]
 
@@ -206,7 +205,7 @@ def checked_texts(refiner: Refiner, texts: Any, sizes: Sequence[int]) -> list[li
     if not isinstance(texts, (list, tuple)) or len(texts) != len(sizes) or not all(
             isinstance(kept, (list, tuple)) and len(kept) == size and all(isinstance(t, str) for t in kept)
             for kept, size in zip(texts, sizes)):
-        raise returned_wrong(refiner, f"{texts!r}; it must return one list of strings per query, one per "
+        raise ReturnedWrong("refiner", refiner, f"{texts!r}; it must return one list of strings per query, one per "
                                       f"passage (passages per query: {list(sizes)})")
     return [list(kept) for kept in texts]
 

@@ -26,14 +26,14 @@ import raghub
 from raghub.cache import file_sha256
 from raghub.errors import UsageError, amount
 from raghub.interfaces import Example, Method, Retrieved, Task
-from raghub.plugin_manager import code_identity, registry
+from raghub.plugin_manager import PluginHost
 from raghub.record import Record
 from raghub.records import append_record, check_store, samples_file
 from raghub.retrieval import task_corpus
-from raghub.runner import git_commit, ranked_metrics, sample_line, task_family
+from raghub.provenance import git_commit, ranked_metrics, sample_line
+from raghub.resolution import NoModel, question_task
 
 #: the entry point of the task families whose predictions are answer texts
-ANSWER_ENTRY_POINT = "answer"
 #: how many of the ids a problem concerns its line names
 SHOWN_IDS = 3
 
@@ -130,36 +130,13 @@ class GivenAnswers(Method):
         return [self.answers[q.id] for q in questions]
 
 
-class NoModel:
-    """What a task builds its examples for when no model runs: their prompt template, meant for
-    a model, is never rendered."""
-
-    name = None
-
-    @staticmethod
-    def chat_prompt(message: str) -> str:
-        return message
-
-
-def _task(spec: str, data_dir: str | None) -> Task:
-    """The task `spec` names, checked, provided its family scores answer texts."""
-    found = registry()
-    definition, task_class = task_family(spec, found)
-    if task_class.entry_point != ANSWER_ENTRY_POINT:
-        raise UsageError(f"task '{definition['name']}' ({task_class.family}) is not scored from answers; "
-                         "raghub score takes question-answering tasks")
-    task = task_class(definition["name"], definition, data_dir, registry=found)
-    task.check()
-    return task
-
-
-def score_predictions(task_spec: str, path: Path, system: str, results_dir: Path,
+def score_predictions(host: PluginHost, task_spec: str, path: Path, system: str, results_dir: Path,
                       data_dir: str | None = None, limit: int | None = None) -> Record:
     """Score the predictions file against the task's sample (its first `limit` questions when
     given) and store the record and samples log; a UsageError, with nothing written, when the
     file does not give one prediction per question."""
     started, clock = datetime.now(timezone.utc), time.perf_counter()
-    task = _task(task_spec, data_dir)
+    task = question_task(task_spec, host.registry, data_dir, limit, "score")
     check_store(results_dir)
     examples: list[Example] = task.examples(NoModel(), limit)
     predictions = read_predictions(path)
@@ -189,17 +166,17 @@ def score_predictions(task_spec: str, path: Path, system: str, results_dir: Path
         n_docs=max(map(len, retrieved)), corpus=corpus["label"], n_examples=len(examples),
         metrics=metrics, higher_is_better=higher_is_better,
         stderr={name: standard_errors.get(name) for name in higher_is_better},
-        config=_config(task, path, limit, corpus),
-        plugins={"task family": registry().origin("task family", task.family)},
+        config=_config(host, task, path, limit, corpus),
+        plugins={"task family": host.registry.origin("task family", task.family)},
         raghub_version=raghub.__version__, git_commit=git_commit(), started_at=started.isoformat(),
         finished_at=datetime.now(timezone.utc).isoformat(), duration_s=round(time.perf_counter() - clock, 2))
     append_record(results_dir, record, lines)
     return record
 
 
-def _config(task: Task, path: Path, limit: int | None, corpus: dict[str, Any]) -> dict[str, Any]:
+def _config(host: PluginHost, task: Task, path: Path, limit: int | None, corpus: dict[str, Any]) -> dict[str, Any]:
     """What the scores depend on: the task, the predictions (file name and content) and the
     corpus their passage ids name."""
     return {"task": task.fingerprint(), "corpus": corpus, "limit": limit,
             "predictions": {"file": path.name, "sha256": file_sha256(path)},
-            "code": {"task family": code_identity("task family", task.family)}}
+            "code": {"task family": host.code_identity("task family", task.family)}}

@@ -4,7 +4,6 @@ input can be judged before it) no model loaded."""
 import pytest
 
 from raghub.models import ModelBackend
-from raghub.plugin_manager import registry
 
 
 def assert_one_line_exit_2(result, message, results_dir):
@@ -14,13 +13,13 @@ def assert_one_line_exit_2(result, message, results_dir):
     assert not results_dir.exists()
 
 
-def replace_model_loading(monkeypatch, load):
+def replace_model_loading(monkeypatch, load, found):
     """Makes every model backend's `load` call `load` instead (each backend overrides it)."""
-    for backend in {ModelBackend, *registry().models.values()}:
+    for backend in {ModelBackend, *found.models.values()}:
         monkeypatch.setattr(backend, "load", load)
 
 
 @pytest.fixture
-def model_never_loads(monkeypatch):
-    """Fails the test if any model backend loads."""
-    replace_model_loading(monkeypatch, lambda *a, **k: pytest.fail("model loaded"))
+def model_never_loads(monkeypatch, host):
+    """Fails the test if any model backend of the test's host loads."""
+    replace_model_loading(monkeypatch, lambda *a, **k: pytest.fail("model loaded"), host.registry)

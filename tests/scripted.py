@@ -14,7 +14,6 @@ from click.testing import CliRunner
 
 from raghub import Generation, LanguageModel, ModelBackend, Retriever, hookimpl
 from raghub.cli import cli
-from raghub.plugin_manager import pm, registry
 
 #: a token: a line end, or a word with the spaces before it
 PIECE = re.compile(r"\n|[^\S\n]*\S+")
@@ -178,13 +177,22 @@ class ScriptedRuns:
         return record, [json.loads(line) for line in lines]
 
 
+class MethodPlugin:
+    """Registers one method."""
+
+    def __init__(self, method: type) -> None:
+        self.method = method
+
+    @hookimpl
+    def register_methods(self, register):
+        register(self.method)
+
+
 @pytest.fixture
-def scripted(tmp_path, monkeypatch):
+def scripted(tmp_path, monkeypatch, add_plugin):
     """Registers the scripted backend and the overlap retriever (and any methods given to
     `register`) for one test, with its own cache; yields a `ScriptedRuns`."""
     monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
-    methods = []
-
     class Plugin:
         @hookimpl
         def register_models(self, register):
@@ -194,17 +202,9 @@ def scripted(tmp_path, monkeypatch):
         def register_retrievers(self, register):
             register(Overlap)
 
-        @hookimpl
-        def register_methods(self, register):
-            for method in methods:
-                register(method)
-
-    pm.register(Plugin(), "scripted-plugin")
-    registry.cache_clear()
+    add_plugin(Plugin())
     runs = ScriptedRuns(tmp_path)
-    runs.register = lambda method: (methods.append(method), registry.cache_clear())
+    runs.register = lambda method: add_plugin(MethodPlugin(method))
     Overlap.asked, ScriptedBackend.loads = [], 0
     yield runs
-    pm.unregister(name="scripted-plugin")
-    registry.cache_clear()
     ScriptedBackend.model = None

@@ -12,7 +12,6 @@ from bad_input import assert_one_line_exit_2, model_never_loads  # noqa: F401 (m
 from raghub import Method, UsageError
 from raghub.cli import cli
 from raghub.models import ModelSpec
-from raghub.plugin_manager import registry
 from raghub.plugins.methods.device_cloud import method as device_cloud_method
 from raghub.plugins.methods.device_cloud.method import DeviceCloud
 from raghub.plugins.tasks.language_modelling import LanguageModelling
@@ -85,8 +84,8 @@ def test_an_undeclared_method_on_a_family_it_does_not_implement_is_refused_befor
                                    "'wikitext2'", tmp_path / "results")
 
 
-def test_every_built_in_method_declares_the_families_whose_entry_points_it_implements():
-    found = registry()
+def test_every_built_in_method_declares_the_families_whose_entry_points_it_implements(host):
+    found = host.registry
     families = found.task_families.values()
     for name, method_class in found.methods.items():
         if found.origins[("method", name)] != "built-in":

@@ -31,12 +31,12 @@ from click.testing import CliRunner
 from raghub import UsageError
 from raghub.cache import Cache
 from raghub.cli import cli
-from raghub.plugin_manager import registry
 from raghub.plugins.methods.device_cloud import method as device_cloud_method
 from raghub.plugins.methods.device_cloud import server
 from raghub.plugins.methods.device_cloud.method import DeviceCloud
 from raghub.plugins.methods.device_cloud.server import AUTHKEY_VARIABLE, start_cloud
 from raghub.plugins.methods.device_cloud.wire import Channel, Message, PeerLost, decode_message, flatten_prompts
+from raghub.plugin_manager import PluginHost
 
 SECRET = "a-test-secret"
 BAD_ADDRESSES = ["localhost", "localhost:70000", "localhost:abc", "localhost:0"]
@@ -48,7 +48,7 @@ def no_model(monkeypatch):
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    for backend in registry().models.values():
+    for backend in PluginHost().registry.models.values():
         monkeypatch.setattr(backend, "load", load)
 
 
@@ -90,7 +90,7 @@ def test_serve_refuses_a_port_out_of_range_in_one_line(no_model):
 
 def test_a_cloud_without_a_secret_prints_a_fresh_one_and_serves_with_it(monkeypatch):
     served = []
-    for backend in registry().models.values():
+    for backend in PluginHost().registry.models.values():
         monkeypatch.setattr(backend, "load", lambda *args: _fake_model())
     monkeypatch.setattr(server.CloudServer, "serve", lambda self, *args: served.append(args))
     monkeypatch.delenv(AUTHKEY_VARIABLE, raising=False)

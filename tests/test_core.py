@@ -96,7 +96,7 @@ def test_a_torn_records_file_is_reported_by_line(tmp_path, capsys):
 
 
 def test_only_the_tasks_own_metrics_are_ranked():
-    from raghub.runner import ranked_metrics
+    from raghub.provenance import ranked_metrics
 
     class QA:
         higher_is_better = {"em": True, "f1": True, "recall@k": True}

@@ -25,10 +25,10 @@ from raghub import Passage, UsageError
 from raghub.cache import Cache
 from raghub.checkpoints import GENERATOR, PASSAGE_ENCODER, QUERY_ENCODER, TRAIN_LOG, read_checkpoint
 from raghub.cli import cli
-from raghub.plugin_manager import registry
 from raghub.plugins.retrievers.dpr import DPRRetriever
 from raghub.plugins.training.rag.trainer import TrainConfig, Trainer
 from raghub.settings import read_task_definition
+from raghub.plugin_manager import PluginHost
 from test_models import cache_dir  # noqa: F401 (a fixture)
 from test_retrievers import CountingCache
 from test_seq2seq import save_tiny_t5, word_tokenizer
@@ -159,7 +159,7 @@ def squad_article(tmp_path_factory):
     task = root / "squad-eight.yaml"
     task.write_text("name: squad-eight\nfamily: qa\nprompt: completion\nmax_new_tokens: 8\n"
                     "data: {folder: squad, file: article.json, format: squad}\nsample: {first: 8}\n")
-    found = registry()
+    found = PluginHost().registry
     loaded = found.task_families["qa"]("squad-eight", read_task_definition(task), str(root / "data"), found).loaded
     texts = [p.as_text() for p in loaded.passages] + [q.prompt(loaded.passages[:1]) for q in loaded.questions]
     texts += [a for q in loaded.questions for a in q.answers]
@@ -176,11 +176,11 @@ def train_config(article, output, **settings) -> TrainConfig:
                        data_dir=str(article["data"]), lora_rank=0, **settings)
 
 
-def test_the_trainers_rag_sequence_loss_over_dpr_and_t5_is_the_hand_computed_marginal(squad_article, tmp_path,
+def test_the_trainers_rag_sequence_loss_over_dpr_and_t5_is_the_hand_computed_marginal(host, squad_article, tmp_path,
                                                                                       cache_dir):
     """−mean ln Σ_k softmax(q·p)_k p_T5(answer </s> | prompt with passage k), over the top 2
     passages of each question by the DPR towers, computed by hand from the models."""
-    trainer = Trainer(train_config(squad_article, tmp_path / "out", batch_size=2), registry())
+    trainer = Trainer(train_config(squad_article, tmp_path / "out", batch_size=2), host.registry)
     questions = trainer.batch(1)
     loss, _ = trainer.model(questions, "joint")
     retriever, generator = trainer.retriever, trainer.lm
@@ -203,8 +203,8 @@ def test_the_trainers_rag_sequence_loss_over_dpr_and_t5_is_the_hand_computed_mar
     assert loss.item() == pytest.approx(sum(expected) / len(expected), rel=1e-4)
 
 
-def test_the_gradient_reaches_both_dpr_towers_and_the_t5_generator(squad_article, tmp_path, cache_dir):
-    trainer = Trainer(train_config(squad_article, tmp_path / "out", batch_size=2, train_passages=True), registry())
+def test_the_gradient_reaches_both_dpr_towers_and_the_t5_generator(host, squad_article, tmp_path, cache_dir):
+    trainer = Trainer(train_config(squad_article, tmp_path / "out", batch_size=2, train_passages=True), host.registry)
     trainer.model(trainer.batch(1), "joint")[0].backward()
     for name in ("query_encoder", "passage_encoder", "generator"):
         module = getattr(trainer.model, name)

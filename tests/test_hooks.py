@@ -10,9 +10,8 @@ from plugin_packages import RUN_TIME, RecordingModel, invoke, registering
 from raghub import (Example, Field, Judge, Judgeable, Method, ModelBackend, Objective, Option, Passage, Refiner,
                     Reranker, Retriever, Task, UsageError, hookimpl, read_task_definition)
 from raghub import hookspecs as hookspecs_module
-from raghub.cli import _add_plugin_commands, cli
+from raghub.cli import cli
 from raghub.models import choose_backend
-from raghub.plugin_manager import registry
 
 
 
@@ -79,10 +78,10 @@ class Toy(ModelBackend):
 
 # --- a test per hook ------------------------------------------------------------------------
 
-def test_hook_register_task_families(add_plugin, tmp_path):
+def test_hook_register_task_families(host, add_plugin, tmp_path):
     add_plugin(registering("register_task_families", Words))
-    assert registry().task_families["words"] is Words
-    assert registry().origins[("task family", "words")] == RUN_TIME
+    assert host.registry.task_families["words"] is Words
+    assert host.registry.origins[("task family", "words")] == RUN_TIME
     task_file = tmp_path / "misspelled.yaml"
     task_file.write_text("name: misspelled\nfamily: words\nwordz: [alpha]\n")
     result = invoke("run", "--task", str(task_file), "--method", "none", "--results-dir", str(tmp_path / "r"))
@@ -90,10 +89,10 @@ def test_hook_register_task_families(add_plugin, tmp_path):
     assert f"{task_file}: unknown key 'wordz' (did you mean 'words'?)" in result.output
 
 
-def test_hook_register_tasks(add_plugin, capsys):
+def test_hook_register_tasks(host, add_plugin, capsys):
     add_plugin(registering("register_tasks", WORDS_TASK))
     broken = add_plugin(registering("register_tasks", {"name": "no-family"}))
-    found = registry()
+    found = host.registry
     assert found.tasks["three-words"] == WORDS_TASK
     assert found.origins[("task", "three-words")] == RUN_TIME
     assert "no-family" not in found.tasks
@@ -102,27 +101,27 @@ def test_hook_register_tasks(add_plugin, capsys):
     assert "three-words" in invoke("tasks").output
 
 
-def test_a_task_definition_read_by_the_public_reader_registers(add_plugin, tmp_path):
+def test_a_task_definition_read_by_the_public_reader_registers(host, add_plugin, tmp_path):
     """`read_task_definition` (public) gives what `register_tasks` takes, `include:` merged."""
     (tmp_path / "_words.yaml").write_text("family: words\nwords: [alpha, beta]\n")
     (tmp_path / "two-words.yaml").write_text("name: two-words\ninclude: _words.yaml\n")
     add_plugin(registering("register_task_families", Words))
     add_plugin(registering("register_tasks", read_task_definition(tmp_path / "two-words.yaml")))
-    assert registry().tasks["two-words"] == {"name": "two-words", "family": "words", "words": ["alpha", "beta"],
+    assert host.registry.tasks["two-words"] == {"name": "two-words", "family": "words", "words": ["alpha", "beta"],
                                              "source": str(tmp_path / "two-words.yaml")}
 
 
-def test_hook_register_methods(add_plugin):
+def test_hook_register_methods(host, add_plugin):
     add_plugin(registering("register_methods", Copy))
-    assert registry().methods["copy"] is Copy
-    assert registry().origins[("method", "copy")] == RUN_TIME
+    assert host.registry.methods["copy"] is Copy
+    assert host.registry.origins[("method", "copy")] == RUN_TIME
     row = next(line for line in invoke("methods").output.splitlines() if "copy" in line)
     assert RUN_TIME in row and "--shout" in row
 
 
-def test_hook_register_retrievers(add_plugin):
+def test_hook_register_retrievers(host, add_plugin):
     add_plugin(registering("register_retrievers", Exact))
-    retriever = registry().retrievers["exact"](cache=None)
+    retriever = host.registry.retrievers["exact"](cache=None)
     retriever.index([Passage("a", "alpha"), Passage("b", "beta")], "fingerprint")
     assert retriever.search(["beta", "alpha"], k=1) == [[(1, 1.0)], [(0, 1.0)]]
     row = next(line for line in invoke("retrievers").output.splitlines() if "exact" in line)
@@ -146,10 +145,10 @@ class FirstWord(Refiner):
         return [[p.text.split()[0] for p in own] for own in passages]
 
 
-def test_hook_register_rerankers(add_plugin, capsys):
+def test_hook_register_rerankers(host, add_plugin, capsys):
     add_plugin(registering("register_rerankers", Shortest))
     broken = add_plugin(registering("register_rerankers", Exact))  # a retriever is no reranker
-    found = registry()
+    found = host.registry
     assert found.rerankers["shortest"] is Shortest and found.origins[("reranker", "shortest")] == RUN_TIME
     assert f"plugin '{broken}' is skipped: its register_rerankers failed: UsageError: it registered " \
            f"{Exact!r} as a reranker, which must be a subclass of raghub.Reranker" in capsys.readouterr().err
@@ -158,14 +157,14 @@ def test_hook_register_rerankers(add_plugin, capsys):
     assert RUN_TIME in row
 
 
-def test_hook_register_refiners(add_plugin, capsys):
+def test_hook_register_refiners(host, add_plugin, capsys):
     add_plugin(registering("register_refiners", FirstWord))
 
     class Unnamed(FirstWord):
         name = ""
 
     broken = add_plugin(registering("register_refiners", Unnamed))
-    found = registry()
+    found = host.registry
     assert found.refiners["first-word"] is FirstWord and "" not in found.refiners
     assert f"plugin '{broken}' is skipped: its register_refiners failed: UsageError: its refiner Unnamed has " \
            "name ''" in capsys.readouterr().err
@@ -174,9 +173,9 @@ def test_hook_register_refiners(add_plugin, capsys):
     assert RUN_TIME in row and "--upper" in row
 
 
-def test_hook_register_models(add_plugin):
+def test_hook_register_models(host, add_plugin):
     add_plugin(registering("register_models", Toy))
-    found = registry()
+    found = host.registry
     assert found.models["toy"] is Toy and "hf-causal" in found.models
     backend = choose_backend(found, "tiny.toy")  # hf-causal handles this spec too
     assert isinstance(backend, Toy) and backend.settings == {"width": 4}
@@ -199,11 +198,11 @@ class Squared(Objective):
         return self.settings["scale"] * scores[..., 0] ** 2
 
 
-def test_hook_register_objectives(add_plugin):
+def test_hook_register_objectives(host, add_plugin):
     import torch
 
     add_plugin(registering("register_objectives", Squared))
-    found = registry()
+    found = host.registry
     assert found.objectives["squared"] is Squared and {"rag-sequence", "rag-token", "lsr"} <= found.objectives.keys()
     assert found.origins[("objective", "squared")] == RUN_TIME
     loss = found.objectives["squared"](scale=2.0).loss(torch.tensor([[3.0, 1.0]]), torch.zeros(1, 2, 1))
@@ -220,18 +219,18 @@ class Lenient(Judge):
         return [(float(bool(e.prediction)), "no model asked") for e in examples]
 
 
-def test_hook_register_judges(add_plugin):
+def test_hook_register_judges(host, add_plugin):
     add_plugin(registering("register_judges", Lenient))
-    found = registry()
+    found = host.registry
     assert found.judges["lenient"] is Lenient and "correctness" in found.judges
     assert found.origins[("judge", "lenient")] == RUN_TIME
     examples = [Judgeable("q?", ("a",), "a"), Judgeable("q?", ("a",), "")]
     assert found.judges["lenient"](model=None).p_yes(examples, 0) == [(1.0, "no model asked"), (0.0, "no model asked")]
 
 
-def test_a_judge_of_another_base_is_refused(add_plugin, capsys):
+def test_a_judge_of_another_base_is_refused(host, add_plugin, capsys):
     add_plugin(registering("register_judges", Copy))
-    assert "copy" not in registry().judges
+    assert "copy" not in host.registry.judges
     assert "must be a subclass of raghub.Judge" in capsys.readouterr().err
 
 
@@ -242,23 +241,20 @@ class HelloCommand:
     def register_commands(self, cli):
         @cli.command()
         @click.pass_obj
-        def hello(found):
-            """Greets, counting the methods."""
-            assert found is click.get_current_context().obj
+        def hello(host):
+            """Greets, counting the methods of the invocation's plugin host."""
+            assert host is click.get_current_context().obj
+            found = host.registry
             click.echo(f"hello from a plugin; {len(found.methods)} methods, copy: {'copy' in found.methods}")
 
 
-def test_hook_register_commands(add_plugin):
+def test_hook_register_commands(host, add_plugin):
     add_plugin(HelloCommand())
     add_plugin(registering("register_methods", Copy))
-    _add_plugin_commands()
-    try:
-        result = invoke("hello")
-        assert "hello" in invoke("--help").output
-    finally:
-        cli.commands.pop("hello", None)
+    result = invoke("hello")
+    assert "hello" in invoke("--help").output and "hello" not in cli.commands
     assert result.exit_code == 0, result.output
-    assert result.output == f"hello from a plugin; {len(registry().methods)} methods, copy: True\n"
+    assert result.output == f"hello from a plugin; {len(host.registry.methods)} methods, copy: True\n"
 
 
 def test_a_run_through_plugins_of_every_registration_hook(add_plugin, tmp_path, monkeypatch):

@@ -13,7 +13,6 @@ from raghub import hookimpl
 from raghub.cli import cli
 from raghub.judges import Judgeable, verdict
 from raghub.metrics import cohen_kappa, confusion_counts, repeated_judgement, self_agreement, yes_probability
-from raghub.plugin_manager import pm, registry
 from raghub.plugins.judges.correctness import Correctness
 from scripted import ROWS, ScriptedModel, write_task
 
@@ -124,7 +123,7 @@ class JudgeBackendPlugin:
 
 
 @pytest.fixture
-def stored_run(tmp_path, monkeypatch):
+def stored_run(tmp_path, monkeypatch, add_plugin):
     """A `raghub score` run of the tiny task: q1 answered right (EM 1), q2 wrong; the judge model
     says yes to q1's prediction, and to q2's only under the first prompt."""
     monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
@@ -137,11 +136,8 @@ def stored_run(tmp_path, monkeypatch):
     sure, unsure = {"Yes": math.log(0.9), "No": math.log(0.1)}, {"Yes": math.log(0.1), "No": math.log(0.9)}
     JudgeBackendPlugin.model = JudgeModel(lambda prompt: sure if "Ulm" in prompt or prompt.startswith("Question:")
                                           else unsure)
-    pm.register(JudgeBackendPlugin(), "judge-backend-plugin")
-    registry.cache_clear()
-    yield tmp_path / "results", json.loads(out.stdout)
-    pm.unregister(name="judge-backend-plugin")
-    registry.cache_clear()
+    add_plugin(JudgeBackendPlugin())
+    return tmp_path / "results", json.loads(out.stdout)
 
 
 def judge(results, *args):

@@ -12,7 +12,7 @@ from raghub.plugins.models.huggingface import HuggingFaceCausal
 from raghub.leaderboard import clear_winner, leaderboard_markdown, task_config_fingerprint
 from raghub.record import Record
 from raghub.records import append_record
-from raghub.runner import resolve_sweep
+from raghub.resolution import resolve_sweep
 
 
 def record(method, f1, stderr=None, stride=0, corpus_fp=None, source="/a/tasks/squad.yaml", **extra):
@@ -72,11 +72,11 @@ RUN = ("run", "--task", "wikitext2", "--method", "none", "--limit", "1")
 
 
 @pytest.fixture
-def stored_identical_run(tmp_path):
+def stored_identical_run(host, tmp_path):
     """A results folder holding a hand-made record whose config is exactly what RUN resolves to."""
     results = tmp_path / "results"
     (resolved,) = resolve_sweep({"task": "wikitext2", "method": "none", "limit": 1,
-                                 "results_dir": str(results)})
+                                 "results_dir": str(results)}, host)
     append_record(results, record("none", 0.5, task="wikitext2", config=resolved.config,
                                   metrics={"bits_per_byte": 1.25}, finished_at="yesterday"))
     assert fingerprint(json.loads(json.dumps(resolved.config))) == fingerprint(resolved.config)

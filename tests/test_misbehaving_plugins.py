@@ -12,9 +12,6 @@ import pytest
 
 from plugin_packages import RUN_TIME, RecordingModel, invoke, registering, run_raghub, write_distribution
 from raghub import Method, ModelBackend, Retriever, RunError, Task, Window, hookimpl
-from raghub.cli import _add_plugin_commands, cli
-from raghub.plugin_manager import failed_plugins, pm, registry
-
 
 
 # --- declarations, checked when the registry is built ----------------------------------------
@@ -48,11 +45,11 @@ def test_a_method_whose_options_are_a_list_is_named_and_every_command_still_work
     write_distribution(tmp_path, "polite", POLITE)
     skipped = ("plugin 'listy' is skipped: its register_methods failed: UsageError: its method 'listy' "
                "declares options ['temperature'], which must map names to Option values")
-    version = run_raghub(tmp_path, "--version")
-    assert version.returncode == 0 and "version" in version.stdout
-    assert skipped in version.stderr and "Traceback" not in version.stderr
+    version = run_raghub(tmp_path, "--version")  # loads no plugin
+    assert version.returncode == 0 and "version" in version.stdout and "Traceback" not in version.stderr
     methods = run_raghub(tmp_path, "methods")
     assert methods.returncode == 0, methods.stderr
+    assert skipped in methods.stderr and "Traceback" not in methods.stderr
     assert "polite" in methods.stdout and "listy" not in methods.stdout
 
 
@@ -110,12 +107,12 @@ class ListyOptions(Method):
      "argument (register) and returns nothing"),
 ], ids=["instance", "string", "wrong-base", "unnamed", "options-not-Option", "schema-not-Field",
         "task-not-dict", "task-name-not-str", "returns-a-value"])
-def test_a_bad_registration_is_named_and_its_plugin_skipped(add_plugin, capsys, plugin, problem):
+def test_a_bad_registration_is_named_and_its_plugin_skipped(host, add_plugin, capsys, plugin, problem):
     name = add_plugin(plugin)
-    found = registry()
-    assert problem in failed_plugins[name]
+    found = host.registry
+    assert problem in host.failed[name]
     assert f"plugin '{name}' is skipped: " in capsys.readouterr().err
-    assert pm.get_plugin(name) is None and "ensemble" in found.methods
+    assert host.plugin(name) is None and "ensemble" in found.methods
     assert RUN_TIME not in found.origins.values()
 
 
@@ -229,17 +226,16 @@ class CommandThief:
             click.echo("not the leaderboard")
 
 
-def test_a_plugin_command_named_like_a_raghub_command_is_refused(add_plugin, tmp_path):
+def test_a_plugin_command_named_like_a_raghub_command_is_refused(host, add_plugin, tmp_path):
     """Regression: the plugin's `leaderboard` silently replaced raghub's."""
-    own = cli.commands["leaderboard"]
     thief = add_plugin(CommandThief())
-    _add_plugin_commands()
-    assert cli.commands["leaderboard"] is own and "hello" not in cli.commands
-    assert failed_plugins[thief] == ("its register_commands failed: UsageError: its command 'leaderboard' "
-                                     "would replace `raghub leaderboard`; it needs another name")
-    assert pm.get_plugin(thief) is None
-    assert "train" in cli.commands  # the built-in plugins' commands, added again, stay
-    assert not [name for name in failed_plugins if name.startswith("raghub.plugins")]
+    hello = invoke("hello")  # the command it added before the refused one goes with it
+    assert hello.exit_code == 2 and "No such command 'hello'" in hello.output
+    assert host.failed[thief] == ("its register_commands failed: UsageError: its command 'leaderboard' "
+                                  "would replace `raghub leaderboard`; it needs another name")
+    assert host.plugin(thief) is None
+    assert not [name for name in host.failed if name.startswith("raghub.plugins")]
+    assert "train" in invoke("--help").output  # the built-in plugins' commands stay
     listing = invoke("plugins")
     assert thief in listing.output and "leaderboard" in listing.output
     board = invoke("leaderboard", "--results-dir", str(tmp_path))
@@ -413,11 +409,11 @@ class Scorer(Method):
     (lambda windows: [__import__("torch").zeros(3)], "returned 3 log-probs for window w0, which has 2 "
                                                       "target tokens"),
 ], ids=["count", "not-a-tensor", "length"])
-def test_a_method_returning_wrong_log_probs_is_named(add_plugin, scores, said):
+def test_a_method_returning_wrong_log_probs_is_named(host, add_plugin, scores, said):
     """Regression: a traceback inside the language-modelling task."""
     Scorer.scores = staticmethod(scores)
     add_plugin(registering("register_methods", Scorer))
-    found = registry()
+    found = host.registry
     task = found.task_families["language-modelling"]("wikitext2", found.tasks["wikitext2"], None)
     window = Window(id="w0", query="", context_ids=[1], target_ids=[2, 3], retrieved_max_length=8)
     with pytest.raises(RunError) as raised:  # the family names the method; a run adds its origin, as for QA

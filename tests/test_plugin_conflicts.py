@@ -11,7 +11,7 @@ import pytest
 from plugin_packages import run_raghub, write_distribution
 from raghub import Method, ModelBackend, Option, Task, hookimpl
 from raghub.models import choose_backend
-from raghub.plugin_manager import _installed_from_a_build, _source_digest, code_identity, registry
+from raghub.plugin_manager import _installed_from_a_build, _source_digest
 
 
 class HalfTask(Task):
@@ -49,29 +49,29 @@ class DeviceAware(ModelBackend):
         raise AssertionError("not loaded in these tests")
 
 
-def test_a_plugin_failing_in_one_hook_leaves_nothing_it_registered(add_plugin):
+def test_a_plugin_failing_in_one_hook_leaves_nothing_it_registered(host, add_plugin):
     """Regression: its task family, registered by a hook that succeeded, stayed in the registry."""
     def explode(register):
         raise RuntimeError("boom")
 
     add_plugin(SimpleNamespace(register_task_families=hookimpl(lambda register: register(HalfTask)),
                                register_methods=hookimpl(explode)))
-    assert "half-registered" not in registry().task_families
-    assert "ensemble" in registry().methods
+    assert "half-registered" not in host.registry.task_families
+    assert "ensemble" in host.registry.methods
 
 
-def test_an_override_of_a_built_in_is_flagged(add_plugin):
+def test_an_override_of_a_built_in_is_flagged(host, add_plugin):
     add_plugin(SimpleNamespace(register_methods=hookimpl(lambda register: register(Replacement))))
-    found = registry()
+    found = host.registry
     assert found.methods["none"] is Replacement
     assert found.origin("method", "none") == "registered at run time (overrides built-in)"
     assert found.origin("method", "ensemble") == "built-in"
 
 
-def test_a_backend_option_may_share_a_core_settings_name(add_plugin):
+def test_a_backend_option_may_share_a_core_settings_name(host, add_plugin):
     """A backend's options are --model-args keys, not flags, so `device` shadows nothing."""
     add_plugin(SimpleNamespace(register_models=hookimpl(lambda register: register(DeviceAware))))
-    backend = choose_backend(registry(), "device-aware", model_args="device=cuda")
+    backend = choose_backend(host.registry, "device-aware", model_args="device=cuda")
     assert isinstance(backend, DeviceAware) and backend.settings == {"device": "cuda"}
 
 
@@ -136,14 +136,14 @@ class Editable(Method):
     name = "editable-method"
 
 
-def test_a_plugin_registered_at_run_time_is_identified_by_its_source(add_plugin):
+def test_a_plugin_registered_at_run_time_is_identified_by_its_source(host, add_plugin):
     """Its identity is the source of the module that defines its hooks: this file."""
     add_plugin(SimpleNamespace(register_methods=hookimpl(lambda register: register(Editable))))
-    assert code_identity("method", "editable-method") == {"source": _source_digest((__name__,))}
+    assert host.code_identity("method", "editable-method") == {"source": _source_digest((__name__,))}
     assert _source_digest((__name__,)) != _source_digest(())
 
 
-def test_a_local_plugin_modules_code_is_its_whole_top_level_package(tmp_path, monkeypatch, add_plugin):
+def test_a_local_plugin_modules_code_is_its_whole_top_level_package(host, tmp_path, monkeypatch, add_plugin):
     """An edit to a module the plugin's entry module imports (not the entry module) counts."""
     package = tmp_path / "raghub_test_package"
     package.mkdir()
@@ -155,10 +155,10 @@ def test_a_local_plugin_modules_code_is_its_whole_top_level_package(tmp_path, mo
                                       "@hookimpl\ndef register_methods(register):\n    register(Packaged)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     add_plugin(importlib.import_module("raghub_test_package.hooks"))
-    before = code_identity("method", "packaged")
+    before = host.code_identity("method", "packaged")
     (package / "retrievers.py").write_text((package / "retrievers.py").read_text() + "# edited\n")
     _source_digest.cache_clear()  # the hash is kept for the process; a new process reads the edit
-    assert code_identity("method", "packaged") != before
+    assert host.code_identity("method", "packaged") != before
 
 
 @pytest.mark.parametrize("files, installed", [

@@ -15,7 +15,7 @@ from raghub.cli import cli
 from raghub.plugins.models.huggingface import HuggingFaceCausal
 from raghub.record import SCHEMA_VERSION, Record
 from raghub.records import append_record
-from raghub.runner import resolve_sweep
+from raghub.resolution import resolve_sweep
 
 LEADERBOARDS = Path(__file__).resolve().parents[1] / "leaderboards"
 
@@ -65,11 +65,11 @@ def test_an_old_record_without_an_id_is_found_by_samples_and_says_it_has_no_log(
     assert result.exit_code == 2 and "has no samples log" in result.output
 
 
-def test_an_identical_run_stored_by_an_older_raghub_elsewhere_is_reused(tmp_path, monkeypatch):
+def test_an_identical_run_stored_by_an_older_raghub_elsewhere_is_reused(host, tmp_path, monkeypatch):
     """The reuse key leaves out where the task's YAML lay: an old record made in another
     checkout is the same run."""
     results = tmp_path / "results"
-    (resolved,) = resolve_sweep({"task": "wikitext2", "method": "none", "limit": 1, "results_dir": str(results)})
+    (resolved,) = resolve_sweep({"task": "wikitext2", "method": "none", "limit": 1, "results_dir": str(results)}, host)
     config = json.loads(json.dumps(resolved.config))
     config["task"]["config"]["source"] = "/another/checkout/tasks/wikitext2.yaml"
     write_store(results, {**OLD, "task": "wikitext2", "config": config, "metrics": {"bits_per_byte": 1.25}})
@@ -111,9 +111,9 @@ def test_a_record_with_a_wrong_type_is_skipped_and_named(tmp_path, monkeypatch, 
         assert "| none |" in result.stdout and "| incontext |" in result.stdout and "| bad |" not in result.stdout
 
 
-def test_a_record_whose_config_is_not_a_mapping_does_not_stop_later_runs(tmp_path, monkeypatch):
+def test_a_record_whose_config_is_not_a_mapping_does_not_stop_later_runs(host, tmp_path, monkeypatch):
     results = tmp_path / "results"
-    (resolved,) = resolve_sweep({"task": "wikitext2", "method": "none", "limit": 1, "results_dir": str(results)})
+    (resolved,) = resolve_sweep({"task": "wikitext2", "method": "none", "limit": 1, "results_dir": str(results)}, host)
     stored = {**qa_record("none", 0.5), "task": "wikitext2", "config": json.loads(json.dumps(resolved.config)),
               "metrics": {"bits_per_byte": 1.25}, "schema_version": SCHEMA_VERSION, "id": "stored"}
     write_store(results, stored, {**stored, "id": "broken", "config": "a string"})

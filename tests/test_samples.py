@@ -18,7 +18,6 @@ from click.testing import CliRunner
 
 from raghub import Answer, Method, ModelBackend, RunError, hookimpl
 from raghub.cli import cli
-from raghub.plugin_manager import pm, registry
 from raghub.plugins.tasks.question_answering.task import aggregate_stats
 
 RAGHUB = Path(sys.executable).with_name("raghub")
@@ -85,14 +84,11 @@ class StubPlugin:
 
 
 @pytest.fixture
-def stub_plugin(tmp_path, monkeypatch):
+def stub_plugin(tmp_path, monkeypatch, add_plugin):
     monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
-    pm.register(StubPlugin(), "stub-plugin")
-    registry.cache_clear()
+    add_plugin(StubPlugin())
     yield
     GoldIfRetrieved.budget = math.inf
-    pm.unregister(name="stub-plugin")
-    registry.cache_clear()
 
 
 def run_stub(results, *extra):
@@ -157,7 +153,7 @@ def test_an_interrupted_run_resumes_to_the_same_samples(stub_plugin, tmp_path):
 
 
 def test_the_resume_file_keeps_verified_batches_only(tmp_path):
-    from raghub.runner import _batch_line, _read_resume_file
+    from raghub.resume import _batch_line, _read_resume_file
 
     path = tmp_path / "resume.jsonl"
     line = {"id": "w1", "nll": 1.0, "tokens": 2, "bytes": 3, "retrieved": []}

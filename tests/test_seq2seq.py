@@ -19,7 +19,6 @@ from raghub import Passage, PromptTemplate, Question, Retrieved
 from raghub.cache import Cache
 from raghub.cli import cli
 from raghub.models import choose_backend
-from raghub.plugin_manager import registry
 from raghub.plugins.methods.ensemble import Ensemble
 from raghub.plugins.methods.fid import FusionInDecoder
 from raghub.plugins.models.huggingface import HuggingFaceCausal
@@ -96,9 +95,9 @@ def encoded(t5, prompt: str):
     return t5.hf_model.get_encoder()(**inputs).last_hidden_state
 
 
-def test_an_encoder_decoder_folder_goes_to_hf_seq2seq_and_only_there(t5_folder, tmp_path):
+def test_an_encoder_decoder_folder_goes_to_hf_seq2seq_and_only_there(host, t5_folder, tmp_path):
     save_tiny_model(tmp_path / "llama", seed=0)
-    found = registry()
+    found = host.registry
     assert isinstance(choose_backend(found, str(t5_folder)), HuggingFaceSeq2Seq)
     assert not HuggingFaceCausal.handles(str(t5_folder))
     assert isinstance(choose_backend(found, str(tmp_path / "llama")), HuggingFaceCausal)

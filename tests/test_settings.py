@@ -15,8 +15,7 @@ from raghub.corpus import read_corpus
 from raghub.errors import RunError, UsageError
 from raghub.hookspecs import hookimpl
 from raghub.models import ModelBackend
-from raghub.plugin_manager import pm, registry
-from raghub.runner import RunRequest, resolve, resolve_sweep
+from raghub.resolution import RunRequest, resolve, resolve_sweep
 from raghub.schema import Field, check_schema
 from raghub.settings import parse_key_values, read_task_definition
 
@@ -24,10 +23,10 @@ TASKS = Path(__file__).resolve().parents[1] / "tasks"
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
+def workdir(tmp_path, monkeypatch, host):
     """A fresh working directory (so the default `results/` lands in it) holding the shipped
     `_qa.yaml` and `_wikitext.yaml`, where no model backend may load a model."""
-    for backend in {ModelBackend, *registry().models.values()}:
+    for backend in {ModelBackend, *host.registry.models.values()}:
         monkeypatch.setattr(backend, "load", lambda *a, **k: pytest.fail("the model loaded"))
     for name in ("_qa.yaml", "_wikitext.yaml"):
         shutil.copy(TASKS / name, tmp_path)
@@ -150,10 +149,10 @@ def test_included_keys_are_defaults_that_the_including_file_overrides(tmp_path):
         "retriever": "bm25", "source": str(tmp_path / "task.yaml")}
 
 
-def test_a_task_file_resolves_with_its_included_defaults(workdir):
+def test_a_task_file_resolves_with_its_included_defaults(host, workdir):
     Path("mytask.yaml").write_text(QA_TASK.replace("dev.json", "dev-v1.1.rebuilt-from-explorer-html.json")
                                    + "max_new_tokens: 4\n")  # resolving reads the data file
-    config = resolve(request(task="mytask.yaml")).task.config
+    config = resolve(request(task="mytask.yaml"), host).task.config
     assert config["max_new_tokens"] == 4  # its own
     assert config["prompt"] == "completion" and len(config["few_shot"]) == 3  # from _qa.yaml
 
@@ -174,14 +173,14 @@ SQUAD_ROW = {"id": "q1", "title": "Ulm", "context": "Albert Einstein was born in
 
 @pytest.mark.parametrize("data_dir", ["elsewhere", None], ids=["a data directory", "the hub"])
 @pytest.mark.parametrize("where", ["absolute", "beside the YAML"])
-def test_a_task_reads_a_data_file_at_the_path_it_gives(workdir, monkeypatch, data_dir, where):
+def test_a_task_reads_a_data_file_at_the_path_it_gives(host, workdir, monkeypatch, data_dir, where):
     monkeypatch.setattr("raghub.interfaces.default_data_dir", lambda: None)
     Path("elsewhere").mkdir()
     Path("tasks").mkdir()
     Path("tasks/qa.jsonl").write_text(json.dumps(SQUAD_ROW) + "\n")
     file = workdir / "tasks/qa.jsonl" if where == "absolute" else "qa.jsonl"
     Path("tasks/mytask.yaml").write_text(f"name: mine\ninclude: _qa.yaml\ndata: {{file: {file}, format: squad}}\n")
-    task = resolve(RunRequest(task="tasks/mytask.yaml", method="none", data_dir=data_dir)).task
+    task = resolve(RunRequest(task="tasks/mytask.yaml", method="none", data_dir=data_dir), host).task
     assert [q.question for q in task.loaded.questions] == ["Where was Einstein born?"]
 
 
@@ -211,14 +210,14 @@ def test_a_stride_with_no_room_within_max_length_exits_2_before_the_model_loads(
     ({"retriever": "bm25", "n_docs": "3"}, "--retriever and --n-docs ignored"),
     ({"reranker": "lm", "refiner": "truncate"}, "--reranker and --refiner ignored: method 'none' retrieves nothing"),
 ])
-def test_retrieval_settings_given_to_a_closed_book_method_are_warned(workdir, capsys, ignored, warning):
-    (resolved,) = resolve_sweep({"task": "wikitext2", "method": "none", **ignored})
+def test_retrieval_settings_given_to_a_closed_book_method_are_warned(host, workdir, capsys, ignored, warning):
+    (resolved,) = resolve_sweep({"task": "wikitext2", "method": "none", **ignored}, host)
     assert resolved.retriever_class is None and resolved.n_docs == 0
     assert warning in capsys.readouterr().err
 
 
-def test_a_closed_book_run_without_retrieval_settings_warns_nothing(workdir, capsys):
-    resolve_sweep({"task": "wikitext2", "method": "none"})
+def test_a_closed_book_run_without_retrieval_settings_warns_nothing(host, workdir, capsys):
+    resolve_sweep({"task": "wikitext2", "method": "none"}, host)
     assert capsys.readouterr().err == ""
 
 
@@ -243,8 +242,8 @@ def test_bad_model_settings_exit_2_before_the_model_loads(workdir, args, message
     assert message in error_line(run_cli("--task", "wikitext2", "--method", "none", *args))
 
 
-def test_model_args_are_converted_by_the_backends_declarations(workdir):
-    backend = resolve(request(model_args="trust_remote_code=yes, revision=main")).backend
+def test_model_args_are_converted_by_the_backends_declarations(host, workdir):
+    backend = resolve(request(model_args="trust_remote_code=yes, revision=main"), host).backend
     assert backend.name == "gguf"
     assert backend.settings == {"revision": "main", "trust_remote_code": True, "attn_implementation": None,
                                 "token_budget": None}
@@ -278,22 +277,18 @@ class StridePlugin:
 
 
 @pytest.fixture
-def stride_methods():
-    pm.register(StridePlugin(), "stride-plugin")
-    registry.cache_clear()
-    yield
-    pm.unregister(name="stride-plugin")
-    registry.cache_clear()
+def stride_methods(add_plugin):
+    add_plugin(StridePlugin())
 
 
-def test_an_option_two_selected_plugins_mean_differently_is_refused(workdir, stride_methods):
+def test_an_option_two_selected_plugins_mean_differently_is_refused(host, workdir, stride_methods):
     with pytest.raises(UsageError, match="--stride means different things to the task 'language-modelling' "
                                          "and the method 'stride-as-text'"):
-        resolve(request(method="stride-as-text", stride="4"))
+        resolve(request(method="stride-as-text", stride="4"), host)
 
 
-def test_an_option_two_selected_plugins_mean_alike_reaches_both(workdir, stride_methods):
-    options = resolve(request(method="stride-too", stride="4")).plugin_options
+def test_an_option_two_selected_plugins_mean_alike_reaches_both(host, workdir, stride_methods):
+    options = resolve(request(method="stride-too", stride="4"), host).plugin_options
     assert options["task"] == {"stride": 4} and options["method"] == {"stride": 4}
 
 

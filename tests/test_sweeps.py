@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from raghub.cli import cli
 from raghub.errors import UsageError
 from raghub.plugins.models.huggingface import HuggingFaceCausal
-from raghub.runner import resolve_sweep
+from raghub.resolution import resolve_sweep
 
 DATA = Path(os.environ["RAGHUB_DATA_DIR"])  # set by conftest.py
 
@@ -21,17 +21,17 @@ def invoke(*args):
     return CliRunner().invoke(cli, list(args))
 
 
-def test_every_combination_is_resolved_and_a_closed_book_method_runs_once(tmp_path):
+def test_every_combination_is_resolved_and_a_closed_book_method_runs_once(host, tmp_path):
     runs = resolve_sweep({"task": "squad,hotpotqa", "method": "none,ensemble", "n_docs": "2,4",
-                          "results_dir": str(tmp_path)})
+                          "results_dir": str(tmp_path)}, host)
     assert [(r.task.name, r.method_class.name, r.n_docs) for r in runs] == [
         ("squad", "none", 0), ("squad", "ensemble", 2), ("squad", "ensemble", 4),
         ("hotpotqa", "none", 0), ("hotpotqa", "ensemble", 2), ("hotpotqa", "ensemble", 4)]
     assert runs[1].task is runs[2].task  # one task object per task: its data is read once
 
 
-def test_a_config_file_may_list_the_swept_values(tmp_path):
-    runs = resolve_sweep({"task": "wikitext2", "method": ["none", "incontext"], "n_docs": [1, 2]})
+def test_a_config_file_may_list_the_swept_values(host, tmp_path):
+    runs = resolve_sweep({"task": "wikitext2", "method": ["none", "incontext"], "n_docs": [1, 2]}, host)
     assert [(r.method_class.name, r.n_docs) for r in runs] == [("none", 0), ("incontext", 1), ("incontext", 2)]
     config = tmp_path / "sweep.yaml"
     config.write_text("task: wikitext2\nmethod: [none, ensembel]\n")
@@ -66,15 +66,15 @@ def test_a_broken_data_file_of_a_later_task_stops_the_sweep_before_anything_runs
     assert not (tmp_path / "results").exists()
 
 
-def test_a_config_list_with_an_empty_entry_is_refused():
+def test_a_config_list_with_an_empty_entry_is_refused(host):
     with pytest.raises(UsageError, match=r"--task \['wikitext2', None\]: the list has an empty name"):
-        resolve_sweep({"task": ["wikitext2", None], "method": "none"})
+        resolve_sweep({"task": ["wikitext2", None], "method": "none"}, host)
 
 
-def test_n_docs_is_said_to_be_ignored_only_when_no_method_retrieves(capsys):
-    resolve_sweep({"task": "wikitext2", "method": "none", "n_docs": "2"})
+def test_n_docs_is_said_to_be_ignored_only_when_no_method_retrieves(host, capsys):
+    resolve_sweep({"task": "wikitext2", "method": "none", "n_docs": "2"}, host)
     assert "--n-docs ignored" in capsys.readouterr().err
-    resolve_sweep({"task": "wikitext2", "method": "none,ensemble", "n_docs": "2"})
+    resolve_sweep({"task": "wikitext2", "method": "none,ensemble", "n_docs": "2"}, host)
     assert "ignored" not in capsys.readouterr().err
 
 

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from raghub.cli import cli
 from raghub.interfaces import COMMON_TASK_KEYS
-from raghub.plugin_manager import registry
-from raghub.runner import RunRequest, resolve
+from raghub.plugin_manager import PluginHost
+from raghub.resolution import RunRequest, resolve
 from raghub.schema import reference_rows
 from raghub.task_yaml import task_yaml_reference
 from scripted import ScriptedBackend, ScriptedModel, scripted  # noqa: F401
@@ -21,7 +21,7 @@ REFERENCE = ROOT / "docs" / "task-yaml.md"
 
 
 def built_in_families():
-    found = registry()
+    found = PluginHost().registry
     return {name: cls for name, cls in found.task_families.items()
             if found.origins[("task family", name)] == "built-in"}
 
@@ -31,9 +31,9 @@ def test_docs_task_yaml_is_what_raghub_task_yaml_writes():
         "docs/task-yaml.md is stale: run `raghub task-yaml > docs/task-yaml.md`")
 
 
-def test_the_command_prints_the_reference():
+def test_the_command_prints_the_reference(host):
     out = CliRunner().invoke(cli, ["task-yaml"])
-    assert out.exit_code == 0 and out.output == task_yaml_reference(registry().task_families)
+    assert out.exit_code == 0 and out.output == task_yaml_reference(host.registry.task_families)
 
 
 def test_every_key_of_every_family_says_what_it_means():
@@ -49,12 +49,12 @@ def reference_default(key):
     return re.search(rf"^\| `{key}` \|[^|]*\|[^|]*\| `([^`]*)` \|", qa, re.MULTILINE).group(1)
 
 
-def test_a_qa_yaml_that_leaves_keys_out_gets_the_documented_defaults(tmp_path):
+def test_a_qa_yaml_that_leaves_keys_out_gets_the_documented_defaults(host, tmp_path):
     (tmp_path / "qa.jsonl").write_text(json.dumps(
         {"id": "q1", "title": "Ulm", "context": "Einstein was born in Ulm.", "question": "Where?",
          "answers": {"text": ["Ulm"]}}) + "\n")
     (tmp_path / "bare.yaml").write_text("name: bare\nfamily: qa\ndata: {file: qa.jsonl, format: squad}\n")
-    resolved = resolve(RunRequest(task=str(tmp_path / "bare.yaml"), method="incontext"))
+    resolved = resolve(RunRequest(task=str(tmp_path / "bare.yaml"), method="incontext"), host)
     (question,) = resolved.task.examples(ScriptedModel(lambda prompt: ""), None)
     assert question.template.style == reference_default("prompt")
     assert question.max_new_tokens == int(reference_default("max_new_tokens"))

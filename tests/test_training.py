@@ -27,11 +27,13 @@ from raghub.cache import fingerprint
 from raghub.checkpoints import GENERATOR, MANIFEST, QUERY_ENCODER, TRAIN_LOG, read_checkpoint
 from raghub.cli import cli
 from raghub.errors import RunError, UsageError
-from raghub.plugin_manager import registry
 from raghub.plugins.models.huggingface import HuggingFaceCausal
 from raghub.plugins.training.rag.penalties import keyword_mass, length_penalty, repetition_unlikelihood
 from raghub.plugins.training.rag import trainer as trainer_module
 from raghub.plugins.training.rag.trainer import TrainConfig, Trainer, keep_log_until
+from raghub.plugin_manager import PluginHost
+
+from bad_input import assert_one_line_exit_2, model_never_loads  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).parents[1]
 PYTHON_BIN = Path(sys.executable).parent
@@ -85,11 +87,11 @@ def test_a_penalty_has_gradients_and_a_few_steps_lower_the_behaviour(name):
     assert behaviour(logits.softmax(-1)).item() < before
 
 
-def test_the_objectives_are_the_core_formulas():
+def test_the_objectives_are_the_core_formulas(host):
     from raghub import lsr_kl, rag_sequence_logprob, rag_token_logprob
 
     scores, doc = torch.tensor([[0.3, 0.1]]), torch.log(torch.tensor([[[0.5, 0.4, 0.2], [0.2, 0.5, 0.6]]]))
-    objectives = registry().objectives
+    objectives = host.registry.objectives
     assert objectives["rag-sequence"]().loss(scores, doc).item() == pytest.approx(
         -rag_sequence_logprob(doc, scores, 0.1).item())
     assert objectives["rag-token"](temperature=1.0).loss(scores, doc).item() == pytest.approx(
@@ -164,7 +166,7 @@ def trainer_config(tiny, output, **settings) -> TrainConfig:
 
 
 def trainer(tiny, tmp_path, **settings):
-    return Trainer(trainer_config(tiny, tmp_path / "out", **settings), registry())
+    return Trainer(trainer_config(tiny, tmp_path / "out", **settings), PluginHost().registry)
 
 
 def gradient_norms(model):
@@ -205,11 +207,11 @@ def test_alternating_phases_freeze_the_other_side(tiny, tmp_path, env):
         assert {name for name, norm in gradient_norms(train.model).items() if norm > 0} == {trained}
 
 
-def test_gradient_accumulation_gives_the_larger_batchs_losses(tiny, tmp_path, env):
+def test_gradient_accumulation_gives_the_larger_batchs_losses(host, tiny, tmp_path, env):
     """2 accumulated batches of 1 question step exactly as 1 batch of 2 (float32, 1e-5)."""
     trajectories, batches = [], []
     for name, settings in (("whole", {"batch_size": 2}), ("accumulated", {"batch_size": 1, "grad_accum": 2})):
-        train = Trainer(replace(trainer_config(tiny, tmp_path / name), steps=3, save_every=3, **settings), registry())
+        train = Trainer(replace(trainer_config(tiny, tmp_path / name), steps=3, save_every=3, **settings), host.registry)
         batches.append([q.id for part in range(train.config.grad_accum) for q in train.batch(2, part)])
         train.train()
         trajectories.append(losses(tmp_path / name))
@@ -218,9 +220,9 @@ def test_gradient_accumulation_gives_the_larger_batchs_losses(tiny, tmp_path, en
     assert trajectories[0][0] != trajectories[0][-1]
 
 
-def test_the_learning_rates_warm_up_linearly_then_stay(tiny, tmp_path, env):
+def test_the_learning_rates_warm_up_linearly_then_stay(host, tiny, tmp_path, env):
     train = Trainer(replace(trainer_config(tiny, tmp_path / "out"), warmup_steps=4, steps=6, save_every=6,
-                            learning_rate=0.01, retriever_learning_rate=0.001), registry())
+                            learning_rate=0.01, retriever_learning_rate=0.001), host.registry)
     rates = []
     for step in range(1, 7):
         rates.append([group["lr"] for optimizer in train.optimizers.values() for group in optimizer.param_groups])
@@ -380,6 +382,14 @@ def test_bad_training_settings_are_one_line_exit_2_and_write_nothing(tiny, tmp_p
     assert not output.exists()
 
 
+def test_a_task_without_questions_is_refused_before_the_model_loads(model_never_loads, tmp_path):
+    """Regression: the trainer loaded the model before it found that wikitext2 has no questions."""
+    output = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["train", "--task", "wikitext2", "--output", str(output)])
+    assert_one_line_exit_2(result, "task 'wikitext2' (language-modelling) is not scored from answers; raghub train "
+                                   "takes question-answering tasks", output)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--lr", "nan"], "--learning-rate must be a finite float, not nan"),
     (["--lr", "-1"], "--learning-rate must be at least 0, not -1.0"),
@@ -400,9 +410,9 @@ def test_non_finite_or_nonsensical_training_numbers_are_one_line_before_anything
     assert not output.exists()
 
 
-def test_a_step_whose_loss_is_not_finite_stops_training_without_saving_or_logging_it(tiny, tmp_path, env):
+def test_a_step_whose_loss_is_not_finite_stops_training_without_saving_or_logging_it(host, tiny, tmp_path, env):
     """Regression: a NaN loss was logged and its weights saved as the next checkpoint."""
-    train = Trainer(replace(trainer_config(tiny, tmp_path / "out"), steps=3, save_every=1), registry())
+    train = Trainer(replace(trainer_config(tiny, tmp_path / "out"), steps=3, save_every=1), host.registry)
     run_step = train.run_step
 
     def nan_at_step_2(step):
@@ -416,13 +426,13 @@ def test_a_step_whose_loss_is_not_finite_stops_training_without_saving_or_loggin
     assert len(losses(tmp_path / "out")) == 1
 
 
-def test_a_torn_last_line_of_the_training_log_does_not_block_the_resume(tiny, tmp_path, env):
+def test_a_torn_last_line_of_the_training_log_does_not_block_the_resume(host, tiny, tmp_path, env):
     """Regression: a kill in the middle of writing a log line made every resume a JSONDecodeError."""
     output = tmp_path / "out"
-    Trainer(replace(trainer_config(tiny, output), steps=2, save_every=2), registry()).train()
+    Trainer(replace(trainer_config(tiny, output), steps=2, save_every=2), host.registry).train()
     with open(output / TRAIN_LOG, "a") as log:
         log.write('{"step": 3, "phase": "jo')
-    Trainer(replace(trainer_config(tiny, output), steps=3, save_every=2), registry()).train()
+    Trainer(replace(trainer_config(tiny, output), steps=3, save_every=2), host.registry).train()
     assert [json.loads(line)["step"] for line in (output / TRAIN_LOG).read_text().splitlines()] == [1, 2, 3]
 
 
@@ -534,15 +544,17 @@ def test_one_and_two_processes_give_the_same_loss_trajectory(tiny, tmp_path, env
 
 
 
-def test_squad_train_and_heldout_split_the_articles_without_overlap():
-    tasks = registry().tasks
+def test_squad_train_and_heldout_split_the_articles_without_overlap(host):
+    tasks = host.registry.tasks
     train, heldout = tasks["squad-train"]["articles"], tasks["squad-heldout"]["articles"]
     assert (train, heldout) == ({"first": 0, "last": 37}, {"first": 38, "last": 47})
     assert tasks["squad-train"]["data"] == tasks["squad-heldout"]["data"] == tasks["squad"]["data"]
 
 
 def test_raghub_starts_with_the_train_command_and_without_torch():
-    check = "import sys, raghub.cli; assert 'train' in raghub.cli.cli.commands; assert 'torch' not in sys.modules"
+    check = ("import sys, click, raghub.cli; cli = raghub.cli.cli; "
+             "assert 'train' in cli.list_commands(click.Context(cli, obj=raghub.cli.PluginHost())); "
+             "assert 'torch' not in sys.modules")
     out = subprocess.run([sys.executable, "-c", check], env={**os.environ, "PYTHONPATH": str(ROOT)},
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

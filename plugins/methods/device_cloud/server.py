@@ -383,7 +383,7 @@ def cloud_commands():
 @click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 @click.option("--once", is_flag=True, help="exit when the first device disconnects")
 @click.pass_obj
-def serve_command(found, host, port, model_spec, model_backend, model_args, dtype, corpus_path, retriever_name,
+def serve_command(plugins, host, port, model_spec, model_backend, model_args, dtype, corpus_path, retriever_name,
                   threads, once):
     """Serve distributions to `raghub run --method device-cloud --cloud-address HOST:PORT`.
 
@@ -393,5 +393,5 @@ def serve_command(found, host, port, model_spec, model_backend, model_args, dtyp
         import torch
 
         torch.set_num_threads(threads)
-    serve_cloud(found, host, port, ModelSpec(model_spec, model_backend, model_args, dtype), corpus_path,
+    serve_cloud(plugins.registry, host, port, ModelSpec(model_spec, model_backend, model_args, dtype), corpus_path,
                 retriever_name, once)

@@ -50,9 +50,10 @@ class TrainCommand(click.Command):
     """`raghub train`, whose help lists the installed objectives and their options."""
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        found = ctx.find_root().obj
-        if found is None:
+        host = ctx.find_root().obj
+        if host is None:
             return
+        found = host.registry
         with formatter.section("Objectives (--objective; --objective-args takes their options)"):
             formatter.write_dl([(name, f"{cls.description} [options: {', '.join(cls.options) or 'none'}]")
                                 for name, cls in sorted(found.objectives.items())])
@@ -62,11 +63,11 @@ def add_train_command(cli: click.Group) -> None:
     """Add `raghub train`, one flag per `TrainConfig` field."""
 
     @click.pass_obj
-    def train(found: Any, **given: Any) -> None:
+    def train(host: Any, **given: Any) -> None:
         """Train a retriever and generator for RAG and write a checkpoint folder."""
         from .trainer import Trainer
 
-        trainer = Trainer(TrainConfig(**{k: v for k, v in given.items() if v is not None}), found)
+        trainer = Trainer(TrainConfig(**{k: v for k, v in given.items() if v is not None}), host.registry)
         last = trainer.train()
         if trainer.ranks.is_main:
             click.echo(f"trained to step {trainer.step} (loss {last.get('loss', float('nan')):.4f}); "

@@ -35,10 +35,9 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from raghub import (Cache, GENERATOR, MANIFEST, Question, RunError, TRAINER_STATE, TRAIN_LOG, UsageError, barrier,
-                    cache_root, choose_backend, load_trained_generator, mean_over_ranks, ranks, read_checkpoint,
-                    write_checkpoint)
-from raghub.runner import task_corpus, task_family
+from raghub import (Cache, GENERATOR, MANIFEST, Question, RunError, TRAINER_STATE, TRAIN_LOG, UsageError,
+                    answered_questions, barrier, cache_root, choose_backend, load_trained_generator, mean_over_ranks,
+                    question_task, ranks, read_checkpoint, task_corpus, write_checkpoint)
 
 from .config import TrainConfig
 from .penalties import keyword_mass, length_penalty, repetition_unlikelihood
@@ -151,6 +150,7 @@ class Trainer:
         self.ranks = ranks(backend="gloo")  # training runs on the CPU, even beside a GPU
         if config.batch_size % self.ranks.world_size:
             raise UsageError(f"--batch-size {config.batch_size} must be a multiple of the {self.ranks.world_size} processes")
+        self.task = question_task(config.task, found, config.data_dir, config.limit, "train")
         backend = choose_backend(found, config.model)
         backend.check_provides(self.requires, "raghub train")
         self.objective = self._objective(found)
@@ -169,12 +169,8 @@ class Trainer:
             raise UsageError(f"--{unknown[0].replace('_', '-')}: retriever '{config.retriever}' has no such option")
         self.retriever = retriever_class(Cache(cache_root()), **config.retriever_settings(),
                                          **({"checkpoint": str(self.output)} if self.resumed else {}))
-        definition, task_class = task_family(config.task, found)
-        self.task = task_class(definition["name"], definition, config.data_dir, registry=found)
         self.lm = backend.load(config.model, "cpu", "float32", config.batch_size)
-        self.questions = [q for q in self.task.examples(self.lm, config.limit) if isinstance(q, Question) and q.answers]
-        if not self.questions:
-            raise UsageError(f"task '{config.task}' has no questions with answers to train on")
+        self.questions = answered_questions(self.task.examples(self.lm, config.limit))
         passages, self.corpus_label, corpus = task_corpus(self.task)
         encoders = self.retriever.trainable_encoders(config.train_passages)
         matrix = torch.from_numpy(np.array(self.retriever.passage_embeddings(passages, corpus), dtype=np.float32))
