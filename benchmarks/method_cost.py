@@ -27,7 +27,9 @@ from pathlib import Path
 
 from raghub.cache import Cache
 from raghub.models import load_model
-from raghub.runner import execute, resolve_sweep
+from raghub.plugin_manager import default_host
+from raghub.resolution import resolve_sweep
+from raghub.runner import execute
 
 #: the model's entry points a method reaches; each counts once per call and once per prompt
 MODEL_CALLS = ("generate", "generate_line", "sequence_logprobs", "continuation_logprobs", "answer_scores")
@@ -68,7 +70,7 @@ def cost_row(method: str, args, model, counts: Counter, results_dir: Path) -> di
     settings = {"task": args.task, "method": method, "retriever": args.retriever, "n_docs": args.n_docs,
                 "limit": args.limit, "dtype": args.dtype, "results_dir": str(results_dir),
                 **METHOD_SETTINGS.get(method, {})}
-    (resolved,) = resolve_sweep(settings)
+    (resolved,) = resolve_sweep(settings, default_host())
     counts.clear()
     with tempfile.TemporaryDirectory() as cache_dir:
         record = execute(resolved, model, Cache(Path(cache_dir)))
