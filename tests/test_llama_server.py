@@ -146,6 +146,12 @@ def test_the_probe_refuses_the_servers_echo_logprobs(llama_server):
         load_model(llama_server, model_args=f"tokenizer={embedded_gguf()},prompt_as=text")
 
 
+def test_the_probe_refuses_the_server_when_its_default_repeat_penalty_is_left_on(llama_server, monkeypatch):
+    monkeypatch.setattr(openai, "GREEDY", {"temperature": 0})
+    with pytest.raises(UsageError, match=r"does not generate greedily at temperature 0: it generated ' four' "):
+        load_model(llama_server, model_args=generating_args())
+
+
 def test_generation_logprobs_agree_with_in_process(llama_server, in_process):
     served = load_model(llama_server, model_args=generating_args())
     prompts = ["The capital of France is", "Water boils at a temperature of", "The first president of the United States was"]

@@ -2,12 +2,12 @@
 llama.cpp, SGLang, TGI), given by its `/v1` base URL.
 
 Prompts go to `/v1/completions` as raghub's token ids (`prompt_as=text` for a server that takes
-only text, checked to tokenise alike), greedily (`GREEDY`: temperature 0, no repeat penalty),
-and each generation is checked to be greedy by the server's own log-probs. A sequence is scored from
+only text, checked to tokenise alike), greedily (`GREEDY`: temperature 0, no repeat penalty), and
+each generation is checked to be greedy by the server's own log-probs. A sequence is scored from
 the prompt log-probs the server echoes (`echo: true`) or from vLLM's `prompt_logprobs`. Before
-a model is handed out, a probe checks that the server tokenises as the local tokenizer does and
-that it generates greedily and that its prompt log-probs agree with its own generation log-probs (`probe`): a server whose
-scoring is shifted, or which lacks log-probs, is refused in one line.
+a model is handed out, a probe checks that the server tokenises as the local tokenizer does, that
+it generates greedily, and that its prompt log-probs agree with its own generation log-probs
+(`probe`): a server whose scoring is shifted, or which lacks log-probs, is refused in one line.
 """
 
 from __future__ import annotations
