@@ -13,7 +13,7 @@ from raghub.plugins.models.huggingface import DEFAULT_MODEL_FILE, DEFAULT_MODEL_
 
 RECORDED = Path(__file__).parent / "recorded_servers"
 #: what any prompt other than the recorded probe prompt gets as its greedy continuation
-OTHER_ANSWER = {"text": " Paris", "tokens": [" Paris"], "token_logprobs": [-0.5]}
+OTHER_ANSWER = {"text": " Paris", "tokens": [" Paris"], "token_logprobs": [-0.5], "top_logprobs": [{" Paris": -0.5}]}
 
 
 def embedded_gguf() -> str:

@@ -49,6 +49,12 @@ def completions(server: RecordedServer) -> list[dict]:
     return [json.loads(r.content) for r in server.requests if r.url.path.endswith("/completions")]
 
 
+def answering(body: dict) -> bool:
+    """Whether a completions request generates for an example (not scoring, not the probe)."""
+    probes = [cached_tokenizer(embedded_gguf()).encode(prompt) for prompt in (openai.PROBE_PROMPT, openai.REPEAT_PROBE_PROMPT)]
+    return not body.get("echo") and body["prompt"] not in probes
+
+
 # --- scoring --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["vllm", "openai"])
@@ -94,6 +100,38 @@ def test_one_line_generation_is_greedy_stops_at_a_newline_and_returns_the_token_
     assert generation.token_ids == server.ids[PROBE_LENGTH:]  # what FLARE cuts a sentence at
     request = completions(server)[-1]
     assert (request["temperature"], request["stop"], request["max_tokens"]) == (0, ["\n"], 4)
+
+
+def passing_over_paris(request):
+    """A `fail` that answers each generation as a server that penalises repeats: ' Lyon' where its
+    own log-probs put ' Paris' first."""
+    return httpx.Response(200, json={"choices": [{"text": " Lyon", "finish_reason": "length", "logprobs": {
+        "tokens": [" Lyon"], "token_logprobs": [-0.9], "top_logprobs": [{" Paris": -0.5, " Lyon": -0.9}]}}]})
+
+
+def test_generation_asks_the_server_not_to_penalise_repeats(monkeypatch):
+    """llama-cpp-python's server penalises repeats at temperature 0 unless the request sets
+    repeat_penalty (its default is 1.1): answers copied from the passages were passed over."""
+    def penalising_unless_asked_not_to(request):
+        body = json.loads(request.content) if request.method == "POST" else {}
+        generating = body and not body.get("echo")
+        return passing_over_paris(request) if generating and body.get("repeat_penalty", 1.1) != 1 else None
+
+    server = serving(monkeypatch, RecordedServer("vllm", fail=penalising_unless_asked_not_to))
+    model = load("logprobs_via=none")
+    assert [g.text for g in model.generate_line(["The capital of France is"], 4)] == [" Paris"]
+    assert {(body["temperature"], body["repeat_penalty"]) for body in completions(server)} == {(0, 1.0)}
+
+
+def test_a_server_that_does_not_generate_greedily_is_refused_before_the_run(monkeypatch):
+    serving(monkeypatch, RecordedServer("vllm", fail=lambda request: passing_over_paris(request)
+                                        if request.method == "POST" and b'"echo"' not in request.content else None))
+    with pytest.raises(UsageError) as refused:
+        load("logprobs_via=none")
+    assert str(refused.value) == (
+        "server models.example:8000 does not generate greedily at temperature 0: it generated ' Lyon' (ln p -0.900) "
+        "where its own log-probs put ' Paris' first (ln p -0.500) (it samples, or penalises repeats whatever the "
+        "request says)")
 
 
 def test_requests_go_out_up_to_concurrency_at_once(monkeypatch):
@@ -227,7 +265,7 @@ def test_a_server_that_dies_mid_run_exits_1_keeping_finished_examples_and_the_re
 
     def dies_after_probe_and_a_batch(request):
         body = json.loads(request.content) if request.method == "POST" else {}
-        if body and not body.get("echo") and len(body["prompt"]) != PROBE_LENGTH:
+        if body and answering(body):
             answered.append(request)
             if len(answered) > 2:
                 raise httpx.ConnectError("Connection refused", request=request)
@@ -245,7 +283,7 @@ def test_a_server_that_dies_mid_run_exits_1_keeping_finished_examples_and_the_re
     server = serving(monkeypatch, RecordedServer("vllm"))
     resumed = CliRunner().invoke(cli, run)
     assert resumed.exit_code == 0, resumed.output
-    asked = [body for body in completions(server) if not body.get("echo") and len(body["prompt"]) != PROBE_LENGTH]
+    asked = [body for body in completions(server) if answering(body)]
     assert len(asked) == 2  # only the two examples not finished
     record = json.loads((results / "records.jsonl").read_text().splitlines()[-1])
     assert record["n_examples"] == 4

@@ -2,11 +2,12 @@
 llama.cpp, SGLang, TGI), given by its `/v1` base URL.
 
 Prompts go to `/v1/completions` as raghub's token ids (`prompt_as=text` for a server that takes
-only text, checked to tokenise alike), greedily (`temperature: 0`). A sequence is scored from
+only text, checked to tokenise alike), greedily (`GREEDY`: temperature 0, no repeat penalty), and
+each generation is checked to be greedy by the server's own log-probs. A sequence is scored from
 the prompt log-probs the server echoes (`echo: true`) or from vLLM's `prompt_logprobs`. Before
-a model is handed out, a probe checks that the server tokenises as the local tokenizer does and
-that its prompt log-probs agree with its own generation log-probs (`probe`): a server whose
-scoring is shifted, or which lacks log-probs, is refused in one line.
+a model is handed out, a probe checks that the server tokenises as the local tokenizer does, that
+it generates greedily, and that its prompt log-probs agree with its own generation log-probs
+(`probe`): a server whose scoring is shifted, or which lacks log-probs, is refused in one line.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ from raghub import Generation, LanguageModel, ModelBackend, Option, RunError, Us
 #: what the probe generates from and then scores
 PROBE_PROMPT = "The capital of France is Paris. The capital of Germany is"
 PROBE_TOKENS = 4
+#: a prompt whose greedy continuation repeats it, which a server that penalises repeats departs from
+REPEAT_PROBE_PROMPT = "one two three one two three one two three one two"
+#: what every completion is sent with so that the server picks each most likely token: temperature
+#: 0 and no repeat penalty (llama.cpp's servers penalise repeats even at temperature 0,
+#: llama-cpp-python's by default with 1.1; vLLM and SGLang ignore the field and penalise nothing
+#: unless asked by their own `repetition_penalty`)
+GREEDY = {"temperature": 0, "repeat_penalty": 1.0}
+#: how far a generated token's ln p may lie below the best its own top log-probs name (nats; ties)
+GREEDY_TOLERANCE = 1e-3
 #: the most a prompt log-prob may differ from the generation log-prob of the same token (nats)
 PROBE_TOLERANCE = 0.1
 #: HTTP statuses worth asking again after a pause
@@ -117,6 +127,19 @@ def choice_logprobs(choice: dict[str, Any], host: str) -> dict[str, Any]:
     return logprobs
 
 
+def passed_over(logprobs: dict[str, Any]) -> str | None:
+    """How a generation was not greedy: the first generated token that the server's own top
+    log-probs rank below another; None when each was the most likely (or no top log-probs came)."""
+    tops = logprobs.get("top_logprobs") or []
+    for token, value, top in zip(logprobs.get("tokens") or [], logprobs["token_logprobs"], tops):
+        if not isinstance(top, dict) or not top or value is None:
+            continue
+        best, best_value = max(top.items(), key=lambda item: item[1])
+        if value < best_value - GREEDY_TOLERANCE:
+            return f"it generated {token!r} (ln p {value:.3f}) where its own log-probs put {best!r} first (ln p {best_value:.3f})"
+    return None
+
+
 def load_tokenizer(spec: str):
     """A transformers tokenizer from a hub id, a folder or the tokenizer inside a .gguf file."""
     from transformers import AutoTokenizer
@@ -173,7 +196,7 @@ class ServerLM(LanguageModel):
         return list(ids) if self.settings["prompt_as"] == "tokens" else self.decode(ids)
 
     def _complete(self, ids: Sequence[int], **request: Any) -> dict[str, Any]:
-        body = {"model": self.model_id, "prompt": self._prompt(ids), "temperature": 0, **request}
+        body = {"model": self.model_id, "prompt": self._prompt(ids), **GREEDY, **request}
         return first_choice(self.client.post("completions", body), self.client.host)
 
     def prompt_logprobs(self, ids: Sequence[int]) -> list[float | None]:
@@ -208,6 +231,10 @@ class ServerLM(LanguageModel):
         if one_line and not choice.get("text", "").strip() and choice.get("finish_reason") == "stop":
             choice = self._complete(ids, max_tokens=max_new_tokens, logprobs=1)
         logprobs = choice_logprobs(choice, self.client.host)
+        problem = passed_over(logprobs)
+        if problem:
+            raise RunError(f"server {self.client.host} does not generate greedily at temperature 0: {problem} (it "
+                           "samples, or penalises repeats whatever the request says)")
         text = choice.get("text", "")
         return Generation(text=text, token_logprobs=[float(v) for v in logprobs["token_logprobs"]],
                           token_ids=self.generated_ids(logprobs.get("tokens") or [], text))
@@ -226,8 +253,9 @@ class ServerLM(LanguageModel):
 
     def probe(self) -> None:
         """A RunError in one line unless the server tokenises `PROBE_PROMPT` as the local
-        tokenizer does and scores greedy tokens of its own, in the prompt, with the log-probs it
-        gave them when it generated them (within `PROBE_TOLERANCE`)."""
+        tokenizer does, continues `REPEAT_PROBE_PROMPT` greedily, and scores greedy tokens of its
+        own, in the prompt, with the log-probs it gave them when it generated them (within
+        `PROBE_TOLERANCE`)."""
         host = self.client.host
         ids = self.encode(PROBE_PROMPT)
         echoed = choice_logprobs(self._complete(ids, max_tokens=1, logprobs=1, echo=True), host).get("tokens") or []
@@ -235,11 +263,12 @@ class ServerLM(LanguageModel):
         if [str(piece) for piece in echoed[: len(ids)]] not in (ours, self.tokenizer.convert_ids_to_tokens(ids)):
             raise RunError(f"server {host} tokenises {PROBE_PROMPT!r} as {echoed[: len(ids) + 1]}, the tokenizer "
                            f"{self.settings['tokenizer']} as {ours}: give --model-args tokenizer= the served model's")
-        generated = self._complete(ids, max_tokens=PROBE_TOKENS, logprobs=1)
-        told = [float(v) for v in choice_logprobs(generated, host)["token_logprobs"]]
+        self._generation(self.encode(REPEAT_PROBE_PROMPT), 2 * PROBE_TOKENS, one_line=False)
+        generated = self._generation(ids, PROBE_TOKENS, one_line=False)
+        told = generated.token_logprobs
         if self.settings["logprobs_via"] == "none":
             return
-        continuation = self.encode(generated.get("text", ""))
+        continuation = self.encode(generated.text)
         count = min(len(told), len(continuation))
         if not count:
             raise RunError(f"server {host} generated nothing after the probe prompt {PROBE_PROMPT!r}")
