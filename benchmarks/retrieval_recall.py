@@ -9,8 +9,9 @@ retrieval pipelines (`--pipeline`: a retriever, `+`-joined retrievers fused by R
         --pipeline dense --pipeline bm25+dense --pipeline '>lm' --pipeline '>embedding'
 
 Prints one JSON line per encoder, {"checkpoint", "questions", "recall@1", ...}, or per pipeline,
-{"pipeline", "questions", "recall@1", ..., "index_s", "seconds_per_query"} (the times of this
-invocation: with `--fresh` nothing cached is reused). A checkpoint's line adds, per k, its
+{"pipeline", "questions", "recall@1", ..., "index_s", "seconds_per_query"} and a reranked one's
+"rerank_seconds_per_query", its reranker's share (the times of this invocation: with `--fresh`
+nothing cached is reused). A checkpoint's line adds, per k, its
 paired difference from the untrained encoder on the same questions (mean, standard error of
 the mean of the per-question differences, questions won and lost); a pipeline's, from the first
 pipeline's. A pipeline that starts with '>' reranks the first pipeline's retrievers.
@@ -80,8 +81,10 @@ def compare_pipelines(args: argparse.Namespace, found, task, questions, cache: C
         parts = [found.retrievers[name](cache) for name in names.split("+")]
         reranker = found.rerankers[reranker_name](model, cache) if reranker_name else None
         retrieval = Retrieval(task, parts[0], cache, Stages(parts[1:], depth=args.rerank_depth, reranker=reranker))
+        reranking = []  # seconds of each reranker call
         if reranker:  # its model loads here, outside the times
             reranker.score([questions[0].query], [[retrieval.passages[0]]])
+            reranker.score = timed(reranker.score, reranking)
         clock = time.perf_counter()
         retrieval.open()
         indexed = time.perf_counter()
@@ -90,12 +93,24 @@ def compare_pipelines(args: argparse.Namespace, found, task, questions, cache: C
         recalls = {k: [q.recall(docs[:k]) for q, docs in zip(questions, retrieved)] for k in args.k}
         line = {"pipeline": f"{names}>{reranker_name}" if reranker_name else names, "questions": len(questions),
                 **{f"recall@{k}": round(mean(values), 4) for k, values in recalls.items()},
-                "index_s": round(indexed - clock, 2), "seconds_per_query": round((searched - indexed) / len(questions), 4)}
+                "index_s": round(indexed - clock, 2), "seconds_per_query": round((searched - indexed) / len(questions), 4),
+                **({"rerank_seconds_per_query": round(sum(reranking) / len(questions), 4)} if reranker else {})}
         if first:
             line.update({f"delta@{k}": paired(first[k], recalls[k]) for k in args.k})
         else:
             first = recalls
         print(json.dumps(line), flush=True)
+
+
+def timed(function, seconds: list[float]):
+    """`function`, adding the seconds each call takes to `seconds`."""
+    def call(*args, **kwargs):
+        clock = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - clock)
+    return call
 
 
 def paired(before: list[float], after: list[float]) -> dict[str, float]:

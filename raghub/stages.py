@@ -50,10 +50,18 @@ class Stage(Plugin):
         self.cache = cache
         self.settings = self.resolve_options(options)
 
+    @classmethod
+    def identity(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        """What names this stage with these resolved options before the model loads (in the
+        record's config, so in what recognises an identical stored run, and in its cache keys):
+        its name and options; override to add what they do not say (e.g. the content of a model
+        folder an option names)."""
+        return {"name": cls.name, **settings}
+
     def fingerprint(self) -> dict[str, Any]:
         """Everything besides its code that changes its results (part of its cache keys): its
-        name and options; override to add what they do not say (e.g. the weights it uses)."""
-        return {"name": self.name, **self.settings}
+        `identity`; override to add what depends on the run's model."""
+        return self.identity(self.settings)
 
 
 class Reranker(Stage, ABC):
@@ -70,6 +78,10 @@ class Refiner(Stage, ABC):
     @abstractmethod
     def refine(self, queries: Sequence[str], passages: Sequence[Sequence[Passage]]) -> list[list[str]]:
         """For each query, the text kept of each of its passages ('' drops the passage)."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Its identity and the run's model, whose tokenizer counts (and cuts) what it keeps."""
+        return {**super().fingerprint(), "model": self.model.fingerprint}
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` as the run's model counts them."""
@@ -120,11 +132,11 @@ class StagePlan:
 
     def settings(self, options: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
         """What the record lists of the stages after the first retriever, with each stage's
-        options (`options`: by kind); None when there are none."""
+        `identity` (its options, `options`: by kind); None when there are none."""
         hybrid = len(self.retrievers) > 1
         if not hybrid and self.reranker is None and self.refiner is None:
             return None
-        stage = {kind: {"name": cls.name, **cls.resolve_options(options.get(kind, {}))} if cls else None
+        stage = {kind: cls.identity(cls.resolve_options(options.get(kind, {}))) if cls else None
                  for kind, cls in (("reranker", self.reranker), ("refiner", self.refiner))}
         fetched = hybrid or self.reranker is not None
         return {"retrievers": [cls.name for cls in self.retrievers], "fusion_k": self.fusion_k if hybrid else None,

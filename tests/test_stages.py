@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from types import SimpleNamespace
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -21,7 +22,9 @@ from raghub.plugins.refiners.truncate import TruncateRefiner
 from raghub.plugins.rerankers.cross_encoder import CrossEncoderReranker
 from raghub.plugins.rerankers.embedding import EmbeddingReranker
 from raghub.plugins.rerankers.lm import LMReranker
-from scripted import BRIDGE, PASSAGES, Overlap, ScriptedBackend, ScriptedModel, scripted  # noqa: F401
+from raghub.plugins.retrievers.dense import DenseRetriever
+from raghub.plugins.retrievers.dpr import DPRRetriever
+from scripted import BRIDGE, PASSAGES, Overlap, PieceTokenizer, ScriptedBackend, ScriptedModel, scripted  # noqa: F401
 
 # --- reciprocal rank fusion -------------------------------------------------------------------
 
@@ -88,21 +91,25 @@ def test_embedding_reranker_prefers_the_passage_that_answers():
     assert all(-1.0 <= s <= 1.0 for own in scores for s in own)
 
 
-@pytest.fixture(scope="module")
-def tiny_cross_encoder(tmp_path_factory):
+def save_tiny_cross_encoder(folder, seed=0):
     """A random two-layer BERT with a one-label head and its word-piece vocabulary, saved as a
     user's cross-encoder folder would be."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-    folder = tmp_path_factory.mktemp("cross-encoder")
+    folder.mkdir(parents=True, exist_ok=True)
     words = sorted({w for p in TOY for w in re.findall(r"\w+", p.as_text().lower())} | {"where", "was", "born"})
     (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = BertConfig(vocab_size=5 + len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=64, num_labels=1)
     BertForSequenceClassification(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_cross_encoder(tmp_path_factory):
+    return save_tiny_cross_encoder(tmp_path_factory.mktemp("cross-encoder"))
 
 
 def test_cross_encoder_reranker_scores_pairs_with_the_folder_model(tiny_cross_encoder):
@@ -113,7 +120,7 @@ def test_cross_encoder_reranker_scores_pairs_with_the_folder_model(tiny_cross_en
     expected = CrossEncoder(str(tiny_cross_encoder)).predict([("where was einstein born", p.as_text()) for p in TOY])
     assert scores[0] == pytest.approx(expected.tolist(), abs=1e-5)
     assert len(set(scores[0])) == 4  # a random head still tells the passages apart
-    assert reranker.fingerprint()["weights"]  # the folder's content keys its cached scores
+    assert reranker.fingerprint()["reranker_model_content"]  # the folder's content keys its cached scores
 
 
 # --- the refiners -------------------------------------------------------------------------------
@@ -234,7 +241,8 @@ def test_a_cross_encoder_folder_reranks_a_run_and_a_missing_one_is_one_line(stag
                                      tiny_cross_encoder, "--n-docs", 2)
     scores = [hit["score"] for hit in bridge["retrieved"]]
     assert scores == sorted(scores, reverse=True) and all("first_rank" in hit for hit in bridge["retrieved"])
-    assert record["config"]["stages"]["reranker"] == {"name": "cross-encoder", "reranker_model": str(tiny_cross_encoder)}
+    assert record["config"]["stages"]["reranker"] == {"name": "cross-encoder", "reranker_model": str(tiny_cross_encoder),
+                                                      "reranker_model_content": ANY}
     out = staged.invoke("incontext", "--reranker", "cross-encoder", "--reranker-model", tmp_path / "nowhere")
     assert out.exit_code == 2 and "cross-encoder: --reranker-model" in out.output and "cannot be loaded" in out.output
 
@@ -306,3 +314,64 @@ def test_a_stage_that_returns_the_wrong_shape_stops_the_run_in_one_line(staged, 
                                register_refiners=hookimpl(lambda register: register(NoTexts))))
     out = staged.invoke("incontext", "--n-docs", 2, *args)
     assert out.exit_code == 1 and out.output.strip() == f"Error: {message}", out.output
+
+
+# --- what names a stage's model, and its cache keys ---------------------------------------------
+
+
+def test_new_cross_encoder_weights_at_the_same_path_are_a_new_run(staged, tmp_path):
+    """Regression: the stored run and the cached scores were recognised by the folder's path
+    alone, so a cross-encoder saved again at the same path was served the old model's results."""
+    folder = save_tiny_cross_encoder(tmp_path / "reranker", seed=0)
+    stages = ("--reranker", "cross-encoder", "--reranker-model", folder, "--n-docs", 2)
+    first, (bridge, _) = staged.run("incontext", *stages)
+    assert staged.run("incontext", *stages)[0]["id"] == first["id"]  # unchanged: the stored run
+    save_tiny_cross_encoder(folder, seed=1)  # other weights behind the same path
+    second, (retrained, _) = staged.run("incontext", *stages)
+    assert second["id"] != first["id"]
+    assert [hit["score"] for hit in retrained["retrieved"]] != [hit["score"] for hit in bridge["retrieved"]]
+
+
+def sentence_folder(folder, weights: bytes):
+    """A folder that looks like a sentence-transformers model's (only its files are read)."""
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(weights)
+    return str(folder)
+
+
+@pytest.mark.parametrize("identify", [
+    lambda path: EmbeddingReranker.identity(EmbeddingReranker.resolve_options({"encoder": path})),
+    lambda path: ExtractiveRefiner.identity(ExtractiveRefiner.resolve_options({"encoder": path})),
+    lambda path: DenseRetriever(None, encoder=path).fingerprint(),
+    lambda path: DenseRetriever(None, encoder=path).embedding_key(),
+    lambda path: DPRRetriever(None, passage_encoder=path).embedding_key(),
+], ids=["embedding reranker", "extractive refiner", "dense retriever", "dense embeddings", "dpr embeddings"])
+def test_an_encoder_folder_is_named_by_its_content(identify, tmp_path):
+    """Regression: `--encoder` (and dpr's `--passage-encoder`) named a folder by its path only,
+    in the record's config (which recognises a stored run) and in the cache keys."""
+    path = sentence_folder(tmp_path / "encoder", b"old weights")
+    before = identify(path)
+    assert identify(path) == before
+    sentence_folder(tmp_path / "encoder", b"other, longer weights")  # new size: a tick may keep the mtime
+    assert identify(path) != before
+
+
+class LetterTokenizer(PieceTokenizer):
+    """Each character a token."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [self.id(letter) for letter in text]}
+
+
+def test_a_refiner_s_cache_is_keyed_by_the_model_whose_tokens_it_counts(staged):
+    """Regression: truncate's cached cuts were keyed by its options only, so a run with another
+    model (another tokenizer) read the first model's cuts and token counts."""
+    stages = ("--refiner", "truncate", "--refine-tokens", 3, "--n-docs", 1)
+    _, (words, _) = staged.run("incontext", *stages)
+    ScriptedBackend.model = ScriptedModel(lambda prompt: "")
+    ScriptedBackend.model.tokenizer, ScriptedBackend.model.fingerprint = LetterTokenizer(), "other-weights"
+    _, (letters, _) = staged.run("incontext", *stages, results="elsewhere")  # not the stored run: the caches
+    assert [(hit["title"], hit["tokens_kept"], hit["tokens_retrieved"]) for hit in words["retrieved"] + letters["retrieved"]] \
+        == [("Alpha Film", 3, 10), ("Alpha Film", 3, len(PASSAGES["Alpha Film"]))]
+    assert "Alpha Film\nAlp\n" in next(p for p in ScriptedBackend.model.prompts if BRIDGE in p)

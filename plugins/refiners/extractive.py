@@ -7,13 +7,10 @@ sentences in their order."""
 from __future__ import annotations
 
 import re
-from functools import cached_property
-from typing import Any, Sequence
-
-import numpy as np
+from typing import Sequence
 
 from raghub import Option, Passage, Refiner, hookimpl
-from raghub.kits.embedded import ENCODER_OPTION, sentence_encoder, unit_embeddings
+from raghub.kits.embedded import ENCODER_OPTION, EmbedsText
 
 #: a sentence ends at . ! or ? followed by white space
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -24,7 +21,7 @@ def sentences(text: str) -> list[str]:
     return [sentence for sentence in SENTENCE_END.split(text.strip()) if sentence]
 
 
-class ExtractiveRefiner(Refiner):
+class ExtractiveRefiner(EmbedsText, Refiner):
     name = "extractive"
     description = "keeps the sentences most similar to the question, up to --refine-tokens, in document order"
     options = {
@@ -32,14 +29,6 @@ class ExtractiveRefiner(Refiner):
                                           "of all the passages of a query)", at_least=1),
         "encoder": ENCODER_OPTION,
     }
-
-    @cached_property
-    def encoder(self) -> Any:
-        return sentence_encoder(self.settings["encoder"], "extractive refiner")
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Unit-length embeddings [len(texts), dim]."""
-        return unit_embeddings(self.encoder, texts)
 
     def refine(self, queries: Sequence[str], passages: Sequence[Sequence[Passage]]) -> list[list[str]]:
         return [self.extract(query, own) for query, own in zip(queries, passages)]

@@ -4,11 +4,10 @@ folder) reads each query with each candidate and scores the pair."""
 from __future__ import annotations
 
 from functools import cached_property
-from pathlib import Path
 from typing import Any, Sequence
 
 from raghub import Option, Passage, Reranker, UsageError, hookimpl
-from raghub.kits.pretrained import folder_fingerprint
+from raghub.kits.pretrained import with_folder_contents
 
 
 class CrossEncoderReranker(Reranker):
@@ -19,10 +18,10 @@ class CrossEncoderReranker(Reranker):
                                  "the cross-encoder: hub id or folder"),
     }
 
-    def fingerprint(self) -> dict[str, Any]:
+    @classmethod
+    def identity(cls, settings: dict[str, Any]) -> dict[str, Any]:
         """Its name and model, and the content of a model folder."""
-        folder = Path(self.settings["reranker_model"])
-        return {**super().fingerprint(), **({"weights": folder_fingerprint(folder)} if folder.is_dir() else {})}
+        return super().identity(with_folder_contents(settings, ["reranker_model"]))
 
     @cached_property
     def cross_encoder(self) -> Any:

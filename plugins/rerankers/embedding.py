@@ -4,29 +4,20 @@ first stage dense scores without a dense index of the whole corpus."""
 
 from __future__ import annotations
 
-from functools import cached_property
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from raghub import Passage, Reranker, hookimpl
-from raghub.kits.embedded import ENCODER_OPTION, sentence_encoder, unit_embeddings
+from raghub.kits.embedded import ENCODER_OPTION, EmbedsText
 
 
-class EmbeddingReranker(Reranker):
+class EmbeddingReranker(EmbedsText, Reranker):
     name = "embedding"
     description = "cosine similarity of query and passage by a sentence-transformers encoder"
     options = {
         "encoder": ENCODER_OPTION,
     }
-
-    @cached_property
-    def encoder(self) -> Any:
-        return sentence_encoder(self.settings["encoder"], "embedding reranker")
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Unit-length embeddings [len(texts), dim]."""
-        return unit_embeddings(self.encoder, texts)
 
     def score(self, queries: Sequence[str], candidates: Sequence[Sequence[Passage]]) -> list[list[float]]:
         query_vectors = self.embed(queries)

@@ -65,7 +65,7 @@ class DenseRetriever(EmbeddingRetriever):
         return self.embed(queries, self.query_encoder)
 
     def embedding_key(self) -> dict[str, Any]:
-        return {"encoder": self.passage_encoder_identity("encoder"), "similarity": self.settings["similarity"]}
+        return {**self.passage_encoder_identity("encoder"), "similarity": self.settings["similarity"]}
 
     def trainable_encoders(self, train_passages: bool) -> TrainableEncoders:
         """The query encoder, and with `train_passages` a passage encoder trained apart from it."""

@@ -117,7 +117,7 @@ class DPRRetriever(EmbeddingRetriever):
         return self.batched(self.question_encoder, queries)
 
     def embedding_key(self) -> dict[str, Any]:
-        return {"passage_encoder": self.passage_encoder_identity("passage_encoder")}
+        return self.passage_encoder_identity("passage_encoder")
 
     def trainable_encoders(self, train_passages: bool) -> TrainableEncoders:
         return DualEncoders(self.question_encoder, self.passage_encoder if train_passages else None)

@@ -1,14 +1,17 @@
 """Locating the models shipped inside PyPI wheels (found with `importlib.util.find_spec`, never
 imported), which serve as defaults on machines without hub access, and loading the embedded
-sentence encoder (all-MiniLM-L6-v2) or another by name, for every plugin that embeds text."""
+sentence encoder (all-MiniLM-L6-v2) or another by name, for every plugin that embeds text
+(`EmbedsText`: what the stages with an `--encoder` option share)."""
 
 from __future__ import annotations
 
 import importlib.util
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
 from raghub.errors import UsageError
+from raghub.kits.pretrained import with_folder_contents
 from raghub.options import Option
 
 
@@ -55,3 +58,21 @@ ENCODER_OPTION = Option(str, DEFAULT_ENCODER_NAME, "sentence-transformers model:
 def unit_embeddings(encoder: Any, texts: Sequence[str]) -> Any:
     """The texts' unit-length embeddings by a sentence-transformers `encoder`, [len(texts), dim]."""
     return encoder.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+
+
+class EmbedsText:
+    """Mixed into a stage (reranker, refiner) whose `encoder` option (`ENCODER_OPTION`) names
+    its sentence encoder: the encoder, loaded when first used, unit embeddings by it, and an
+    identity that names an encoder folder by its content too."""
+
+    @classmethod
+    def identity(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        return super().identity(with_folder_contents(settings, ["encoder"]))
+
+    @cached_property
+    def encoder(self) -> Any:
+        return sentence_encoder(self.settings["encoder"], self.name)
+
+    def embed(self, texts: Sequence[str]) -> Any:
+        """Unit-length embeddings [len(texts), dim]."""
+        return unit_embeddings(self.encoder, texts)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 from raghub.cache import Cache, cache_root, file_sha256, fingerprint
 from raghub.errors import UsageError
@@ -54,6 +54,15 @@ def folder_fingerprint(folder: Path) -> str:
                                       lambda path=path: file_sha256(path)))
                for path in files]
     return fingerprint(digests)
+
+
+def with_folder_contents(settings: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """`settings` with `<name>_content`, the folder's fingerprint, beside each of the `names` that
+    names a local model folder, so that new files at the same path make a new key; a hub id or
+    a model's name is left to say which weights it means."""
+    contents = {f"{name}_content": folder_fingerprint(Path(settings[name]).expanduser()) for name in names
+                if settings.get(name) and Path(settings[name]).expanduser().is_dir()}
+    return {**settings, **contents}
 
 
 def is_encoder_decoder_folder(spec: str | None) -> bool:

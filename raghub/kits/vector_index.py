@@ -30,6 +30,7 @@ from raghub import distributed
 from raghub.checkpoints import CHECKPOINT_OPTION, PASSAGE_ENCODER, Checkpoint, read_checkpoint
 from raghub.errors import RunError, UsageError
 from raghub.interfaces import Passage, Retriever
+from raghub.kits.pretrained import with_folder_contents
 from raghub.options import Option
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -119,13 +120,14 @@ class EmbeddingRetriever(Retriever):
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change results (newer ones only when not at their default), with a
-        checkpoint's identity (training fingerprint and step) instead of its path."""
+        checkpoint's identity (training fingerprint and step) instead of its path and an encoder
+        folder's content beside its path."""
         settings = {key: value for key, value in super().fingerprint().items()
                     if key not in NOT_IN_RESULTS
                     and not (key in NEWER_OPTIONS and value == self.options[key].default)}
         if self.checkpoint:
             settings["checkpoint"] = self.checkpoint.identity
-        return settings
+        return with_folder_contents(settings, ENCODER_SETTINGS)
 
     def encoder_settings(self) -> dict[str, Any]:
         """The encoders this retriever starts from, which a checkpoint must have been trained from."""
@@ -153,11 +155,13 @@ class EmbeddingRetriever(Retriever):
         found = self.checkpoint.part(part) if self.checkpoint else None
         return str(found) if found else self.settings[setting]
 
-    def passage_encoder_identity(self, setting: str) -> str:
-        """What the passage embeddings were made by: the checkpoint's identity when it trained
-        the passage encoder, else the `setting` option's encoder."""
-        trained = self.checkpoint and self.checkpoint.part(PASSAGE_ENCODER)
-        return self.checkpoint.identity if trained else self.settings[setting]
+    def passage_encoder_identity(self, setting: str) -> dict[str, Any]:
+        """What the passage embeddings were made by, under the `setting` key: the checkpoint's
+        identity when it trained the passage encoder, else the `setting` option's encoder (and
+        an encoder folder's content)."""
+        if self.checkpoint and self.checkpoint.part(PASSAGE_ENCODER):
+            return {setting: self.checkpoint.identity}
+        return with_folder_contents({setting: self.settings[setting]}, [setting])
 
     def trainable_encoders(self, train_passages: bool) -> TrainableEncoders:
         """The encoders for `raghub train` (the passage encoder too when `train_passages`)."""
