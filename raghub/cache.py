@@ -24,7 +24,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 T = TypeVar("T")
 MANIFEST = "manifest.json"
@@ -63,6 +63,24 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def files_fingerprint(paths: Sequence[Path], root: Path) -> str:
+    """A hash of files' names (relative to `root`) and contents. Each file's sha256 is cached
+    under its path, size and modification time, so an unchanged file is not read again."""
+    cache = Cache(cache_root())
+    return fingerprint([(str(path.relative_to(root)),
+                         cache.json("file-sha256", {"path": str(path.resolve()), "size": path.stat().st_size,
+                                                    "mtime_ns": path.stat().st_mtime_ns},
+                                    lambda path=path: file_sha256(path)))
+                        for path in paths])
+
+
+def path_fingerprint(path: Path) -> str:
+    """A hash of a file's content, or of every file in a folder (names and contents)."""
+    if path.is_file():
+        return files_fingerprint([path], path.parent)
+    return files_fingerprint(sorted(file for file in path.rglob("*") if file.is_file()), path)
 
 
 def process_is_alive(pid: int) -> bool:

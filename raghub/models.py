@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Sequence
 
+from raghub.cache import path_fingerprint
 from raghub.distributed import notice
 from raghub.errors import UsageError
 from raghub.interfaces import PASSAGES_DROPPED, Plugin, Registry
@@ -196,6 +197,14 @@ class ModelBackend(Plugin, ABC):
     def check(self, spec: str | None) -> None:
         """A UsageError when `spec` can be seen not to load without loading it (a named file or
         folder that is not there); the runner calls it before any model loads."""
+
+    def content_identity(self, spec: str | None) -> str | None:
+        """What identifies the weights `spec` names before they load: a local file's or folder's
+        content, so that new weights at the same path are a new run; None where only loading can
+        tell (a hub id, a server, the embedded default), the loaded model's fingerprint then
+        naming them."""
+        path = Path(spec).expanduser() if spec else None
+        return path_fingerprint(path) if path is not None and path.exists() else None
 
     @abstractmethod
     def load(self, spec: str | None, device: str | None, dtype: str, batch_size: int) -> LanguageModel:

@@ -141,7 +141,8 @@ class ResolvedRun:
         """Everything the run's results depend on, known before the model loads (`model` is the
         --model spec; None: the embedded default). Its fingerprint names the resume file and
         recognises an identical earlier run in the results store. A checkpoint is named by its
-        identity (training fingerprint and step), not its path."""
+        identity (training fingerprint and step), and a local model file or folder also by its
+        content (`model_content`), never by the path alone."""
         request = self.request
         retriever, corpus = None, {"label": None, "fingerprint": None}
         if self.retriever_class is not None:
@@ -158,6 +159,7 @@ class ResolvedRun:
                        **({"checkpoint": self.checkpoint.identity} if self.checkpoint else {})},
             "retriever": retriever, "corpus": corpus, **({"stages": stages} if stages else {}),
             "n_docs": self.n_docs, "limit": request.limit, "model": request.model,
+            **({"model_content": content} if (content := self.backend.content_identity(request.model)) else {}),
             "model_backend": {"name": self.backend.name, **self.backend.settings},
             "batch_size": request.batch_size, "dtype": request.dtype, "code": self.code,
         }

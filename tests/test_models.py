@@ -9,10 +9,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from raghub.cache import MANIFEST, Cache
+from raghub import cache
+from raghub.cache import MANIFEST, Cache, fingerprint
 from raghub.kits import pretrained
 from raghub.plugins.models import huggingface
 from raghub.plugins.models.huggingface import GGUF, HuggingFaceCausal, dequantised_gguf
+from raghub.resolution import resolve_sweep
 
 
 def save_tiny_model(folder: Path, seed: int) -> None:
@@ -51,7 +53,9 @@ def test_an_unchanged_folder_is_not_hashed_again(tmp_path, cache_dir, monkeypatc
     folder = tmp_path / "model"
     save_tiny_model(folder, seed=0)
     pretrained.folder_fingerprint(folder)
-    monkeypatch.setattr(pretrained, "file_sha256", lambda path: pytest.fail(f"re-hashed {path}"))
+    hash_file = cache.file_sha256
+    monkeypatch.setattr(cache, "file_sha256", lambda path: pytest.fail(f"re-hashed {path}")
+                        if folder in Path(path).parents else hash_file(path))
     pretrained.folder_fingerprint(folder)
 
 
@@ -102,3 +106,22 @@ def test_generating_after_a_shared_prefix_uses_no_deprecated_transformers_argume
     deprecated = [str(w.message) for w in warned if "deprecated" in str(w.message)] + [
         message for message in said if "deprecated" in message]
     assert not deprecated
+
+
+def test_new_weights_at_the_same_model_path_are_a_new_run(tmp_path, cache_dir, host):
+    """Regression: a stored run was recognised by the --model path alone (the loaded weights'
+    fingerprint is known only after loading), so a model folder saved again at the same path was
+    served the old weights' stored run."""
+    folder = tmp_path / "model"
+    save_tiny_model(folder, seed=0)
+
+    def run_key():
+        settings = {"task": "wikitext2", "method": "none", "limit": 1, "model": str(folder),
+                    "results_dir": str(tmp_path / "results")}
+        (resolved,) = resolve_sweep(settings, host)
+        return fingerprint(resolved.config)
+
+    first = run_key()
+    assert run_key() == first
+    save_tiny_model(folder, seed=1)  # other weights behind the same path
+    assert run_key() != first

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Sequence
 
-from raghub.cache import Cache, cache_root, file_sha256, fingerprint
+from raghub.cache import files_fingerprint, fingerprint
 from raghub.errors import UsageError
 from raghub.kits import attention
 from raghub.models import Generation, LanguageModel, ModelBackend
@@ -45,15 +45,9 @@ def native_dtype(device) -> str:
 
 
 def folder_fingerprint(folder: Path) -> str:
-    """A hash of a model folder's weight, config and tokenizer files. Each file's sha256 is
-    cached under its path, size and modification time, so an unchanged folder is not re-read."""
-    cache = Cache(cache_root())
-    files = sorted({path for pattern in CONTENT_FILES for path in folder.glob(pattern) if path.is_file()})
-    digests = [(path.name, cache.json("file-sha256", {"path": str(path.resolve()), "size": path.stat().st_size,
-                                                      "mtime_ns": path.stat().st_mtime_ns},
-                                      lambda path=path: file_sha256(path)))
-               for path in files]
-    return fingerprint(digests)
+    """A hash of a model folder's weight, config and tokenizer files (`files_fingerprint`)."""
+    return files_fingerprint(sorted({path for pattern in CONTENT_FILES for path in folder.glob(pattern)
+                                     if path.is_file()}), folder)
 
 
 def with_folder_contents(settings: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
