@@ -36,6 +36,8 @@ from raghub import (Field, Option, Passage, Retrieved, STRUCTURED_SUFFIXES, Task
 ARTICLE_TITLE = re.compile(r" = [^=].* = ")
 #: characters of a window's scored text read for its first words (the samples log)
 SPAN_START_CHARS = 200
+#: the task YAML key both protocols share: how much of each retrieved passage the model reads
+RETRIEVED_MAX_LENGTH = Field(int, required=True, at_least=1, help="tokens kept of each retrieved passage")
 
 
 # --------------------------------------------------------------------------- reading the text
@@ -166,15 +168,13 @@ class LanguageModelling(Task):
                                                help="tokens of preceding text each window conditions on"),
                           "pred_len": Field(int, required=True, at_least=1,
                                             help="each window scores pred_len + 1 new tokens"),
-                          "retrieved_max_length": Field(int, required=True, at_least=1,
-                                                        help="tokens kept of each retrieved passage")},
+                          "retrieved_max_length": RETRIEVED_MAX_LENGTH},
                          required=True, help="the DRAGON / REPLUG windows (`--stride 0`)"),
         "ralm": Field({"query_len": Field(int, required=True, at_least=1,
                                           help="the last tokens before a window that form its query"),
                        "max_length": Field(int, required=True, at_least=1,
                                            help="tokens of the model input: passage, context and window"),
-                       "retrieved_max_length": Field(int, required=True, at_least=1,
-                                                     help="tokens kept of each retrieved passage")},
+                       "retrieved_max_length": RETRIEVED_MAX_LENGTH},
                       required=True, help="the In-Context RALM protocol (`--stride N`)"),
     }
 
