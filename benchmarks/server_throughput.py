@@ -20,12 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from raghub.kits.embedded import wheel_folder
-from raghub.plugins.models.huggingface import DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_WHEEL
-
-
-def embedded_gguf() -> str:
-    return str(wheel_folder(DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_WHEEL) / DEFAULT_MODEL_FILE)
+from raghub.plugins.models.huggingface import embedded_gguf
 
 
 def squad_incontext(results: Path, questions: int, model: list[str]) -> tuple[float, dict[str, str]]:

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from raghub.kits.embedded import wheel_folder
-from raghub.plugins.models.huggingface import DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_WHEEL
+from raghub.plugins.models import huggingface
 
 RECORDED = Path(__file__).parent / "recorded_servers"
 #: what any prompt other than the recorded probe prompt gets as its greedy continuation
@@ -18,7 +17,7 @@ OTHER_ANSWER = {"text": " Paris", "tokens": [" Paris"], "token_logprobs": [-0.5]
 
 def embedded_gguf() -> str:
     """The embedded SmolLM2 GGUF file (its tokenizer is the recorded servers')."""
-    return str(wheel_folder(DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_WHEEL) / DEFAULT_MODEL_FILE)
+    return str(huggingface.embedded_gguf())
 
 
 class RecordedServer:

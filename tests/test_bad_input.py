@@ -14,7 +14,6 @@ from bad_input import assert_one_line_exit_2, model_never_loads  # noqa: F401
 from raghub import Example, Passage, Retriever, Task
 from raghub.cache import Cache
 from raghub.cli import cli
-from raghub.kits.embedded import wheel_folder
 from raghub.retrieval import retrieve
 
 TASKS = Path(__file__).resolve().parents[1] / "tasks"
@@ -114,13 +113,12 @@ def test_a_missing_data_dir_or_model_is_refused_before_the_model_loads(workdir, 
 
 @pytest.mark.parametrize("corruption", ["random bytes", "truncated copy"])
 def test_a_corrupt_gguf_file_is_one_line_naming_it(workdir, corruption):
-    from raghub.plugins.models.huggingface import DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_WHEEL
+    from raghub.plugins.models.huggingface import embedded_gguf
 
     if corruption == "random bytes":
         content = os.urandom(4096)
     else:  # the embedded model's first MiB: its header, cut inside the tokenizer's metadata
-        embedded = wheel_folder(DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_WHEEL) / DEFAULT_MODEL_FILE
-        with open(embedded, "rb") as whole:
+        with open(embedded_gguf(), "rb") as whole:
             content = whole.read(1 << 20)
     Path("broken.gguf").write_bytes(content)
     result = run("--task", "wikitext2", "--method", "none", "--limit", "1", "--model", "broken.gguf")

