@@ -201,8 +201,7 @@ class ModelBackend(Plugin, ABC):
     def content_identity(self, spec: str | None) -> str | None:
         """What identifies the weights `spec` names before they load: a local file's or folder's
         content, so that new weights at the same path are a new run; None where only loading can
-        tell (a hub id, a server, the embedded default), the loaded model's fingerprint then
-        naming them."""
+        tell (a hub id, a server), the loaded model's fingerprint then naming them."""
         path = Path(spec).expanduser() if spec else None
         return path_fingerprint(path) if path is not None and path.exists() else None
 
