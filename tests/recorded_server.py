@@ -23,7 +23,8 @@ def embedded_gguf() -> str:
 class RecordedServer:
     """Serves `GET /v1/models`, `GET /version` (where the recording has one) and `POST
     /v1/completions`: echo and prompt_logprobs for any prefix of the recorded sequence, the
-    recorded generation for the probe prompt (the first 12 tokens). Every request is kept in
+    recorded generation for the probe prompt (the first 12 tokens); a completions request with a
+    field the recording's `request_fields` lacks gets OpenAI's HTTP 400. Every request is kept in
     `requests`; `fail` (request -> response or None) may answer first."""
 
     def __init__(self, name: str, fail=None):
@@ -43,6 +44,11 @@ class RecordedServer:
             answer = {"/v1/models": self.recorded["models"], "/version": self.recorded["version"]}.get(request.url.path)
             return httpx.Response(200, json=answer) if answer else httpx.Response(404, json={"detail": "Not Found"})
         body = json.loads(request.content)
+        unknown = sorted(set(body) - set(self.recorded.get("request_fields") or body))
+        if unknown:
+            return httpx.Response(400, json={"error": {
+                "message": f"Unrecognized request argument supplied: {', '.join(unknown)}",
+                "type": "invalid_request_error", "param": None, "code": None}})
         pieces, known = self.prompt_pieces(body["prompt"])
         if body.get("echo"):
             return httpx.Response(200, json=self.echo(pieces, known))

@@ -123,6 +123,29 @@ def test_generation_asks_the_server_not_to_penalise_repeats(monkeypatch):
     assert {(body["temperature"], body["repeat_penalty"]) for body in completions(server)} == {(0, 1.0)}
 
 
+def test_a_server_that_refuses_repeat_penalty_is_asked_without_it_once_the_probe_finds_out(monkeypatch):
+    """Regression: OpenAI's API refuses a request field it does not know (HTTP 400), and
+    repeat_penalty is llama.cpp's, so every run against it ended at the probe's first request."""
+    server = serving(monkeypatch, RecordedServer("openai"))
+    model = load()
+    assert [g.text for g in model.generate_line(["The capital of France is"], 4)] == [" Paris"]
+    sent = ["repeat_penalty" in body for body in completions(server)]
+    assert sent == [True] + [False] * (len(sent) - 1)  # refused once, at the probe, not asked again
+    assert model.hardware()["greedy_fields"] == {"temperature": 0}
+
+
+def test_a_server_asked_without_repeat_penalty_is_still_refused_when_it_does_not_generate_greedily(monkeypatch):
+    def penalising_when_not_asked(request):
+        body = request.content
+        generating = request.method == "POST" and b'"echo"' not in body and b"repeat_penalty" not in body
+        return passing_over_paris(request) if generating else None
+
+    serving(monkeypatch, RecordedServer("openai", fail=penalising_when_not_asked))
+    with pytest.raises(UsageError, match="^server models.example:8000 does not generate greedily at temperature 0: it "
+                                         "generated ' Lyon' "):
+        load("logprobs_via=none")
+
+
 def test_a_server_that_does_not_generate_greedily_is_refused_before_the_run(monkeypatch):
     serving(monkeypatch, RecordedServer("vllm", fail=lambda request: passing_over_paris(request)
                                         if request.method == "POST" and b'"echo"' not in request.content else None))
@@ -189,6 +212,7 @@ def test_the_record_names_the_server_the_served_model_and_its_version(monkeypatc
     hardware = load().hardware()
     assert (hardware["server"], hardware["served_model"], hardware["server_version"]) == \
         ("models.example:8000", "HuggingFaceTB/SmolLM2-135M-Instruct", "0.11.0")
+    assert hardware["greedy_fields"] == openai.GREEDY  # vLLM takes repeat_penalty (and ignores it)
     serving(monkeypatch, RecordedServer("openai"))
     assert "server_version" not in load().hardware()  # OpenAI tells none
 

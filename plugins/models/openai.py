@@ -2,12 +2,13 @@
 llama.cpp, SGLang, TGI), given by its `/v1` base URL.
 
 Prompts go to `/v1/completions` as raghub's token ids (`prompt_as=text` for a server that takes
-only text, checked to tokenise alike), greedily (`GREEDY`: temperature 0, no repeat penalty), and
-each generation is checked to be greedy by the server's own log-probs. A sequence is scored from
-the prompt log-probs the server echoes (`echo: true`) or from vLLM's `prompt_logprobs`. Before
-a model is handed out, a probe checks that the server tokenises as the local tokenizer does, that
-it generates greedily, and that its prompt log-probs agree with its own generation log-probs
-(`probe`): a server whose scoring is shifted, or which lacks log-probs, is refused in one line.
+only text, checked to tokenise alike), greedily (`GREEDY`: temperature 0 and repeat_penalty 1, the
+latter left out for a server that refuses it), and each generation is checked to be greedy by the
+server's own log-probs. A sequence is scored from the prompt log-probs the server echoes (`echo:
+true`) or from vLLM's `prompt_logprobs`. Before a model is handed out, a probe checks that the
+server tokenises as the local tokenizer does, that it generates greedily, and that its prompt
+log-probs agree with its own generation log-probs (`probe`): a server whose scoring is shifted,
+or which lacks log-probs, is refused in one line.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ REPEAT_PROBE_PROMPT = "one two three one two three one two three one two"
 #: what every completion is sent with so that the server picks each most likely token: temperature
 #: 0 and no repeat penalty (llama.cpp's servers penalise repeats even at temperature 0,
 #: llama-cpp-python's by default with 1.1; vLLM and SGLang ignore the field and penalise nothing
-#: unless asked by their own `repetition_penalty`)
+#: unless asked by their own `repetition_penalty`; OpenAI's API refuses it, and is then not sent it)
 GREEDY = {"temperature": 0, "repeat_penalty": 1.0}
 #: how far a generated token's ln p may lie below the best its own top log-probs name (nats; ties)
 GREEDY_TOLERANCE = 1e-3
@@ -40,6 +41,15 @@ PROBE_TOLERANCE = 0.1
 RETRIED_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 #: the first pause before a retry (seconds); each next one doubles
 FIRST_BACKOFF = 0.5
+
+
+class Refused(RunError):
+    """A request the server refused with a client error (4xx other than 408 and 429), which asking
+    again would not change; `problem` is its status and the error it gave."""
+
+    def __init__(self, message: str, problem: str):
+        super().__init__(message)
+        self.problem = problem
 
 
 def first_line(text: str) -> str:
@@ -85,11 +95,11 @@ class CompletionsClient:
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """The JSON answer; a RunError once the request failed `max_retries` + 1 times (a client
-        error such as HTTP 400 is not asked again)."""
+        error such as HTTP 400 is not asked again: a Refused)."""
         import httpx
 
         for attempt in itertools.count():
-            retried = True
+            retried, refused = True, False
             try:
                 response = self.http.request(method, path, json=body)
             except httpx.TimeoutException:
@@ -104,9 +114,11 @@ class CompletionsClient:
                         raise RunError(f"server {self.host} answered {method} {path} with malformed JSON") from None
                 problem = server_problem(response)
                 retried = response.status_code in RETRIED_STATUSES
+                refused = response.is_client_error and not retried
             if attempt == self.max_retries or not retried:
-                raise RunError(f"server {self.host}: {method} {path} failed after {attempt + 1} attempt{'' if attempt == 0 else 's'}: "
-                               f"{problem}")
+                message = (f"server {self.host}: {method} {path} failed after {attempt + 1} "
+                           f"attempt{'' if attempt == 0 else 's'}: {problem}")
+                raise Refused(message, problem) if refused else RunError(message)
             time.sleep(FIRST_BACKOFF * 2**attempt)
 
 
@@ -157,7 +169,9 @@ def load_tokenizer(spec: str):
 class ServerLM(LanguageModel):
     """A model served by an OpenAI-compatible completions server, with a local tokenizer that
     must be the server's. `served` is what `/v1/models` said of the model (its id, and
-    `max_model_len` where the server tells it); `version` the server's, where it tells one."""
+    `max_model_len` where the server tells it); `version` the server's, where it tells one.
+    `greedy_fields` is what every completion is sent with (`GREEDY`, less what the probe found
+    the server refuses)."""
 
     def __init__(self, client: CompletionsClient, tokenizer, served: dict[str, Any], version: str | None,
                  settings: dict[str, Any], batch_size: int = 8):
@@ -166,6 +180,7 @@ class ServerLM(LanguageModel):
         self.context = served.get("max_model_len")
         self.version = version
         self.settings = settings
+        self.greedy_fields = dict(GREEDY)
         super().__init__(tokenizer, self.model_id, batch_size,
                          fingerprint(client.host, self.model_id, version, settings["tokenizer"], len(tokenizer)))
 
@@ -185,7 +200,7 @@ class ServerLM(LanguageModel):
     def hardware(self) -> dict[str, Any]:
         return {"device": "server", "dtype": self.dtype, "server": self.client.host, "served_model": self.model_id,
                 **({"server_version": self.version} if self.version else {}),
-                "concurrency": self.settings["concurrency"]}
+                "concurrency": self.settings["concurrency"], "greedy_fields": self.greedy_fields}
 
     def _parallel(self, work: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         """`work` of each item, up to `concurrency` requests at once, in order."""
@@ -196,7 +211,7 @@ class ServerLM(LanguageModel):
         return list(ids) if self.settings["prompt_as"] == "tokens" else self.decode(ids)
 
     def _complete(self, ids: Sequence[int], **request: Any) -> dict[str, Any]:
-        body = {"model": self.model_id, "prompt": self._prompt(ids), **GREEDY, **request}
+        body = {"model": self.model_id, "prompt": self._prompt(ids), **self.greedy_fields, **request}
         return first_choice(self.client.post("completions", body), self.client.host)
 
     def prompt_logprobs(self, ids: Sequence[int]) -> list[float | None]:
@@ -251,6 +266,17 @@ class ServerLM(LanguageModel):
     def generate_line(self, prompts: Sequence[str], max_new_tokens: int) -> list[Generation]:
         return self._parallel(lambda prompt: self._generation(self.encode(prompt), max_new_tokens, True), prompts)
 
+    def first_completion(self, ids: Sequence[int], **request: Any) -> dict[str, Any]:
+        """The probe's first completion; a server that refuses `repeat_penalty` (OpenAI's API
+        refuses a field it does not know) is asked again, and from then on, without it."""
+        try:
+            return self._complete(ids, **request)
+        except Refused as refusal:
+            if "repeat_penalty" not in refusal.problem:
+                raise
+        del self.greedy_fields["repeat_penalty"]
+        return self._complete(ids, **request)
+
     def probe(self) -> None:
         """A RunError in one line unless the server tokenises `PROBE_PROMPT` as the local
         tokenizer does, continues `REPEAT_PROBE_PROMPT` greedily, and scores greedy tokens of its
@@ -258,7 +284,8 @@ class ServerLM(LanguageModel):
         `PROBE_TOLERANCE`)."""
         host = self.client.host
         ids = self.encode(PROBE_PROMPT)
-        echoed = choice_logprobs(self._complete(ids, max_tokens=1, logprobs=1, echo=True), host).get("tokens") or []
+        echo = self.first_completion(ids, max_tokens=1, logprobs=1, echo=True)
+        echoed = choice_logprobs(echo, host).get("tokens") or []
         ours = [self.decode([token]) for token in ids]
         if [str(piece) for piece in echoed[: len(ids)]] not in (ours, self.tokenizer.convert_ids_to_tokens(ids)):
             raise RunError(f"server {host} tokenises {PROBE_PROMPT!r} as {echoed[: len(ids) + 1]}, the tokenizer "
