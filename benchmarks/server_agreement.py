@@ -1,0 +1,151 @@
+"""Whether SQuAD answers through a llama.cpp server are the in-process `gguf` backend's:
+`incontext` and `none` on the first questions, both ways in one process on the same prompts.
+
+    python -m llama_cpp.server --model "$(python benchmarks/server_throughput.py --gguf)" --port 8080 --n_ctx 2048 &
+    RAGHUB_DATA_DIR=../shared/data python benchmarks/server_agreement.py --server http://127.0.0.1:8080/v1
+
+Each method runs once through the server (the `openai` backend, generation only) and once
+in-process (`--dtype`), each with an empty cache. Prints one JSON line per method: the
+questions; how many predictions are the same both ways, and their share; over the questions
+whose generated tokens are the same both ways, |ln p server - ln p in-process| of
+each of those tokens (mean, p95, max, in nats); and for each question whose tokens part, the
+in-process margin ln p(its own token) - ln p(the server's token) at the first parting point,
+both scored in-process after the tokens the two share (near 0: a near-tie that the server's
+quantised arithmetic can tip). Then a short summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raghub import Generation, LanguageModel
+from raghub.cache import Cache
+from raghub.models import load_model
+from raghub.plugin_manager import default_host
+from raghub.plugins.models.huggingface import embedded_gguf
+from raghub.resolution import resolve_sweep
+from raghub.runner import execute
+
+METHODS = ("incontext", "none")
+
+
+def recorded_generations(model: LanguageModel) -> dict[str, Generation]:
+    """A dict that, from now on, holds the Generation `model.generate_line` returns for each
+    prompt (what `incontext` and `none` answer with)."""
+    generations: dict[str, Generation] = {}
+    generate_line = model.generate_line
+
+    def recording(prompts, max_new_tokens):
+        result = generate_line(prompts, max_new_tokens)
+        generations.update(zip(prompts, result))
+        return result
+
+    model.generate_line = recording
+    return generations
+
+
+def predictions(method: str, questions: int, model: LanguageModel, model_settings: dict[str, Any],
+                results: Path) -> dict[str, str]:
+    """Each question's prediction from one run of `method` on SQuAD with `model`, with an empty cache."""
+    settings = {"task": "squad", "method": method, "limit": questions, "results_dir": str(results), **model_settings}
+    (resolved,) = resolve_sweep(settings, default_host())
+    with tempfile.TemporaryDirectory() as cache_dir:
+        record = execute(resolved, model, Cache(Path(cache_dir)))
+    lines = (results / record.samples).read_text().splitlines()
+    return {line["id"]: line["prediction"] for line in map(json.loads, lines)}
+
+
+def parting_margin(model: LanguageModel, prompt: str, own: Generation, served: Generation) -> float | None:
+    """ln p(own token) - ln p(served token), both by `model` after `prompt` and the tokens the two
+    generations share; None when they do not part at a token (the same, or one stops first)."""
+    shared = len(os.path.commonprefix([own.token_ids, served.token_ids]))
+    if shared == min(len(own.token_ids), len(served.token_ids)):
+        return None
+    context = model.encode(prompt) + own.token_ids[:shared]
+    candidates = [context + [own.token_ids[shared]], context + [served.token_ids[shared]]]
+    own_logprob, served_logprob = (values[-1].item() for values in
+                                   model.sequence_logprobs(candidates, [len(context)] * 2))
+    return own_logprob - served_logprob
+
+
+def spread(differences: list[float]) -> dict[str, float]:
+    """Mean, 95th percentile and largest of `differences` (nothing when there are none)."""
+    if not differences:
+        return {}
+    return {"mean": round(float(np.mean(differences)), 4), "p95": round(float(np.percentile(differences, 95)), 4),
+            "max": round(float(np.max(differences)), 4)}
+
+
+def agreement(method: str, own: dict[str, str], served: dict[str, str], own_generations: dict[str, Generation],
+              served_generations: dict[str, Generation], model: LanguageModel) -> dict[str, Any]:
+    """The JSON line of one method (see the module's docstring): `own` and `served` are the
+    predictions by question, the generations by prompt, `model` the in-process one."""
+    same_answers = sum(own[key] == served[key] for key in own)
+    differences, margins, same_tokens = [], [], 0
+    for prompt, generation in own_generations.items():
+        other = served_generations[prompt]
+        if generation.token_ids == other.token_ids:
+            same_tokens += 1
+            differences += [abs(a - b) for a, b in zip(generation.token_logprobs, other.token_logprobs)]
+        else:
+            margins.append(parting_margin(model, prompt, generation, other))
+    parting = sorted(round(margin, 4) for margin in margins if margin is not None)
+    return {"method": method, "questions": len(own), "same_answers": same_answers,
+            "same_answers_share": round(same_answers / len(own), 3), "same_tokens": same_tokens,
+            "logprob_difference_nats": {"tokens": len(differences), **spread(differences)},
+            "parting_margins_nats": parting, "parted_where_one_stops": len(margins) - len(parting)}
+
+
+def summary(row: dict[str, Any]) -> str:
+    """One line for a person of a method's JSON line."""
+    text = (f"{row['method']}: {row['same_answers']}/{row['questions']} answers the same "
+            f"({row['same_answers_share']:.0%}); {row['same_tokens']} questions generate the same tokens")
+    difference = row["logprob_difference_nats"]
+    if difference["tokens"]:
+        text += (f", whose {difference['tokens']} tokens differ in ln p by {difference['mean']:.3f} nats on average, "
+                 f"{difference['p95']:.3f} at p95, {difference['max']:.3f} at most")
+    margins = row["parting_margins_nats"]
+    if margins:
+        text += (f"; {len(margins)} part at a token, where the in-process margin is {margins[0]:.3f} to "
+                 f"{margins[-1]:.3f} nats (median {float(np.median(margins)):.3f})")
+    return text + (f"; {row['parted_where_one_stops']} part where one stops" if row["parted_where_one_stops"] else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--server", required=True, help="the llama.cpp server's /v1 URL, serving the embedded GGUF")
+    parser.add_argument("--questions", type=int, default=50, help="the first SQuAD questions")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="in-process")
+    args = parser.parse_args(argv)
+    served_settings = {"model": args.server,
+                       "model_args": f"tokenizer={embedded_gguf()},prompt_as=text,logprobs_via=none"}
+    server = load_model(args.server, model_args=served_settings["model_args"])
+    in_process = load_model(None, dtype=args.dtype)
+    print(json.dumps({"server": args.server, "in_process_dtype": in_process.dtype, "machine": f"{os.cpu_count()} CPUs",
+                      "load_average": os.getloadavg()}), flush=True)
+    served_generations, own_generations = recorded_generations(server), recorded_generations(in_process)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for method in METHODS:
+            served_generations.clear()
+            own_generations.clear()
+            own = predictions(method, args.questions, in_process, {"dtype": args.dtype}, Path(scratch) / "own")
+            served = predictions(method, args.questions, server, served_settings, Path(scratch) / "served")
+            if own_generations.keys() != served_generations.keys():
+                raise SystemExit(f"{method}: the two ways built different prompts")
+            rows.append(agreement(method, own, served, own_generations, served_generations, in_process))
+            print(json.dumps(rows[-1]), flush=True)
+    print(json.dumps({"load_average": os.getloadavg()}))
+    print()
+    print("\n".join(map(summary, rows)))
+
+
+if __name__ == "__main__":
+    main()
