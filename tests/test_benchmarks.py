@@ -2,6 +2,7 @@
 `benchmarks/*.py` must at least import (its `main` runs only as a script)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,18 @@ def test_a_benchmark_imports(path):
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
+def benchmark(name: str):
+    """The benchmark script `name`.py, imported."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS[0].with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_random_shape_speed_benchmark_runs_and_raghub_agrees_with_the_plain_loop(capsys):
     """`speed.py --model-shape` (meant for a GPU) runs end to end on a tiny random OPT here,
     and its table's plain-loop rows give raghub's log-probs (bf16 or float32: within 1e-3)."""
-    spec = importlib.util.spec_from_file_location("benchmark_speed", BENCHMARKS[0].with_name("speed.py"))
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
+    speed = benchmark("speed")
     speed.main(["--model-shape", "opt-tiny", "--device", "cpu", "--windows", "1", "--k", "2"])
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
             if line.startswith(("| none", "| ensemble"))]
@@ -30,3 +37,22 @@ def test_the_random_shape_speed_benchmark_runs_and_raghub_agrees_with_the_plain_
     for row in rows:
         largest = float(row[-1].split("(")[1].rstrip(") |"))
         assert largest < 1e-3
+
+
+@pytest.mark.real_model
+def test_the_server_agreement_benchmark_runs_against_a_recorded_server(monkeypatch, capsys):
+    """`server_agreement.py` end to end on one question, against a recorded server that answers
+    every prompt ' Paris' (SQuAD's first question is about Super Bowl 50): the answers part at
+    their first token, where in-process's own token is scored above the server's."""
+    from raghub.plugins.models.openai import OpenAICompatible
+    from recorded_server import RecordedServer
+
+    monkeypatch.setattr(OpenAICompatible, "transport", RecordedServer("vllm").transport)
+    benchmark("server_agreement").main(["--server", "http://models.example:8000/v1", "--questions", "1",
+                                        "--dtype", "float32"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"method"')]
+    assert [row["method"] for row in rows] == ["incontext", "none"]
+    for row in rows:
+        assert (row["questions"], row["same_answers"], row["same_tokens"], row["parted_where_one_stops"]) == (1, 0, 0, 0)
+        [margin] = row["parting_margins_nats"]
+        assert margin > 0
