@@ -2,6 +2,7 @@
 the rest will take (the bar's time left is that pace); a bar that moves within a batch as the
 model reports its work; and no third-party noise unless `--verbose`."""
 
+import itertools
 import os
 import subprocess
 import warnings
@@ -12,6 +13,7 @@ from rich.progress import Progress
 from plugin_packages import RAGHUB
 from raghub import ModelProgress, pace
 from raghub.pace import Pace, duration
+from raghub.plugins.models.huggingface import HuggingFaceCausal, length_buckets
 from raghub.progress import RunProgress, run_progress
 from raghub.quiet import QUIET_ENVIRONMENT, quiet_third_party
 from scripted import ScriptedBackend, ScriptedModel, scripted  # noqa: F401
@@ -169,3 +171,23 @@ def test_a_run_moves_its_bar_as_the_model_reports_and_writes_the_same_samples(sc
     _, silent = scripted.run("incontext", "--batch-size", 2, "--force")
     assert reported == silent
 
+
+def test_the_transformers_backend_reports_each_of_its_batches_and_returns_the_same(tmp_path, monkeypatch):
+    """Reporting changes neither what a call returns nor how it batches (`length_buckets`)."""
+    monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
+    save_tiny_model(tmp_path / "tiny", seed=0)
+    model = HuggingFaceCausal(token_budget=8).load(str(tmp_path / "tiny"), "cpu", "float32", 2)
+    sequences = [model.encode(" ".join(["hello", "world"] * n)) for n in (1, 2, 3, 2)]
+    alone = model.sequence_logprobs(sequences, [1] * 4), model.generate_line(["hello world"] * 3, 2)
+    with run_progress("t · m", 0, [4, 3], 4) as run:
+        moves = []
+        monkeypatch.setattr(run, "_move_to", lambda done: (moves.append(done), RunProgress._move_to(run, done))[1])
+        with run.batch():
+            scored = model.sequence_logprobs(sequences, [1] * 4)
+        buckets = length_buckets(list(map(len, sequences)), 8)
+        assert len(buckets) > 1 and moves[:-1] == pytest.approx(
+            list(itertools.accumulate(4 * len(bucket) / 4 for bucket in buckets)))
+        with run.batch():
+            generated = model.generate_line(["hello world"] * 3, 2)
+    assert [t.tolist() for t in scored] == [t.tolist() for t in alone[0]]
+    assert generated == alone[1]
