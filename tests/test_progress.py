@@ -160,10 +160,13 @@ class ReportingModel(ScriptedModel):
 
 
 def test_a_run_moves_its_bar_as_the_model_reports_and_writes_the_same_samples(scripted, monkeypatch):
-    moves = []
-    update = Progress.update
-    monkeypatch.setattr(Progress, "update", lambda self, task, **fields: (
-        moves.append(fields["completed"]) if "completed" in fields else None, update(self, task, **fields))[1])
+    moves, update = [], Progress.update
+
+    def recorded(self, task, **fields):
+        moves.extend([fields["completed"]] if "completed" in fields else [])
+        return update(self, task, **fields)
+
+    monkeypatch.setattr(Progress, "update", recorded)
     ScriptedBackend.model = ReportingModel(lambda prompt: " Ulm\n")
     _, reported = scripted.run("incontext", "--batch-size", 2)
     assert moves[:2] == [1, 2]  # the first of the batch's two questions answered, then the second
@@ -178,16 +181,18 @@ def test_the_transformers_backend_reports_each_of_its_batches_and_returns_the_sa
     save_tiny_model(tmp_path / "tiny", seed=0)
     model = HuggingFaceCausal(token_budget=8).load(str(tmp_path / "tiny"), "cpu", "float32", 2)
     sequences = [model.encode(" ".join(["hello", "world"] * n)) for n in (1, 2, 3, 2)]
-    alone = model.sequence_logprobs(sequences, [1] * 4), model.generate_line(["hello world"] * 3, 2)
+    prompts = ["hello world", "hello", "world hello world"]
+    alone = model.sequence_logprobs(sequences, [1] * 4), model.generate_line(prompts, 2)
+    moves = []
+    monkeypatch.setattr(RunProgress, "_move_to", lambda self, done: moves.append(done))
     with run_progress("t · m", 0, [4, 3], 4) as run:
-        moves = []
-        monkeypatch.setattr(run, "_move_to", lambda done: (moves.append(done), RunProgress._move_to(run, done))[1])
         with run.batch():
             scored = model.sequence_logprobs(sequences, [1] * 4)
-        buckets = length_buckets(list(map(len, sequences)), 8)
-        assert len(buckets) > 1 and moves[:-1] == pytest.approx(
-            list(itertools.accumulate(4 * len(bucket) / 4 for bucket in buckets)))
         with run.batch():
-            generated = model.generate_line(["hello world"] * 3, 2)
+            generated = model.generate_line(prompts, 2)
+    shares = [list(itertools.accumulate(len(bucket) / len(lengths) for bucket in length_buckets(lengths, 8)))
+              for lengths in ([len(s) for s in sequences], [len(model.encode(p)) + 2 for p in prompts])]
+    assert all(len(share) > 1 for share in shares)
+    assert moves == pytest.approx([*(4 * f for f in shares[0]), 4, *(3 * f for f in shares[1]), 3])
     assert [t.tolist() for t in scored] == [t.tolist() for t in alone[0]]
     assert generated == alone[1]
