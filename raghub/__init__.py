@@ -37,6 +37,7 @@ from raghub.retrieval import task_corpus
 from raghub.objectives import (Objective, lsr_kl, rag_sequence_logprob, rag_sequence_token_logprobs,
                                rag_token_logprob)
 from raghub.options import Option
+from raghub.progress import ModelProgress
 from raghub.schema import Field
 from raghub.settings import (CORE_OPTIONS, data_file, data_is_local, data_path, parse_key_values, read_data_json, read_data_json_lines,
                              read_data_text, read_task_definition)
@@ -50,7 +51,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     # the plugin kinds and what flows between them
-    "Example", "Field", "LanguageModel", "Method", "ModelBackend", "ModelSpec", "Objective", "Option", "Passage",
+    "Example", "Field", "LanguageModel", "Method", "ModelBackend", "ModelProgress", "ModelSpec", "Objective", "Option", "Passage",
     "Refiner", "Registry", "Reranker", "Retrieved", "Retriever", "Task", "choose_backend", "hookimpl",
     # errors and notices
     "RaghubError", "RunError", "UsageError", "notice",

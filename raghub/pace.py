@@ -19,14 +19,13 @@ def duration(seconds: float) -> str:
 
 
 class Pace:
-    """The examples this process runs (`total`), those run so far, and the time they took."""
+    """The examples this process runs (`total`), those run so far (`done`, which counts a batch
+    partly run by the share of its work finished), and the time they took."""
 
     def __init__(self, total: int):
-        self.total, self.done = total, 0
+        self.total = total
+        self.done: float = 0
         self.started = time.perf_counter()
-
-    def advance(self, examples: int) -> None:
-        self.done += examples
 
     @property
     def elapsed(self) -> float:

@@ -11,20 +11,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from raghub import distributed
 from raghub.cache import fingerprint
 from raghub.distributed import notice
 from raghub.errors import ReturnedWrong, amount
 from raghub.interfaces import Example, Method, Retrieved, Task
-from raghub.pace import Pace, duration
+from raghub.progress import run_progress
 from raghub.provenance import sample_line
-
-def _progress() -> Progress:
-    """A bar per run; its time left is `Pace.remaining`, the field `remaining` of the task."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("{task.fields[remaining]} left"), console=distributed.console())
 
 
 def _checksum(batch: dict[str, Any]) -> str:
@@ -105,28 +98,18 @@ def evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
     distributed.barrier()  # every rank has read the same state before any rank appends
     todo = [i for i, e in enumerate(examples) if e.id not in done]
     batches = distributed.my_batches(todo, batch_size)
-    with _progress() as progress, _append_to(distributed.my_resume_file(resume_path)) as resume:
-        mine = sum(map(len, batches))
-        bar = progress.add_task(f"{task.name} · {method.name}", total=len(examples) - len(todo) + mine,
-                                completed=len(examples) - len(todo), remaining="?")
-        pace = Pace(mine)
-        if announce and mine:
-            notice(f"{task.name} · {method.name}: {mine} examples to run, in {len(batches)} batch(es) of up "
-                   f"to {batch_size}; the first batch gives the time to expect")
+    with run_progress(f"{task.name} · {method.name}", len(examples) - len(todo), list(map(len, batches)),
+                      batch_size, announce) as progress, _append_to(distributed.my_resume_file(resume_path)) as resume:
         for batch in batches:
-            before = Counter(method.counters)
-            results = task.evaluate(method, [examples[i] for i in batch], [retrieved[i] for i in batch])
-            results = _checked_stats(task, [examples[i] for i in batch], results)
-            added = {key: value - before[key] for key, value in method.counters.items() if value != before[key]}
-            lines = [sample_line(task, examples[i], result, retrieved[i], method.work.take(examples[i].id))
-                     for i, result in zip(batch, results)]
-            resume.write(_batch_line(lines, added))  # the counters are kept exactly when the batch is
-            resume.flush()
-            pace.advance(len(batch))
-            progress.update(bar, advance=len(batch), remaining=pace.remaining())
-            if announce and pace.done == len(batch) < mine:
-                notice(f"the first batch of {len(batch)} took {duration(pace.elapsed)}: expect about "
-                       f"{pace.remaining()} more for the other {mine - pace.done}")
+            with progress.batch():
+                before = Counter(method.counters)
+                results = task.evaluate(method, [examples[i] for i in batch], [retrieved[i] for i in batch])
+                results = _checked_stats(task, [examples[i] for i in batch], results)
+                added = {key: value - before[key] for key, value in method.counters.items() if value != before[key]}
+                lines = [sample_line(task, examples[i], result, retrieved[i], method.work.take(examples[i].id))
+                         for i, result in zip(batch, results)]
+                resume.write(_batch_line(lines, added))  # the counters are kept exactly when the batch is
+                resume.flush()
     distributed.barrier()  # every rank's lines are on disk
     done, counters = _read_resume_file(resume_path, report=False)  # damage was named by the first read
     method.counters.clear()

@@ -16,6 +16,7 @@ from raghub.models import load_model
 from raghub.cli import cli
 from raghub.plugins.models import openai
 from raghub.plugins.models.openai import OpenAICompatible
+from raghub.progress import RunProgress, run_progress
 from recorded_server import RecordedServer, embedded_gguf
 
 URL = "http://models.example:8000/v1"
@@ -162,6 +163,16 @@ def test_requests_go_out_up_to_concurrency_at_once(monkeypatch):
     model = load("concurrency=3")
     assert len(model.generate(["a", "b", "c", "d", "e"], 2)) == 5
     assert model.hardware()["concurrency"] == 3
+
+
+def test_each_finished_request_moves_the_runs_bar(monkeypatch):
+    serving(monkeypatch, RecordedServer("vllm"))
+    model = load("concurrency=3")
+    reported = []
+    monkeypatch.setattr(RunProgress, "items_finished", lambda self, items: reported.append(items))
+    with run_progress("t · m", 0, [5], 5) as run, run.batch():
+        model.generate(["a", "b", "c", "d", "e"], 2)
+    assert reported == [1] * 5
 
 
 # --- the consistency probe and the tokenizer ------------------------------------------------

@@ -23,6 +23,7 @@ from raghub.plugins.methods.ensemble import Ensemble
 from raghub.plugins.methods.fid import FusionInDecoder
 from raghub.plugins.models.huggingface import HuggingFaceCausal
 from raghub.plugins.models.seq2seq import HuggingFaceSeq2Seq
+from raghub.progress import RunProgress, run_progress
 from bad_input import assert_one_line_exit_2, model_never_loads  # noqa: F401 (model_never_loads: a fixture)
 from test_models import cache_dir, save_tiny_model  # noqa: F401 (cache_dir: a fixture)
 
@@ -135,6 +136,18 @@ def test_batched_greedy_generation_equals_step_by_step_decoding(t5):
         assert generation.token_logprobs == pytest.approx(logprobs, abs=1e-5)
         lengths.append(len(ids))
     assert 5 in lengths and 0 < min(lengths) < 5  # full-length answers and one cut at its end
+
+
+def test_generation_and_scoring_report_each_pass_to_the_runs_bar(t5, monkeypatch):
+    """Each `batch_size` pass is reported as it finishes, and the calls return the same."""
+    prompts = ["the tower is in", "where is the river", "which city"]
+    alone = t5.generate(prompts, 3), t5.continuation_logprobs(prompts, [" Paris"] * 3)
+    reported = []
+    monkeypatch.setattr(RunProgress, "items_finished", lambda self, items: reported.append(items))
+    with run_progress("t · m", 0, [3], 3) as run, run.batch():
+        generated, scored = t5.generate(prompts, 3), t5.continuation_logprobs(prompts, [" Paris"] * 3)
+    assert reported == [2, 1, 2, 1]  # two passes of batch_size 2 (and 1) in each call
+    assert generated == alone[0] and [t.tolist() for t in scored] == [t.tolist() for t in alone[1]]
 
 
 def test_the_replug_vote_over_seq2seq_answers_matches_hand_computed_weights(t5, cache_dir):

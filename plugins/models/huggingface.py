@@ -12,8 +12,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
-from raghub import (AnswerScores, Cache, Generation, Option, UsageError, answer_continuation, cache_root, file_sha256,
-                    hookimpl)
+from raghub import (AnswerScores, Cache, Generation, ModelProgress, Option, UsageError, answer_continuation, cache_root,
+                    file_sha256, hookimpl)
 from raghub.kits.embedded import wheel_folder
 from raghub.kits.pretrained import PretrainedBackend, PretrainedLM, is_encoder_decoder_folder
 
@@ -61,7 +61,8 @@ class LineEnd:
 class TransformersLM(PretrainedLM):
     """A transformers causal LM (`hf_model`) with batched scoring and greedy generation. Each
     call sorts its sequences by length and batches them by `token_budget` (padded tokens per
-    forward pass; default by device type, `DEFAULT_TOKEN_BUDGET`)."""
+    forward pass; default by device type, `DEFAULT_TOKEN_BUDGET`), and reports each batch as it
+    finishes to the run's progress bar (`ModelProgress`)."""
 
     def __init__(self, hf_model, tokenizer, name: str, batch_size: int = 8, fingerprint: str = "",
                  token_budget: int | None = None):
@@ -133,6 +134,7 @@ class TransformersLM(PretrainedLM):
         import torch
 
         results: list[Any] = [None] * len(sequences)
+        progress = ModelProgress(len(sequences))
         for batch in length_buckets([len(seq) for seq in sequences], self.token_budget):
             ids, _, lengths = self._padded([sequences[i] for i in batch])
             counts = lengths - torch.tensor([starts[i] for i in batch])
@@ -147,6 +149,7 @@ class TransformersLM(PretrainedLM):
                 logprobs = self._target_logprobs(states[rows, positions], ids[rows, positions + 1], self.target_only)
             for i, scored in zip(batch, logprobs.cpu().split(counts.tolist())):
                 results[i] = scored
+            progress.advance(len(batch))
         return results
 
     def _target_logprobs(self, states, targets, from_hidden: bool):
@@ -225,6 +228,7 @@ class TransformersLM(PretrainedLM):
         prefix, prefix_cache = self.shared_prefix(token_lists)
         pad = self.tokenizer.pad_token_id
         generations: list[Any] = [None] * len(prompts)
+        progress = ModelProgress(len(prompts))
         for batch in length_buckets([len(ids) + max_new_tokens for ids in token_lists], self.token_budget):
             rows = [token_lists[i] for i in batch]
             width = max(map(len, rows))
@@ -244,6 +248,7 @@ class TransformersLM(PretrainedLM):
             new_tokens = output.sequences[:, width:]
             for i, generation in zip(batch, self.generations(new_tokens, output.scores)):
                 generations[i] = generation
+            progress.advance(len(batch))
         return generations
 
 

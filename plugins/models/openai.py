@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 from urllib.parse import urlsplit
 
-from raghub import Generation, LanguageModel, ModelBackend, Option, RunError, UsageError, fingerprint, hookimpl
+from raghub import (Generation, LanguageModel, ModelBackend, ModelProgress, Option, RunError, UsageError, fingerprint,
+                    hookimpl)
 
 #: what the probe generates from and then scores
 PROBE_PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -203,9 +204,17 @@ class ServerLM(LanguageModel):
                 "concurrency": self.settings["concurrency"], "greedy_fields": self.greedy_fields}
 
     def _parallel(self, work: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        """`work` of each item, up to `concurrency` requests at once, in order."""
+        """`work` of each item, up to `concurrency` requests at once, in order; each reported to the
+        run's progress bar as it finishes."""
+        progress = ModelProgress(len(items))
+
+        def reported(item: Any) -> Any:
+            result = work(item)
+            progress.advance(1)
+            return result
+
         with ThreadPoolExecutor(max_workers=self.settings["concurrency"]) as pool:
-            return list(pool.map(work, items))
+            return list(pool.map(reported, items))
 
     def _prompt(self, ids: Sequence[int]) -> list[int] | str:
         return list(ids) if self.settings["prompt_as"] == "tokens" else self.decode(ids)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from raghub import AnswerScores, Generation, UsageError, hookimpl
+from raghub import AnswerScores, Generation, ModelProgress, UsageError, hookimpl
 from raghub.kits.pretrained import PretrainedBackend, PretrainedLM, is_encoder_decoder_folder
 
 
@@ -71,12 +71,14 @@ class Seq2SeqLM(PretrainedLM):
         import torch
 
         results = []
+        progress = ModelProgress(len(prompts))
         for first in range(0, len(prompts), self.batch_size):
             batch = slice(first, first + self.batch_size)
             answer_ids = [self.encode(text) for text in continuations[batch]]
             with torch.inference_mode():
                 scored = self._answer_logprobs(prompts[batch], answer_ids)[1]
             results += [row[: len(ids)].cpu() for row, ids in zip(scored, answer_ids)]
+            progress.advance(len(answer_ids))
         return results
 
     def encoder_states(self, prompts: Sequence[str]):
@@ -103,11 +105,14 @@ class Seq2SeqLM(PretrainedLM):
         return self.generations(output.sequences[:, 1:], output.scores)  # after the start token
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[Generation]:
-        """Greedy answers to `prompts`, `batch_size` prompts per encoder and decoder pass."""
+        """Greedy answers to `prompts`, `batch_size` prompts per encoder and decoder pass, each
+        pass reported to the run's progress bar (`ModelProgress`)."""
         generations: list[Generation] = []
+        progress = ModelProgress(len(prompts))
         for first in range(0, len(prompts), self.batch_size):
             states, mask = self.encoder_states(prompts[first : first + self.batch_size])
             generations += self.generate_from_states(states, mask, max_new_tokens)
+            progress.advance(len(mask))
         return generations
 
 
