@@ -209,7 +209,9 @@ def test_squad_reader_keeps_all_answers_and_gold_paragraph(tmp_path):
 
 
 class FirstPassage:
-    """A method stub that answers with its first passage's text."""
+    """A method stub that answers with its first passage's text (run with no retrieval bound)."""
+
+    n_docs = 0
 
     @staticmethod
     def answer(questions, retrieved):
@@ -227,6 +229,26 @@ def test_recall_is_not_reported_in_a_user_corpus_where_gold_passages_are_unknown
     user = [[Retrieved(p, 1.0) for p in task.corpus()[0]]]
     stats = task.evaluate(FirstPassage, questions, user)[0]
     assert not any(key.startswith("recall@") for key in stats) and "recall@1" not in aggregate_stats([stats])
+
+
+def test_recall_is_named_by_the_passages_asked_for_when_a_stage_leaves_fewer(tmp_path):
+    """Regression: recall was keyed by how many passages a question kept, so where a refiner
+    dropped a passage for some questions the record held recall@2 and recall@3, each a mean over
+    a different subset of the questions, under --n-docs 3."""
+    task = make_task(tmp_path, "squad", "dev.json", json.dumps(SQUAD))
+    questions = task.examples(ChatStub(), None)
+    gold = task.corpus()[0][0]
+    other = make_passage("Elsewhere", "Nothing here.")
+
+    class ThreeAskedFor(FirstPassage):
+        n_docs = 3
+
+    kept = [[Retrieved(gold, 3.0), Retrieved(other, 2.0), Retrieved(other, 1.0)],  # all three kept
+            [Retrieved(other, 2.0), Retrieved(gold, 1.0)]]                         # one dropped
+    stats = task.evaluate(ThreeAskedFor, questions, kept)
+    assert [s["recall@3"] for s in stats] == [1.0, 1.0]
+    assert not any(key.startswith("recall@") and key != "recall@3" for s in stats for key in s)
+    assert aggregate_stats(stats)["recall@3"] == 1.0
 
 
 def hotpot_row(qid, question, answer, kind, titles, supporting):
