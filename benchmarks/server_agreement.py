@@ -11,7 +11,9 @@ whose generated tokens are the same both ways, |ln p server - ln p in-process| o
 each of those tokens (mean, p95, max, in nats); and for each question whose tokens part, the
 in-process margin ln p(its own token) - ln p(the server's token) at the first parting point,
 both scored in-process after the tokens the two share (near 0: a near-tie that the server's
-quantised arithmetic can tip). Then a short summary.
+quantised arithmetic can tip). With `--engine-check`, also how many of the server's
+continuations llama.cpp itself gives in this process (`llama_cpp.Llama`, the same GGUF). Then a
+short summary.
 """
 
 from __future__ import annotations
@@ -103,6 +105,25 @@ def agreement(method: str, own: dict[str, str], served: dict[str, str], own_gene
             "parting_margins_nats": parting, "parted_where_one_stops": len(margins) - len(parting)}
 
 
+def same_as_llama_cpp_in_process(served_generations: dict[str, Generation]) -> dict[str, int]:
+    """How many of the server's one-line generations llama.cpp itself (`llama_cpp.Llama` on the
+    embedded GGUF, in this process, greedy, no repeat penalty) continues with the same text, asked
+    as the `openai` backend asks (stop at a newline; blank: asked again without the stop): the same
+    engine's answers, to tell the server path's faithfulness from the engines' arithmetic."""
+    from llama_cpp import Llama
+
+    engine = Llama(model_path=str(embedded_gguf()), n_ctx=2048, verbose=False)
+
+    def continuation(prompt: str, tokens: int) -> str:
+        greedy = {"max_tokens": tokens, "temperature": 0, "repeat_penalty": 1.0}
+        text = engine.create_completion(prompt, stop=["\n"], **greedy)["choices"][0]["text"]
+        return text if text.strip() else engine.create_completion(prompt, **greedy)["choices"][0]["text"]
+
+    same = sum(continuation(prompt, max(len(generation.token_ids), 1)) == generation.text
+               for prompt, generation in served_generations.items())
+    return {"prompts": len(served_generations), "same_as_llama_cpp_in_process": same}
+
+
 def summary(row: dict[str, Any]) -> str:
     """One line for a person of a method's JSON line."""
     text = (f"{row['method']}: {row['same_answers']}/{row['questions']} answers the same "
@@ -115,7 +136,11 @@ def summary(row: dict[str, Any]) -> str:
     if margins:
         text += (f"; {len(margins)} part at a token, where the in-process margin is {margins[0]:.3f} to "
                  f"{margins[-1]:.3f} nats (median {float(np.median(margins)):.3f})")
-    return text + (f"; {row['parted_where_one_stops']} part where one stops" if row["parted_where_one_stops"] else "")
+    text += f"; {row['parted_where_one_stops']} part where one stops" if row["parted_where_one_stops"] else ""
+    if "engine_check" in row:
+        text += (f"; llama.cpp in-process continues {row['engine_check']['same_as_llama_cpp_in_process']} of "
+                 f"{row['engine_check']['prompts']} of the server's prompts with the server's text")
+    return text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--server", required=True, help="the llama.cpp server's /v1 URL, serving the embedded GGUF")
     parser.add_argument("--questions", type=int, default=50, help="the first SQuAD questions")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="in-process")
+    parser.add_argument("--engine-check", action="store_true",
+                        help="also continue the server's prompts with llama.cpp in this process (llama_cpp.Llama)")
     args = parser.parse_args(argv)
     served_settings = {"model": args.server,
                        "model_args": f"tokenizer={embedded_gguf()},prompt_as=text,logprobs_via=none"}
@@ -141,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
             if own_generations.keys() != served_generations.keys():
                 raise SystemExit(f"{method}: the two ways built different prompts")
             rows.append(agreement(method, own, served, own_generations, served_generations, in_process))
+            if args.engine_check:
+                rows[-1]["engine_check"] = same_as_llama_cpp_in_process(served_generations)
             print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"load_average": os.getloadavg()}))
     print()
