@@ -105,14 +105,18 @@ def agreement(method: str, own: dict[str, str], served: dict[str, str], own_gene
             "parting_margins_nats": parting, "parted_where_one_stops": len(margins) - len(parting)}
 
 
-def same_as_llama_cpp_in_process(served_generations: dict[str, Generation]) -> dict[str, int]:
-    """How many of the server's one-line generations llama.cpp itself (`llama_cpp.Llama` on the
-    embedded GGUF, in this process, greedy, no repeat penalty) continues with the same text, asked
-    as the `openai` backend asks (stop at a newline; blank: asked again without the stop): the same
-    engine's answers, to tell the server path's faithfulness from the engines' arithmetic."""
+def llama_cpp_in_process() -> Any:
+    """llama.cpp itself on the embedded GGUF, in this process (`llama_cpp.Llama`)."""
     from llama_cpp import Llama
 
-    engine = Llama(model_path=str(embedded_gguf()), n_ctx=2048, verbose=False)
+    return Llama(model_path=str(embedded_gguf()), n_ctx=2048, verbose=False)
+
+
+def same_as_llama_cpp_in_process(engine: Any, served_generations: dict[str, Generation]) -> dict[str, int]:
+    """How many of the server's one-line generations llama.cpp itself (`engine`, greedy, no repeat
+    penalty) continues with the same text, asked as the `openai` backend asks (stop at a newline;
+    blank: asked again without the stop): the same engine's answers, to tell the server path's
+    faithfulness from the engines' arithmetic."""
 
     def continuation(prompt: str, tokens: int) -> str:
         greedy = {"max_tokens": tokens, "temperature": 0, "repeat_penalty": 1.0}
@@ -158,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"server": args.server, "in_process_dtype": in_process.dtype, "machine": f"{os.cpu_count()} CPUs",
                       "load_average": os.getloadavg()}), flush=True)
     served_generations, own_generations = recorded_generations(server), recorded_generations(in_process)
+    engine = llama_cpp_in_process() if args.engine_check else None
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for method in METHODS:
@@ -168,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
             if own_generations.keys() != served_generations.keys():
                 raise SystemExit(f"{method}: the two ways built different prompts")
             rows.append(agreement(method, own, served, own_generations, served_generations, in_process))
-            if args.engine_check:
-                rows[-1]["engine_check"] = same_as_llama_cpp_in_process(served_generations)
+            if engine is not None:
+                rows[-1]["engine_check"] = same_as_llama_cpp_in_process(engine, served_generations)
             print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"load_average": os.getloadavg()}))
     print()

@@ -219,7 +219,7 @@ class QATask(Task):
         predictions = answers_from(method, examples, retrieved)
         if self.settings["corpus"]:
             examples = [replace(q, gold_passage_ids=[]) for q in examples]
-        return [question_stats(q, prediction, docs, method.n_docs or len(docs))
+        return [question_stats(q, prediction, docs, method.n_docs)
                 for q, prediction, docs in zip(examples, predictions, retrieved)]
 
     def aggregate(self, stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
