@@ -13,7 +13,9 @@ in-process margin ln p(its own token) - ln p(the server's token) at the first pa
 both scored in-process after the tokens the two share (near 0: a near-tie that the server's
 quantised arithmetic can tip). With `--engine-check`, also how many of the server's
 continuations llama.cpp itself gives in this process (`llama_cpp.Llama`, the same GGUF). Then a
-short summary.
+short summary. `--gguf` names the file the server serves when it is not the embedded SmolLM2
+(in-process loads that file too): `float32_gguf.py` writes one on which both engines compute
+the same function.
 """
 
 from __future__ import annotations
@@ -105,11 +107,11 @@ def agreement(method: str, own: dict[str, str], served: dict[str, str], own_gene
             "parting_margins_nats": parting, "parted_where_one_stops": len(margins) - len(parting)}
 
 
-def llama_cpp_in_process() -> Any:
-    """llama.cpp itself on the embedded GGUF, in this process (`llama_cpp.Llama`)."""
+def llama_cpp_in_process(gguf: Path) -> Any:
+    """llama.cpp itself on the `gguf` file, in this process (`llama_cpp.Llama`)."""
     from llama_cpp import Llama
 
-    return Llama(model_path=str(embedded_gguf()), n_ctx=2048, verbose=False)
+    return Llama(model_path=str(gguf), n_ctx=2048, verbose=False)
 
 
 def same_as_llama_cpp_in_process(engine: Any, served_generations: dict[str, Generation]) -> dict[str, int]:
@@ -149,26 +151,29 @@ def summary(row: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--server", required=True, help="the llama.cpp server's /v1 URL, serving the embedded GGUF")
+    parser.add_argument("--server", required=True, help="the llama.cpp server's /v1 URL, serving --gguf")
+    parser.add_argument("--gguf", type=Path, default=None,
+                        help="the GGUF file the server serves, loaded in-process too (default: the embedded SmolLM2)")
     parser.add_argument("--questions", type=int, default=50, help="the first SQuAD questions")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="in-process")
     parser.add_argument("--engine-check", action="store_true",
                         help="also continue the server's prompts with llama.cpp in this process (llama_cpp.Llama)")
     args = parser.parse_args(argv)
-    served_settings = {"model": args.server,
-                       "model_args": f"tokenizer={embedded_gguf()},prompt_as=text,logprobs_via=none"}
+    gguf = args.gguf or embedded_gguf()
+    served_settings = {"model": args.server, "model_args": f"tokenizer={gguf},prompt_as=text,logprobs_via=none"}
+    own_settings = {"dtype": args.dtype, **({"model": str(args.gguf)} if args.gguf else {})}
     server = load_model(args.server, model_args=served_settings["model_args"])
-    in_process = load_model(None, dtype=args.dtype)
-    print(json.dumps({"server": args.server, "in_process_dtype": in_process.dtype, "machine": f"{os.cpu_count()} CPUs",
-                      "load_average": os.getloadavg()}), flush=True)
+    in_process = load_model(own_settings.get("model"), dtype=args.dtype)
+    print(json.dumps({"server": args.server, "gguf": gguf.name, "in_process_dtype": in_process.dtype,
+                      "machine": f"{os.cpu_count()} CPUs", "load_average": os.getloadavg()}), flush=True)
     served_generations, own_generations = recorded_generations(server), recorded_generations(in_process)
-    engine = llama_cpp_in_process() if args.engine_check else None
+    engine = llama_cpp_in_process(gguf) if args.engine_check else None
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for method in METHODS:
             served_generations.clear()
             own_generations.clear()
-            own = predictions(method, args.questions, in_process, {"dtype": args.dtype}, Path(scratch) / "own")
+            own = predictions(method, args.questions, in_process, own_settings, Path(scratch) / "own")
             served = predictions(method, args.questions, server, served_settings, Path(scratch) / "served")
             if own_generations.keys() != served_generations.keys():
                 raise SystemExit(f"{method}: the two ways built different prompts")

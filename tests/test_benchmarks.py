@@ -56,3 +56,36 @@ def test_the_server_agreement_benchmark_runs_against_a_recorded_server(monkeypat
         assert (row["questions"], row["same_answers"], row["same_tokens"], row["parted_where_one_stops"]) == (1, 0, 0, 0)
         [margin] = row["parting_margins_nats"]
         assert margin > 0
+
+
+def test_the_float32_gguf_holds_what_the_quantised_blocks_stand_for_and_the_same_metadata(tmp_path):
+    """`float32_gguf.py` on a small GGUF with Q4_1, Q8_0 and F32 tensors: every tensor comes back
+    float32 and equal to gguf's own dequantisation, and every key but the file type is kept."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize, quantize
+
+    weights = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    quantised = {"a.weight": gguf.GGMLQuantizationType.Q4_1, "b.weight": gguf.GGMLQuantizationType.Q8_0,
+                 "c.weight": gguf.GGMLQuantizationType.F32}
+    writer = gguf.GGUFWriter(tmp_path / "small.gguf", "llama")
+    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_1))
+    writer.add_context_length(128)
+    writer.add_token_list(["<s>", "a", "b"])
+    for name, kind in quantised.items():
+        writer.add_tensor(name, quantize(weights, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    stored = benchmark("float32_gguf").write_float32_gguf(tmp_path / "small.gguf", tmp_path / "f32.gguf")
+
+    assert stored == {"Q4_1": 1, "Q8_0": 1, "F32": 1}
+    source, written = gguf.GGUFReader(tmp_path / "small.gguf"), gguf.GGUFReader(tmp_path / "f32.gguf")
+    for tensor, original in zip(written.tensors, source.tensors):
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
+        np.testing.assert_array_equal(tensor.data, dequantize(original.data, original.tensor_type))
+    assert written.fields["general.file_type"].contents() == int(gguf.LlamaFileType.ALL_F32)
+    assert written.fields["llama.context_length"].contents() == 128
+    assert written.fields["tokenizer.ggml.tokens"].contents() == ["<s>", "a", "b"]
