@@ -1,28 +1,16 @@
 """The benchmarks are run by hand, so nothing else notices when one stops importing: each
 `benchmarks/*.py` must at least import (its `main` runs only as a script)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-BENCHMARKS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
+from benchmark_scripts import BENCHMARKS, benchmark
 
 
 @pytest.mark.parametrize("path", BENCHMARKS, ids=[path.stem for path in BENCHMARKS])
 def test_a_benchmark_imports(path):
     """Regression: speed.py imported BF16_CPU_FLAGS from where it no longer lives."""
-    spec = importlib.util.spec_from_file_location(f"benchmark_{path.stem}", path)
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
-
-
-def benchmark(name: str):
-    """The benchmark script `name`.py, imported."""
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS[0].with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    benchmark(path.stem)
 
 
 def test_the_random_shape_speed_benchmark_runs_and_raghub_agrees_with_the_plain_loop(capsys):

@@ -11,7 +11,9 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -22,6 +24,7 @@ from raghub.models import load_model
 from raghub.cli import cli
 from raghub.plugins.models import openai
 from raghub.plugins.models.openai import OpenAICompatible
+from benchmark_scripts import benchmark
 from recorded_server import embedded_gguf
 
 pytestmark = [pytest.mark.server, pytest.mark.real_model]
@@ -41,10 +44,11 @@ def free_port() -> int:
 
 
 class LlamaServer:
-    """llama-cpp-python's server serving the embedded GGUF on one loopback port, which a test may
-    stop and start again (with an API key it then requires)."""
+    """llama-cpp-python's server serving a GGUF file (the embedded one unless named) on one
+    loopback port, which a test may stop and start again (with an API key it then requires)."""
 
-    def __init__(self, log: Path):
+    def __init__(self, log: Path, gguf: str | None = None):
+        self.gguf = gguf or embedded_gguf()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log = log
@@ -53,7 +57,7 @@ class LlamaServer:
     def start(self, api_key: str | None = None) -> None:
         """Started, and answering `/models` (with the key, if one is required)."""
         with open(self.log, "ab") as output:
-            self.process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", embedded_gguf(),
+            self.process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", self.gguf,
                                              "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "4096",
                                              *(["--api_key", api_key] if api_key else [])],
                                             stdout=output, stderr=subprocess.STDOUT)
@@ -80,18 +84,26 @@ class LlamaServer:
             self.process.wait()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The llama.cpp server, started once for the module and stopped after it; a test that stops
-    it starts it again as it was."""
+@contextmanager
+def running_server(folder: Path, gguf: str | None = None) -> Iterator[LlamaServer]:
+    """A llama.cpp server serving `gguf` (default: the embedded one), its log in `folder`,
+    stopped after the block."""
     if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("uvicorn") is None:
         pytest.skip("llama-cpp-python[server] is not installed (`make setup` installs it from the wheel cache)")
-    running = LlamaServer(tmp_path_factory.mktemp("llama-server") / "server.log")
+    running = LlamaServer(folder / "server.log", gguf)
     running.start()
     try:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The llama.cpp server, started once for the module and stopped after it; a test that stops
+    it starts it again as it was."""
+    with running_server(tmp_path_factory.mktemp("llama-server")) as running:
+        yield running
 
 
 @pytest.fixture
@@ -138,6 +150,22 @@ def test_answers_through_the_server_mostly_agree_with_in_process(llama_server, t
     agreeing = sum(served[key] == own[key] for key in own)
     print(f"{method}: {agreeing}/{len(own)} SQuAD answers the same through the llama.cpp server as in-process")
     assert len(served) == len(own) == QUESTIONS and agreeing > QUESTIONS / 2
+
+
+@pytest.mark.parametrize("method", ["incontext", "none"])
+def test_answers_through_a_server_computing_in_float32_are_the_in_process_ones(tmp_path, method):
+    """Served a float32 copy of the embedded weights (equal to the in-process ones), llama.cpp
+    computes the function in-process `gguf` computes, so every answer is the same: any change of
+    prompt, stop or parsing on the server path shows here, where the quantised server's near-ties
+    would hide it (50 of the first 50 agreed, log-probs within 0.0064 nats; benchmarks/README.md)."""
+    gguf = tmp_path / "smollm2-float32.gguf"
+    benchmark("float32_gguf").write_float32_gguf(Path(embedded_gguf()), gguf)
+    with running_server(tmp_path, str(gguf)) as float32_server:
+        served = run_predictions(tmp_path, method, ["--model", float32_server.url,
+                                                    "--model-args", generating_args(str(gguf))])
+    gguf.unlink()
+    own = run_predictions(tmp_path, method, [])
+    assert len(served) == QUESTIONS and served == own
 
 
 def test_the_probe_refuses_the_servers_echo_logprobs(llama_server):
