@@ -89,6 +89,18 @@ def test_a_server_without_prompt_logprobs_is_refused_when_asked_for_them(monkeyp
         load("logprobs_via=prompt_logprobs")
 
 
+
+def test_text_prompts_that_tokenise_otherwise_are_refused_not_scored(monkeypatch):
+    """Regression: with prompt_as=text the server scores its own tokens of the decoded text;
+    tokens that do not come back from their text (a sequence that starts inside a character
+    decodes to U+FFFD, one token of its own) had other tokens' log-probs scored in their places."""
+    serving(monkeypatch, RecordedServer("vllm"))
+    model = load("prompt_as=text")
+    ids = model.encode("emoji \N{PARTY POPPER} party")[3:]  # the popper's last two bytes, then " party"
+    assert model.encode(model.decode(ids)) != ids
+    with pytest.raises(RunError, match="prompt_as=text cannot score .* give --model-args prompt_as=tokens"):
+        model.sequence_logprobs([ids], [1])
+
 # --- generation -----------------------------------------------------------------------------
 
 def test_one_line_generation_is_greedy_stops_at_a_newline_and_returns_the_token_logprobs(monkeypatch):

@@ -229,6 +229,11 @@ class ServerLM(LanguageModel):
         host = self.client.host
         if self.settings["logprobs_via"] == "none":
             raise RunError(f"server {host} was given logprobs_via=none: it generates, and scores nothing")
+        if self.settings["prompt_as"] == "text" and self.encode(self.decode(ids)) != list(ids):
+            raise RunError(f"server {host}: prompt_as=text cannot score {len(ids)} tokens whose text "
+                           f"{first_line(self.decode(ids))[:40]!r} tokenises otherwise (a character cut in two, "
+                           "or a special token): the server would score other tokens; give --model-args "
+                           "prompt_as=tokens")
         if self.settings["logprobs_via"] == "prompt_logprobs":
             entries = self._complete(ids, max_tokens=1, prompt_logprobs=0).get("prompt_logprobs")
             if not isinstance(entries, list) or len(entries) < len(ids):
