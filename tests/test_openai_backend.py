@@ -115,6 +115,26 @@ def test_one_line_generation_is_greedy_stops_at_a_newline_and_returns_the_token_
     assert (request["temperature"], request["stop"], request["max_tokens"]) == (0, ["\n"], 4)
 
 
+
+def test_a_one_line_generation_that_starts_with_a_newline_ends_at_the_next_one_as_in_process(monkeypatch):
+    """Regression: when the stop at a newline left nothing, the generation asked again without
+    a stop was kept whole (every line up to max_new_tokens), so adaptive's mean token log-prob
+    and the generated-token count took tokens the in-process backend never generates."""
+    def answer(text, tokens):
+        return httpx.Response(200, json={"choices": [{"text": text, "finish_reason": "stop" if not tokens else "length",
+                                                      "logprobs": {"tokens": tokens, "token_logprobs": [-0.25] * len(tokens),
+                                                                   "top_logprobs": [{t: -0.25} for t in tokens]}}]})
+
+    def newline_first(request):
+        body = json.loads(request.content) if request.method == "POST" else {}
+        if body and answering(body):
+            return answer("", []) if "stop" in body else answer("\nParis\nBerlin", ["\n", "Paris", "\n", "Berlin"])
+        return None
+
+    serving(monkeypatch, RecordedServer("vllm", fail=newline_first))
+    [generation] = load().generate_line(["Q:"], 4)
+    assert (generation.text, generation.token_logprobs) == ("\nParis\n", [-0.25] * 3)
+
 def passing_over_paris(request):
     """A `fail` that answers each generation as a server that penalises repeats: ' Lyon' where its
     own log-probs put ' Paris' first."""

@@ -153,6 +153,23 @@ def passed_over(logprobs: dict[str, Any]) -> str | None:
     return None
 
 
+def through_first_line(choice: dict[str, Any]) -> dict[str, Any]:
+    """`choice` cut at the first newline after non-space text, as the in-process backend's
+    `generate_line` stops: its text through that newline, its log-probs through the token that
+    wrote it; unchanged when it has no such newline or the server named no tokens."""
+    logprobs = choice.get("logprobs")
+    pieces = logprobs.get("tokens") if isinstance(logprobs, dict) else None
+    written = ""
+    for count, piece in enumerate(pieces or [], 1):
+        written += str(piece)
+        if "\n" in written.lstrip():
+            text = choice.get("text", "")
+            end = text.find("\n", len(text) - len(text.lstrip()))
+            cut = {key: values[:count] for key, values in logprobs.items() if isinstance(values, list)}
+            return {**choice, "text": text[: end + 1] if end >= 0 else text, "logprobs": {**logprobs, **cut}}
+    return choice
+
+
 def load_tokenizer(spec: str):
     """A transformers tokenizer from a hub id, a folder or the tokenizer inside a .gguf file."""
     from transformers import AutoTokenizer
@@ -258,7 +275,7 @@ class ServerLM(LanguageModel):
         comes first (then the text to its first newline after non-space text, as in-process)."""
         choice = self._complete(ids, max_tokens=max_new_tokens, logprobs=1, **({"stop": ["\n"]} if one_line else {}))
         if one_line and not choice.get("text", "").strip() and choice.get("finish_reason") == "stop":
-            choice = self._complete(ids, max_tokens=max_new_tokens, logprobs=1)
+            choice = through_first_line(self._complete(ids, max_tokens=max_new_tokens, logprobs=1))
         logprobs = choice_logprobs(choice, self.client.host)
         problem = passed_over(logprobs)
         if problem:
