@@ -266,6 +266,31 @@ def test_a_model_the_server_does_not_serve_is_refused(monkeypatch):
         load("model=gpt-9")
 
 
+
+@pytest.mark.parametrize("now_serving", [{"id": "HuggingFaceTB/SmolLM2-360M-Instruct"},
+                                         {"root": "/models/smollm2-135m-finetuned", "max_model_len": 2048}])
+def test_a_server_now_serving_other_weights_is_a_new_run_not_the_stored_one(monkeypatch, tmp_path, now_serving):
+    """Regression: a server run was known before its model loaded by the URL and model args
+    alone, so once the server at that URL served other weights (another model, or the same name
+    for other weights), `raghub run` reused the stored record of the old ones as identical."""
+    monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
+    run = ["run", "--task", "squad", "--method", "none", "--limit", "2", "--model", URL,
+           "--model-args", f"tokenizer={embedded_gguf()}", "--results-dir", str(tmp_path / "r")]
+
+    def server(**entry):
+        recorded = RecordedServer("vllm")
+        recorded.recorded["models"]["data"][0].update(entry)
+        return serving(monkeypatch, recorded)
+
+    server(created=1733500000)
+    assert CliRunner().invoke(cli, run).exit_code == 0
+    server(created=1733500999)  # the same weights, asked at another time
+    assert "reusing the identical run" in CliRunner().invoke(cli, run).stderr
+    server(**now_serving)
+    rerun = CliRunner().invoke(cli, run)
+    assert rerun.exit_code == 0 and "reusing" not in rerun.stderr
+    assert len((tmp_path / "r" / "records.jsonl").read_text().splitlines()) == 2
+
 # --- failures and retries -------------------------------------------------------------------
 
 def failing_first(count: int, response):

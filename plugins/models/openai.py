@@ -42,6 +42,9 @@ PROBE_TOLERANCE = 0.1
 RETRIED_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 #: the first pause before a retry (seconds); each next one doubles
 FIRST_BACKOFF = 0.5
+#: what a `/v1/models` entry says of the weights served (its other fields, such as vLLM's
+#: `created` and `permission`, change from one request to the next)
+SERVED_IDENTITY = ("id", "root", "parent", "max_model_len", "owned_by", "meta")
 
 
 class Refused(RunError):
@@ -380,16 +383,38 @@ class OpenAICompatible(ModelBackend):
         if variable and not os.environ.get(variable):
             raise UsageError(f"--model-args api_key_env={variable}: the environment variable {variable} is not set")
 
+    def content_identity(self, spec: str | None) -> str | None:
+        """What the server says it serves now (`SERVED_IDENTITY` of the model's `/v1/models`
+        entry, and its version), so that other weights served at the same URL are a new run, not
+        the stored run of the old ones; a server that cannot be asked is a UsageError."""
+        client = self.client(spec)
+        try:
+            served = self.served_model(client)
+        except RunError as error:
+            raise UsageError(str(error)) from None
+        return fingerprint({key: served[key] for key in SERVED_IDENTITY if key in served},
+                           self.server_version(client, spec))
+
+    def client(self, spec: str) -> CompletionsClient:
+        """A client of the server at `spec`, with the API key from the environment variable named."""
+        settings = self.settings
+        api_key = os.environ.get(settings["api_key_env"]) if settings["api_key_env"] else None
+        return CompletionsClient(spec, api_key, settings["timeout"], settings["max_retries"], self.transport)
+
+    @staticmethod
+    def server_version(client: CompletionsClient, spec: str) -> str | None:
+        """The version the server tells at `/version`, where it tells one."""
+        return (client.get_if_there(f"{urlsplit(spec).scheme}://{client.host}/version") or {}).get("version")
+
     def load(self, spec: str | None, device: str | None, dtype: str, batch_size: int) -> ServerLM:
         """The served model, once the server answers and passes the probe; else a UsageError."""
         self.check(spec)
         settings = self.settings
-        api_key = os.environ.get(settings["api_key_env"]) if settings["api_key_env"] else None
-        client = CompletionsClient(spec, api_key, settings["timeout"], settings["max_retries"], self.transport)
+        client = self.client(spec)
         try:
             served = self.served_model(client)
             tokenizer = load_tokenizer(settings["tokenizer"] or served["id"])
-            version = (client.get_if_there(f"{urlsplit(spec).scheme}://{client.host}/version") or {}).get("version")
+            version = self.server_version(client, spec)
             model = ServerLM(client, tokenizer, served, version,
                              {**settings, "tokenizer": settings["tokenizer"] or served["id"]}, batch_size)
             model.probe()
