@@ -291,6 +291,23 @@ def test_a_server_now_serving_other_weights_is_a_new_run_not_the_stored_one(monk
     assert rerun.exit_code == 0 and "reusing" not in rerun.stderr
     assert len((tmp_path / "r" / "records.jsonl").read_text().splitlines()) == 2
 
+
+def test_the_models_fingerprint_names_the_weights_served_and_how_it_scores(monkeypatch):
+    """Regression: the loaded model's fingerprint, the key of the LM reranker's cached scores
+    and of a run's resume file, named only the served model id and the server's version, so
+    other weights served under the same name, or scores got another way, were given the cached
+    scores of the old."""
+    def fingerprint(model_args="", **entry):
+        recorded = RecordedServer("vllm")
+        recorded.recorded["models"]["data"][0].update(entry)
+        serving(monkeypatch, recorded)
+        return load(model_args).fingerprint
+
+    first = fingerprint()
+    assert fingerprint(created=1733500999) == first  # the same weights, asked at another time
+    others = [fingerprint(root="/models/smollm2-135m-finetuned"), fingerprint("logprobs_via=prompt_logprobs")]
+    assert len({first, *others}) == 3
+
 # --- failures and retries -------------------------------------------------------------------
 
 def failing_first(count: int, response):

@@ -173,6 +173,11 @@ def through_first_line(choice: dict[str, Any]) -> dict[str, Any]:
     return choice
 
 
+def served_identity(served: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a `/v1/models` entry that name the weights served (`SERVED_IDENTITY`)."""
+    return {key: served[key] for key in SERVED_IDENTITY if key in served}
+
+
 def load_tokenizer(spec: str):
     """A transformers tokenizer from a hub id, a folder or the tokenizer inside a .gguf file."""
     from transformers import AutoTokenizer
@@ -190,7 +195,8 @@ def load_tokenizer(spec: str):
 class ServerLM(LanguageModel):
     """A model served by an OpenAI-compatible completions server, with a local tokenizer that
     must be the server's. `served` is what `/v1/models` said of the model (its id, and
-    `max_model_len` where the server tells it); `version` the server's, where it tells one.
+    `max_model_len` where the server tells it); `version` the server's, where it tells one. Its
+    fingerprint names both, the tokenizer, and how prompts are scored (`logprobs_via`, `prompt_as`).
     `greedy_fields` is what every completion is sent with (`GREEDY`, less what the probe found
     the server refuses)."""
 
@@ -203,7 +209,8 @@ class ServerLM(LanguageModel):
         self.settings = settings
         self.greedy_fields = dict(GREEDY)
         super().__init__(tokenizer, self.model_id, batch_size,
-                         fingerprint(client.host, self.model_id, version, settings["tokenizer"], len(tokenizer)))
+                         fingerprint(client.host, served_identity(served), version, settings["tokenizer"], len(tokenizer),
+                                     settings["logprobs_via"], settings["prompt_as"]))
 
     @property
     def device(self):
@@ -392,8 +399,7 @@ class OpenAICompatible(ModelBackend):
             served = self.served_model(client)
         except RunError as error:
             raise UsageError(str(error)) from None
-        return fingerprint({key: served[key] for key in SERVED_IDENTITY if key in served},
-                           self.server_version(client, spec))
+        return fingerprint(served_identity(served), self.server_version(client, spec))
 
     def client(self, spec: str) -> CompletionsClient:
         """A client of the server at `spec`, with the API key from the environment variable named."""
