@@ -72,6 +72,28 @@ def test_echo_scores_each_prompt_token_after_the_first_and_drops_the_generated_e
     assert (scoring["logprobs"], scoring["max_tokens"], scoring["temperature"]) == (1, 1, 0)
 
 
+@pytest.mark.parametrize("logprobs_via", ["echo", "prompt_logprobs"])
+def test_a_prompt_token_the_server_gives_no_log_prob_is_one_line_not_a_traceback(monkeypatch, logprobs_via):
+    """A null log-prob past position 0 (or a prompt_logprobs entry without the token) ended
+    the run in a TypeError traceback."""
+    server = serving(monkeypatch, RecordedServer("vllm"))
+    model = load(f"logprobs_via={logprobs_via}")
+
+    def without_the_fourth(request):
+        server.fail = None
+        answer = json.loads(server(request).content)
+        server.fail = without_the_fourth
+        choice = answer["choices"][0]
+        if logprobs_via == "echo":
+            choice["logprobs"]["token_logprobs"][3] = None
+        else:
+            choice["prompt_logprobs"][3] = None
+        return httpx.Response(200, json=answer)
+
+    server.fail = without_the_fourth
+    with pytest.raises(RunError, match=f"returned no log-prob for prompt token 3 of 10 \\(logprobs_via={logprobs_via}\\)"):
+        model.sequence_logprobs([server.ids[:10]], [1])
+
 def test_vllms_prompt_logprobs_score_the_same_tokens(monkeypatch):
     server = serving(monkeypatch, RecordedServer("vllm"))
     model = load("logprobs_via=prompt_logprobs")

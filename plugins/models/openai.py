@@ -266,12 +266,18 @@ class ServerLM(LanguageModel):
             if not isinstance(entries, list) or len(entries) < len(ids):
                 raise RunError(f"server {host} returned no prompt_logprobs for {len(ids)} prompt tokens "
                                "(vLLM takes it; give logprobs_via=echo for another server)")
-            return [None] + [entry[str(token)]["logprob"] for entry, token in zip(entries[1:len(ids)], ids[1:])]
-        logprobs = choice_logprobs(self._complete(ids, max_tokens=1, logprobs=1, echo=True), host)
-        scored = logprobs["token_logprobs"]
-        if len(scored) < len(ids):
-            raise RunError(f"server {host} echoed {len(scored)} log-probs for {len(ids)} prompt tokens: it "
-                           "tokenises differently (is --model-args tokenizer the served model's?)")
+            scored = [None] + [entry.get(str(token), {}).get("logprob") if isinstance(entry, dict) else None
+                               for entry, token in zip(entries[1:len(ids)], ids[1:])]
+        else:
+            scored = choice_logprobs(self._complete(ids, max_tokens=1, logprobs=1, echo=True), host)["token_logprobs"]
+            if len(scored) < len(ids):
+                raise RunError(f"server {host} echoed {len(scored)} log-probs for {len(ids)} prompt tokens: it "
+                               "tokenises differently (is --model-args tokenizer the served model's?)")
+        missing = next((position for position in range(1, len(ids)) if not isinstance(scored[position], (int, float))),
+                       None)
+        if missing is not None:
+            raise RunError(f"server {host} returned no log-prob for prompt token {missing} of {len(ids)} "
+                           f"(logprobs_via={self.settings['logprobs_via']})")
         return scored[: len(ids)]
 
     def sequence_logprobs(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[Any]:
@@ -342,11 +348,11 @@ class ServerLM(LanguageModel):
             raise RunError(f"server {host} generated nothing after the probe prompt {PROBE_PROMPT!r}")
         scored = self.prompt_logprobs(ids + continuation)[len(ids): len(ids) + count]
         for position, (given, rescored) in enumerate(zip(told, scored)):
-            if rescored is None or abs(given - rescored) > PROBE_TOLERANCE:
+            if abs(given - rescored) > PROBE_TOLERANCE:
                 token = self.decode([continuation[position]])
                 raise RunError(
                     f"server {host} fails the consistency probe: it generated {token!r} with ln p {given:.3f} but "
-                    f"scores it at {rescored if rescored is None else round(rescored, 3)} in the prompt "
+                    f"scores it at {round(rescored, 3)} in the prompt "
                     f"(logprobs_via={self.settings['logprobs_via']}): its prompt log-probs are not the model's; "
                     f"give --model-args logprobs_via=none to only generate with it")
 
