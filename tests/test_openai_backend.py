@@ -72,6 +72,28 @@ def test_echo_scores_each_prompt_token_after_the_first_and_drops_the_generated_e
     assert (scoring["logprobs"], scoring["max_tokens"], scoring["temperature"]) == (1, 1, 0)
 
 
+@pytest.mark.parametrize("logprobs_via", ["echo", "prompt_logprobs"])
+def test_a_prompt_token_the_server_gives_no_log_prob_is_one_line_not_a_traceback(monkeypatch, logprobs_via):
+    """A null log-prob past position 0 (or a prompt_logprobs entry without the token) ended
+    the run in a TypeError traceback."""
+    server = serving(monkeypatch, RecordedServer("vllm"))
+    model = load(f"logprobs_via={logprobs_via}")
+
+    def without_the_fourth(request):
+        server.fail = None
+        answer = json.loads(server(request).content)
+        server.fail = without_the_fourth
+        choice = answer["choices"][0]
+        if logprobs_via == "echo":
+            choice["logprobs"]["token_logprobs"][3] = None
+        else:
+            choice["prompt_logprobs"][3] = None
+        return httpx.Response(200, json=answer)
+
+    server.fail = without_the_fourth
+    with pytest.raises(RunError, match=f"returned no log-prob for prompt token 3 of 10 \\(logprobs_via={logprobs_via}\\)"):
+        model.sequence_logprobs([server.ids[:10]], [1])
+
 def test_vllms_prompt_logprobs_score_the_same_tokens(monkeypatch):
     server = serving(monkeypatch, RecordedServer("vllm"))
     model = load("logprobs_via=prompt_logprobs")
@@ -89,6 +111,18 @@ def test_a_server_without_prompt_logprobs_is_refused_when_asked_for_them(monkeyp
         load("logprobs_via=prompt_logprobs")
 
 
+
+def test_text_prompts_that_tokenise_otherwise_are_refused_not_scored(monkeypatch):
+    """Regression: with prompt_as=text the server scores its own tokens of the decoded text;
+    tokens that do not come back from their text (a sequence that starts inside a character
+    decodes to U+FFFD, one token of its own) had other tokens' log-probs scored in their places."""
+    serving(monkeypatch, RecordedServer("vllm"))
+    model = load("prompt_as=text")
+    ids = model.encode("emoji \N{PARTY POPPER} party")[3:]  # the popper's last two bytes, then " party"
+    assert model.encode(model.decode(ids)) != ids
+    with pytest.raises(RunError, match="prompt_as=text cannot score .* give --model-args prompt_as=tokens"):
+        model.sequence_logprobs([ids], [1])
+
 # --- generation -----------------------------------------------------------------------------
 
 def test_one_line_generation_is_greedy_stops_at_a_newline_and_returns_the_token_logprobs(monkeypatch):
@@ -102,6 +136,26 @@ def test_one_line_generation_is_greedy_stops_at_a_newline_and_returns_the_token_
     request = completions(server)[-1]
     assert (request["temperature"], request["stop"], request["max_tokens"]) == (0, ["\n"], 4)
 
+
+
+def test_a_one_line_generation_that_starts_with_a_newline_ends_at_the_next_one_as_in_process(monkeypatch):
+    """Regression: when the stop at a newline left nothing, the generation asked again without
+    a stop was kept whole (every line up to max_new_tokens), so adaptive's mean token log-prob
+    and the generated-token count took tokens the in-process backend never generates."""
+    def answer(text, tokens):
+        return httpx.Response(200, json={"choices": [{"text": text, "finish_reason": "stop" if not tokens else "length",
+                                                      "logprobs": {"tokens": tokens, "token_logprobs": [-0.25] * len(tokens),
+                                                                   "top_logprobs": [{t: -0.25} for t in tokens]}}]})
+
+    def newline_first(request):
+        body = json.loads(request.content) if request.method == "POST" else {}
+        if body and answering(body):
+            return answer("", []) if "stop" in body else answer("\nParis\nBerlin", ["\n", "Paris", "\n", "Berlin"])
+        return None
+
+    serving(monkeypatch, RecordedServer("vllm", fail=newline_first))
+    [generation] = load().generate_line(["Q:"], 4)
+    assert (generation.text, generation.token_logprobs) == ("\nParis\n", [-0.25] * 3)
 
 def passing_over_paris(request):
     """A `fail` that answers each generation as a server that penalises repeats: ' Lyon' where its
@@ -233,6 +287,48 @@ def test_a_model_the_server_does_not_serve_is_refused(monkeypatch):
     with pytest.raises(UsageError, match=r"serves no model 'gpt-9' \(it serves: davinci-002\)"):
         load("model=gpt-9")
 
+
+
+@pytest.mark.parametrize("now_serving", [{"id": "HuggingFaceTB/SmolLM2-360M-Instruct"},
+                                         {"root": "/models/smollm2-135m-finetuned", "max_model_len": 2048}])
+def test_a_server_now_serving_other_weights_is_a_new_run_not_the_stored_one(monkeypatch, tmp_path, now_serving):
+    """Regression: a server run was known before its model loaded by the URL and model args
+    alone, so once the server at that URL served other weights (another model, or the same name
+    for other weights), `raghub run` reused the stored record of the old ones as identical."""
+    monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
+    run = ["run", "--task", "squad", "--method", "none", "--limit", "2", "--model", URL,
+           "--model-args", f"tokenizer={embedded_gguf()}", "--results-dir", str(tmp_path / "r")]
+
+    def server(**entry):
+        recorded = RecordedServer("vllm")
+        recorded.recorded["models"]["data"][0].update(entry)
+        return serving(monkeypatch, recorded)
+
+    server(created=1733500000)
+    assert CliRunner().invoke(cli, run).exit_code == 0
+    server(created=1733500999)  # the same weights, asked at another time
+    assert "reusing the identical run" in CliRunner().invoke(cli, run).stderr
+    server(**now_serving)
+    rerun = CliRunner().invoke(cli, run)
+    assert rerun.exit_code == 0 and "reusing" not in rerun.stderr
+    assert len((tmp_path / "r" / "records.jsonl").read_text().splitlines()) == 2
+
+
+def test_the_models_fingerprint_names_the_weights_served_and_how_it_scores(monkeypatch):
+    """Regression: the loaded model's fingerprint, the key of the LM reranker's cached scores
+    and of a run's resume file, named only the served model id and the server's version, so
+    other weights served under the same name, or scores got another way, were given the cached
+    scores of the old."""
+    def fingerprint(model_args="", **entry):
+        recorded = RecordedServer("vllm")
+        recorded.recorded["models"]["data"][0].update(entry)
+        serving(monkeypatch, recorded)
+        return load(model_args).fingerprint
+
+    first = fingerprint()
+    assert fingerprint(created=1733500999) == first  # the same weights, asked at another time
+    others = [fingerprint(root="/models/smollm2-135m-finetuned"), fingerprint("logprobs_via=prompt_logprobs")]
+    assert len({first, *others}) == 3
 
 # --- failures and retries -------------------------------------------------------------------
 

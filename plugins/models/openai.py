@@ -42,6 +42,9 @@ PROBE_TOLERANCE = 0.1
 RETRIED_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 #: the first pause before a retry (seconds); each next one doubles
 FIRST_BACKOFF = 0.5
+#: what a `/v1/models` entry says of the weights served (its other fields, such as vLLM's
+#: `created` and `permission`, change from one request to the next)
+SERVED_IDENTITY = ("id", "root", "parent", "max_model_len", "owned_by", "meta")
 
 
 class Refused(RunError):
@@ -153,6 +156,28 @@ def passed_over(logprobs: dict[str, Any]) -> str | None:
     return None
 
 
+def through_first_line(choice: dict[str, Any]) -> dict[str, Any]:
+    """`choice` cut at the first newline after non-space text, as the in-process backend's
+    `generate_line` stops: its text through that newline, its log-probs through the token that
+    wrote it; unchanged when it has no such newline or the server named no tokens."""
+    logprobs = choice.get("logprobs")
+    pieces = logprobs.get("tokens") if isinstance(logprobs, dict) else None
+    written = ""
+    for count, piece in enumerate(pieces or [], 1):
+        written += str(piece)
+        if "\n" in written.lstrip():
+            text = choice.get("text", "")
+            end = text.find("\n", len(text) - len(text.lstrip()))
+            cut = {key: values[:count] for key, values in logprobs.items() if isinstance(values, list)}
+            return {**choice, "text": text[: end + 1] if end >= 0 else text, "logprobs": {**logprobs, **cut}}
+    return choice
+
+
+def served_identity(served: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a `/v1/models` entry that name the weights served (`SERVED_IDENTITY`)."""
+    return {key: served[key] for key in SERVED_IDENTITY if key in served}
+
+
 def load_tokenizer(spec: str):
     """A transformers tokenizer from a hub id, a folder or the tokenizer inside a .gguf file."""
     from transformers import AutoTokenizer
@@ -170,7 +195,8 @@ def load_tokenizer(spec: str):
 class ServerLM(LanguageModel):
     """A model served by an OpenAI-compatible completions server, with a local tokenizer that
     must be the server's. `served` is what `/v1/models` said of the model (its id, and
-    `max_model_len` where the server tells it); `version` the server's, where it tells one.
+    `max_model_len` where the server tells it); `version` the server's, where it tells one. Its
+    fingerprint names both, the tokenizer, and how prompts are scored (`logprobs_via`, `prompt_as`).
     `greedy_fields` is what every completion is sent with (`GREEDY`, less what the probe found
     the server refuses)."""
 
@@ -183,7 +209,8 @@ class ServerLM(LanguageModel):
         self.settings = settings
         self.greedy_fields = dict(GREEDY)
         super().__init__(tokenizer, self.model_id, batch_size,
-                         fingerprint(client.host, self.model_id, version, settings["tokenizer"], len(tokenizer)))
+                         fingerprint(client.host, served_identity(served), version, settings["tokenizer"], len(tokenizer),
+                                     settings["logprobs_via"], settings["prompt_as"]))
 
     @property
     def device(self):
@@ -229,17 +256,28 @@ class ServerLM(LanguageModel):
         host = self.client.host
         if self.settings["logprobs_via"] == "none":
             raise RunError(f"server {host} was given logprobs_via=none: it generates, and scores nothing")
+        if self.settings["prompt_as"] == "text" and self.encode(self.decode(ids)) != list(ids):
+            raise RunError(f"server {host}: prompt_as=text cannot score {len(ids)} tokens whose text "
+                           f"{first_line(self.decode(ids))[:40]!r} tokenises otherwise (a character cut in two, "
+                           "or a special token): the server would score other tokens; give --model-args "
+                           "prompt_as=tokens")
         if self.settings["logprobs_via"] == "prompt_logprobs":
             entries = self._complete(ids, max_tokens=1, prompt_logprobs=0).get("prompt_logprobs")
             if not isinstance(entries, list) or len(entries) < len(ids):
                 raise RunError(f"server {host} returned no prompt_logprobs for {len(ids)} prompt tokens "
                                "(vLLM takes it; give logprobs_via=echo for another server)")
-            return [None] + [entry[str(token)]["logprob"] for entry, token in zip(entries[1:len(ids)], ids[1:])]
-        logprobs = choice_logprobs(self._complete(ids, max_tokens=1, logprobs=1, echo=True), host)
-        scored = logprobs["token_logprobs"]
-        if len(scored) < len(ids):
-            raise RunError(f"server {host} echoed {len(scored)} log-probs for {len(ids)} prompt tokens: it "
-                           "tokenises differently (is --model-args tokenizer the served model's?)")
+            scored = [None] + [entry.get(str(token), {}).get("logprob") if isinstance(entry, dict) else None
+                               for entry, token in zip(entries[1:len(ids)], ids[1:])]
+        else:
+            scored = choice_logprobs(self._complete(ids, max_tokens=1, logprobs=1, echo=True), host)["token_logprobs"]
+            if len(scored) < len(ids):
+                raise RunError(f"server {host} echoed {len(scored)} log-probs for {len(ids)} prompt tokens: it "
+                               "tokenises differently (is --model-args tokenizer the served model's?)")
+        missing = next((position for position in range(1, len(ids)) if not isinstance(scored[position], (int, float))),
+                       None)
+        if missing is not None:
+            raise RunError(f"server {host} returned no log-prob for prompt token {missing} of {len(ids)} "
+                           f"(logprobs_via={self.settings['logprobs_via']})")
         return scored[: len(ids)]
 
     def sequence_logprobs(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[Any]:
@@ -253,7 +291,7 @@ class ServerLM(LanguageModel):
         comes first (then the text to its first newline after non-space text, as in-process)."""
         choice = self._complete(ids, max_tokens=max_new_tokens, logprobs=1, **({"stop": ["\n"]} if one_line else {}))
         if one_line and not choice.get("text", "").strip() and choice.get("finish_reason") == "stop":
-            choice = self._complete(ids, max_tokens=max_new_tokens, logprobs=1)
+            choice = through_first_line(self._complete(ids, max_tokens=max_new_tokens, logprobs=1))
         logprobs = choice_logprobs(choice, self.client.host)
         problem = passed_over(logprobs)
         if problem:
@@ -310,11 +348,11 @@ class ServerLM(LanguageModel):
             raise RunError(f"server {host} generated nothing after the probe prompt {PROBE_PROMPT!r}")
         scored = self.prompt_logprobs(ids + continuation)[len(ids): len(ids) + count]
         for position, (given, rescored) in enumerate(zip(told, scored)):
-            if rescored is None or abs(given - rescored) > PROBE_TOLERANCE:
+            if abs(given - rescored) > PROBE_TOLERANCE:
                 token = self.decode([continuation[position]])
                 raise RunError(
                     f"server {host} fails the consistency probe: it generated {token!r} with ln p {given:.3f} but "
-                    f"scores it at {rescored if rescored is None else round(rescored, 3)} in the prompt "
+                    f"scores it at {round(rescored, 3)} in the prompt "
                     f"(logprobs_via={self.settings['logprobs_via']}): its prompt log-probs are not the model's; "
                     f"give --model-args logprobs_via=none to only generate with it")
 
@@ -358,16 +396,37 @@ class OpenAICompatible(ModelBackend):
         if variable and not os.environ.get(variable):
             raise UsageError(f"--model-args api_key_env={variable}: the environment variable {variable} is not set")
 
+    def content_identity(self, spec: str | None) -> str | None:
+        """What the server says it serves now (`SERVED_IDENTITY` of the model's `/v1/models`
+        entry, and its version), so that other weights served at the same URL are a new run, not
+        the stored run of the old ones; a server that cannot be asked is a UsageError."""
+        client = self.client(spec)
+        try:
+            served = self.served_model(client)
+        except RunError as error:
+            raise UsageError(str(error)) from None
+        return fingerprint(served_identity(served), self.server_version(client, spec))
+
+    def client(self, spec: str) -> CompletionsClient:
+        """A client of the server at `spec`, with the API key from the environment variable named."""
+        settings = self.settings
+        api_key = os.environ.get(settings["api_key_env"]) if settings["api_key_env"] else None
+        return CompletionsClient(spec, api_key, settings["timeout"], settings["max_retries"], self.transport)
+
+    @staticmethod
+    def server_version(client: CompletionsClient, spec: str) -> str | None:
+        """The version the server tells at `/version`, where it tells one."""
+        return (client.get_if_there(f"{urlsplit(spec).scheme}://{client.host}/version") or {}).get("version")
+
     def load(self, spec: str | None, device: str | None, dtype: str, batch_size: int) -> ServerLM:
         """The served model, once the server answers and passes the probe; else a UsageError."""
         self.check(spec)
         settings = self.settings
-        api_key = os.environ.get(settings["api_key_env"]) if settings["api_key_env"] else None
-        client = CompletionsClient(spec, api_key, settings["timeout"], settings["max_retries"], self.transport)
+        client = self.client(spec)
         try:
             served = self.served_model(client)
             tokenizer = load_tokenizer(settings["tokenizer"] or served["id"])
-            version = (client.get_if_there(f"{urlsplit(spec).scheme}://{client.host}/version") or {}).get("version")
+            version = self.server_version(client, spec)
             model = ServerLM(client, tokenizer, served, version,
                              {**settings, "tokenizer": settings["tokenizer"] or served["id"]}, batch_size)
             model.probe()
