@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from raghub import (Answer, Field, Option, Passage, PromptTemplate, Question, Retrieved, TEMPLATE_STYLES, Task,
                     UsageError, answer_match, answers_from, best_over_aliases, data_file, data_is_local,
-                    exact_match, f1, load_hub_dataset, mean, read_corpus)
+                    exact_match, f1, file_sha256, load_hub_dataset, mean, read_corpus)
 
 from .formats import FORMATS, Loaded, Read, each_row, read_aliases, read_questions, read_rows, unique
 
@@ -120,6 +120,13 @@ class QATask(Task):
                 if key in self.config["data"]:
                     self._data_file(key)
             self.loaded  # noqa: B018 (read for its errors)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The configuration and the sha256 of each data file it reads, so that a run after a
+        file changed is a new run, never the stored one or a resume file's."""
+        files = [key for key in DATA_FILE_KEYS if key in self.config["data"]] if self._reads_files else []
+        return {**super().fingerprint(), "data_sha256": {key: file_sha256(path) for key in files
+                                                         if (path := self._data_file(key)).is_file()}}
 
     @property
     def _reads_files(self) -> bool:
