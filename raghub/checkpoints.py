@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from raghub.cache import fingerprint, path_fingerprint
+from raghub.cache import files_fingerprint, fingerprint
 from raghub.errors import RunError, UsageError
 from raghub.options import Option
 
@@ -60,7 +60,7 @@ class Checkpoint:
     @property
     def identity(self) -> str:
         """What identifies the weights: the training config's fingerprint, the step and the saved
-        files' content (which the config does not fix: the data, a model folder, the code), for
+        weights' content (which the config does not fix: the data, a model folder, the code), for
         a save that records it."""
         content = self.manifest.get("content")
         return f"{self.manifest['fingerprint']}@{self.manifest['step']}" + (f"/{content}" if content else "")
@@ -99,7 +99,9 @@ def write_checkpoint(output: Path, step: int, manifest: dict[str, Any],
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         save_parts(partial)
-        full = {**full, "parts": sorted(part.name for part in partial.iterdir()), "content": path_fingerprint(partial)}
+        weights = sorted(path for path in partial.rglob("*") if path.is_file() and path.name != TRAINER_STATE)
+        full = {**full, "parts": sorted(part.name for part in partial.iterdir()),
+                "content": files_fingerprint(weights, partial)}
         (partial / MANIFEST).write_text(json.dumps({**full, "folder": ""}, indent=1), encoding="utf-8")
         shutil.rmtree(output / name, ignore_errors=True)
         partial.rename(output / name)
