@@ -67,13 +67,17 @@ def file_sha256(path: Path) -> str:
 
 def files_fingerprint(paths: Sequence[Path], root: Path) -> str:
     """A hash of files' names (relative to `root`) and contents. Each file's sha256 is cached
-    under its path, size and modification time, so an unchanged file is not read again."""
+    under its path, size, modification time and inode change time (which no copying tool can
+    set back), so an unchanged file is not read again."""
     cache = Cache(cache_root())
-    return fingerprint([(str(path.relative_to(root)),
-                         cache.json("file-sha256", {"path": str(path.resolve()), "size": path.stat().st_size,
-                                                    "mtime_ns": path.stat().st_mtime_ns},
-                                    lambda path=path: file_sha256(path)))
-                        for path in paths])
+
+    def sha256(path: Path) -> str:
+        found = path.stat()
+        key = {"path": str(path.resolve()), "size": found.st_size, "mtime_ns": found.st_mtime_ns,
+               "ctime_ns": found.st_ctime_ns}
+        return cache.json("file-sha256", key, lambda: file_sha256(path))
+
+    return fingerprint([(str(path.relative_to(root)), sha256(path)) for path in paths])
 
 
 def path_fingerprint(path: Path) -> str:

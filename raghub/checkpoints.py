@@ -1,8 +1,8 @@
 """The folder layout of a `raghub train` checkpoint, shared by the trainer that writes it and
 the plugins that load it (`--checkpoint DIR`), which may import only the core.
 
-    DIR/manifest.json        the latest complete save: {"step", "folder", "parts", "config",
-                             "fingerprint", "model_fingerprint", "trained_on", ...}
+    DIR/manifest.json        the latest complete save: {"step", "folder", "parts", "content",
+                             "config", "fingerprint", "model_fingerprint", "trained_on", ...}
     DIR/train_log.jsonl      one line per training step (loss, its parts, steps/s)
     DIR/step-000100/         one complete save: its own manifest.json and the parts,
         generator/             a peft LoRA adapter, or the whole fine-tuned model (absent
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from raghub.cache import fingerprint
+from raghub.cache import files_fingerprint, fingerprint
 from raghub.errors import RunError, UsageError
 from raghub.options import Option
 
@@ -59,8 +59,11 @@ class Checkpoint:
 
     @property
     def identity(self) -> str:
-        """What identifies the weights: the training config's fingerprint and the step."""
-        return f"{self.manifest['fingerprint']}@{self.manifest['step']}"
+        """What identifies the weights: the training config's fingerprint, the step and the saved
+        weights' content (which the config does not fix: the data, a model folder, the code), for
+        a save that records it."""
+        content = self.manifest.get("content")
+        return f"{self.manifest['fingerprint']}@{self.manifest['step']}" + (f"/{content}" if content else "")
 
 
 def read_checkpoint(path: str | Path, flag: str = "--checkpoint") -> Checkpoint:
@@ -96,7 +99,9 @@ def write_checkpoint(output: Path, step: int, manifest: dict[str, Any],
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         save_parts(partial)
-        full = {**full, "parts": sorted(part.name for part in partial.iterdir())}
+        weights = sorted(path for path in partial.rglob("*") if path.is_file() and path.name != TRAINER_STATE)
+        full = {**full, "parts": sorted(part.name for part in partial.iterdir()),
+                "content": files_fingerprint(weights, partial)}
         (partial / MANIFEST).write_text(json.dumps({**full, "folder": ""}, indent=1), encoding="utf-8")
         shutil.rmtree(output / name, ignore_errors=True)
         partial.rename(output / name)

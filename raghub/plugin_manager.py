@@ -297,6 +297,11 @@ def _source_modules(guarded: _Guarded, built_in: bool) -> tuple[str, ...]:
     return tuple(sorted({getattr(plugin, hook).__module__ for hook in HOOK_NAMES if hasattr(guarded, hook)}))
 
 
+def core_identity() -> dict[str, str]:
+    """What identifies raghub's own code, which every plugin runs inside: a hash of its source."""
+    return {"source": _source_digest(("raghub",))}
+
+
 @functools.cache
 def _source_digest(module_names: tuple[str, ...]) -> str:
     """A hash of the modules' source: every .py file of a package, a module's file."""

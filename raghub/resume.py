@@ -26,6 +26,16 @@ def _checksum(batch: dict[str, Any]) -> str:
     return fingerprint(json.dumps(batch))
 
 
+def _checked_ids(task: Task, examples: Sequence[Example]) -> None:
+    """A RunError naming the task family's plugin when two examples share an id (their lines are
+    kept, resumed and paired by id)."""
+    repeated = [(example_id, n) for example_id, n in Counter(e.id for e in examples).items() if n > 1]
+    if repeated:
+        example_id, n = repeated[0]
+        raise ReturnedWrong("task family", task, f"{n} examples with the id {example_id!r}; each example needs "
+                                                 "an id of its own")
+
+
 def _checked_stats(task: Task, examples: Sequence[Example], results: Any) -> list[dict[str, Any]]:
     """What `task.evaluate` returned for a batch: one JSON-able stats dict per example, else a
     RunError naming the task family's plugin."""
@@ -93,6 +103,7 @@ def evaluate_resumably(task: Task, method: Method, examples: Sequence[Example],
     lines and counters are gathered from all ranks' files once every rank has finished.
     `announce`: say up front how many examples will run, and after the first batch the time
     the rest will take."""
+    _checked_ids(task, examples)
     resume_path.parent.mkdir(parents=True, exist_ok=True)
     done, _ = _read_resume_file(resume_path)
     distributed.barrier()  # every rank has read the same state before any rank appends

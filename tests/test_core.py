@@ -2,10 +2,12 @@
 
 import json
 import math
+import os
+import time
 
 import pytest
 
-from raghub.cache import Cache, fingerprint
+from raghub.cache import Cache, fingerprint, path_fingerprint
 from raghub import Option, UsageError
 from raghub.settings import read_yaml_mapping
 from raghub.metrics import bits_per_byte, nats_per_token, perplexity
@@ -33,6 +35,21 @@ def test_cache_builds_once_then_loads_and_rebuilds_a_corrupted_entry(tmp_path):
     (cache.entry_path("things", {"k": 1}) / "data.txt").write_text("corrupt")
     assert cache.get_or_build("things", {"k": 1}, build, load) == "value"
     assert len(builds) == 2
+
+
+def test_a_file_rewritten_with_its_size_and_modification_time_kept_is_hashed_again(tmp_path, monkeypatch):
+    """Regression: a file's cached sha256 was keyed by its path, size and mtime alone, so weights
+    copied over a model file of the same size by a tool that keeps the source's mtime (`cp -p`,
+    `rsync -a`, `tar x`) kept the old file's hash, and with it the old model's stored runs and
+    cache entries."""
+    monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"old weights")
+    before, kept = path_fingerprint(weights), weights.stat()
+    time.sleep(0.05)  # the copy comes later: past the clock tick file times are taken from
+    weights.write_bytes(b"new weights")
+    os.utime(weights, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    assert path_fingerprint(weights) != before
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path):

@@ -62,6 +62,14 @@ def toy_task(tmp_path, rows=TOY_ROWS, **options):
     return LanguageModelling("toy", config, str(tmp_path), **options)
 
 
+def test_the_task_s_fingerprint_changes_with_the_text_it_evaluates(tmp_path):
+    """Regression: the fingerprint, which recognises a stored run and names a resume file, held
+    the split file's name but not its content, so a run after the text changed was served the
+    old run's record."""
+    before = toy_task(tmp_path).fingerprint()
+    assert toy_task(tmp_path, rows=[*TOY_ROWS, " Mn op.\n"]).fingerprint() != before
+
+
 def test_raw_joined_and_row_formats_give_the_same_text(tmp_path):
     raw = tmp_path / "wiki.test.raw"
     raw.write_bytes(TOY_TEXT.replace("\n", "\r\n").encode())

@@ -13,6 +13,7 @@ from raghub.leaderboard import clear_winner, leaderboard_markdown, task_config_f
 from raghub.record import Record
 from raghub.records import append_record
 from raghub.resolution import resolve_sweep
+from scripted import ROWS, ScriptedBackend, ScriptedModel, scripted  # noqa: F401
 
 
 def record(method, f1, stderr=None, stride=0, corpus_fp=None, source="/a/tasks/squad.yaml", **extra):
@@ -103,6 +104,19 @@ def test_force_runs_an_identical_run_again(stored_identical_run, monkeypatch):
     monkeypatch.setattr(HuggingFaceCausal, "load", load)  # the embedded model's backend inherits it
     result = CliRunner().invoke(cli, [*RUN, "--force", "--results-dir", str(stored_identical_run)])
     assert isinstance(result.exception, Loaded)
+
+
+def test_a_run_after_its_task_s_data_file_changed_is_not_the_stored_one(scripted):
+    """Regression: the stored run was recognised by the task's YAML alone, so after its data
+    file changed (here one gold answer, not the passages) the old record came back, exit 0."""
+    ScriptedBackend.model = ScriptedModel(lambda prompt: "Ulm")
+    before, _ = scripted.run("incontext")
+    rows = json.loads(json.dumps(ROWS))
+    rows[0]["answer"] = "Danube"
+    (scripted.folder / "data" / "tiny" / "tiny.json").write_text(json.dumps(rows))
+    after, _ = scripted.run("incontext")
+    assert after["id"] != before["id"] and after["metrics"]["em"] == before["metrics"]["em"] - 0.5
+    assert after["config"]["task"] != before["config"]["task"]
 
 
 def test_runs_in_different_dtypes_are_separate_rows_with_a_dtype_column():

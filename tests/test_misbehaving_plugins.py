@@ -394,6 +394,36 @@ def test_a_task_family_returning_too_few_stats_is_named(add_plugin, tmp_path, mo
         f"Error: task family 'forgetful' ({RUN_TIME}) returned 2 stats dicts for 3 examples"]
 
 
+class Twins(Forgetful):
+    """A family whose first and last examples share an id, each scored by its position."""
+
+    family = "twins"
+
+    def examples(self, model, limit):
+        from raghub import Example
+
+        return [Example(id=name, query="") for name in ("e0", "e1", "e0")]
+
+    def evaluate(self, method, examples, retrieved):
+        return [{"score": float(example is not examples[0])} for example in examples]
+
+
+def test_a_task_family_giving_two_examples_one_id_is_named(add_plugin, tmp_path, monkeypatch):
+    """Regression: the finished examples were kept by id, so the second of two examples with
+    one id took the first's place and was counted twice, exit 0."""
+    monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
+    add_plugin(registering("register_models", Recording))
+    add_plugin(registering("register_task_families", Twins))
+    add_plugin(registering("register_tasks", {"name": "twins", "family": "twins"}))
+    add_plugin(registering("register_methods", Flaky))
+    failed = invoke("run", "--task", "twins", "--method", "flaky", "--model", "recording",
+                    "--results-dir", str(tmp_path / "results"))
+    assert failed.exit_code == 1 and not (tmp_path / "results" / "records.jsonl").exists()
+    assert failed.output.strip().splitlines()[-1:] == [
+        f"Error: task family 'twins' ({RUN_TIME}) returned 2 examples with the id 'e0'; each example needs "
+        "an id of its own"]
+
+
 class Scorer(Method):
     name = "scorer"
     scores = None

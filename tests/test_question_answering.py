@@ -211,7 +211,7 @@ def test_squad_reader_keeps_all_answers_and_gold_paragraph(tmp_path):
 class FirstPassage:
     """A method stub that answers with its first passage's text (run with no retrieval bound)."""
 
-    n_docs = 0
+    n_docs, first_stage = 0, True
 
     @staticmethod
     def answer(questions, retrieved):

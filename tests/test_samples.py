@@ -152,6 +152,22 @@ def test_an_interrupted_run_resumes_to_the_same_samples(stub_plugin, tmp_path):
     assert resumed["method_stats"] == uninterrupted["method_stats"] == {"questions_answered": 4}
 
 
+def test_a_run_resumed_after_raghub_s_own_code_changed_computes_every_example_again(stub_plugin, tmp_path,
+                                                                                     monkeypatch):
+    """Regression: the resume file was named by the plugins' code but not raghub's own, so a run
+    interrupted and started again after a change to the core (a metric, a prompt) stored the
+    examples the old code computed beside the new code's, in one record."""
+    GoldIfRetrieved.budget = 2
+    assert run_stub(tmp_path).exit_code == 1
+    monkeypatch.setattr("raghub.runner.core_identity", lambda: {"source": "edited"}, raising=False)
+    answered = []
+    answer = GoldIfRetrieved.answer
+    monkeypatch.setattr(GoldIfRetrieved, "answer", lambda self, questions, retrieved:
+                        answered.extend(questions) or answer(self, questions, retrieved))
+    resumed = run_stub(tmp_path)
+    assert resumed.exit_code == 0 and len(answered) == json.loads(resumed.stdout)["n_examples"] == 4
+
+
 def test_the_resume_file_keeps_verified_batches_only(tmp_path):
     from raghub.resume import _batch_line, _read_resume_file
 

@@ -223,6 +223,25 @@ def test_a_refined_run_reports_the_tokens_kept(staged):
     assert record["config"]["stages"]["refiner"] == {"name": "truncate", "refine_tokens": 3}
 
 
+class DropsTheComparison(Refiner):
+    """Keeps every passage of the bridge question and none of the comparison question's."""
+
+    name = "drops-the-comparison"
+
+    def refine(self, queries, passages):
+        return [["" if "longer" in query else p.text for p in own] for query, own in zip(queries, passages)]
+
+
+def test_a_question_whose_passages_a_refiner_all_dropped_counts_in_recall(staged, add_plugin):
+    """Regression: a question left no passage had no recall@k, so the record's recall and its
+    standard error were over the other questions only, as if it had found its gold passages."""
+    add_plugin(SimpleNamespace(register_refiners=hookimpl(lambda register: register(DropsTheComparison))))
+    record, (bridge, comparison) = staged.run("incontext", "--refiner", "drops-the-comparison", "--n-docs", 2)
+    assert comparison["retrieved"] == [] and comparison["recall@2"] == 0.0
+    assert record["metrics"]["recall@2"] == pytest.approx((bridge["recall@2"] + 0.0) / 2)
+    assert record["stderr"]["recall@2"] is not None
+
+
 def test_a_second_identical_run_asks_no_stage_again(staged, monkeypatch):
     refined = []
     original = TruncateRefiner.refine

@@ -24,7 +24,7 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, BertTokenizerFast, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from raghub.cache import fingerprint
-from raghub.checkpoints import GENERATOR, MANIFEST, QUERY_ENCODER, TRAIN_LOG, read_checkpoint
+from raghub.checkpoints import GENERATOR, MANIFEST, QUERY_ENCODER, TRAIN_LOG, read_checkpoint, write_checkpoint
 from raghub.cli import cli
 from raghub.errors import RunError, UsageError
 from raghub.plugins.models.huggingface import HuggingFaceCausal
@@ -355,6 +355,22 @@ def test_a_checkpoint_missing_a_part_it_declares_is_refused_before_loading(tiny,
                                       str(tiny / "data"), "--results-dir", str(tmp_path / "results")])
     assert result.exit_code == 2 and f"lacks {GENERATOR}" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "results").exists()
+
+
+def test_two_trainings_alike_in_config_and_step_but_not_in_weights_are_told_apart(tmp_path):
+    """Regression: a save was identified by its training config's fingerprint and step alone,
+    which leave out the data directory, the data's and model folders' content and the code, so
+    training again after any of them changed made the same identity: evaluating the new save
+    reused the old one's stored run and cached passage embeddings."""
+    def save(output, weights):
+        def parts(folder):
+            (folder / QUERY_ENCODER).mkdir()
+            (folder / QUERY_ENCODER / "model.safetensors").write_bytes(weights)
+        write_checkpoint(output, 1, {"fingerprint": "one-config", "config": {}}, parts)
+        return read_checkpoint(output).identity
+
+    assert save(tmp_path / "first", b"old weights") != save(tmp_path / "again", b"new weights")
+    assert save(tmp_path / "copy", b"new weights") == read_checkpoint(tmp_path / "again").identity
 
 
 @pytest.mark.parametrize("damage", [{"fingerprint": None}, {"step": "two"}])

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from raghub import (Field, Option, Passage, Retrieved, STRUCTURED_SUFFIXES, Task, UsageError, Window, bits_per_byte,
-                    data_path, first_words, hookimpl, load_hub_dataset, logprobs_from, nats_per_token, notice,
-                    perplexity, perplexity_standard_error, read_corpus, read_data_json_lines, read_data_text)
+                    data_path, file_sha256, first_words, hookimpl, load_hub_dataset, logprobs_from, nats_per_token,
+                    notice, perplexity, perplexity_standard_error, read_corpus, read_data_json_lines, read_data_text)
 
 ARTICLE_TITLE = re.compile(r" = [^=].* = ")
 #: characters of a window's scored text read for its first words (the samples log)
@@ -219,7 +219,11 @@ class LanguageModelling(Task):
                 "retrieved_max_length": retrieved_max_length}
 
     def fingerprint(self) -> dict[str, Any]:
-        return {**super().fingerprint(), "datastore": self.datastore, "protocol": self.protocol}
+        """With the sha256 of the evaluated split's file, so that a run after it changed is a new
+        run, never the stored one or a resume file's (the datastore's text is the corpus's)."""
+        evaluated = self._split_file(self.settings["split"]) if self.data_dir is not None else None
+        return {**super().fingerprint(), "datastore": self.datastore, "protocol": self.protocol,
+                "split_sha256": evaluated and file_sha256(evaluated)}
 
     # ---- data
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from raghub import (Answer, Field, Option, Passage, PromptTemplate, Question, Retrieved, TEMPLATE_STYLES, Task,
                     UsageError, answer_match, answers_from, best_over_aliases, data_file, data_is_local,
-                    exact_match, f1, load_hub_dataset, mean, read_corpus)
+                    exact_match, f1, file_sha256, load_hub_dataset, mean, read_corpus)
 
 from .formats import FORMATS, Loaded, Read, each_row, read_aliases, read_questions, read_rows, unique
 
@@ -121,6 +121,13 @@ class QATask(Task):
                     self._data_file(key)
             self.loaded  # noqa: B018 (read for its errors)
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The configuration and the sha256 of each data file it reads, so that a run after a
+        file changed is a new run, never the stored one or a resume file's."""
+        files = [key for key in DATA_FILE_KEYS if key in self.config["data"]] if self._reads_files else []
+        return {**super().fingerprint(), "data_sha256": {key: file_sha256(path) for key in files
+                                                         if (path := self._data_file(key)).is_file()}}
+
     @property
     def _reads_files(self) -> bool:
         """Whether the questions come from files (else from the hub): there is a data
@@ -215,11 +222,13 @@ class QATask(Task):
                  retrieved: Sequence[Sequence[Retrieved]]) -> list[dict[str, Any]]:
         """Each question's stats; in a user's --corpus the task's gold passage ids mean
         nothing, so recall counts only gold titles there (none: no recall). Recall is named by
-        the passages the run asked for (`method.n_docs`), whatever a stage left of them."""
+        the passages the run asked for (`method.n_docs`), whatever a stage left of them (a
+        question left none has recall 0)."""
         predictions = answers_from(method, examples, retrieved)
         if self.settings["corpus"]:
             examples = [replace(q, gold_passage_ids=[]) for q in examples]
-        return [question_stats(q, prediction, docs, method.n_docs)
+        asked = method.n_docs if method.first_stage else None
+        return [question_stats(q, prediction, docs, asked)
                 for q, prediction, docs in zip(examples, predictions, retrieved)]
 
     def aggregate(self, stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -245,13 +254,13 @@ def question_stats(question: Question, prediction: str, retrieved: Sequence[Retr
     """One question's stats: the prediction (and the raw generation when the method returned
     an `Answer`, else None), EM, F1 and match (best alias), and recall@k of the passages read,
     k being the passages asked for (default: those given), so that a question a stage left
-    fewer is counted under the same name as the others."""
+    fewer, or none, is counted under the same name as the others."""
     stats = {"id": question.id, "type": question.type, "prediction": str(prediction),
              "generation": prediction.generation if isinstance(prediction, Answer) else None,
              "em": best_over_aliases(exact_match, prediction, question.answers),
              "f1": best_over_aliases(f1, prediction, question.answers),
              "match": best_over_aliases(answer_match, prediction, question.answers)}
-    recall = question.recall(retrieved) if retrieved else None
+    recall = question.recall(retrieved) if retrieved or k else None
     if recall is not None:
         stats[f"recall@{k or len(retrieved)}"] = recall
     return stats
