@@ -25,7 +25,7 @@ from raghub.families.qa import Question
 from raghub.interfaces import COMMON_TASK_KEYS, Method, Plugin, Registry, Retriever, Task, check_name_and_family
 from raghub.models import ModelBackend, choose_backend
 from raghub.options import dashed
-from raghub.plugin_manager import PluginHost
+from raghub.plugin_manager import PluginHost, core_identity
 from raghub.records import check_store
 from raghub.retrieval import task_corpus
 from raghub.settings import CORE_OPTIONS, read_task_definition
@@ -115,9 +115,12 @@ class ResolvedRun:
 
     @functools.cached_property
     def code(self) -> dict[str, dict[str, str] | None]:
-        """What identifies the code of each plugin the run uses (`code_identity`)."""
+        """What identifies the code of each plugin the run uses (`code_identity`), and raghub's
+        own (`core`: its metrics, prompts and retrieval run inside every plugin), so that neither
+        a stored run nor a resume file of other code is taken for this run's."""
         code_identity = self.host.code_identity
-        return {"task family": code_identity("task family", self.task.family),
+        return {"core": core_identity(),
+                "task family": code_identity("task family", self.task.family),
                 "method": code_identity("method", self.method_class.name),
                 **self.retrieval_code(),
                 "model backend": code_identity("model backend", self.backend.name)}

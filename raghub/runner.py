@@ -23,7 +23,6 @@ from raghub.distributed import notice
 from raghub.errors import ReturnedWrong, UsageError
 from raghub.interfaces import Example, Method, Retrieved, Task
 from raghub.models import LanguageModel, ModelSpec
-from raghub.plugin_manager import core_identity
 from raghub.provenance import git_commit, plugin_origins, ranked_metrics
 from raghub.record import Record
 from raghub.records import append_record, read_records, samples_file
@@ -107,10 +106,9 @@ def execute(resolved: ResolvedRun, model: LanguageModel | None = None,
         if not examples:
             raise UsageError(f"task '{task.name}' produced no examples")
         retrieved, corpus_label = _first_stage(resolved, method, model, cache, examples)
-        # the weights' content is known once loaded: a resumed run never mixes two models, nor
-        # examples computed by two versions of raghub's own code
+        # the weights' content is known once loaded: a resumed run never mixes two models
         config = {**resolved.config, **{key: getattr(model, attribute) for key, attribute in LOADED.items()}}
-        resume_path = Path(request.results_dir) / ".partial" / f"{fingerprint(config, core_identity())}.jsonl"
+        resume_path = Path(request.results_dir) / ".partial" / f"{fingerprint(config)}.jsonl"
         done = evaluate_resumably(task, method, examples, retrieved, resume_path,
                                   request.batch_size, announce=request.limit is None)
         if not distributed.ranks().is_main:

@@ -94,6 +94,22 @@ def test_an_identical_rerun_reuses_the_stored_record_without_loading_the_model(s
     assert len((stored_identical_run / "records.jsonl").read_text().splitlines()) == 1
 
 
+def test_a_run_after_raghub_s_own_code_changed_is_not_the_stored_one(stored_identical_run, monkeypatch):
+    """Regression: a stored run was recognised by its plugins' code but not raghub's own, so
+    after a change to the core (a metric, a prompt template, the retrieval) the same command
+    was handed the record the old code computed, exit 0."""
+    class Loaded(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(HuggingFaceCausal, "load", load)
+    monkeypatch.setattr("raghub.resolution.core_identity", lambda: {"source": "edited"})
+    result = CliRunner().invoke(cli, [*RUN, "--results-dir", str(stored_identical_run)])
+    assert isinstance(result.exception, Loaded)
+
+
 def test_force_runs_an_identical_run_again(stored_identical_run, monkeypatch):
     class Loaded(Exception):
         pass

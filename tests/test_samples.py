@@ -159,7 +159,7 @@ def test_a_run_resumed_after_raghub_s_own_code_changed_computes_every_example_ag
     examples the old code computed beside the new code's, in one record."""
     GoldIfRetrieved.budget = 2
     assert run_stub(tmp_path).exit_code == 1
-    monkeypatch.setattr("raghub.runner.core_identity", lambda: {"source": "edited"}, raising=False)
+    monkeypatch.setattr("raghub.resolution.core_identity", lambda: {"source": "edited"})
     answered = []
     answer = GoldIfRetrieved.answer
     monkeypatch.setattr(GoldIfRetrieved, "answer", lambda self, questions, retrieved:
