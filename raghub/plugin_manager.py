@@ -78,6 +78,8 @@ DEFAULT_PLUGINS = (
 BUILTIN = "built-in"
 RUN_TIME = "registered at run time"
 HOOK_NAMES = frozenset(name for name in dir(hookspecs) if name.startswith("register_"))
+#: the package of kits shared by plugins, part of the code of each plugin that uses one
+KITS = "raghub.kits"
 
 
 class PluginFailed(Exception):
@@ -290,11 +292,32 @@ def _distribution_identity(distribution: importlib.metadata.Distribution) -> dic
 def _source_modules(guarded: _Guarded, built_in: bool) -> tuple[str, ...]:
     """The modules whose source is a plugin's code: a built-in's own module (or package); the
     top-level package of any other plugin module, which holds the code it imports of its own;
-    for an object registered at run time, the modules of its hooks."""
+    for an object registered at run time, the modules of its hooks; and the kits any of them
+    use (`_kits_used`)."""
     plugin = guarded.plugin
     if isinstance(plugin, types.ModuleType):
-        return (plugin.__name__ if built_in else plugin.__name__.partition(".")[0],)
-    return tuple(sorted({getattr(plugin, hook).__module__ for hook in HOOK_NAMES if hasattr(guarded, hook)}))
+        own = {plugin.__name__ if built_in else plugin.__name__.partition(".")[0]}
+    else:
+        own = {getattr(plugin, hook).__module__ for hook in HOOK_NAMES if hasattr(guarded, hook)}
+    return tuple(sorted(own | _kits_used(own)))
+
+
+def _kits_used(module_names: set[str]) -> set[str]:
+    """The `raghub.kits` modules that the named modules (and their submodules), and the kits
+    those use in turn, hold a name from: a fix to a kit is a change to the plugins it serves,
+    whose cache entries it must not outlive. Read from the loaded modules, importing nothing."""
+    found: set[str] = set()
+    waiting = set(module_names)
+    while waiting:
+        name = waiting.pop()
+        for module in [module for loaded, module in list(sys.modules.items())
+                       if loaded == name or loaded.startswith(f"{name}.")]:
+            for value in list(vars(module).values()):
+                origin = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+                if isinstance(origin, str) and origin.startswith(f"{KITS}.") and origin not in found:
+                    found.add(origin)
+                    waiting.add(origin)
+    return found
 
 
 def core_identity() -> dict[str, str]:

@@ -4,6 +4,7 @@ entry-point name, two plugins' options of one name are shown apart and refused t
 what identifies a plugin's code."""
 
 import importlib.metadata
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from plugin_packages import run_raghub, write_distribution
 from raghub import Method, ModelBackend, Option, Task, hookimpl
 from raghub.models import choose_backend
+from raghub import plugin_manager
 from raghub.plugin_manager import _installed_from_a_build, _source_digest
 
 
@@ -159,6 +161,23 @@ def test_a_local_plugin_modules_code_is_its_whole_top_level_package(host, tmp_pa
     (package / "retrievers.py").write_text((package / "retrievers.py").read_text() + "# edited\n")
     _source_digest.cache_clear()  # the hash is kept for the process; a new process reads the edit
     assert host.code_identity("method", "packaged") != before
+
+
+def test_a_fix_to_a_kit_changes_the_code_of_the_plugins_using_it_and_no_other(host, monkeypatch):
+    """Regression: a built-in's code was its own module only, so a fix to a kit it uses (the
+    dense retriever's `vector_index`) left its cache entries (passage embeddings, the index)
+    keyed as before, and they were served after the fix."""
+    host.load()
+    before = {name: host.code_identity("retriever", name) for name in ("dense", "bm25")}
+    real_sha256 = plugin_manager.file_sha256
+    monkeypatch.setattr(plugin_manager, "file_sha256", lambda path: "edited" if Path(path).name == "vector_index.py"
+                        else real_sha256(path))
+    _source_digest.cache_clear()
+    try:
+        assert host.code_identity("retriever", "dense") != before["dense"]
+        assert host.code_identity("retriever", "bm25") == before["bm25"]
+    finally:
+        _source_digest.cache_clear()
 
 
 @pytest.mark.parametrize("files, installed", [
