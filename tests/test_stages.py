@@ -376,6 +376,22 @@ def test_an_encoder_folder_is_named_by_its_content(identify, tmp_path):
     assert identify(path) != before
 
 
+@pytest.mark.parametrize("identify", [
+    lambda path: EmbeddingReranker.identity(EmbeddingReranker.resolve_options({"encoder": path})),
+    lambda path: ExtractiveRefiner.identity(ExtractiveRefiner.resolve_options({"encoder": path})),
+])
+def test_an_encoder_folder_s_module_configs_in_subfolders_are_part_of_its_content(identify, tmp_path):
+    """Regression: only the folder's top-level files were hashed, so another pooling
+    (sentence-transformers' `1_Pooling/config.json`: mean or CLS) at the same path kept the old
+    cache entries and stored runs."""
+    path = sentence_folder(tmp_path / "encoder", b"weights")
+    (tmp_path / "encoder" / "1_Pooling").mkdir()
+    (tmp_path / "encoder" / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    before = identify(path)
+    (tmp_path / "encoder" / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
+    assert identify(path) != before
+
+
 class LetterTokenizer(PieceTokenizer):
     """Each character a token."""
 

@@ -45,8 +45,9 @@ def native_dtype(device) -> str:
 
 
 def folder_fingerprint(folder: Path) -> str:
-    """A hash of a model folder's weight, config and tokenizer files (`files_fingerprint`)."""
-    return files_fingerprint(sorted({path for pattern in CONTENT_FILES for path in folder.glob(pattern)
+    """A hash of a model folder's weight, config and tokenizer files, its subfolders' too (a
+    sentence-transformers model keeps its pooling in `1_Pooling/`): `files_fingerprint`."""
+    return files_fingerprint(sorted({path for pattern in CONTENT_FILES for path in folder.rglob(pattern)
                                      if path.is_file()}), folder)
 
 
