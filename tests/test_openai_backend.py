@@ -94,6 +94,7 @@ def test_a_prompt_token_the_server_gives_no_log_prob_is_one_line_not_a_traceback
     with pytest.raises(RunError, match=f"returned no log-prob for prompt token 3 of 10 \\(logprobs_via={logprobs_via}\\)"):
         model.sequence_logprobs([server.ids[:10]], [1])
 
+
 def test_vllms_prompt_logprobs_score_the_same_tokens(monkeypatch):
     server = serving(monkeypatch, RecordedServer("vllm"))
     model = load("logprobs_via=prompt_logprobs")
@@ -111,7 +112,6 @@ def test_a_server_without_prompt_logprobs_is_refused_when_asked_for_them(monkeyp
         load("logprobs_via=prompt_logprobs")
 
 
-
 def test_text_prompts_that_tokenise_otherwise_are_refused_not_scored(monkeypatch):
     """Regression: with prompt_as=text the server scores its own tokens of the decoded text;
     tokens that do not come back from their text (a sequence that starts inside a character
@@ -122,6 +122,7 @@ def test_text_prompts_that_tokenise_otherwise_are_refused_not_scored(monkeypatch
     assert model.encode(model.decode(ids)) != ids
     with pytest.raises(RunError, match="prompt_as=text cannot score .* give --model-args prompt_as=tokens"):
         model.sequence_logprobs([ids], [1])
+
 
 # --- generation -----------------------------------------------------------------------------
 
@@ -136,6 +137,17 @@ def test_one_line_generation_is_greedy_stops_at_a_newline_and_returns_the_token_
     request = completions(server)[-1]
     assert (request["temperature"], request["stop"], request["max_tokens"]) == (0, ["\n"], 4)
 
+
+def test_a_one_line_generation_sends_a_chat_prompt_s_template_tokens_as_text(monkeypatch):
+    """Regression: with prompt_as=text the prompt was decoded skipping special tokens, so a chat
+    prompt (a task's `prompt: chat`, the correctness judge) reached the server without its
+    template's <|im_start|> and <|im_end|>: another prompt than in-process, answered silently."""
+    server = serving(monkeypatch, RecordedServer("vllm"))
+    model = load("prompt_as=text")
+    prompt = model.chat_prompt("What is the capital of France?")
+    assert "<|im_start|>" in prompt
+    model.generate_line([prompt], 4)
+    assert completions(server)[-1]["prompt"] == prompt
 
 
 def test_a_one_line_generation_that_starts_with_a_newline_ends_at_the_next_one_as_in_process(monkeypatch):
@@ -156,6 +168,7 @@ def test_a_one_line_generation_that_starts_with_a_newline_ends_at_the_next_one_a
     serving(monkeypatch, RecordedServer("vllm", fail=newline_first))
     [generation] = load().generate_line(["Q:"], 4)
     assert (generation.text, generation.token_logprobs) == ("\nParis\n", [-0.25] * 3)
+
 
 def passing_over_paris(request):
     """A `fail` that answers each generation as a server that penalises repeats: ' Lyon' where its

@@ -244,7 +244,11 @@ class ServerLM(LanguageModel):
             return list(pool.map(reported, items))
 
     def _prompt(self, ids: Sequence[int]) -> list[int] | str:
-        return list(ids) if self.settings["prompt_as"] == "tokens" else self.decode(ids)
+        """`ids` as sent: the ids, or (`prompt_as=text`) their text, special tokens such as a chat
+        template's written out, as the server reads them back."""
+        if self.settings["prompt_as"] == "tokens":
+            return list(ids)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def _complete(self, ids: Sequence[int], **request: Any) -> dict[str, Any]:
         body = {"model": self.model_id, "prompt": self._prompt(ids), **self.greedy_fields, **request}
@@ -256,7 +260,7 @@ class ServerLM(LanguageModel):
         host = self.client.host
         if self.settings["logprobs_via"] == "none":
             raise RunError(f"server {host} was given logprobs_via=none: it generates, and scores nothing")
-        if self.settings["prompt_as"] == "text" and self.encode(self.decode(ids)) != list(ids):
+        if self.settings["prompt_as"] == "text" and self.encode(self._prompt(ids)) != list(ids):
             raise RunError(f"server {host}: prompt_as=text cannot score {len(ids)} tokens whose text "
                            f"{first_line(self.decode(ids))[:40]!r} tokenises otherwise (a character cut in two, "
                            "or a special token): the server would score other tokens; give --model-args "
