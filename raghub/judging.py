@@ -109,7 +109,8 @@ def judged_terms(line: dict[str, Any]) -> dict[str, tuple[float, float]]:
 
 def judge_summary(name: str, lines: Sequence[dict[str, Any]], judged: Sequence[list[dict[str, Any]]]) -> tuple[dict[str, Any], float | None]:
     """The record's judge metrics (accuracy, self-agreement, kappa and confusion counts against
-    match and EM where the lines have them) and the accuracy's standard error."""
+    match and EM where the lines have them; None where undefined, e.g. self-agreement with one
+    repeat) and the accuracy's standard error."""
     verdicts = [[j["verdict"] for j in repeats] for repeats in judged]
     accuracy, se, within = repeated_judgement(verdicts)
     metric = judged_metric(name)
@@ -122,7 +123,7 @@ def judge_summary(name: str, lines: Sequence[dict[str, Any]], judged: Sequence[l
             labels = [line[reference] for line, repeats in zip(lines, verdicts) for _ in repeats]
             metrics[f"{metric}_kappa_{reference}"] = cohen_kappa(flat, labels)
             metrics[f"{metric}_confusion_{reference}"] = confusion_counts(flat, labels)
-    return {key: value for key, value in metrics.items() if value is not None}, se
+    return metrics, se
 
 
 def check_judge(host: PluginHost, judge_name: str, judge_model: str | None) -> ModelBackend:
@@ -156,13 +157,16 @@ def judge_run(host: PluginHost, record: Record, lines: Sequence[dict[str, Any]],
         judged = judge_lines(judge, judge_id, lines, repeats, temperature, Cache(cache_root()))
     except ReturnedWrong as error:  # a contract check: named with the plugin's origin
         raise host.returned_wrong(error.plugin, error.what) from None
-    metrics, se = judge_summary(judge_name, lines, judged)
+    summary, se = judge_summary(judge_name, lines, judged)
+    # a judged run judged again keeps none of the earlier judging's metrics, defined now or not
+    metrics = {**{key: value for key, value in record.metrics.items() if key not in summary},
+               **{key: value for key, value in summary.items() if value is not None}}
     metric = judged_metric(judge_name)
     record_id = f"{started:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
     settings = {"name": judge_name, "model": judge_model, "model_name": model.name,
                 "model_fingerprint": model.fingerprint, "repeats": repeats, "temperature": temperature}
     judged_record = replace(
-        record, id=record_id, samples=samples_file(record_id), metrics={**record.metrics, **metrics},
+        record, id=record_id, samples=samples_file(record_id), metrics=metrics,
         higher_is_better={**record.higher_is_better, metric: True}, stderr={**record.stderr, metric: se},
         config={**record.config, "judge": settings, "judged_record": record.id},
         started_at=started.isoformat(), finished_at=datetime.now(timezone.utc).isoformat())

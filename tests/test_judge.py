@@ -184,6 +184,17 @@ def test_compare_pairs_two_judged_runs(stored_run):
     assert judged["difference"] == pytest.approx(1 / 3) and (judged["wins"], judged["ties"]) == (1, 1)
 
 
+def test_judging_a_judged_run_again_keeps_nothing_of_the_first_judging(stored_run):
+    """Regression: judging the judged run again with one repeat, whose self-agreement is
+    undefined, kept the first judging's self-agreement and within-question variance."""
+    results, _ = stored_run
+    assert "judge_correctness_self_agreement" in json.loads(judge(results, "--judge-repeats", 3).stdout)["metrics"]
+    again = json.loads(judge(results, "--judge-repeats", 1).stdout)
+    assert again["config"]["judge"]["repeats"] == 1
+    assert "judge_correctness_self_agreement" not in again["metrics"]
+    assert "judge_correctness_within_variance" not in again["metrics"]
+
+
 def test_judging_again_reads_the_cached_judgements(stored_run):
     results, _ = stored_run
     first = judge(results, "--judge-repeats", 2)
