@@ -4,8 +4,8 @@ The runs' samples are paired by example id. Each metric that is a ratio of sums 
 (the task's `metric_terms`; a mean has x = 1) gets the difference R_A − R_B over the shared
 examples, its paired standard error (`raghub.metrics.paired_difference`), and how many examples
 A does better on, worse on, or the same. What the two runs' configurations differ in beyond the
-method (the model, its dtype, the retriever's settings and corpus, the task's configuration) is
-named, since the difference then measures more than the methods.
+method (the model, its dtype, the retriever's settings and corpus, the judge, the task's
+configuration) is named, since the difference then measures more than the methods.
 """
 
 from __future__ import annotations
@@ -116,13 +116,15 @@ def _flat(value: Any, key: str) -> dict[str, Any]:
 def differences(record_a: Record, record_b: Record) -> list[str]:
     """'KEY (A: VALUE, B: VALUE)' for each setting beyond the method in which the runs differ:
     the model and its dtype, the retriever's settings and corpus (when both retrieve), the
-    task's configuration."""
+    judge's settings and model (when both are judged), the task's configuration."""
     def compared(record: Record) -> dict[str, Any]:
         config = record.config
         parts = {"model": record.model, "model_fingerprint": config.get("model_fingerprint"),
                  "dtype": config.get("model_dtype"), "task": config.get("task")}
         if record_a.retriever and record_b.retriever:
             parts |= {"retriever": config.get("retriever") or record.retriever, "corpus": config.get("corpus")}
+        if "judge" in record_a.config and "judge" in record_b.config:
+            parts |= {"judge": config["judge"]}
         return {flat: value for key, part in parts.items() for flat, value in _flat(part, key).items()}
 
     a, b = compared(record_a), compared(record_b)

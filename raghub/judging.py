@@ -17,13 +17,15 @@ judge's raw output under `judge` in its samples-log line.
 
 from __future__ import annotations
 
+import numbers
+import reprlib
 import secrets
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from raghub.cache import Cache, cache_root
-from raghub.errors import UsageError
+from raghub.errors import ReturnedWrong, UsageError, amount
 from raghub.judges import Judge, Judgeable, verdict
 from raghub.metrics import cohen_kappa, confusion_counts, repeated_judgement, self_agreement
 from raghub.models import ModelBackend, ModelSpec, choose_backend
@@ -55,11 +57,14 @@ def judge_lines(judge: Judge, judge_id: dict[str, Any], lines: Sequence[dict[str
         todo = [i for i, key in enumerate(keys) if not cache.is_valid(cache.entry_path(JUDGEMENTS, key))]
         for start in range(0, len(todo), judge.model.batch_size):
             batch = todo[start:start + judge.model.batch_size]
-            for i, (p, raw) in zip(batch, judge.p_yes([examples[i] for i in batch], prompt)):
-                answers[(i, prompt)] = cache.json(JUDGEMENTS, keys[i], lambda p=p, raw=raw: [float(p), raw])
+            returned = checked_p_yes(judge, judge.p_yes([examples[i] for i in batch], prompt),
+                                     [lines[i]["id"] for i in batch], prompt)
+            for i, (p, raw) in zip(batch, returned):
+                answers[(i, prompt)] = cache.json(JUDGEMENTS, keys[i], lambda p=p, raw=raw: [p, raw])
         for i in set(range(len(examples))) - set(todo):
             answers[(i, prompt)] = cache.json(JUDGEMENTS, keys[i],
-                                              lambda i=i: [*judge.p_yes([examples[i]], prompt)[0]])
+                                              lambda i=i: [*checked_p_yes(judge, judge.p_yes([examples[i]], prompt),
+                                                                          [lines[i]["id"]], prompt)[0]])
     judged = []
     for i, line in enumerate(lines):
         judgements = []
@@ -69,6 +74,23 @@ def judge_lines(judge: Judge, judge_id: dict[str, Any], lines: Sequence[dict[str
             judgements.append({"verdict": verdict(p, temperature, seed), "p_yes": p, "raw": raw})
         judged.append(judgements)
     return judged
+
+
+def checked_p_yes(judge: Judge, returned: Any, example_ids: Sequence[str], prompt: int) -> list[tuple[float, Any]]:
+    """What `judge.p_yes` returned for the examples of `example_ids`, as (p(yes), raw) pairs; a
+    ReturnedWrong unless it gave one pair per example whose p(yes) is a number from 0 to 1 (a
+    NaN, say from a judge model that gave neither answer a log-prob, would read as "no")."""
+    if not isinstance(returned, (list, tuple)) or len(returned) != len(example_ids):
+        raise ReturnedWrong("judge", judge, f"{reprlib.repr(returned)} for {amount(len(example_ids), 'example')}; "
+                                            "it must return one (p_yes, raw) pair per example")
+    checked = []
+    for example_id, pair in zip(example_ids, returned):
+        p = pair[0] if isinstance(pair, (list, tuple)) and len(pair) == 2 else None
+        if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+            raise ReturnedWrong("judge", judge, f"{reprlib.repr(pair)} for example {example_id} under prompt {prompt}; "
+                                                "it must return a (p_yes, raw) pair, p_yes from 0 to 1")
+        checked.append((float(p), pair[1]))
+    return checked
 
 
 def judged_metric(judge_name: str) -> str:
@@ -87,7 +109,8 @@ def judged_terms(line: dict[str, Any]) -> dict[str, tuple[float, float]]:
 
 def judge_summary(name: str, lines: Sequence[dict[str, Any]], judged: Sequence[list[dict[str, Any]]]) -> tuple[dict[str, Any], float | None]:
     """The record's judge metrics (accuracy, self-agreement, kappa and confusion counts against
-    match and EM where the lines have them) and the accuracy's standard error."""
+    match and EM where the lines have them; None where undefined, e.g. self-agreement with one
+    repeat) and the accuracy's standard error."""
     verdicts = [[j["verdict"] for j in repeats] for repeats in judged]
     accuracy, se, within = repeated_judgement(verdicts)
     metric = judged_metric(name)
@@ -100,7 +123,7 @@ def judge_summary(name: str, lines: Sequence[dict[str, Any]], judged: Sequence[l
             labels = [line[reference] for line, repeats in zip(lines, verdicts) for _ in repeats]
             metrics[f"{metric}_kappa_{reference}"] = cohen_kappa(flat, labels)
             metrics[f"{metric}_confusion_{reference}"] = confusion_counts(flat, labels)
-    return {key: value for key, value in metrics.items() if value is not None}, se
+    return metrics, se
 
 
 def check_judge(host: PluginHost, judge_name: str, judge_model: str | None) -> ModelBackend:
@@ -130,14 +153,20 @@ def judge_run(host: PluginHost, record: Record, lines: Sequence[dict[str, Any]],
     model = backend.load_from_spec(ModelSpec(judge_model, dtype="float32"), None, 8)
     judge = judge_class(model)
     judge_id = {"judge": judge_name, "code": host.code_identity("judge", judge_name), "model": model.fingerprint}
-    judged = judge_lines(judge, judge_id, lines, repeats, temperature, Cache(cache_root()))
-    metrics, se = judge_summary(judge_name, lines, judged)
+    try:
+        judged = judge_lines(judge, judge_id, lines, repeats, temperature, Cache(cache_root()))
+    except ReturnedWrong as error:  # a contract check: named with the plugin's origin
+        raise host.returned_wrong(error.plugin, error.what) from None
+    summary, se = judge_summary(judge_name, lines, judged)
+    # a judged run judged again keeps none of the earlier judging's metrics, defined now or not
+    metrics = {**{key: value for key, value in record.metrics.items() if key not in summary},
+               **{key: value for key, value in summary.items() if value is not None}}
     metric = judged_metric(judge_name)
     record_id = f"{started:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
     settings = {"name": judge_name, "model": judge_model, "model_name": model.name,
                 "model_fingerprint": model.fingerprint, "repeats": repeats, "temperature": temperature}
     judged_record = replace(
-        record, id=record_id, samples=samples_file(record_id), metrics={**record.metrics, **metrics},
+        record, id=record_id, samples=samples_file(record_id), metrics=metrics,
         higher_is_better={**record.higher_is_better, metric: True}, stderr={**record.stderr, metric: se},
         config={**record.config, "judge": settings, "judged_record": record.id},
         started_at=started.isoformat(), finished_at=datetime.now(timezone.utc).isoformat())

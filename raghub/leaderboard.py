@@ -40,6 +40,13 @@ def run_dtype(record: Record) -> str | None:
     return record.hardware.get("dtype")
 
 
+def judge_label(record: Record) -> str | None:
+    """The judge model of a judged record and a short fingerprint of the judge's settings
+    (None for a record not judged)."""
+    judge = record.config.get("judge")
+    return None if judge is None else f"{judge.get('model_name')} {fingerprint(judge)[:8]}"
+
+
 def _row_key(record: Record) -> tuple:
     return (*(str(getattr(record, key)) for key in ROW_KEY),
             task_config_fingerprint(record), corpus_fingerprint(record), run_dtype(record))
@@ -82,7 +89,8 @@ def _table(rows: list[Record], metrics: list[str], higher: dict[str, bool],
     winners = {metric: clear_winner([lookup(row, metric) for row in rows], higher[metric])
                for metric in metrics if metric in higher}
     columns = {name: [label(row) for row in rows]
-               for name, label in (("task config", task_config_fingerprint), ("dtype", run_dtype))}
+               for name, label in (("task config", task_config_fingerprint), ("dtype", run_dtype),
+                                   ("judge", judge_label))}
     labels = {name: values for name, values in columns.items() if len(set(values)) > 1}
     header = ["method", "settings", "retriever", "n_docs", "model", "n_examples", "datastore",
               *labels, *metrics]
@@ -127,8 +135,8 @@ def leaderboard_markdown(records: list[Record], tasks: Sequence[str] = (),
                          by_type: bool = False) -> str:
     """One markdown table per task and number of examples: a row per configuration (its newest
     record), a column per headline metric; `by_type` adds per-type tables. Rows of one table
-    whose task configurations or dtypes differ get a `task config` or `dtype` column telling
-    them apart."""
+    whose task configurations, dtypes or judges differ get a `task config`, `dtype` or `judge`
+    column telling them apart."""
     rows = [r for r in latest_per_row(records) if not tasks or r.task in tasks]
     out: list[str] = []
     for task_name in sorted({r.task for r in rows}):

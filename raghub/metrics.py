@@ -139,8 +139,12 @@ def paired_difference(numerators_a: Sequence[float], numerators_b: Sequence[floa
 
 def yes_probability(logprob_yes: float, logprob_no: float, temperature: float = 1.0) -> float:
     """A judge's p(yes) from its log-probs of answering "Yes" and "No", renormalised over the
-    two and sharpened (temperature < 1) or flattened (> 1): 1 / (1 + exp((ln p_no − ln p_yes) / T))."""
-    return 1.0 / (1.0 + math.exp(max(-700.0, min(700.0, (logprob_no - logprob_yes) / temperature))))
+    two and sharpened (temperature < 1) or flattened (> 1): 1 / (1 + exp((ln p_no − ln p_yes) / T));
+    NaN when the log-odds are undefined (a NaN log-prob, or neither answer possible)."""
+    log_odds = (logprob_no - logprob_yes) / temperature
+    if math.isnan(log_odds):
+        return math.nan
+    return 1.0 / (1.0 + math.exp(max(-700.0, min(700.0, log_odds))))
 
 
 def repeated_judgement(verdicts: Sequence[Sequence[float]]) -> tuple[float, float | None, float | None]:

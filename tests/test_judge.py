@@ -27,6 +27,12 @@ def test_yes_probability_renormalises_the_two_answers():
     assert yes_probability(0.0, -5000.0) == 1.0  # no overflow
 
 
+def test_yes_probability_is_undefined_when_the_log_odds_are():
+    # neither answer possible, or a NaN log-prob: no p(yes), not one near 0 that reads as "no"
+    assert math.isnan(yes_probability(-math.inf, -math.inf))
+    assert math.isnan(yes_probability(math.nan, -1.0)) and math.isnan(yes_probability(-1.0, math.nan))
+
+
 def test_repeated_judgement_standard_error_by_hand():
     # three questions judged three times: means 1, 1/3, 0 -> accuracy 4/9
     verdicts = [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
@@ -178,6 +184,17 @@ def test_compare_pairs_two_judged_runs(stored_run):
     assert judged["difference"] == pytest.approx(1 / 3) and (judged["wins"], judged["ties"]) == (1, 1)
 
 
+def test_judging_a_judged_run_again_keeps_nothing_of_the_first_judging(stored_run):
+    """Regression: judging the judged run again with one repeat, whose self-agreement is
+    undefined, kept the first judging's self-agreement and within-question variance."""
+    results, _ = stored_run
+    assert "judge_correctness_self_agreement" in json.loads(judge(results, "--judge-repeats", 3).stdout)["metrics"]
+    again = json.loads(judge(results, "--judge-repeats", 1).stdout)
+    assert again["config"]["judge"]["repeats"] == 1
+    assert "judge_correctness_self_agreement" not in again["metrics"]
+    assert "judge_correctness_within_variance" not in again["metrics"]
+
+
 def test_judging_again_reads_the_cached_judgements(stored_run):
     results, _ = stored_run
     first = judge(results, "--judge-repeats", 2)
@@ -186,6 +203,22 @@ def test_judging_again_reads_the_cached_judgements(stored_run):
     again = judge(results, "--judge-repeats", 3, "--judge-temperature", 0.5)
     assert again.exit_code == 0, again.output
     assert len(JudgeBackendPlugin.model.asked) == asked + 2 * 2  # only the third prompt is new
+
+
+def test_a_judge_without_a_p_yes_stops_the_judging(stored_run):
+    # the judge model gives q2's prediction no log-prob of either answer: a RunError naming the
+    # judge and the example, not a verdict of "incorrect"; nothing stored or cached
+    results, _ = stored_run
+    impossible = {"Yes": -math.inf, "No": -math.inf}
+    JudgeBackendPlugin.model = JudgeModel(lambda prompt: {"Yes": 0.0, "No": -5.0} if "Ulm" in prompt else impossible)
+    records = (results / "records.jsonl").read_text()
+    out = judge(results)
+    assert out.exit_code == 1 and "judge 'correctness'" in out.output and "q2" in out.output, out.output
+    assert len(out.output.strip().splitlines()) == 1
+    assert (results / "records.jsonl").read_text() == records
+    asked = len(JudgeBackendPlugin.model.asked)
+    JudgeBackendPlugin.model = JudgeModel(lambda prompt: {"Yes": 0.0, "No": -5.0})
+    assert judge(results).exit_code == 0 and len(JudgeBackendPlugin.model.asked) == asked
 
 
 @pytest.mark.parametrize("args, message", [

@@ -2,6 +2,7 @@
 identical stored run: hand-made records, no model."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -133,6 +134,20 @@ def test_a_run_after_its_task_s_data_file_changed_is_not_the_stored_one(scripted
     after, _ = scripted.run("incontext")
     assert after["id"] != before["id"] and after["metrics"]["em"] == before["metrics"]["em"] - 0.5
     assert after["config"]["task"] != before["config"]["task"]
+
+
+def test_runs_judged_by_different_judges_get_a_judge_column():
+    """Regression: judged accuracies from two judge models were ranked in one column without a
+    word of which judge gave which."""
+    def judged(method, accuracy, judge_model):
+        plain = record(method, 0.2)
+        return replace(plain, metrics={**plain.metrics, "judge_correctness": accuracy},
+                       higher_is_better={**plain.higher_is_better, "judge_correctness": True},
+                       config={**plain.config, "judge": {"name": "correctness", "model_name": judge_model,
+                                                         "model_fingerprint": judge_model, "repeats": 1}})
+    table = leaderboard_markdown([judged("none", 0.3, "small-judge"), judged("incontext", 0.6, "big-judge")])
+    assert "| judge |" in table and "small-judge" in table and "big-judge" in table
+    assert "| judge |" not in leaderboard_markdown([judged("none", 0.3, "j"), judged("incontext", 0.6, "j")])
 
 
 def test_runs_in_different_dtypes_are_separate_rows_with_a_dtype_column():

@@ -362,11 +362,11 @@ def test_an_answer_given_as_a_string_or_a_number_is_one_answer_in_every_format(t
 
 @pytest.mark.parametrize("fmt", FIELD_OF)
 @pytest.mark.parametrize("answer, problem", [
-    ([], "holds no answer"), ([""], "holds no answer"),
+    ([], "holds no answer"), ([""], "holds no answer"), ([" \t"], "holds no answer"),
     (None, "must be a text or a list of texts, not None"),
     ({"text": "Paris"}, "must be a text or a list of texts, not {'text': 'Paris'}"),
     ([["Paris"]], "must be a text or a list of texts, not [['Paris']]"),
-], ids=["empty-list", "empty-text", "null", "object", "nested-list"])
+], ids=["empty-list", "empty-text", "blank-text", "null", "object", "nested-list"])
 def test_an_answer_field_without_an_answer_is_one_line_naming_the_file_row_and_field(tmp_path, fmt, answer, problem):
     """Regression: an empty answer list was silently scored 0, and null or an object ended in a
     traceback or a guess at the format."""
@@ -374,6 +374,14 @@ def test_an_answer_field_without_an_answer_is_one_line_naming_the_file_row_and_f
     with pytest.raises(UsageError) as refused:
         task.examples(ChatStub(), None)
     assert str(refused.value) == f"{tmp_path / 'data' / 'toy' / 'dev.jsonl'}, row 2: '{FIELD_OF[fmt]}' {problem}"
+
+
+def test_a_blank_alias_is_no_answer(tmp_path):
+    """Regression: a whitespace-only alias was kept as a gold answer, and it normalises to the
+    empty text, so an empty prediction scored EM 1 on its question."""
+    task = make_task(tmp_path, "flashrag", "dev.jsonl", answer_rows("flashrag", ["Paris", " "]))
+    question = task.examples(ChatStub(), None)[1]
+    assert question.answers == ["Paris"] and question_stats(question, "", [])["em"] == 0.0
 
 
 def test_two_questions_with_the_same_id_are_refused_naming_both_rows(tmp_path):

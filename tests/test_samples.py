@@ -350,6 +350,17 @@ def test_compare_names_what_else_the_two_runs_differ_in(tmp_path):
         assert difference in said
 
 
+def test_compare_names_another_judge_of_two_judged_runs(tmp_path):
+    """Regression: two runs judged by different judge models had their judged accuracies
+    compared without a word, as if the methods alone differed."""
+    def judged(fingerprint):
+        return {**run_config(), "judge": {"name": "correctness", "model_fingerprint": fingerprint, "repeats": 1}}
+
+    said = compare_warning(tmp_path, judged("j1"), judged("j2"))
+    assert "judge.model_fingerprint (A: j1, B: j2)" in said
+    assert compare_warning(tmp_path / "alike", judged("j1"), judged("j1")) == ""
+
+
 def test_compare_refuses_runs_of_different_tasks(qa_store):
     store(qa_store, "other", "othertask", "qa", QA_HIGHER, [qa_line("q1", 1.0, "bridge", "gold")])
     out = invoke("compare", "20260101-000000", "other", "--results-dir", qa_store)

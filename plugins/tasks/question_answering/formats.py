@@ -62,9 +62,10 @@ def _texts(field: str, value: Any) -> list[str]:
 
 def answer_list(field: str, *values: Any) -> list[str]:
     """A question's gold answers from the `values` of its answer field (each a text or a list of
-    texts): every non-empty text once. None left (an empty list, only empty texts) is a `BadRow`,
+    texts): every text that is not blank, once (a blank one normalises to the empty text, which an
+    empty prediction would match). None left (an empty list, only blank texts) is a `BadRow`,
     since the question could never be answered right."""
-    answers = unique(chain.from_iterable(_texts(field, value) for value in values))
+    answers = unique(text for text in chain.from_iterable(_texts(field, value) for value in values) if text.strip())
     if not answers:
         raise BadRow(f"'{field}' holds no answer")
     return answers
