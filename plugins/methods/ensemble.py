@@ -96,9 +96,10 @@ class Ensemble(Method):
 
     def answer(self, questions, retrieved):
         """REPLUG for QA: one greedy answer per (question, passage), generated in one batched
-        call, then each question's answers voted by retrieval weight and confidence."""
+        call and stopped at the end of its line (the answer read, whose tokens alone are its
+        confidence), then each question's answers voted by retrieval weight and confidence."""
         pairs = [(q, r.passage) for q, docs in zip(questions, retrieved) for r in docs]
-        generations = iter(generate_for(self.model, [q for q, _ in pairs], [[p] for _, p in pairs]))
+        generations = iter(generate_for(self.model, [q for q, _ in pairs], [[p] for _, p in pairs], one_line=True))
         answers = []
         for question, docs in zip(questions, retrieved):
             own = [next(generations) for _ in docs]
