@@ -74,3 +74,16 @@ def test_the_qa_vote_weighs_each_answer_by_the_confidence_of_its_own_line():
     question = Question(id="q1", query="born?", question="Where was the director born?")
     docs = [Retrieved(Passage("a", "x", title="A"), 1.0), Retrieved(Passage("b", "y", title="B"), 1.0)]
     assert Ensemble(model, None).answer([question], [docs]) == ["Ulm"]
+
+
+def test_a_question_without_passages_is_answered_closed_book_by_the_qa_ensemble():
+    """As a window without passages is scored on its context alone, and as rag-sequence does."""
+    from raghub import Passage, Question, Retrieved
+    from raghub.plugins.methods.ensemble import Ensemble
+    from scripted import ScriptedModel, titles
+
+    model = ScriptedModel(lambda prompt: " Ulm\n" if titles(prompt) else " Paris\n")
+    with_docs, without = (Question(id=n, query="born?", question=f"Where was {n} born?") for n in ("q1", "q2"))
+    docs = [Retrieved(Passage("a", "x", title="A"), 1.0)]
+    assert Ensemble(model, None).answer([with_docs, without], [docs, []]) == ["Ulm", "Paris"]
+    assert Ensemble(model, None).answer([without], [[]]) == ["Paris"]

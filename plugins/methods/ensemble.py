@@ -97,12 +97,13 @@ class Ensemble(Method):
     def answer(self, questions, retrieved):
         """REPLUG for QA: one greedy answer per (question, passage), generated in one batched
         call and stopped at the end of its line (the answer read, whose tokens alone are its
-        confidence), then each question's answers voted by retrieval weight and confidence."""
-        pairs = [(q, r.passage) for q, docs in zip(questions, retrieved) for r in docs]
-        generations = iter(generate_for(self.model, [q for q, _ in pairs], [[p] for _, p in pairs], one_line=True))
+        confidence), then each question's answers voted by retrieval weight and confidence. A
+        question without passages is answered closed book, as one passage of score 0."""
+        pairs = [(q, [r.passage] if r else []) for q, docs in zip(questions, retrieved) for r in docs or [None]]
+        generations = iter(generate_for(self.model, [q for q, _ in pairs], [p for _, p in pairs], one_line=True))
         answers = []
         for question, docs in zip(questions, retrieved):
-            own = [next(generations) for _ in docs]
+            own = [next(generations) for _ in docs or [None]]
             answers.append(replug_vote(
                 [question.answer_from(g.text) for g in own], [g.token_logprobs for g in own],
                 self._mixing_scores(docs).tolist(), self.settings["temperature"]))
