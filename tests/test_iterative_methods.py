@@ -96,6 +96,17 @@ def test_ircot_gathers_at_most_max_passages(scripted):
     assert all(len(titles(prompt)) == 1 for prompt in ScriptedBackend.model.prompts)
 
 
+def test_a_chain_that_states_an_empty_answer_is_answered_by_the_reader(scripted):
+    """A one-line generation stops at the line end after "So the answer is:", so a model that
+    puts its answer on the next line states none: the reader answers, as for a chain that never
+    got there."""
+    script = {f"{BRIDGE}\nThought:": " So the answer is:\n", f"{BRIDGE}\nAnswer:": " Ulm\n"}
+    ScriptedBackend.model = ScriptedModel(scripted_replies(script))
+    record, [line] = scripted.run("ircot", "--n-docs", 1, "--limit", 1)
+    assert line["prediction"] == "Ulm" and line["generation"].endswith("\nReader: Ulm\n")
+    assert record["method_stats"]["answer_line_rate"] == 0
+
+
 # --- iter-retgen ----------------------------------------------------------------------------
 
 def replies_by_first_passage(replies):
