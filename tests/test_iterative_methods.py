@@ -336,3 +336,22 @@ def test_flare_without_token_ids_asks_with_the_whole_unsure_sentence(scripted):
     _, lines = scripted.run("flare", "--n-docs", 1)
     assert asked(lines) == [["Alpha Film was directed by Tom Hanks."], ["The Gamma River is 500 km long."]]
     assert [line["prediction"] for line in lines] == ["Ulm", "Gamma River"]
+
+
+class ReencodedIds(ScriptedModel):
+    """A server backend's model whose generated pieces did not map to one id each: its ids are
+    its text encoded again, fewer than its log-probs ("Gam" and "ma" are one token here)."""
+
+    def generation(self, prompt, max_new_tokens, one_line):
+        generation = super().generation(prompt, max_new_tokens, one_line)
+        generation.token_ids = self.encode(generation.text)
+        return generation
+
+
+def test_flare_masks_by_token_ids_only_when_there_is_one_per_log_prob(scripted):
+    """Ids that do not match the log-probs one to one would mask the words of other tokens'
+    probabilities ("River" and "km" for "Gamma" and "500"): the sentence is asked unmasked."""
+    ScriptedBackend.model = ReencodedIds(flare_replies(FLARE_SCRIPT))
+    _, lines = scripted.run("flare", "--n-docs", 1)
+    assert asked(lines) == [["Alpha Film was directed by"], ["The Gamma River is 500 km long."]]
+    assert [line["prediction"] for line in lines] == ["Ulm", "Gamma River"]
