@@ -35,11 +35,13 @@ def effective_passages(weights: Sequence[float]) -> float:
 def replug_answer_scores(answers: Sequence[str], token_logprobs: Sequence[Sequence[float]],
                          scores: Sequence[float], temperature: float = 1.0) -> dict[str, float]:
     """REPLUG for QA: answer k, generated with passage k, scores w_k · exp(mean token log-prob)
-    with w = softmax(retrieval scores / temperature) (an empty answer scores 0); the scores of
-    answers equal after SQuAD normalisation add up. Returns normalised answer -> total."""
+    with w = softmax(retrieval scores / temperature) (an empty answer, or one from an empty
+    generation, scores 0); the scores of answers equal after SQuAD normalisation add up. Returns
+    normalised answer -> total."""
     totals: dict[str, float] = defaultdict(float)
     for answer, logprobs, weight in zip(answers, token_logprobs, passage_weights(scores, temperature)):
-        totals[normalize_answer(answer)] += (weight * math.exp(mean(logprobs))) if logprobs else 0.0
+        normalised = normalize_answer(answer)
+        totals[normalised] += (weight * math.exp(mean(logprobs))) if normalised and logprobs else 0.0
     return dict(totals)
 
 
