@@ -187,7 +187,7 @@ class Method(Plugin):
         if self.retrieval is None:
             raise UsageError(f"method '{self.name}' calls retrieve, but it declares needs_retrieval = "
                              "False, so the run has no retriever; declare needs_retrieval = True")
-        retrieved = self.retrieval.search(examples, queries, k)
+        retrieved = self.retrieval.search(examples, queries, k, self.work)
         self.work.add_retrievals(examples, queries, retrieved)
         return retrieved
 

@@ -26,6 +26,7 @@ from raghub.distributed import notice
 from raghub.errors import ReturnedWrong, amount
 from raghub.interfaces import Example, Passage, Retrieved, Retriever, Task
 from raghub.stages import Refiner, Reranker, Stages, reciprocal_rank_fusion
+from raghub.worklog import WorkLog
 
 
 @functools.lru_cache(maxsize=4)
@@ -97,17 +98,19 @@ class Retrieval:
             for retriever, _ in self.parts:
                 retriever.index(self.passages, self.corpus_fingerprint)
 
-    def first_stage(self, examples: Sequence[Example], k: int) -> list[list[Retrieved]]:
+    def first_stage(self, examples: Sequence[Example], k: int, work: WorkLog | None = None) -> list[list[Retrieved]]:
         """The top-k of each example's own query (collective): rank 0 searches, the others
         read its cache entry."""
         with distributed.main_first():
-            return self.search(examples, [e.query for e in examples], k)
+            return self.search(examples, [e.query for e in examples], k, work)
 
-    def search(self, examples: Sequence[Example], queries: Sequence[str], k: int) -> list[list[Retrieved]]:
+    def search(self, examples: Sequence[Example], queries: Sequence[str], k: int,
+               work: WorkLog | None = None) -> list[list[Retrieved]]:
         """Up to k passages per query (asked on behalf of the example beside it), best first, none
         of them in the example's excluded group and none for an empty query: each retriever's
         ranking (cached by corpus, retriever, depth and queries; what it returns is checked,
-        `checked_hits`), fused, reranked and refined (each stage cached by its inputs)."""
+        `checked_hits`), fused, reranked and refined (each stage cached by its inputs; the
+        tokens of the passages the refiner drops are noted in `work`, by example)."""
         k = min(k, len(self.passages))
         fetch = min(self.stages.fetch(k), len(self.passages))
         rankings = [self.ranked(retriever, cache, examples, queries, fetch) for retriever, cache in self.parts]
@@ -117,7 +120,7 @@ class Retrieval:
             retrieved = [[Retrieved(self.passages[p], score) for p, score in hits[:k]] for hits in fused]
         else:
             retrieved = self.reranked(queries, fused, k)
-        return retrieved if self.stages.refiner is None else self.refined(queries, retrieved)
+        return retrieved if self.stages.refiner is None else self.refined(examples, queries, retrieved, work)
 
     def ranked(self, retriever: Retriever, cache: Cache, examples: Sequence[Example], queries: Sequence[str],
                k: int) -> list[list[tuple[int, float]]]:
@@ -164,10 +167,11 @@ class Retrieval:
                                      first_rank=n + 1, first_score=candidates[i][n][1]) for n in order]
         return reranked
 
-    def refined(self, queries: Sequence[str], retrieved: Sequence[Sequence[Retrieved]]) -> list[list[Retrieved]]:
-        """Each query's passages with the text the refiner keeps (a passage it empties is
-        dropped), each with its tokens kept and retrieved; cached by the refiner, the queries
-        and the passages."""
+    def refined(self, examples: Sequence[Example], queries: Sequence[str], retrieved: Sequence[Sequence[Retrieved]],
+                work: WorkLog | None) -> list[list[Retrieved]]:
+        """Each query's passages with the text the refiner keeps, each with its tokens kept and
+        retrieved (a passage it empties is dropped, its tokens retrieved noted in `work` for the
+        query's example); cached by the refiner, the queries and the passages."""
         refiner = self.stages.refiner
         asked = [i for i, hits in enumerate(retrieved) if hits]
 
@@ -184,6 +188,8 @@ class Retrieval:
             refined[i] = [dataclasses.replace(hit, passage=dataclasses.replace(hit.passage, text=text),
                                               tokens_kept=tokens, tokens_retrieved=of)
                           for hit, (text, tokens, of) in zip(retrieved[i], kept) if text]
+            if work is not None:
+                work.add_dropped(examples[i], sum(of for text, _, of in kept if not text))
         return refined
 
 

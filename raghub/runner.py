@@ -156,7 +156,7 @@ def _first_stage(resolved: ResolvedRun, method: Method, model: LanguageModel, ca
     with distributed.console().status(f"retrieving top-{n_docs} with {resolved.stages.label}"):
         retrieval.open()
         if method.first_stage:
-            retrieved = retrieval.first_stage(examples, n_docs)
+            retrieved = retrieval.first_stage(examples, n_docs, method.work)
     method.bind_retrieval(retrieval, n_docs)
     return retrieved, retrieval.corpus_label
 

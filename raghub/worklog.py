@@ -18,6 +18,9 @@ def first_words(text: str, count: int = 12) -> str:
     return " ".join(words[:count]) + (" …" if len(words) > count else "")
 
 
+#: a samples-log line's tokens retrieved of the passages a refiner emptied, which no hit shows
+DROPPED = "refiner_dropped_tokens"
+
 #: what the stages after the first retriever note of a passage (`Retrieved`), in its fields
 STAGE_FIELDS = ("first_rank", "first_score", "tokens_kept", "tokens_retrieved")
 
@@ -53,6 +56,13 @@ class WorkLog:
             entry = self.by_example.setdefault(example.id, {})
             entry["generated_tokens"] = entry.get("generated_tokens", 0) + len(generation.token_logprobs)
 
+    def add_dropped(self, example: Example, tokens: int) -> None:
+        """Tokens retrieved of passages a refiner emptied (left out of what the method reads),
+        counted for the example when there are any."""
+        if tokens:
+            entry = self.by_example.setdefault(example.id, {})
+            entry[DROPPED] = entry.get(DROPPED, 0) + tokens
+
     def take(self, example_id: str) -> dict[str, Any]:
         """The example's fields for its samples-log line (none when the method logged nothing),
         forgotten here."""
@@ -72,13 +82,15 @@ def work_means(lines: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 def refined_tokens(lines: Sequence[dict[str, Any]]) -> dict[str, float]:
     """The tokens a refiner kept and those retrieved, per example, and the share kept, over every
-    passage the examples read (first stage and the method's own calls); none without a refiner."""
+    passage the examples retrieved (first stage and the method's own calls, the passages it
+    emptied too: `DROPPED`); none without a refiner."""
     hits = [hit for line in lines for hit in [*line.get("retrieved", []),
                                               *(h for call in line.get("retrievals", []) for h in call["hits"])]
             if "tokens_retrieved" in hit]
-    if not hits:
+    dropped = sum(line.get(DROPPED, 0) for line in lines)
+    if not hits and not dropped:
         return {}
-    kept, retrieved = sum(hit["tokens_kept"] for hit in hits), sum(hit["tokens_retrieved"] for hit in hits)
+    kept, retrieved = sum(hit["tokens_kept"] for hit in hits), sum(hit["tokens_retrieved"] for hit in hits) + dropped
     return {"refiner_tokens_kept_per_example": kept / len(lines),
             "refiner_tokens_retrieved_per_example": retrieved / len(lines),
             "refiner_tokens_kept_share": kept / retrieved if retrieved else 0.0}

@@ -58,3 +58,32 @@ def test_the_ensemble_reports_the_mean_over_examples_that_retrieved():
     method._mixing_scores([Retrieved(Passage("c", "z"), 5.0)])
     method._mixing_scores([])  # a window without passages (the first) is not counted
     assert method.run_stats() == {"mean_effective_passages": pytest.approx(1.5)}
+
+
+def test_the_qa_vote_weighs_each_answer_by_the_confidence_of_its_own_line():
+    """An answer's confidence is that of the line it is read from: passage A's "Ulm" (ln p -0.1
+    per token) beats passage B's "Bea Mann" (-0.4) at equal weights, whatever A's generation
+    would go on to write after its line (a new question, of ln p -5 per token)."""
+    from raghub import Passage, Question, Retrieved
+    from raghub.plugins.methods.ensemble import Ensemble
+    from scripted import ScriptedModel, titles
+
+    replies = {"A": [(" Ulm", -0.1), ("\n", -0.1), ("Question:", -5.0), (" Who", -5.0), (" else?", -5.0)],
+               "B": [(" Bea", -0.4), (" Mann", -0.4), ("\n", -0.4)]}
+    model = ScriptedModel(lambda prompt: replies[titles(prompt)[0]])
+    question = Question(id="q1", query="born?", question="Where was the director born?")
+    docs = [Retrieved(Passage("a", "x", title="A"), 1.0), Retrieved(Passage("b", "y", title="B"), 1.0)]
+    assert Ensemble(model, None).answer([question], [docs]) == ["Ulm"]
+
+
+def test_a_question_without_passages_is_answered_closed_book_by_the_qa_ensemble():
+    """As a window without passages is scored on its context alone, and as rag-sequence does."""
+    from raghub import Passage, Question, Retrieved
+    from raghub.plugins.methods.ensemble import Ensemble
+    from scripted import ScriptedModel, titles
+
+    model = ScriptedModel(lambda prompt: " Ulm\n" if titles(prompt) else " Paris\n")
+    with_docs, without = (Question(id=n, query="born?", question=f"Where was {n} born?") for n in ("q1", "q2"))
+    docs = [Retrieved(Passage("a", "x", title="A"), 1.0)]
+    assert Ensemble(model, None).answer([with_docs, without], [docs, []]) == ["Ulm", "Paris"]
+    assert Ensemble(model, None).answer([without], [[]]) == ["Paris"]

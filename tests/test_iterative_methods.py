@@ -96,6 +96,17 @@ def test_ircot_gathers_at_most_max_passages(scripted):
     assert all(len(titles(prompt)) == 1 for prompt in ScriptedBackend.model.prompts)
 
 
+def test_a_chain_that_states_an_empty_answer_is_answered_by_the_reader(scripted):
+    """A one-line generation stops at the line end after "So the answer is:", so a model that
+    puts its answer on the next line states none: the reader answers, as for a chain that never
+    got there."""
+    script = {f"{BRIDGE}\nThought:": " So the answer is:\n", f"{BRIDGE}\nAnswer:": " Ulm\n"}
+    ScriptedBackend.model = ScriptedModel(scripted_replies(script))
+    record, [line] = scripted.run("ircot", "--n-docs", 1, "--limit", 1)
+    assert line["prediction"] == "Ulm" and line["generation"].endswith("\nReader: Ulm\n")
+    assert record["method_stats"]["answer_line_rate"] == 0
+
+
 # --- iter-retgen ----------------------------------------------------------------------------
 
 def replies_by_first_passage(replies):
@@ -324,4 +335,23 @@ def test_flare_without_token_ids_asks_with_the_whole_unsure_sentence(scripted):
     ScriptedBackend.model = WithoutTokenIds(flare_replies(FLARE_SCRIPT))
     _, lines = scripted.run("flare", "--n-docs", 1)
     assert asked(lines) == [["Alpha Film was directed by Tom Hanks."], ["The Gamma River is 500 km long."]]
+    assert [line["prediction"] for line in lines] == ["Ulm", "Gamma River"]
+
+
+class ReencodedIds(ScriptedModel):
+    """A server backend's model whose generated pieces did not map to one id each: its ids are
+    its text encoded again, fewer than its log-probs ("Gam" and "ma" are one token here)."""
+
+    def generation(self, prompt, max_new_tokens, one_line):
+        generation = super().generation(prompt, max_new_tokens, one_line)
+        generation.token_ids = self.encode(generation.text)
+        return generation
+
+
+def test_flare_masks_by_token_ids_only_when_there_is_one_per_log_prob(scripted):
+    """Ids that do not match the log-probs one to one would mask the words of other tokens'
+    probabilities ("River" and "km" for "Gamma" and "500"): the sentence is asked unmasked."""
+    ScriptedBackend.model = ReencodedIds(flare_replies(FLARE_SCRIPT))
+    _, lines = scripted.run("flare", "--n-docs", 1)
+    assert asked(lines) == [["Alpha Film was directed by"], ["The Gamma River is 500 km long."]]
     assert [line["prediction"] for line in lines] == ["Ulm", "Gamma River"]

@@ -161,6 +161,14 @@ def test_replug_empty_generation_scores_zero():
     assert replug_vote([], [], []) == ""
 
 
+def test_replug_empty_answer_scores_zero_even_from_a_generation():
+    """A generation whose first line reads as no answer ("Answer:" alone) has no vote: the
+    higher-weighted passage's empty answer beat the other passage's "Ulm"."""
+    assert replug_answer_scores(["", "Ulm"], [[-0.1, -0.1], [-0.5]], [5.0, 0.0])[""] == 0.0
+    assert replug_vote(["", "Ulm"], [[-0.1, -0.1], [-0.5]], [5.0, 0.0]) == "Ulm"
+    assert replug_vote(["", " "], [[-0.1], [-0.2]], [1.0, 0.0]) == ""
+
+
 # ------------------------------------------------------------------ corpus and sampling
 
 def test_deduplicate_merges_same_title_and_text_only():

@@ -242,6 +242,19 @@ def test_a_question_whose_passages_a_refiner_all_dropped_counts_in_recall(staged
     assert record["stderr"]["recall@2"] is not None
 
 
+def test_the_tokens_of_passages_a_refiner_dropped_count_as_retrieved_and_not_kept(staged, add_plugin):
+    """Regression: a passage the refiner emptied left the run's counts, so the comparison's two
+    passages, retrieved and dropped whole, made the share kept 1.0."""
+    add_plugin(SimpleNamespace(register_refiners=hookimpl(lambda register: register(DropsTheComparison))))
+    record, (bridge, comparison) = staged.run("incontext", "--refiner", "drops-the-comparison", "--n-docs", 2)
+    dropped = sum(len(ScriptedBackend.model.encode(PASSAGES[title])) for title in ("Gamma River", "Delta River"))
+    assert comparison["retrieved"] == [] and comparison["refiner_dropped_tokens"] == dropped
+    kept = sum(hit["tokens_kept"] for hit in bridge["retrieved"])
+    retrieved = sum(hit["tokens_retrieved"] for hit in bridge["retrieved"]) + dropped
+    assert record["method_stats"]["refiner_tokens_kept_share"] == pytest.approx(kept / retrieved)
+    assert record["method_stats"]["refiner_tokens_retrieved_per_example"] == retrieved / 2
+
+
 def test_a_second_identical_run_asks_no_stage_again(staged, monkeypatch):
     refined = []
     original = TruncateRefiner.refine

@@ -35,11 +35,13 @@ def effective_passages(weights: Sequence[float]) -> float:
 def replug_answer_scores(answers: Sequence[str], token_logprobs: Sequence[Sequence[float]],
                          scores: Sequence[float], temperature: float = 1.0) -> dict[str, float]:
     """REPLUG for QA: answer k, generated with passage k, scores w_k · exp(mean token log-prob)
-    with w = softmax(retrieval scores / temperature) (an empty answer scores 0); the scores of
-    answers equal after SQuAD normalisation add up. Returns normalised answer -> total."""
+    with w = softmax(retrieval scores / temperature) (an empty answer, or one from an empty
+    generation, scores 0); the scores of answers equal after SQuAD normalisation add up. Returns
+    normalised answer -> total."""
     totals: dict[str, float] = defaultdict(float)
     for answer, logprobs, weight in zip(answers, token_logprobs, passage_weights(scores, temperature)):
-        totals[normalize_answer(answer)] += (weight * math.exp(mean(logprobs))) if logprobs else 0.0
+        normalised = normalize_answer(answer)
+        totals[normalised] += (weight * math.exp(mean(logprobs))) if normalised and logprobs else 0.0
     return dict(totals)
 
 
@@ -96,12 +98,14 @@ class Ensemble(Method):
 
     def answer(self, questions, retrieved):
         """REPLUG for QA: one greedy answer per (question, passage), generated in one batched
-        call, then each question's answers voted by retrieval weight and confidence."""
-        pairs = [(q, r.passage) for q, docs in zip(questions, retrieved) for r in docs]
-        generations = iter(generate_for(self.model, [q for q, _ in pairs], [[p] for _, p in pairs]))
+        call and stopped at the end of its line (the answer read, whose tokens alone are its
+        confidence), then each question's answers voted by retrieval weight and confidence. A
+        question without passages is answered closed book, as one passage of score 0."""
+        pairs = [(q, [r.passage] if r else []) for q, docs in zip(questions, retrieved) for r in docs or [None]]
+        generations = iter(generate_for(self.model, [q for q, _ in pairs], [p for _, p in pairs], one_line=True))
         answers = []
         for question, docs in zip(questions, retrieved):
-            own = [next(generations) for _ in docs]
+            own = [next(generations) for _ in docs or [None]]
             answers.append(replug_vote(
                 [question.answer_from(g.text) for g in own], [g.token_logprobs for g in own],
                 self._mixing_scores(docs).tolist(), self.settings["temperature"]))

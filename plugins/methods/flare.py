@@ -17,7 +17,8 @@ this project's (the paper's output is the whole generation); a "sentence" is the
 to its first sentence end or line end, and a line that states the answer is taken whole; the
 mask drops whole words, not the pieces of a word that its tokenizer split (a BM25 query of
 half-words finds nothing). The tokens' probabilities are those of `Generation.token_logprobs`;
-a backend that gives no token ids gets its sentence unmasked as the query.
+a backend that gives no token ids (or not one per log-prob) gets its sentence unmasked as the
+query.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class Flare(Method):
         text = first_sentence(look.text, ANSWER_MARK)  # a prefix of the look-ahead's text
         floor = math.log(self.settings["threshold"])
         sentence = text.strip()
-        if not look.token_ids:  # no token ids: every token judged, and nothing to mask by
+        if len(look.token_ids) != len(look.token_logprobs):  # not one id per token: all judged, no mask
             unsure = any(logprob < floor for logprob in look.token_logprobs)
             return sentence, sentence if sentence and unsure else None
         # the text each token wrote (decoded by prefixes, whatever the tokenizer's spaces), up

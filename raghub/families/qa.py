@@ -222,12 +222,13 @@ UNSTATED = "answers_read_by_the_reader"
 def read_unstated(method: Method, questions: Sequence[Question], passages: Sequence[Sequence[Passage]],
                   answers: Sequence[str | None], written: Sequence[str]) -> list[Answer]:
     """The answers an iterative method's chains stated (None where a chain stated none), each an
-    `Answer` carrying what its chain wrote. A question whose chain stated none is answered by its
+    `Answer` carrying what its chain wrote. A question whose chain stated none (or an empty one:
+    "So the answer is:" with nothing after it on its line) is answered by its
     task's own prompt over its `passages` (one batched generation through `method.generate`),
     and "Reader:" with that generation is added to what the chain wrote. Counts the questions and
     those read so (`method.counters`: "questions", `UNSTATED`; see `stated_share`)."""
     answers, written = list(answers), list(written)
-    unread = [i for i, answer in enumerate(answers) if answer is None]
+    unread = [i for i, answer in enumerate(answers) if not answer]
     method.counters["questions"] += len(questions)
     method.counters[UNSTATED] += len(unread)
     if unread:
