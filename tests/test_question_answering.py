@@ -231,6 +231,24 @@ def test_recall_is_not_reported_in_a_user_corpus_where_gold_passages_are_unknown
     assert not any(key.startswith("recall@") for key in stats) and "recall@1" not in aggregate_stats([stats])
 
 
+@pytest.mark.parametrize("corpus_file, content, recall", [
+    ("notes.txt", "X is a thing.\n\nZ is a thing.\n", None),
+    ("psgs.tsv", "id\ttext\n1\tX is a thing.\n", None),
+    ("psgs.tsv", "id\ttext\ttitle\n1\tX is a thing.\tX\n", 0.5),
+])
+def test_recall_is_not_reported_in_a_user_corpus_without_titles(tmp_path, corpus_file, content, recall):
+    """Regression: under --corpus recall counts gold titles, and a corpus of untitled passages
+    (a text file, a .tsv without a title column) can match none, so a multi-hop task reported
+    recall 0 for every question, however good the retrieval."""
+    rows = [hotpot_row("a", "Q a?", "yes", "comparison", ["X", "Y"], ["X", "Y"])]
+    task = make_task(tmp_path, "hotpotqa", "dev.json", json.dumps(rows))
+    (tmp_path / corpus_file).write_text(content)
+    task.settings["corpus"] = str(tmp_path / corpus_file)
+    questions = task.examples(ChatStub(), None)
+    stats = task.evaluate(FirstPassage, questions, [[Retrieved(p, 1.0) for p in task.corpus()[0]][:1]])[0]
+    assert stats.get("recall@1") == recall
+
+
 def test_recall_is_named_by_the_passages_asked_for_when_a_stage_leaves_fewer(tmp_path):
     """Regression: recall was keyed by how many passages a question kept, so where a refiner
     dropped a passage for some questions the record held recall@2 and recall@3, each a mean over

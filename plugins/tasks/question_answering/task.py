@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from raghub import (Answer, Field, Option, Passage, PromptTemplate, Question, Retrieved, TEMPLATE_STYLES, Task,
                     UsageError, answer_match, answers_from, best_over_aliases, data_file, data_is_local,
-                    exact_match, f1, file_sha256, load_hub_dataset, mean, read_corpus)
+                    exact_match, f1, file_sha256, load_hub_dataset, mean, read_corpus, task_corpus)
 
 from .formats import FORMATS, Loaded, Read, each_row, read_aliases, read_questions, read_rows, unique
 
@@ -221,15 +221,22 @@ class QATask(Task):
     def evaluate(self, method, examples: Sequence[Question],
                  retrieved: Sequence[Sequence[Retrieved]]) -> list[dict[str, Any]]:
         """Each question's stats; in a user's --corpus the task's gold passage ids mean
-        nothing, so recall counts only gold titles there (none: no recall). Recall is named by
-        the passages the run asked for (`method.n_docs`), whatever a stage left of them (a
-        question left none has recall 0)."""
+        nothing, so recall counts only gold titles there (none, or a corpus without titles: no
+        recall). Recall is named by the passages the run asked for (`method.n_docs`), whatever
+        a stage left of them (a question left none has recall 0)."""
         predictions = answers_from(method, examples, retrieved)
         if self.settings["corpus"]:
-            examples = [replace(q, gold_passage_ids=[]) for q in examples]
+            titled = self._user_corpus_has_titles
+            examples = [replace(q, gold_passage_ids=[], gold_titles=q.gold_titles if titled else [])
+                        for q in examples]
         asked = method.n_docs if method.first_stage else None
         return [question_stats(q, prediction, docs, asked)
                 for q, prediction, docs in zip(examples, predictions, retrieved)]
+
+    @cached_property
+    def _user_corpus_has_titles(self) -> bool:
+        """Whether any passage of the --corpus file has a title (read up to the first that has)."""
+        return any(passage.title for passage in task_corpus(self)[0])
 
     def aggregate(self, stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return aggregate_stats(stats)
