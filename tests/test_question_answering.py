@@ -346,20 +346,21 @@ def test_cwq_official_reader_collects_aliases_and_type(tmp_path):
     assert (question.answers, question.type) == (["Brazil", "Brasil"], "conjunction")
 
 
-def answer_rows(fmt, answer):
-    """Two rows of `fmt`, the second with `answer` as its answer field's value."""
-    def row(qid, value):
+def answer_rows(fmt, answer, question="Q?"):
+    """Two rows of `fmt`, the second with `answer` as its answer field's value and `question`
+    as its question's."""
+    def row(qid, value, text):
         return {
-            "squad": {"id": qid, "title": "T", "context": "c", "question": "Q?", "answers": {"text": value}},
-            "hotpotqa": hotpot_row(qid, "Q?", value, "bridge", ["X"], ["X"]),
-            "ircot": {"question_id": qid, "question_text": "Q?", "answers_objects": [{"spans": value}],
+            "squad": {"id": qid, "title": "T", "context": "c", "question": text, "answers": {"text": value}},
+            "hotpotqa": hotpot_row(qid, text, value, "bridge", ["X"], ["X"]),
+            "ircot": {"question_id": qid, "question_text": text, "answers_objects": [{"spans": value}],
                       "contexts": []},
-            "popqa": {"id": qid, "question": "Q?", "prop": "p", "possible_answers": json.dumps(value)},
-            "flashrag": {"id": qid, "question": "Q?", "golden_answers": value},
-            "aliases": {"test_id": qid, "question": "Q?", "answer": value},
-            "cwq": {"ID": qid, "question": "Q?", "answers": [{"answer": value, "aliases": value}]},
+            "popqa": {"id": qid, "question": text, "prop": "p", "possible_answers": json.dumps(value)},
+            "flashrag": {"id": qid, "question": text, "golden_answers": value},
+            "aliases": {"test_id": qid, "question": text, "answer": value},
+            "cwq": {"ID": qid, "question": text, "answers": [{"answer": value, "aliases": value}]},
         }[fmt]
-    return "\n".join(json.dumps(r) for r in (row("q1", ["A"]), row("q2", answer)))
+    return "\n".join(json.dumps(r) for r in (row("q1", ["A"], "Q?"), row("q2", answer, question)))
 
 
 FIELD_OF = {"squad": "answers.text", "hotpotqa": "answer", "ircot": "answers_objects.spans",
@@ -392,6 +393,18 @@ def test_an_answer_field_without_an_answer_is_one_line_naming_the_file_row_and_f
     with pytest.raises(UsageError) as refused:
         task.examples(ChatStub(), None)
     assert str(refused.value) == f"{tmp_path / 'data' / 'toy' / 'dev.jsonl'}, row 2: '{FIELD_OF[fmt]}' {problem}"
+
+
+@pytest.mark.parametrize("fmt", FIELD_OF)
+@pytest.mark.parametrize("question", [None, "", "  ", 5], ids=["null", "empty", "blank", "number"])
+def test_a_row_without_a_question_text_is_one_line_naming_the_file_row_and_field(tmp_path, fmt, question):
+    """Regression: a null, empty or numeric question was asked as the prompt "Question: None"
+    (or blank, or "5") and scored like any other."""
+    field = "question_text" if fmt == "ircot" else "question"
+    task = make_task(tmp_path, fmt, "dev.jsonl", answer_rows(fmt, ["A"], question))
+    with pytest.raises(UsageError) as refused:
+        task.examples(ChatStub(), None)
+    assert str(refused.value).startswith(f"{tmp_path / 'data' / 'toy' / 'dev.jsonl'}, row 2: '{field}' ")
 
 
 def test_two_questions_with_the_same_id_are_refused_naming_both_rows(tmp_path):
