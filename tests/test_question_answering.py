@@ -407,6 +407,37 @@ def test_a_row_without_a_question_text_is_one_line_naming_the_file_row_and_field
     assert str(refused.value).startswith(f"{tmp_path / 'data' / 'toy' / 'dev.jsonl'}, row 2: '{field}' ")
 
 
+TYPE_ROWS = {
+    "hotpotqa": ("type", lambda kind: hotpot_row("q", "Q?", "A", kind, ["X"], ["X"])),
+    "popqa": ("prop", lambda kind: {"id": "q", "question": "Q?", "prop": kind, "possible_answers": '["A"]'}),
+    "flashrag": ("metadata.prop", lambda kind: {"id": "q", "question": "Q?", "golden_answers": ["A"],
+                                                "metadata": {"prop": kind}}),
+    "cwq": ("compositionality_type", lambda kind: {"ID": "q", "question": "Q?", "compositionality_type": kind,
+                                                   "answers": [{"answer": "A", "aliases": []}]}),
+}
+
+
+@pytest.mark.parametrize("fmt", TYPE_ROWS)
+@pytest.mark.parametrize("kind", [None, 3], ids=["null", "number"])
+def test_a_question_type_that_is_no_text_is_one_line_naming_the_file_row_and_field(tmp_path, fmt, kind):
+    """Regression: a null or numeric type beside the others' texts was read as it was, and the
+    by-type table of the finished run ended in a traceback (None and texts cannot be sorted)."""
+    field, row = TYPE_ROWS[fmt]
+    task = make_task(tmp_path, fmt, "dev.jsonl", json.dumps(row(kind)))
+    with pytest.raises(UsageError) as refused:
+        task.examples(ChatStub(), None)
+    assert str(refused.value).startswith(f"{tmp_path / 'data' / 'toy' / 'dev.jsonl'}, row 1: '{field}' ")
+
+
+def test_a_types_file_type_that_is_no_text_is_one_line_naming_the_file_and_row(tmp_path):
+    row = {"question_id": "i1", "question_text": "Q?", "answers_objects": [{"spans": ["A"]}], "contexts": []}
+    task = make_task(tmp_path, "ircot", "dev.jsonl", json.dumps(row),
+                     data={"folder": "toy", "file": "dev.jsonl", "format": "ircot", "types_file": "types.json"})
+    (tmp_path / "data" / "toy" / "types.json").write_text(json.dumps([{"question": "Q?", "type": None}]))
+    with pytest.raises(UsageError, match=r"types\.json, row 1: 'type' must be the question's type as a text"):
+        task.examples(ChatStub(), None)
+
+
 def test_two_questions_with_the_same_id_are_refused_naming_both_rows(tmp_path):
     """Regression: the second question's result silently replaced the first's."""
     rows = [{"id": qid, "question": "Q?", "golden_answers": ["A"]} for qid in ("a", "b", "a")]

@@ -78,6 +78,14 @@ def question_text(field: str, value: Any) -> str:
     return value
 
 
+def type_text(field: str, value: Any) -> str:
+    """A question's type as the row gives it ("" for none); null, NaN or a number is a `BadRow`,
+    since the by-type table cannot group and order it beside the texts."""
+    if not isinstance(value, str):
+        raise BadRow(f"'{field}' must be the question's type as a text, not {reprlib.repr(value)}")
+    return value
+
+
 def read_rows(path: Path) -> Any:
     """A data file's rows: JSONL lines, a JSON list, a pandas column-oriented JSON object
     (turned into rows), SQuAD's nested JSON (flattened into rows), or TSV rows with a header.
@@ -184,7 +192,7 @@ def read_hotpotqa(row: dict) -> Read:
     return Question(
         id=str(row.get("_id") or row.get("_1") or row["id"]), query=question,
         question=question, answers=answer_list("answer", row["answer"]),
-        type=row.get("type", ""), gold_titles=unique(title for title, _ in supporting)), passages
+        type=type_text("type", row.get("type", "")), gold_titles=unique(title for title, _ in supporting)), passages
 
 
 def read_ircot(row: dict) -> Read:
@@ -209,7 +217,7 @@ def read_popqa(row: dict) -> Read:
             raise BadRow(f"'possible_answers' is not a JSON list of texts: {reprlib.repr(possible)}") from None
     question = question_text("question", row["question"])
     return Question(id=str(row["id"]), query=question, question=question,
-                    answers=answer_list("possible_answers", possible), type=row["prop"]), []
+                    answers=answer_list("possible_answers", possible), type=type_text("prop", row["prop"])), []
 
 
 def read_flashrag(row: dict) -> Read:
@@ -217,7 +225,7 @@ def read_flashrag(row: dict) -> Read:
     question = question_text("question", row["question"])
     return Question(id=str(row["id"]), query=question, question=question,
                     answers=answer_list("golden_answers", row["golden_answers"]),
-                    type=row.get("metadata", {}).get("prop", "")), []
+                    type=type_text("metadata.prop", row.get("metadata", {}).get("prop", ""))), []
 
 
 def read_aliases(row: dict) -> Read:
@@ -235,7 +243,7 @@ def read_cwq(row: dict) -> Read:
     question = question_text("question", row["question"])
     return Question(id=row["ID"], query=question, question=question,
                     answers=answer_list("answers.answer / answers.aliases", *texts),
-                    type=row.get("compositionality_type", "")), []
+                    type=type_text("compositionality_type", row.get("compositionality_type", ""))), []
 
 
 #: each format's reader of one row: the row's question and the context passages it ships

@@ -22,7 +22,7 @@ from raghub import (Answer, Field, Option, Passage, PromptTemplate, Question, Re
                     UsageError, answer_match, answers_from, best_over_aliases, data_file, data_is_local,
                     exact_match, f1, file_sha256, load_hub_dataset, mean, read_corpus, task_corpus)
 
-from .formats import FORMATS, Loaded, Read, each_row, read_aliases, read_questions, read_rows, unique
+from .formats import FORMATS, Loaded, Read, each_row, read_aliases, read_questions, read_rows, type_text, unique
 
 
 T = TypeVar("T")
@@ -157,7 +157,8 @@ class QATask(Task):
         if data.get("aliases_file") and self._data_file("aliases_file").is_file():
             self._add_aliases(loaded.questions, self._read("aliases_file", "aliases", read_aliases))
         if data.get("types_file") and self._data_file("types_file").is_file():
-            type_of = dict(self._read("types_file", "question-types", lambda row: (row["question"], row["type"])))
+            type_of = dict(self._read("types_file", "question-types",
+                                      lambda row: (row["question"], type_text("type", row["type"]))))
             loaded.questions = [replace(q, type=type_of.get(q.question, q.type)) for q in loaded.questions]
         return loaded
 
