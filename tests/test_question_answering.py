@@ -438,6 +438,21 @@ def test_a_types_file_type_that_is_no_text_is_one_line_naming_the_file_and_row(t
         task.examples(ChatStub(), None)
 
 
+@pytest.mark.parametrize("key, side_row", [
+    ("aliases_file", {"test_id": 0, "question": "Another question?", "answer": ["B"]}),
+    ("types_file", {"question": "Another question?", "type": "bridge"}),
+])
+def test_a_side_file_matching_no_question_is_one_line(tmp_path, key, side_row):
+    """Regression: aliases and types are matched by question text, and a side file of another
+    dataset or sample, matching none, was silently ignored: no alias counted, no by-type table."""
+    row = {"question_id": "i1", "question_text": "Q?", "answers_objects": [{"spans": ["A"]}], "contexts": []}
+    task = make_task(tmp_path, "ircot", "dev.jsonl", json.dumps(row),
+                     data={"folder": "toy", "file": "dev.jsonl", "format": "ircot", key: "side.json"})
+    (tmp_path / "data" / "toy" / "side.json").write_text(json.dumps([side_row]))
+    with pytest.raises(UsageError, match=r"side\.json: none of its 1 question texts is one of dev\.jsonl's 1"):
+        task.examples(ChatStub(), None)
+
+
 def test_two_questions_with_the_same_id_are_refused_naming_both_rows(tmp_path):
     """Regression: the second question's result silently replaced the first's."""
     rows = [{"id": qid, "question": "Q?", "golden_answers": ["A"]} for qid in ("a", "b", "a")]

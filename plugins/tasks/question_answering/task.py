@@ -155,12 +155,24 @@ class QATask(Task):
                              "set RAGHUB_DATA_DIR to the folder holding it")
         loaded = read_questions(data["format"], read_rows(path), str(path))
         if data.get("aliases_file") and self._data_file("aliases_file").is_file():
-            self._add_aliases(loaded.questions, self._read("aliases_file", "aliases", read_aliases))
+            alias_rows = self._read("aliases_file", "aliases", read_aliases)
+            self._check_matches("aliases_file", [q.question for q, _ in alias_rows], loaded.questions)
+            self._add_aliases(loaded.questions, alias_rows)
         if data.get("types_file") and self._data_file("types_file").is_file():
             type_of = dict(self._read("types_file", "question-types",
                                       lambda row: (row["question"], type_text("type", row["type"]))))
+            self._check_matches("types_file", type_of, loaded.questions)
             loaded.questions = [replace(q, type=type_of.get(q.question, q.type)) for q in loaded.questions]
         return loaded
+
+    def _check_matches(self, name_key: str, texts: Iterable[str], questions: Sequence[Question]) -> None:
+        """A side file (`name_key`) is matched by question text: one matching none of the
+        questions (another dataset's or sample's) is a UsageError, not silently nothing added."""
+        texts = set(texts)
+        if not texts & {q.question for q in questions}:
+            raise UsageError(f"{self._data_file(name_key)}: none of its {len(texts)} question texts is one of "
+                             f"{self._data_file('file').name}'s {len(questions)}; it belongs to another dataset "
+                             f"or sample: fix or remove data.{name_key} in the task YAML")
 
     @staticmethod
     def _add_aliases(questions: list[Question], alias_rows: Sequence[Read]) -> None:
