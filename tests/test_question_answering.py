@@ -249,6 +249,17 @@ def test_recall_is_not_reported_in_a_user_corpus_without_titles(tmp_path, corpus
     assert stats.get("recall@1") == recall
 
 
+def test_questions_whose_gold_passages_the_corpus_lacks_are_said(tmp_path, capsys):
+    """Regression: a file whose contexts lack some questions' gold (HotpotQA's fullwiki
+    samples) gave those questions recall 0 with nothing said about why."""
+    rows = [hotpot_row("a", "Q a?", "yes", "comparison", ["X", "Y"], ["X", "Y"]),
+            hotpot_row("b", "Q b?", "no", "bridge", ["X"], ["X", "W"])]
+    make_task(tmp_path, "hotpotqa", "dev.json", json.dumps(rows)).corpus()
+    assert "1 of 2 questions have gold passages that its corpus lacks" in capsys.readouterr().err
+    make_task(tmp_path, "hotpotqa", "dev.json", json.dumps(rows[:1])).corpus()
+    assert capsys.readouterr().err == ""
+
+
 def test_recall_is_named_by_the_passages_asked_for_when_a_stage_leaves_fewer(tmp_path):
     """Regression: recall was keyed by how many passages a question kept, so where a refiner
     dropped a passage for some questions the record held recall@2 and recall@3, each a mean over

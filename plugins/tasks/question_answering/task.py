@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from raghub import (Answer, Field, Option, Passage, PromptTemplate, Question, Retrieved, TEMPLATE_STYLES, Task,
                     UsageError, answer_match, answers_from, best_over_aliases, data_file, data_is_local,
-                    exact_match, f1, file_sha256, load_hub_dataset, mean, read_corpus, task_corpus)
+                    exact_match, f1, file_sha256, load_hub_dataset, mean, notice, read_corpus, task_corpus)
 
 from .formats import FORMATS, Loaded, Read, each_row, read_aliases, read_questions, read_rows, type_text, unique
 
@@ -214,8 +214,20 @@ class QATask(Task):
         if self.config.get("corpus_from"):
             return self._stand_in_corpus(self.config["corpus_from"])
         passages = deduplicate(self.loaded.passages)
+        self._say_missing_gold(passages)
         return passages, (f"{self.name} context paragraphs, pooled over the loaded file and "
                           f"de-duplicated ({len(passages)} passages)")
+
+    def _say_missing_gold(self, passages: Sequence[Passage]) -> None:
+        """Say how many questions name a gold passage (id or title) that `passages` lack: their
+        recall can never reach 1, and nothing else would tell why."""
+        ids, titles = {p.id for p in passages}, {p.title for p in passages}
+        questions = self.loaded.questions
+        lacking = sum(1 for q in questions
+                      if not (ids.issuperset(q.gold_passage_ids) and titles.issuperset(q.gold_titles)))
+        if lacking:
+            notice(f"task {self.name}: {lacking} of {len(questions)} questions have gold passages that its corpus "
+                   "lacks; recall counts them as not retrieved")
 
     def _stand_in_corpus(self, task_names: Sequence[str]) -> tuple[list[Passage], str]:
         """The other QA tasks' pooled passages: a small Wikipedia stand-in for datasets that
