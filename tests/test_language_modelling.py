@@ -115,6 +115,29 @@ def test_heldout_windows_stay_inside_one_article_and_exclude_it(tmp_path):
     assert all(w.exclude_group == "" for w in toy_task(tmp_path, datastore="train").examples(CharModel(), None))
 
 
+def test_heldout_text_before_the_first_article_title_is_excluded_from_its_own_windows(tmp_path):
+    """Regression: the lines before the first ` = Title = ` line had no article (group ""), and
+    a window with no group excludes nothing, so its passages, holding the very text the window
+    scores, were retrievable by it under --datastore heldout-articles."""
+    preamble = " ".join(f"w{i}" for i in range(12))
+    rows = [preamble + "\n", " = First = \n", " ".join(["a"] * 12) + "\n"]
+    task = toy_task(tmp_path, rows, datastore="heldout-articles")
+    passages, _ = task.corpus()
+    own = [p for p in passages if p.text == preamble]
+    windows = task.examples(CharModel(), None)
+    in_preamble = [w for w in windows if int(w.id.split("-")[1]) < len(preamble)]
+    assert own and in_preamble
+    assert all(w.exclude_group and w.exclude_group == own[0].group for w in in_preamble)
+
+
+def test_heldout_articles_of_a_text_with_one_article_is_refused(tmp_path):
+    """A text without two articles leaves every window nothing to retrieve: a run that says it
+    retrieves while scoring as closed-book."""
+    rows = [" ".join(["a"] * 12) + "\n", " ".join(["b"] * 12) + "\n"]
+    with pytest.raises(UsageError, match="heldout-articles needs at least two articles"):
+        toy_task(tmp_path, rows, datastore="heldout-articles").corpus()
+
+
 def test_ralm_stride_windows(tmp_path):
     windows = toy_task(tmp_path, stride=2).examples(CharModel(), 4)
     ids = [ord(ch) for ch in TOY_TEXT]

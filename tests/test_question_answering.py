@@ -239,6 +239,35 @@ def test_recall_is_not_reported_in_a_user_corpus_where_gold_passages_are_unknown
     assert not any(key.startswith("recall@") for key in stats) and "recall@1" not in aggregate_stats([stats])
 
 
+@pytest.mark.parametrize("corpus_file, content, recall", [
+    ("notes.txt", "X is a thing.\n\nZ is a thing.\n", None),
+    ("psgs.tsv", "id\ttext\n1\tX is a thing.\n", None),
+    ("psgs.tsv", "id\ttext\ttitle\n1\tX is a thing.\tX\n", 0.5),
+])
+def test_recall_is_not_reported_in_a_user_corpus_without_titles(tmp_path, corpus_file, content, recall):
+    """Regression: under --corpus recall counts gold titles, and a corpus of untitled passages
+    (a text file, a .tsv without a title column) can match none, so a multi-hop task reported
+    recall 0 for every question, however good the retrieval."""
+    rows = [hotpot_row("a", "Q a?", "yes", "comparison", ["X", "Y"], ["X", "Y"])]
+    task = make_task(tmp_path, "hotpotqa", "dev.json", json.dumps(rows))
+    (tmp_path / corpus_file).write_text(content)
+    task.settings["corpus"] = str(tmp_path / corpus_file)
+    questions = task.examples(ChatStub(), None)
+    stats = task.evaluate(FirstPassage, questions, [[Retrieved(p, 1.0) for p in task.corpus()[0]][:1]])[0]
+    assert stats.get("recall@1") == recall
+
+
+def test_questions_whose_gold_passages_the_corpus_lacks_are_said(tmp_path, capsys):
+    """Regression: a file whose contexts lack some questions' gold (HotpotQA's fullwiki
+    samples) gave those questions recall 0 with nothing said about why."""
+    rows = [hotpot_row("a", "Q a?", "yes", "comparison", ["X", "Y"], ["X", "Y"]),
+            hotpot_row("b", "Q b?", "no", "bridge", ["X"], ["X", "W"])]
+    make_task(tmp_path, "hotpotqa", "dev.json", json.dumps(rows)).corpus()
+    assert "1 of 2 questions have gold passages that its corpus lacks" in capsys.readouterr().err
+    make_task(tmp_path, "hotpotqa", "dev.json", json.dumps(rows[:1])).corpus()
+    assert capsys.readouterr().err == ""
+
+
 def test_recall_is_named_by_the_passages_asked_for_when_a_stage_leaves_fewer(tmp_path):
     """Regression: recall was keyed by how many passages a question kept, so where a refiner
     dropped a passage for some questions the record held recall@2 and recall@3, each a mean over
@@ -336,20 +365,21 @@ def test_cwq_official_reader_collects_aliases_and_type(tmp_path):
     assert (question.answers, question.type) == (["Brazil", "Brasil"], "conjunction")
 
 
-def answer_rows(fmt, answer):
-    """Two rows of `fmt`, the second with `answer` as its answer field's value."""
-    def row(qid, value):
+def answer_rows(fmt, answer, question="Q?"):
+    """Two rows of `fmt`, the second with `answer` as its answer field's value and `question`
+    as its question's."""
+    def row(qid, value, text):
         return {
-            "squad": {"id": qid, "title": "T", "context": "c", "question": "Q?", "answers": {"text": value}},
-            "hotpotqa": hotpot_row(qid, "Q?", value, "bridge", ["X"], ["X"]),
-            "ircot": {"question_id": qid, "question_text": "Q?", "answers_objects": [{"spans": value}],
+            "squad": {"id": qid, "title": "T", "context": "c", "question": text, "answers": {"text": value}},
+            "hotpotqa": hotpot_row(qid, text, value, "bridge", ["X"], ["X"]),
+            "ircot": {"question_id": qid, "question_text": text, "answers_objects": [{"spans": value}],
                       "contexts": []},
-            "popqa": {"id": qid, "question": "Q?", "prop": "p", "possible_answers": json.dumps(value)},
-            "flashrag": {"id": qid, "question": "Q?", "golden_answers": value},
-            "aliases": {"test_id": qid, "question": "Q?", "answer": value},
-            "cwq": {"ID": qid, "question": "Q?", "answers": [{"answer": value, "aliases": value}]},
+            "popqa": {"id": qid, "question": text, "prop": "p", "possible_answers": json.dumps(value)},
+            "flashrag": {"id": qid, "question": text, "golden_answers": value},
+            "aliases": {"test_id": qid, "question": text, "answer": value},
+            "cwq": {"ID": qid, "question": text, "answers": [{"answer": value, "aliases": value}]},
         }[fmt]
-    return "\n".join(json.dumps(r) for r in (row("q1", ["A"]), row("q2", answer)))
+    return "\n".join(json.dumps(r) for r in (row("q1", ["A"], "Q?"), row("q2", answer, question)))
 
 
 FIELD_OF = {"squad": "answers.text", "hotpotqa": "answer", "ircot": "answers_objects.spans",
@@ -390,6 +420,64 @@ def test_a_blank_alias_is_no_answer(tmp_path):
     task = make_task(tmp_path, "flashrag", "dev.jsonl", answer_rows("flashrag", ["Paris", " "]))
     question = task.examples(ChatStub(), None)[1]
     assert question.answers == ["Paris"] and question_stats(question, "", [])["em"] == 0.0
+
+
+@pytest.mark.parametrize("fmt", FIELD_OF)
+@pytest.mark.parametrize("question", [None, "", "  ", 5], ids=["null", "empty", "blank", "number"])
+def test_a_row_without_a_question_text_is_one_line_naming_the_file_row_and_field(tmp_path, fmt, question):
+    """Regression: a null, empty or numeric question was asked as the prompt "Question: None"
+    (or blank, or "5") and scored like any other."""
+    field = "question_text" if fmt == "ircot" else "question"
+    task = make_task(tmp_path, fmt, "dev.jsonl", answer_rows(fmt, ["A"], question))
+    with pytest.raises(UsageError) as refused:
+        task.examples(ChatStub(), None)
+    assert str(refused.value).startswith(f"{tmp_path / 'data' / 'toy' / 'dev.jsonl'}, row 2: '{field}' ")
+
+
+TYPE_ROWS = {
+    "hotpotqa": ("type", lambda kind: hotpot_row("q", "Q?", "A", kind, ["X"], ["X"])),
+    "popqa": ("prop", lambda kind: {"id": "q", "question": "Q?", "prop": kind, "possible_answers": '["A"]'}),
+    "flashrag": ("metadata.prop", lambda kind: {"id": "q", "question": "Q?", "golden_answers": ["A"],
+                                                "metadata": {"prop": kind}}),
+    "cwq": ("compositionality_type", lambda kind: {"ID": "q", "question": "Q?", "compositionality_type": kind,
+                                                   "answers": [{"answer": "A", "aliases": []}]}),
+}
+
+
+@pytest.mark.parametrize("fmt", TYPE_ROWS)
+@pytest.mark.parametrize("kind", [None, 3], ids=["null", "number"])
+def test_a_question_type_that_is_no_text_is_one_line_naming_the_file_row_and_field(tmp_path, fmt, kind):
+    """Regression: a null or numeric type beside the others' texts was read as it was, and the
+    by-type table of the finished run ended in a traceback (None and texts cannot be sorted)."""
+    field, row = TYPE_ROWS[fmt]
+    task = make_task(tmp_path, fmt, "dev.jsonl", json.dumps(row(kind)))
+    with pytest.raises(UsageError) as refused:
+        task.examples(ChatStub(), None)
+    assert str(refused.value).startswith(f"{tmp_path / 'data' / 'toy' / 'dev.jsonl'}, row 1: '{field}' ")
+
+
+def test_a_types_file_type_that_is_no_text_is_one_line_naming_the_file_and_row(tmp_path):
+    row = {"question_id": "i1", "question_text": "Q?", "answers_objects": [{"spans": ["A"]}], "contexts": []}
+    task = make_task(tmp_path, "ircot", "dev.jsonl", json.dumps(row),
+                     data={"folder": "toy", "file": "dev.jsonl", "format": "ircot", "types_file": "types.json"})
+    (tmp_path / "data" / "toy" / "types.json").write_text(json.dumps([{"question": "Q?", "type": None}]))
+    with pytest.raises(UsageError, match=r"types\.json, row 1: 'type' must be the question's type as a text"):
+        task.examples(ChatStub(), None)
+
+
+@pytest.mark.parametrize("key, side_row", [
+    ("aliases_file", {"test_id": 0, "question": "Another question?", "answer": ["B"]}),
+    ("types_file", {"question": "Another question?", "type": "bridge"}),
+])
+def test_a_side_file_matching_no_question_is_one_line(tmp_path, key, side_row):
+    """Regression: aliases and types are matched by question text, and a side file of another
+    dataset or sample, matching none, was silently ignored: no alias counted, no by-type table."""
+    row = {"question_id": "i1", "question_text": "Q?", "answers_objects": [{"spans": ["A"]}], "contexts": []}
+    task = make_task(tmp_path, "ircot", "dev.jsonl", json.dumps(row),
+                     data={"folder": "toy", "file": "dev.jsonl", "format": "ircot", key: "side.json"})
+    (tmp_path / "data" / "toy" / "side.json").write_text(json.dumps([side_row]))
+    with pytest.raises(UsageError, match=r"side\.json: none of its 1 question texts is one of dev\.jsonl's 1"):
+        task.examples(ChatStub(), None)
 
 
 def test_two_questions_with_the_same_id_are_refused_naming_both_rows(tmp_path):

@@ -13,9 +13,9 @@ retrieves with those tokens decoded as its query, and the first window retrieves
 `ralm.query_len` tokens as the query, and the context shortened so that a retrieved document
 plus the context plus the span fit in `ralm.max_length` tokens.
 
-Articles (` = Title = ` lines) are the passages' and windows' `group`: with
-`--datastore heldout-articles` the passages are the evaluated split's own lines, no target span
-crosses an article boundary, and each window excludes its article's passages. The default
+Articles (` = Title = ` lines; the text before the first is one too) are the passages' and
+windows' `group`: with `--datastore heldout-articles` the passages are the evaluated split's own
+lines, no target span crosses an article boundary, and each window excludes its article's passages. The default
 `--datastore auto` is the train split when it is there, else heldout-articles (said on stderr).
 """
 
@@ -34,6 +34,8 @@ from raghub import (Field, Option, Passage, Retrieved, STRUCTURED_SUFFIXES, Task
                     notice, perplexity, perplexity_standard_error, read_corpus, read_data_json_lines, read_data_text)
 
 ARTICLE_TITLE = re.compile(r" = [^=].* = ")
+#: the article of the lines before the first title: an article of its own, excluded from its windows
+BEFORE_FIRST_TITLE = "(before the first article title)"
 #: characters of a window's scored text read for its first words (the samples log)
 SPAN_START_CHARS = 200
 #: the task YAML key both protocols share: how much of each retrieved passage the model reads
@@ -77,8 +79,9 @@ def is_article_title(line: str) -> bool:
 
 
 def article_of_lines(lines: Sequence[str]) -> list[str]:
-    """Each line's article: the title of the last article title line at or before it."""
-    titles, current = [], ""
+    """Each line's article: the title of the last article title line at or before it
+    (`BEFORE_FIRST_TITLE` before the first)."""
+    titles, current = [], BEFORE_FIRST_TITLE
     for line in lines:
         if is_article_title(line):
             current = line.strip(" =")
@@ -334,6 +337,10 @@ class LanguageModelling(Task):
             lines = self._split_lines("train")
         passages = chunk_passages(lines, article_of_lines(lines), self.name,
                                   self.config["passages"]["words"], self.config["passages"]["min_words"])
+        if self.heldout_articles and len({passage.group for passage in passages}) == 1:
+            raise UsageError(f"task {self.name}: --datastore heldout-articles needs at least two articles "
+                             "(` = Title = ` lines) with passages in the evaluated text, since each window "
+                             "excludes its own; retrieve from --datastore train or --corpus PATH instead")
         return passages, f"{label}, {self.config['passages']['words']}-word passages"
 
     # ---- scoring

@@ -71,6 +71,22 @@ def answer_list(field: str, *values: Any) -> list[str]:
     return answers
 
 
+def question_text(field: str, value: Any) -> str:
+    """A question's text; anything else (null, NaN, a number, only blanks) is a `BadRow`, since
+    the model would be asked "None" or nothing and scored as usual."""
+    if not isinstance(value, str) or not value.strip():
+        raise BadRow(f"'{field}' must be the question's text, not {reprlib.repr(value)}")
+    return value
+
+
+def type_text(field: str, value: Any) -> str:
+    """A question's type as the row gives it ("" for none); null, NaN or a number is a `BadRow`,
+    since the by-type table cannot group and order it beside the texts."""
+    if not isinstance(value, str):
+        raise BadRow(f"'{field}' must be the question's type as a text, not {reprlib.repr(value)}")
+    return value
+
+
 def read_rows(path: Path) -> Any:
     """A data file's rows: JSONL lines, a JSON list, a pandas column-oriented JSON object
     (turned into rows), SQuAD's nested JSON (flattened into rows), or TSV rows with a header.
@@ -154,7 +170,8 @@ def read_squad(row: dict) -> Read:
 
     `read_rows` flattens the nested JSON."""
     passage = make_passage(row["title"].replace("_", " "), row["context"])
-    return Question(id=row["id"], query=row["question"], question=row["question"],
+    question = question_text("question", row["question"])
+    return Question(id=row["id"], query=question, question=question,
                     answers=answer_list("answers.text", row["answers"]["text"]),
                     gold_passage_ids=[passage.id]), [passage]
 
@@ -172,17 +189,19 @@ def read_hotpotqa(row: dict) -> Read:
     passages = [make_passage(title, " ".join(s.strip() for s in sentences))
                 for title, sentences in _title_sentence_pairs(row["context"], "sentences")]
     supporting = _title_sentence_pairs(row["supporting_facts"], "sent_id")
+    question = question_text("question", row["question"])
     return Question(
-        id=str(row.get("_id") or row.get("_1") or row["id"]), query=row["question"],
-        question=row["question"], answers=answer_list("answer", row["answer"]),
-        type=row.get("type", ""), gold_titles=unique(title for title, _ in supporting)), passages
+        id=str(row.get("_id") or row.get("_1") or row["id"]), query=question,
+        question=question, answers=answer_list("answer", row["answer"]),
+        type=type_text("type", row.get("type", "")), gold_titles=unique(title for title, _ in supporting)), passages
 
 
 def read_ircot(row: dict) -> Read:
     """IRCoT's processed HotpotQA (`question_id`, `question_text`, `answers_objects[].spans`,
     `contexts[]` with `is_supporting`); gold = the supporting contexts' titles."""
+    question = question_text("question_text", row["question_text"])
     return Question(
-        id=row["question_id"], query=row["question_text"], question=row["question_text"],
+        id=row["question_id"], query=question, question=question,
         answers=answer_list("answers_objects.spans", *(a["spans"] for a in row["answers_objects"])),
         gold_titles=unique(c["title"] for c in row["contexts"] if c["is_supporting"]),
     ), [make_passage(c["title"], c["paragraph_text"]) for c in row["contexts"]]
@@ -197,21 +216,24 @@ def read_popqa(row: dict) -> Read:
             possible = json.loads(possible)
         except json.JSONDecodeError:
             raise BadRow(f"'possible_answers' is not a JSON list of texts: {reprlib.repr(possible)}") from None
-    return Question(id=str(row["id"]), query=row["question"], question=row["question"],
-                    answers=answer_list("possible_answers", possible), type=row["prop"]), []
+    question = question_text("question", row["question"])
+    return Question(id=str(row["id"]), query=question, question=question,
+                    answers=answer_list("possible_answers", possible), type=type_text("prop", row["prop"])), []
 
 
 def read_flashrag(row: dict) -> Read:
     """FlashRAG's JSONL (`id`, `question`, `golden_answers`, `metadata.prop` for PopQA)."""
-    return Question(id=str(row["id"]), query=row["question"], question=row["question"],
+    question = question_text("question", row["question"])
+    return Question(id=str(row["id"]), query=question, question=question,
                     answers=answer_list("golden_answers", row["golden_answers"]),
-                    type=row.get("metadata", {}).get("prop", "")), []
+                    type=type_text("metadata.prop", row.get("metadata", {}).get("prop", ""))), []
 
 
 def read_aliases(row: dict) -> Read:
     """Parametric RAG's alias lists `[{test_id, question, answer: str | [aliases]}]` (CWQ,
     and 2Wiki's alias side file)."""
-    return Question(id=str(row["test_id"]), query=row["question"], question=row["question"],
+    question = question_text("question", row["question"])
+    return Question(id=str(row["test_id"]), query=question, question=question,
                     answers=answer_list("answer", row["answer"])), []
 
 
@@ -219,9 +241,10 @@ def read_cwq(row: dict) -> Read:
     """ComplexWebQuestions' official JSON (`ID`, `question`, `answers[{answer, aliases}]`,
     `compositionality_type`)."""
     texts = chain.from_iterable((a["answer"], a["aliases"]) for a in row["answers"])
-    return Question(id=row["ID"], query=row["question"], question=row["question"],
+    question = question_text("question", row["question"])
+    return Question(id=row["ID"], query=question, question=question,
                     answers=answer_list("answers.answer / answers.aliases", *texts),
-                    type=row.get("compositionality_type", "")), []
+                    type=type_text("compositionality_type", row.get("compositionality_type", ""))), []
 
 
 #: each format's reader of one row: the row's question and the context passages it ships

@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from raghub import (Answer, Field, Option, Passage, PromptTemplate, Question, Retrieved, TEMPLATE_STYLES, Task,
                     UsageError, answer_match, answers_from, best_over_aliases, data_file, data_is_local,
-                    exact_match, f1, file_sha256, load_hub_dataset, mean, read_corpus)
+                    exact_match, f1, file_sha256, load_hub_dataset, mean, notice, read_corpus, task_corpus)
 
-from .formats import FORMATS, Loaded, Read, each_row, read_aliases, read_questions, read_rows, unique
+from .formats import FORMATS, Loaded, Read, each_row, read_aliases, read_questions, read_rows, type_text, unique
 
 
 T = TypeVar("T")
@@ -155,11 +155,24 @@ class QATask(Task):
                              "set RAGHUB_DATA_DIR to the folder holding it")
         loaded = read_questions(data["format"], read_rows(path), str(path))
         if data.get("aliases_file") and self._data_file("aliases_file").is_file():
-            self._add_aliases(loaded.questions, self._read("aliases_file", "aliases", read_aliases))
+            alias_rows = self._read("aliases_file", "aliases", read_aliases)
+            self._check_matches("aliases_file", [q.question for q, _ in alias_rows], loaded.questions)
+            self._add_aliases(loaded.questions, alias_rows)
         if data.get("types_file") and self._data_file("types_file").is_file():
-            type_of = dict(self._read("types_file", "question-types", lambda row: (row["question"], row["type"])))
+            type_of = dict(self._read("types_file", "question-types",
+                                      lambda row: (row["question"], type_text("type", row["type"]))))
+            self._check_matches("types_file", type_of, loaded.questions)
             loaded.questions = [replace(q, type=type_of.get(q.question, q.type)) for q in loaded.questions]
         return loaded
+
+    def _check_matches(self, name_key: str, texts: Iterable[str], questions: Sequence[Question]) -> None:
+        """A side file (`name_key`) is matched by question text: one matching none of the
+        questions (another dataset's or sample's) is a UsageError, not silently nothing added."""
+        texts = set(texts)
+        if not texts & {q.question for q in questions}:
+            raise UsageError(f"{self._data_file(name_key)}: none of its {len(texts)} question texts is one of "
+                             f"{self._data_file('file').name}'s {len(questions)}; it belongs to another dataset "
+                             f"or sample: fix or remove data.{name_key} in the task YAML")
 
     @staticmethod
     def _add_aliases(questions: list[Question], alias_rows: Sequence[Read]) -> None:
@@ -201,8 +214,20 @@ class QATask(Task):
         if self.config.get("corpus_from"):
             return self._stand_in_corpus(self.config["corpus_from"])
         passages = deduplicate(self.loaded.passages)
+        self._say_missing_gold(passages)
         return passages, (f"{self.name} context paragraphs, pooled over the loaded file and "
                           f"de-duplicated ({len(passages)} passages)")
+
+    def _say_missing_gold(self, passages: Sequence[Passage]) -> None:
+        """Say how many questions name a gold passage (id or title) that `passages` lack: their
+        recall can never reach 1, and nothing else would tell why."""
+        ids, titles = {p.id for p in passages}, {p.title for p in passages}
+        questions = self.loaded.questions
+        lacking = sum(1 for q in questions
+                      if not (ids.issuperset(q.gold_passage_ids) and titles.issuperset(q.gold_titles)))
+        if lacking:
+            notice(f"task {self.name}: {lacking} of {len(questions)} questions have gold passages that its corpus "
+                   "lacks; recall counts them as not retrieved")
 
     def _stand_in_corpus(self, task_names: Sequence[str]) -> tuple[list[Passage], str]:
         """The other QA tasks' pooled passages: a small Wikipedia stand-in for datasets that
@@ -221,15 +246,22 @@ class QATask(Task):
     def evaluate(self, method, examples: Sequence[Question],
                  retrieved: Sequence[Sequence[Retrieved]]) -> list[dict[str, Any]]:
         """Each question's stats; in a user's --corpus the task's gold passage ids mean
-        nothing, so recall counts only gold titles there (none: no recall). Recall is named by
-        the passages the run asked for (`method.n_docs`), whatever a stage left of them (a
-        question left none has recall 0)."""
+        nothing, so recall counts only gold titles there (none, or a corpus without titles: no
+        recall). Recall is named by the passages the run asked for (`method.n_docs`), whatever
+        a stage left of them (a question left none has recall 0)."""
         predictions = answers_from(method, examples, retrieved)
         if self.settings["corpus"]:
-            examples = [replace(q, gold_passage_ids=[]) for q in examples]
+            titled = self._user_corpus_has_titles
+            examples = [replace(q, gold_passage_ids=[], gold_titles=q.gold_titles if titled else [])
+                        for q in examples]
         asked = method.n_docs if method.first_stage else None
         return [question_stats(q, prediction, docs, asked)
                 for q, prediction, docs in zip(examples, predictions, retrieved)]
+
+    @cached_property
+    def _user_corpus_has_titles(self) -> bool:
+        """Whether any passage of the --corpus file has a title (read up to the first that has)."""
+        return any(passage.title for passage in task_corpus(self)[0])
 
     def aggregate(self, stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return aggregate_stats(stats)
