@@ -1,7 +1,8 @@
 """The leaderboard: markdown tables of the stored records.
 
 A leaderboard row is one configuration: the task and its resolved configuration (task config
-and corpus fingerprints), method, retriever, model, the dtype it ran in, n_docs, settings and
+and corpus fingerprints; the data files' content aside, shown in a `data` column where rows
+differ in it), method, retriever, model, the dtype it ran in, n_docs, settings and
 number of examples; its newest record is shown. Values read `mean ± standard error` where the
 record has a standard error (`record.stderr`), and a column's best value is bold only when it
 beats the runner-up by more than their combined standard error: never without standard errors,
@@ -23,11 +24,23 @@ LEGEND = ("Values are mean ± standard error where the record has one. A best va
 Lookup = Callable[[Record, str], tuple[Any, Any]]
 
 
+#: the keys of a task's configuration that hold the content of its data files (`Task.fingerprint`)
+DATA_KEYS = frozenset({"data_sha256", "split_sha256"})
+
+
 def task_config_fingerprint(record: Record) -> str | None:
     """A short fingerprint of the record's resolved task configuration (None for a record
-    without one)."""
+    without one), its data files' content left out (`task_data`): a record stored before the
+    content was in it shares its row."""
     task = record.config.get("task")
-    return None if task is None else fingerprint(task)[:8]
+    return None if task is None else fingerprint({k: v for k, v in task.items() if k not in DATA_KEYS})[:8]
+
+
+def task_data(record: Record) -> str | None:
+    """A short fingerprint of the content of the data files the record's run read (None for a
+    record that does not say)."""
+    data = {key: value for key, value in (record.config.get("task") or {}).items() if key in DATA_KEYS}
+    return fingerprint(data)[:8] if data else None
 
 
 def corpus_fingerprint(record: Record) -> str | None:
@@ -89,9 +102,11 @@ def _table(rows: list[Record], metrics: list[str], higher: dict[str, bool],
     winners = {metric: clear_winner([lookup(row, metric) for row in rows], higher[metric])
                for metric in metrics if metric in higher}
     columns = {name: [label(row) for row in rows]
-               for name, label in (("task config", task_config_fingerprint), ("dtype", run_dtype),
-                                   ("judge", judge_label))}
-    labels = {name: values for name, values in columns.items() if len(set(values)) > 1}
+               for name, label in (("task config", task_config_fingerprint), ("data", task_data),
+                                   ("dtype", run_dtype), ("judge", judge_label))}
+    # data the records do not name (stored before they did) tells no row apart
+    labels = {name: values for name, values in columns.items()
+              if len(set(values) - ({None} if name == "data" else set())) > 1}
     header = ["method", "settings", "retriever", "n_docs", "model", "n_examples", "datastore",
               *labels, *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -135,8 +150,8 @@ def leaderboard_markdown(records: list[Record], tasks: Sequence[str] = (),
                          by_type: bool = False) -> str:
     """One markdown table per task and number of examples: a row per configuration (its newest
     record), a column per headline metric; `by_type` adds per-type tables. Rows of one table
-    whose task configurations, dtypes or judges differ get a `task config`, `dtype` or `judge`
-    column telling them apart."""
+    whose task configurations, data files, dtypes or judges differ get a `task config`, `data`,
+    `dtype` or `judge` column telling them apart."""
     rows = [r for r in latest_per_row(records) if not tasks or r.task in tasks]
     out: list[str] = []
     for task_name in sorted({r.task for r in rows}):

@@ -70,6 +70,28 @@ def test_where_the_task_file_lies_does_not_split_a_row_but_another_corpus_does()
     assert other_corpus.count("| none |") == 2
 
 
+def with_data(stored, data_sha256):
+    """`stored` as a record whose task configuration names its data files' content."""
+    stored.config["task"]["data_sha256"] = data_sha256
+    return stored
+
+
+def test_a_record_naming_its_data_shares_the_row_of_one_stored_before_records_did():
+    """Regression: once the data files' content was in the task's configuration, a row re-run
+    beside older records became a row of its own with a `task config` column, as if its task
+    were another."""
+    table = leaderboard_markdown([record("none", 0.20), with_data(record("none", 0.30), {"file": "abc"}),
+                                  record("incontext", 0.40)])
+    assert table.count("| none |") == 1 and "0.3000" in table
+    assert "task config" not in table and "| data |" not in table
+
+
+def test_rows_on_other_data_files_get_a_data_column():
+    table = leaderboard_markdown([with_data(record("none", 0.20), {"file": "abc"}),
+                                  with_data(record("incontext", 0.30), {"file": "def"})])
+    assert "| data |" in table and "task config" not in table
+
+
 RUN = ("run", "--task", "wikitext2", "--method", "none", "--limit", "1")
 
 
