@@ -380,15 +380,20 @@ class Forgetful(Task):
         return {"score": 1.0}
 
 
-def test_a_task_family_returning_too_few_stats_is_named(add_plugin, tmp_path, monkeypatch):
-    """Regression: a KeyError traceback after the whole run."""
+def run_family(family, add_plugin, tmp_path, monkeypatch):
+    """`raghub run` of the `flaky` method on a task of the task family class `family`."""
     monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
     add_plugin(registering("register_models", Recording))
-    add_plugin(registering("register_task_families", Forgetful))
-    add_plugin(registering("register_tasks", {"name": "forgetful", "family": "forgetful"}))
+    add_plugin(registering("register_task_families", family))
+    add_plugin(registering("register_tasks", {"name": family.family, "family": family.family}))
     add_plugin(registering("register_methods", Flaky))
-    failed = invoke("run", "--task", "forgetful", "--method", "flaky", "--model", "recording",
-                    "--results-dir", str(tmp_path / "results"))
+    return invoke("run", "--task", family.family, "--method", "flaky", "--model", "recording",
+                  "--results-dir", str(tmp_path / "results"))
+
+
+def test_a_task_family_returning_too_few_stats_is_named(add_plugin, tmp_path, monkeypatch):
+    """Regression: a KeyError traceback after the whole run."""
+    failed = run_family(Forgetful, add_plugin, tmp_path, monkeypatch)
     assert failed.exit_code == 1
     assert failed.output.strip().splitlines()[-1:] == [
         f"Error: task family 'forgetful' ({RUN_TIME}) returned 2 stats dicts for 3 examples"]
@@ -411,13 +416,7 @@ class Twins(Forgetful):
 def test_a_task_family_giving_two_examples_one_id_is_named(add_plugin, tmp_path, monkeypatch):
     """Regression: the finished examples were kept by id, so the second of two examples with
     one id took the first's place and was counted twice, exit 0."""
-    monkeypatch.setenv("RAGHUB_CACHE", str(tmp_path / "cache"))
-    add_plugin(registering("register_models", Recording))
-    add_plugin(registering("register_task_families", Twins))
-    add_plugin(registering("register_tasks", {"name": "twins", "family": "twins"}))
-    add_plugin(registering("register_methods", Flaky))
-    failed = invoke("run", "--task", "twins", "--method", "flaky", "--model", "recording",
-                    "--results-dir", str(tmp_path / "results"))
+    failed = run_family(Twins, add_plugin, tmp_path, monkeypatch)
     assert failed.exit_code == 1 and not (tmp_path / "results" / "records.jsonl").exists()
     assert failed.output.strip().splitlines()[-1:] == [
         f"Error: task family 'twins' ({RUN_TIME}) returned 2 examples with the id 'e0'; each example needs "
